@@ -1,0 +1,509 @@
+"""Swarm membership over a hivemind DHT.
+
+Every MoLink node runs one :class:`Membership`: a hivemind DHT peer (a forked process that drives
+the bundled ``p2pd`` binary) plus a daemon thread that re-announces the node's
+:class:`NodeAnnouncement` every few seconds. All announcements live under one DHT key, one subkey
+per node (its PeerID), with an expiration of about twice the refresh period, so a node that dies
+disappears from everyone's view on its own.
+
+hivemind is imported lazily: importing this module (e.g. for :class:`NodeAnnouncement`) stays cheap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextlib
+import dataclasses
+import ipaddress
+import os
+import re
+import signal
+import socket
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+from vllm.logger import init_logger
+
+if TYPE_CHECKING:
+    import hivemind
+
+logger = init_logger(__name__)
+
+#: DHT key under which every node stores its announcement (subkey = the node's PeerID).
+NODES_KEY = "molink/nodes/v1"
+
+#: Allowed values of :attr:`NodeAnnouncement.state`.
+NODE_STATES = frozenset({"joining", "online"})
+
+#: Seconds added to ``2 * period`` when computing an announcement's expiration.
+EXPIRATION_MARGIN = 1.0
+
+_MAX_STR_LEN = 1024
+_MAX_LAYERS = 1 << 20
+_BASE58_RE = re.compile(r"[1-9A-HJ-NP-Za-km-z]{1,128}")
+# How long a single DHT get/store may take before we give up on it.
+_DHT_CALL_TIMEOUT = 30.0
+# How long shutdown waits for the p2pd child to disappear before killing it.
+_P2PD_EXIT_TIMEOUT = 5.0
+# Inside the DHT process: keeps the parent watchdog task referenced.
+_WATCHDOG_TASKS: set[asyncio.Task[None]] = set()
+
+
+class InvalidAnnouncement(ValueError):
+    """An announcement (or a field of one) is malformed."""
+
+
+def split_host_port(address: str) -> tuple[str, int]:
+    """Split ``"host:port"`` (or ``"[v6]:port"``) into ``(host, port)``.
+
+    Raises ``ValueError`` unless the host is non-empty and the port is a decimal integer in
+    1..65535.
+    """
+    if not isinstance(address, str):
+        raise InvalidAnnouncement(f"address must be a string, got {type(address).__name__}")
+    host, sep, port_str = address.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"address {address!r} is not of the form host:port")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        if not host:
+            raise ValueError(f"address {address!r} has an empty host")
+    elif ":" in host:
+        raise ValueError(f"address {address!r}: IPv6 hosts must be written as [host]:port")
+    if not (port_str.isascii() and port_str.isdigit()):
+        raise ValueError(f"address {address!r} has a non-numeric port")
+    port = int(port_str)
+    if not 1 <= port <= 65535:
+        raise ValueError(f"address {address!r} has a port outside 1..65535")
+    if any(c.isspace() for c in host) or "/" in host:
+        raise ValueError(f"address {address!r} has an invalid host")
+    return host, port
+
+
+@dataclass(frozen=True)
+class NodeAnnouncement:
+    """What a node tells the swarm about itself. Validated on construction (raises ValueError)."""
+
+    peer_id: str  # hivemind PeerID (base58) of the announcing node
+    model_name: str
+    model_hash: str  # hash of the model config, nodes must match
+    num_layers: int
+    start_layer: int  # inclusive
+    end_layer: int  # inclusive
+    grpc_address: str  # "host:port" where its gRPC service listens
+    state: str  # "joining" | "online"
+    version: str  # molink version
+    kv_capacity_bytes: int
+    is_head: bool
+
+    def __post_init__(self) -> None:
+        for name in ("peer_id", "model_name", "model_hash", "grpc_address", "state", "version"):
+            value = getattr(self, name)
+            if not isinstance(value, str):
+                raise InvalidAnnouncement(f"{name} must be a string, got {type(value).__name__}")
+            if len(value) > _MAX_STR_LEN:
+                raise InvalidAnnouncement(f"{name} is longer than {_MAX_STR_LEN} characters")
+        for name in ("model_name", "model_hash"):
+            if not getattr(self, name):
+                raise InvalidAnnouncement(f"{name} must not be empty")
+        if not _BASE58_RE.fullmatch(self.peer_id):
+            raise InvalidAnnouncement(f"peer_id {self.peer_id!r} is not a base58 PeerID")
+        for name in ("num_layers", "start_layer", "end_layer", "kv_capacity_bytes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise InvalidAnnouncement(f"{name} must be an integer, got {type(value).__name__}")
+        if not isinstance(self.is_head, bool):
+            raise InvalidAnnouncement(f"is_head must be a bool, got {type(self.is_head).__name__}")
+        if not 1 <= self.num_layers <= _MAX_LAYERS:
+            raise InvalidAnnouncement(f"num_layers={self.num_layers} is out of range")
+        if not 0 <= self.start_layer <= self.end_layer < self.num_layers:
+            raise InvalidAnnouncement(
+                f"layers {self.start_layer}-{self.end_layer} are not a valid range of "
+                f"{self.num_layers} layers (need 0 <= start <= end < num_layers)"
+            )
+        if self.kv_capacity_bytes < 0:
+            raise InvalidAnnouncement(f"kv_capacity_bytes={self.kv_capacity_bytes} is negative")
+        if self.state not in NODE_STATES:
+            raise InvalidAnnouncement(f"state {self.state!r} is not one of {sorted(NODE_STATES)}")
+        if self.is_head and self.start_layer != 0:
+            raise InvalidAnnouncement(f"a head must start at layer 0, not {self.start_layer}")
+        split_host_port(self.grpc_address)
+
+    @property
+    def layers(self) -> range:
+        """The layers this node serves, as a half-open ``range``."""
+        return range(self.start_layer, self.end_layer + 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A msgpack-friendly dict (only str, int and bool values)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Any) -> NodeAnnouncement:
+        """Build from a dict received from an (untrusted) peer.
+
+        Every field must be present with the right type and a valid value; unknown keys are
+        ignored so that newer versions may add fields. Raises ``ValueError`` on anything malformed.
+        """
+        if not isinstance(d, Mapping):
+            raise InvalidAnnouncement(f"announcement must be a mapping, got {type(d).__name__}")
+        names = [f.name for f in dataclasses.fields(cls)]
+        missing = [name for name in names if name not in d]
+        if missing:
+            raise InvalidAnnouncement(f"announcement lacks fields: {', '.join(missing)}")
+        return cls(**{name: d[name] for name in names})
+
+
+def _maddr(host: str, port: int) -> str:
+    """A libp2p multiaddr for ``host:port`` (ip4, ip6 or dns)."""
+    try:
+        version = ipaddress.ip_address(host).version
+    except ValueError:
+        return f"/dns/{host}/tcp/{port}"
+    return f"/ip{version}/{host}/tcp/{port}"
+
+
+def _free_port(host: str) -> int:
+    """A TCP port that is free on ``host`` right now."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def _proc_children(ppid: int, name: str) -> list[tuple[int, str]]:
+    """``(pid, start_time)`` of live processes named ``name`` whose parent is ``ppid`` (Linux)."""
+    found = []
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return found
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        stat = _proc_stat(int(entry))
+        if stat is not None and stat[0] == name and stat[2] == ppid:
+            found.append((int(entry), stat[3]))
+    return found
+
+
+def _proc_stat(pid: int) -> tuple[str, str, int, str] | None:
+    """``(comm, state, ppid, start_time)`` of ``pid`` from ``/proc``, or None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            raw = f.read()
+    except OSError:
+        return None
+    comm = raw[raw.index("(") + 1 : raw.rindex(")")]
+    rest = raw[raw.rindex(")") + 2 :].split()
+    # rest[0] is field 3 (state), rest[1] field 4 (ppid), rest[19] field 22 (start time)
+    return comm, rest[0], int(rest[1]), rest[19]
+
+
+async def _install_parent_watchdog(
+    _dht: Any, node: Any, parent_pid: int, interval: float = 1.0
+) -> None:
+    """Runs inside the DHT process: shut the DHT node (and p2pd) down if our parent dies.
+
+    The DHT process keeps its own copy of the command pipe's write end, so it never sees EOF
+    when the parent is SIGKILLed or calls ``os._exit``; without this it would live on with p2pd.
+    """
+
+    async def watch() -> None:
+        while os.getppid() == parent_pid:
+            await asyncio.sleep(interval)
+        try:
+            await asyncio.wait_for(node.shutdown(), timeout=5.0)
+        finally:
+            os._exit(0)
+
+    _WATCHDOG_TASKS.add(asyncio.get_running_loop().create_task(watch()))
+
+
+class Membership:
+    """One node's membership in the swarm: a hivemind DHT peer plus a refresh thread."""
+
+    def __init__(
+        self,
+        initial_peers: Sequence[str] = (),
+        host: str = "0.0.0.0",
+        port: int = 0,
+        announce_host: str | None = None,
+        startup_timeout: float = 60.0,
+        **dht_kwargs: Any,
+    ) -> None:
+        """Start a DHT peer listening on ``host:port`` and join the swarm via ``initial_peers``.
+
+        ``initial_peers`` are full multiaddrs (``/ip4/…/tcp/…/p2p/<PeerID>``). With
+        ``announce_host`` the peer advertises ``announce_host:<port>`` to others (a free port is
+        picked first when ``port`` is 0, because p2pd needs the real port up front). Extra keyword
+        arguments go to ``hivemind.DHT`` (e.g. ``wait_timeout``, ``identity_path``).
+        Raises hivemind's ``P2PDaemonError`` if p2pd cannot start or reach the initial peers.
+        """
+        import hivemind
+
+        self._owner_pid = os.getpid()
+        self._lock = threading.RLock()  # guards the fields below
+        self._dht_lock = threading.Lock()  # serializes sends on hivemind's command pipe
+        self._current: NodeAnnouncement | None = None
+        self._period = 5.0
+        self._last_expiration = float("-inf")
+        self._last_store_ok = True
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+        if announce_host is not None and port == 0:
+            port = _free_port(host)
+        dht_args: dict[str, Any] = {
+            "initial_peers": list(initial_peers),
+            "host_maddrs": [_maddr(host, port)],
+            "start": True,
+            "startup_timeout": startup_timeout,
+        }
+        if announce_host is not None:
+            dht_args["announce_maddrs"] = [_maddr(announce_host, port)]
+        dht_args.update(dht_kwargs)
+        self._dht: hivemind.DHT = hivemind.DHT(**dht_args)
+        self._p2pd = _proc_children(self._dht.pid, "p2pd") if self._dht.pid else []
+        atexit.register(self._atexit)
+        try:
+            self._peer_id: str = self._dht.peer_id.to_base58()
+            self._dht.run_coroutine(partial(_install_parent_watchdog, parent_pid=self._owner_pid))
+        except BaseException:
+            self.shutdown()
+            raise
+        logger.info(
+            "DHT peer %s started, listening on %s", self._peer_id, ", ".join(self.visible_maddrs())
+        )
+
+    @property
+    def peer_id(self) -> str:
+        """This node's hivemind PeerID (base58)."""
+        return self._peer_id
+
+    @property
+    def period(self) -> float:
+        """The refresh period of the current announcement, in seconds."""
+        return self._period
+
+    @property
+    def announcement(self) -> NodeAnnouncement | None:
+        """The announcement this node currently publishes, if any."""
+        return self._current
+
+    def visible_maddrs(self) -> list[str]:
+        """Multiaddrs (``/ip4/…/tcp/…/p2p/<id>``) other peers can use as ``initial_peers``."""
+        with self._dht_lock:
+            return [str(m) for m in self._dht.get_visible_maddrs()]
+
+    def announce(self, ann: NodeAnnouncement, period: float = 5.0) -> None:
+        """Publish ``ann`` now and re-publish it every ``period`` seconds until withdrawn.
+
+        Each store expires ``2 * period`` (+ a small margin) seconds later, so the entry vanishes
+        on its own if this node dies. ``ann.peer_id`` must be this node's :attr:`peer_id`.
+        """
+        if ann.peer_id != self._peer_id:
+            raise ValueError(
+                f"announcement is for peer {ann.peer_id}, this node is {self._peer_id}"
+            )
+        if not period > 0:
+            raise ValueError(f"period must be positive, got {period}")
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("membership is shut down")
+            self._current = ann
+            self._period = float(period)
+            future = self._send_store(ann.to_dict())
+            if self._thread is None:
+                self._stop.clear()
+                self._thread = threading.Thread(
+                    target=self._refresh_loop, name="molink-dht-refresh", daemon=True
+                )
+                self._thread.start()
+        self._finish_store(future)
+
+    def update(self, **changes: Any) -> None:
+        """Replace fields of the current announcement (e.g. ``state="online"``) and store it now."""
+        with self._lock:
+            if self._current is None:
+                raise RuntimeError("nothing announced yet: call announce() first")
+            if "peer_id" in changes and changes["peer_id"] != self._peer_id:
+                raise ValueError("peer_id of an announcement cannot change")
+            self._current = dataclasses.replace(self._current, **changes)
+            future = self._send_store(self._current.to_dict())
+        self._finish_store(future)
+
+    def nodes(self) -> list[NodeAnnouncement]:
+        """Unexpired announcements of every node in the swarm (including this one).
+
+        Malformed entries are logged at debug level and skipped. Sorted by (start_layer, peer_id).
+        """
+        from hivemind.utils import get_dht_time
+
+        found = self._call(self._dht.get, NODES_KEY, latest=True)
+        by_peer: dict[str, NodeAnnouncement] = {}
+        entries = getattr(found, "value", None)
+        if found is not None and not isinstance(entries, dict):
+            logger.debug("ignoring non-dictionary DHT value under %s", NODES_KEY)
+        now = get_dht_time()
+        for subkey, item in (entries or {}).items() if isinstance(entries, dict) else ():
+            value = getattr(item, "value", None)
+            expiration = getattr(item, "expiration_time", None)
+            if value is None or not isinstance(expiration, (int, float)) or expiration < now:
+                continue  # withdrawn (tombstone) or expired
+            try:
+                ann = NodeAnnouncement.from_dict(value)
+            except ValueError as e:
+                logger.debug("skipping malformed announcement under subkey %r: %s", subkey, e)
+                continue
+            if ann.peer_id != subkey:
+                logger.debug(
+                    "skipping announcement of %s stored under subkey %r", ann.peer_id, subkey
+                )
+                continue
+            by_peer[ann.peer_id] = ann
+        with self._lock:
+            if self._current is not None:  # our own view of ourselves is authoritative
+                by_peer[self._peer_id] = self._current
+            else:
+                by_peer.pop(self._peer_id, None)
+        return sorted(by_peer.values(), key=lambda a: (a.start_layer, a.peer_id))
+
+    def withdraw(self) -> None:
+        """Stop refreshing and remove this node's entry from the swarm as soon as possible.
+
+        hivemind refuses stores that expire earlier than the value they would replace, so the
+        entry is overwritten by a tombstone (``None``) that expires slightly later; :meth:`nodes`
+        skips tombstones. Idempotent.
+        """
+        self._stop_refresh()
+        with self._lock:
+            if self._current is None:
+                return
+            self._current = None
+            try:
+                future = self._send_store(None, short=True)
+            except Exception as e:  # noqa: BLE001  # the DHT may already be gone
+                logger.warning("could not withdraw announcement of %s: %s", self._peer_id, e)
+                return
+        try:
+            self._finish_store(future)
+        except Exception as e:  # noqa: BLE001
+            logger.warning("could not withdraw announcement of %s: %s", self._peer_id, e)
+            return
+        logger.info("withdrew announcement of %s", self._peer_id)
+
+    def shutdown(self) -> None:
+        """Withdraw, stop the DHT process and make sure its p2pd is gone. Idempotent."""
+        if os.getpid() != self._owner_pid:
+            return  # a forked child must not tear down its parent's DHT
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        atexit.unregister(self._atexit)
+        try:
+            if self._dht.is_alive():
+                self.withdraw()
+        finally:
+            self._stop_refresh()
+            self._dht.shutdown()
+            self._dht.join(timeout=5.0)
+            self._reap_p2pd()
+        logger.info("DHT peer %s shut down", getattr(self, "_peer_id", "?"))
+
+    # -- internals ------------------------------------------------------------------------------
+
+    def _atexit(self) -> None:
+        try:
+            self.shutdown()
+        except Exception as e:  # noqa: BLE001  # never raise at interpreter exit
+            logger.debug("DHT shutdown at exit failed: %s", e)
+
+    def _call(self, method: Any, *args: Any, **kwargs: Any) -> Any:
+        """Call a hivemind.DHT method from any thread and wait (bounded) for its result."""
+        return self._wait(self._send(method, *args, **kwargs))
+
+    def _wait(self, future: Any) -> Any:
+        """Wait for an MPFuture; give up after a timeout or as soon as the DHT process is gone.
+
+        (hivemind never resolves the futures of a DHT process that died.)
+        """
+        deadline = time.monotonic() + _DHT_CALL_TIMEOUT
+        while True:
+            try:
+                return future.result(timeout=0.5)
+            except TimeoutError:
+                if not self._dht.is_alive():
+                    raise RuntimeError("the DHT process died") from None
+                if time.monotonic() > deadline:
+                    raise
+
+    def _send(self, method: Any, *args: Any, **kwargs: Any) -> Any:
+        """Send a hivemind.DHT call over its command pipe; returns its MPFuture."""
+        with self._dht_lock:
+            if not self._dht.is_alive():
+                raise RuntimeError("the DHT process is not running")
+            return method(*args, return_future=True, **kwargs)
+
+    def _next_expiration(self, short: bool = False) -> float:
+        """A strictly increasing expiration time (hivemind rejects stores older than the value)."""
+        from hivemind.utils import get_dht_time
+
+        ttl = 0.0 if short else 2 * self._period + EXPIRATION_MARGIN
+        expiration = max(get_dht_time() + ttl, self._last_expiration + 1e-3)
+        self._last_expiration = expiration
+        return expiration
+
+    def _send_store(self, value: Any, short: bool = False) -> Any:
+        """Send a store of our subkey (caller holds ``_lock``, which keeps expirations ordered)."""
+        expiration = self._next_expiration(short)
+        return self._send(self._dht.store, NODES_KEY, value, expiration, subkey=self._peer_id)
+
+    def _finish_store(self, future: Any) -> bool:
+        ok = bool(self._wait(future))
+        if not ok and self._last_store_ok:
+            logger.warning("no DHT peer accepted the announcement of %s", self._peer_id)
+        self._last_store_ok = ok
+        return ok
+
+    def _store_current(self) -> None:
+        with self._lock:
+            if self._current is None:
+                return
+            future = self._send_store(self._current.to_dict())
+        self._finish_store(future)
+
+    def _refresh_loop(self) -> None:
+        while not self._stop.wait(self._period):
+            try:
+                self._store_current()
+            except Exception as e:  # noqa: BLE001  # the refresh thread must survive DHT hiccups
+                logger.warning("refreshing the announcement of %s failed: %s", self._peer_id, e)
+
+    def _stop_refresh(self) -> None:
+        self._stop.set()
+        thread, self._thread = self._thread, None
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=_DHT_CALL_TIMEOUT + 1.0)
+
+    def _reap_p2pd(self) -> None:
+        """Wait for the p2pd started by the DHT process to exit; kill it if it lingers."""
+        deadline = time.monotonic() + _P2PD_EXIT_TIMEOUT
+        for pid, start_time in self._p2pd:
+            while True:
+                stat = _proc_stat(pid)
+                if stat is None or stat[3] != start_time or stat[1] == "Z":
+                    break  # gone, pid reused, or a zombie its new parent will reap
+                if time.monotonic() > deadline:
+                    logger.warning("p2pd (pid %d) did not exit; killing it", pid)
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                    break
+                time.sleep(0.05)

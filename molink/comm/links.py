@@ -1,0 +1,171 @@
+"""gRPC links between nodes: the ordered step stream to the next stage and the result stream.
+
+* :class:`NextHopLink` is a :class:`~molink.engine.stage_engine.StepSink` that encodes each step's
+  output and sends it on one client-streaming ``Steps`` call, so steps arrive in order and a send
+  never waits for the receiver's compute.
+* :class:`ResultStream` is the sink of the last stage (sampled tokens) and the error channel of
+  every remote stage: the head subscribes to it with ``Results``.
+A broken stream is reported through the ``on_broken`` callback, never raised into compute code.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable, Iterator
+
+import grpc
+import torch
+from vllm.logger import init_logger
+from vllm.sequence import IntermediateTensors
+
+from molink.comm import codec
+from molink.comm.proto import molink_pb2, molink_pb2_grpc
+from molink.engine.stage_engine import StageOutput, StepWork
+
+logger = init_logger(__name__)
+
+MAX_MESSAGE_BYTES = 512 * 1024 * 1024
+# Keepalive pings find a peer that vanished without closing its socket (power loss, cable).
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 5_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+SERVER_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 5_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 1_000),
+    ("grpc.http2.max_ping_strikes", 0),
+]
+
+_CLOSE = object()
+
+
+def connect(address: str) -> tuple[grpc.Channel, molink_pb2_grpc.MoLinkNodeStub]:
+    """Open a channel to a node's gRPC service."""
+    channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+    return channel, molink_pb2_grpc.MoLinkNodeStub(channel)
+
+
+def encode_step(work: StepWork, output: StageOutput, wire_dtype: torch.dtype | None) -> molink_pb2.Step:
+    """The ``Step`` message that carries ``work`` (and its activations) to the next stage."""
+    tensors = []
+    if isinstance(output, IntermediateTensors):
+        tensors = codec.encode_tensors(output.tensors, wire_dtype)
+    return molink_pb2.Step(
+        step_id=work.step_id,
+        epoch=work.epoch,
+        scheduler_output=work.scheduler_output_bytes,
+        sample=work.sample,
+        grammar_output=codec.dumps(work.grammar()) if work.sample else b"",
+        tensors=tensors,
+    )
+
+
+class NextHopLink:
+    """Sends step outputs, in order, on one ``Steps`` stream to the next stage."""
+
+    def __init__(
+        self,
+        address: str,
+        wire_dtype: torch.dtype | None,
+        on_broken: Callable[[str], None],
+    ) -> None:
+        self.address = address
+        self.wire_dtype = wire_dtype
+        self.bytes_sent = 0
+        self.tokens_sent = 0
+        self._on_broken = on_broken
+        self._queue: queue.Queue[object] = queue.Queue()
+        self._closed = False
+        self._channel, stub = connect(address)
+        self._call = stub.Steps.future(self._requests())
+        self._call.add_done_callback(self._done)
+
+    def emit(self, work: StepWork, output: StageOutput) -> None:
+        self._queue.put((work, output))
+
+    def fail(self, work: StepWork, error: str) -> None:
+        # The next stage passes the error on to the last stage, which reports it to the head.
+        self._queue.put((work, error))
+
+    def close(self) -> None:
+        """End the stream (the receiver sees a clean end)."""
+        self._closed = True
+        self._queue.put(_CLOSE)
+        self._channel.close()
+
+    def _requests(self) -> Iterator[molink_pb2.Step]:
+        while True:
+            item = self._queue.get()
+            if item is _CLOSE:
+                return
+            work, output = item  # type: ignore[misc]
+            if isinstance(output, str):
+                msg = molink_pb2.Step(step_id=work.step_id, epoch=work.epoch, error=output)
+            else:
+                msg = encode_step(work, output, self.wire_dtype)
+                num_tokens = work.scheduler_output.total_num_scheduled_tokens
+                self.tokens_sent += num_tokens
+            self.bytes_sent += msg.ByteSize()
+            yield msg
+
+    def _done(self, call: grpc.Future) -> None:
+        if self._closed:
+            return
+        try:
+            call.result()
+            reason = f"next stage {self.address} ended the step stream"
+        except grpc.RpcError as e:
+            reason = f"lost the next stage {self.address}: {e.code().name} {e.details()}"
+        except Exception as e:  # cancelled or internal
+            reason = f"lost the next stage {self.address}: {type(e).__name__}"
+        logger.warning(reason)
+        self._on_broken(reason)
+
+
+class ResultStream:
+    """Results and errors a stage sends back to the head through its ``Results`` subscription."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+        self._queue: queue.Queue[object] = queue.Queue()
+        self._lock = threading.Lock()
+
+    def emit(self, work: StepWork, output: StageOutput) -> None:
+        if work.sample:  # the head waits only for steps that sampled
+            self._queue.put(
+                molink_pb2.StepResult(
+                    step_id=work.step_id,
+                    epoch=work.epoch,
+                    model_runner_output=codec.dumps(output),
+                )
+            )
+
+    def fail(self, work: StepWork, error: str) -> None:
+        self.report(error, work.step_id, work.epoch)
+
+    def report(self, error: str, step_id: int = 0, epoch: int | None = None) -> None:
+        """Tell the head that this stage can't go on (e.g. its next hop is gone)."""
+        self._queue.put(
+            molink_pb2.StepResult(
+                step_id=step_id, epoch=self.epoch if epoch is None else epoch, error=error
+            )
+        )
+
+    def close(self) -> None:
+        self._queue.put(_CLOSE)
+
+    def __iter__(self) -> Iterator[molink_pb2.StepResult]:
+        while True:
+            item = self._queue.get()
+            if item is _CLOSE:
+                return
+            yield item  # type: ignore[misc]

@@ -1,0 +1,107 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Tensor(_message.Message):
+    __slots__ = ("name", "dtype", "shape", "data")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    dtype: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    data: bytes
+    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class Empty(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class NodeInfo(_message.Message):
+    __slots__ = ("peer_id", "dht_maddrs", "model_name", "model_hash", "start_layer", "end_layer", "num_layers", "state", "version", "is_head")
+    PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    DHT_MADDRS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_HASH_FIELD_NUMBER: _ClassVar[int]
+    START_LAYER_FIELD_NUMBER: _ClassVar[int]
+    END_LAYER_FIELD_NUMBER: _ClassVar[int]
+    NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    IS_HEAD_FIELD_NUMBER: _ClassVar[int]
+    peer_id: str
+    dht_maddrs: _containers.RepeatedScalarFieldContainer[str]
+    model_name: str
+    model_hash: str
+    start_layer: int
+    end_layer: int
+    num_layers: int
+    state: str
+    version: str
+    is_head: bool
+    def __init__(self, peer_id: _Optional[str] = ..., dht_maddrs: _Optional[_Iterable[str]] = ..., model_name: _Optional[str] = ..., model_hash: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., num_layers: _Optional[int] = ..., state: _Optional[str] = ..., version: _Optional[str] = ..., is_head: _Optional[bool] = ...) -> None: ...
+
+class InitStageRequest(_message.Message):
+    __slots__ = ("stage_config_json",)
+    STAGE_CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
+    stage_config_json: str
+    def __init__(self, stage_config_json: _Optional[str] = ...) -> None: ...
+
+class InitStageReply(_message.Message):
+    __slots__ = ("kv_cache_spec", "available_kv_bytes")
+    KV_CACHE_SPEC_FIELD_NUMBER: _ClassVar[int]
+    AVAILABLE_KV_BYTES_FIELD_NUMBER: _ClassVar[int]
+    kv_cache_spec: bytes
+    available_kv_bytes: int
+    def __init__(self, kv_cache_spec: _Optional[bytes] = ..., available_kv_bytes: _Optional[int] = ...) -> None: ...
+
+class StartStageRequest(_message.Message):
+    __slots__ = ("kv_cache_config", "next_address", "epoch")
+    KV_CACHE_CONFIG_FIELD_NUMBER: _ClassVar[int]
+    NEXT_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    kv_cache_config: bytes
+    next_address: str
+    epoch: int
+    def __init__(self, kv_cache_config: _Optional[bytes] = ..., next_address: _Optional[str] = ..., epoch: _Optional[int] = ...) -> None: ...
+
+class Step(_message.Message):
+    __slots__ = ("step_id", "epoch", "scheduler_output", "sample", "grammar_output", "tensors", "error")
+    STEP_ID_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULER_OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_FIELD_NUMBER: _ClassVar[int]
+    GRAMMAR_OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    step_id: int
+    epoch: int
+    scheduler_output: bytes
+    sample: bool
+    grammar_output: bytes
+    tensors: _containers.RepeatedCompositeFieldContainer[Tensor]
+    error: str
+    def __init__(self, step_id: _Optional[int] = ..., epoch: _Optional[int] = ..., scheduler_output: _Optional[bytes] = ..., sample: _Optional[bool] = ..., grammar_output: _Optional[bytes] = ..., tensors: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., error: _Optional[str] = ...) -> None: ...
+
+class StepResult(_message.Message):
+    __slots__ = ("step_id", "epoch", "model_runner_output", "error")
+    STEP_ID_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    MODEL_RUNNER_OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    step_id: int
+    epoch: int
+    model_runner_output: bytes
+    error: str
+    def __init__(self, step_id: _Optional[int] = ..., epoch: _Optional[int] = ..., model_runner_output: _Optional[bytes] = ..., error: _Optional[str] = ...) -> None: ...
+
+class ResultsRequest(_message.Message):
+    __slots__ = ("epoch",)
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    epoch: int
+    def __init__(self, epoch: _Optional[int] = ...) -> None: ...

@@ -1,0 +1,105 @@
+"""The gRPC service every MoLink node runs.
+
+* ``GetNodeInfo``: who this node is (model, layers, DHT addresses). A new node given
+  ``--initial_peer HOST:PORT`` asks this to learn the swarm's DHT multiaddrs.
+* ``InitStage`` / ``StartStage`` / ``Steps`` / ``Results``: the head driving this node's stage
+  (followers only; the head answers them with FAILED_PRECONDITION).
+Requests are validated here; payloads from peers only ever go through ``molink.comm.codec``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from concurrent import futures
+
+import grpc
+from vllm.logger import init_logger
+
+from molink.comm import codec
+from molink.comm.links import SERVER_OPTIONS
+from molink.comm.proto import molink_pb2, molink_pb2_grpc
+from molink.engine.stage_config import StageConfig
+from molink.engine.stage_host import StageHost, StageNotReady
+
+logger = init_logger(__name__)
+
+
+class StageService(molink_pb2_grpc.MoLinkNodeServicer):
+    """gRPC front of a node: node info for everyone, stage control for the head."""
+
+    def __init__(
+        self, node_info: Callable[[], molink_pb2.NodeInfo], host: StageHost | None
+    ) -> None:
+        self._node_info = node_info
+        self._host = host
+
+    def GetNodeInfo(self, request, context) -> molink_pb2.NodeInfo:  # noqa: N802
+        return self._node_info()
+
+    def _require_host(self, context) -> StageHost:
+        if self._host is None:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this node is a head, not a stage")
+        return self._host  # type: ignore[return-value]
+
+    def InitStage(self, request, context) -> molink_pb2.InitStageReply:  # noqa: N802
+        host = self._require_host(context)
+        try:
+            config = StageConfig.from_json(request.stage_config_json)
+        except (ValueError, KeyError, TypeError) as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad stage config: {e}")
+        try:
+            spec, available = host.init_stage(config)
+        except ValueError as e:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+        except Exception as e:
+            logger.exception("InitStage failed")
+            context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
+        return molink_pb2.InitStageReply(kv_cache_spec=spec, available_kv_bytes=available)
+
+    def StartStage(self, request, context) -> molink_pb2.Empty:  # noqa: N802
+        host = self._require_host(context)
+        try:
+            kv_cache_config = codec.loads(request.kv_cache_config)
+            host.start_stage(kv_cache_config, request.next_address, request.epoch)
+        except (StageNotReady, ValueError) as e:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+        except Exception as e:
+            logger.exception("StartStage failed")
+            context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
+        return molink_pb2.Empty()
+
+    def Steps(self, request_iterator, context) -> molink_pb2.Empty:  # noqa: N802
+        host = self._require_host(context)
+        try:
+            for step in request_iterator:
+                host.submit(step)
+        except StageNotReady as e:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+        except grpc.RpcError:
+            logger.info("previous stage closed its step stream")
+        except Exception as e:
+            logger.exception("bad step from the previous stage")
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{type(e).__name__}: {e}")
+        return molink_pb2.Empty()
+
+    def Results(self, request, context) -> Iterator[molink_pb2.StepResult]:  # noqa: N802
+        host = self._require_host(context)
+        try:
+            stream = host.result_stream(request.epoch)
+        except StageNotReady as e:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+        context.add_callback(stream.close)
+        yield from stream
+
+
+def start_grpc_server(
+    service: StageService, host: str, port: int, max_workers: int = 16
+) -> tuple[grpc.Server, int]:
+    """Serve ``service`` on ``host:port`` (port 0 picks a free one); returns (server, port)."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=SERVER_OPTIONS)
+    molink_pb2_grpc.add_MoLinkNodeServicer_to_server(service, server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"can't listen for gRPC on {host}:{port}")
+    server.start()
+    return server, bound

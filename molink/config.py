@@ -1,0 +1,174 @@
+"""MoLink's own settings (everything else on the command line is vLLM's) and model identity."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import socket
+from dataclasses import dataclass, field
+
+DEFAULT_GRPC_PORT = 50051
+
+
+def parse_serving_layers(text: str) -> tuple[int, int]:
+    """``"START,END"`` (both inclusive) -> (start, end)."""
+    try:
+        start_s, end_s = text.split(",")
+        start, end = int(start_s), int(end_s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--serving_layers takes START,END (inclusive), e.g. 0,15; got {text!r}"
+        ) from None
+    if start < 0 or end < start:
+        raise argparse.ArgumentTypeError(f"--serving_layers {text}: need 0 <= START <= END")
+    return start, end
+
+
+def add_molink_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add MoLink's flags to a (vLLM) argument parser.
+
+    Flags are declared with dashes; vLLM's ``FlexibleArgumentParser`` also accepts MoLink's
+    historical underscore spelling (``--serving_layers``, ``--initial_peer``).
+    """
+    # "resolve": MoLink's --grpc-port replaces vLLM's (which is for its Rust frontend only).
+    group = parser.add_argument_group(
+        "MoLink", "Serve the model split across several nodes", conflict_handler="resolve"
+    )
+    group.add_argument(
+        "--serving-layers",
+        type=parse_serving_layers,
+        default=None,
+        help="Layers this node serves, START,END inclusive (default: all). The node serving "
+        "layer 0 is the head: it runs the scheduler and the OpenAI API.",
+    )
+    group.add_argument(
+        "--initial-peer",
+        action="append",
+        default=[],
+        help="A node already in the swarm: its gRPC HOST:PORT or a full DHT multiaddr "
+        "(/ip4/…/tcp/…/p2p/…). Repeatable. Without it the node starts a new swarm.",
+    )
+    group.add_argument(
+        "--grpc-port",
+        dest="molink_grpc_port",
+        type=int,
+        default=DEFAULT_GRPC_PORT,
+        help=f"Port of this node's gRPC service (default {DEFAULT_GRPC_PORT}).",
+    )
+    group.add_argument(
+        "--dht-port", type=int, default=0, help="Port of this node's DHT peer (default: any free)."
+    )
+    group.add_argument(
+        "--announce-host",
+        default=None,
+        help="Address other nodes use to reach this one (behind NAT, or with several "
+        "interfaces). Default: the address of the default route, else 127.0.0.1.",
+    )
+    group.add_argument(
+        "--listen-host",
+        default="0.0.0.0",
+        help="Interface the gRPC service and DHT listen on (default 0.0.0.0).",
+    )
+    group.add_argument(
+        "--chain-timeout",
+        type=float,
+        default=600.0,
+        help="Head: seconds to wait for nodes covering every layer before giving up.",
+    )
+    group.add_argument(
+        "--step-timeout",
+        type=float,
+        default=120.0,
+        help="Head: a step not answered within this many seconds counts as a lost stage.",
+    )
+    group.add_argument(
+        "--outage-timeout",
+        type=float,
+        default=120.0,
+        help="Head: how long new requests wait for a lost stage to be replaced before failing.",
+    )
+    group.add_argument(
+        "--wire-dtype",
+        choices=["float32", "float16", "bfloat16"],
+        default=None,
+        help="dtype of activations between stages (default: the model dtype).",
+    )
+    return parser
+
+
+@dataclass(frozen=True)
+class MoLinkConfig:
+    """MoLink's flags, checked against the model."""
+
+    serving_layers: tuple[int, int] | None = None
+    initial_peers: tuple[str, ...] = ()
+    grpc_port: int = DEFAULT_GRPC_PORT
+    dht_port: int = 0
+    announce_host: str | None = None
+    listen_host: str = "0.0.0.0"
+    chain_timeout: float = 600.0
+    step_timeout: float = 120.0
+    outage_timeout: float = 120.0
+    wire_dtype: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> MoLinkConfig:
+        return cls(
+            serving_layers=args.serving_layers,
+            initial_peers=tuple(args.initial_peer or ()),
+            grpc_port=args.molink_grpc_port,
+            dht_port=args.dht_port,
+            announce_host=args.announce_host or default_announce_host(),
+            listen_host=args.listen_host,
+            chain_timeout=args.chain_timeout,
+            step_timeout=args.step_timeout,
+            outage_timeout=args.outage_timeout,
+            wire_dtype=args.wire_dtype,
+        )
+
+    def layers_for(self, num_layers: int) -> tuple[int, int]:
+        """This node's (start, end) for a model of ``num_layers`` layers; raises ValueError."""
+        start, end = self.serving_layers or (0, num_layers - 1)
+        if end >= num_layers:
+            raise ValueError(
+                f"--serving_layers {start},{end}: the model has {num_layers} layers "
+                f"(0..{num_layers - 1})"
+            )
+        return start, end
+
+
+def default_announce_host() -> str:
+    """The local address of the default route (no packet is sent), else loopback."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("192.0.2.1", 9))  # TEST-NET-1: connect() on UDP only picks a route
+            return s.getsockname()[0]
+    except OSError:
+        return "127.0.0.1"
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """What nodes compare to be sure they serve the same model."""
+
+    name: str
+    config_hash: str
+    num_layers: int
+
+
+def model_identity(model: str, trust_remote_code: bool = False) -> ModelIdentity:
+    """Name, config hash and layer count of a model path or name (reads config.json only)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
+    text_config = config.get_text_config()
+    d = config.to_dict()
+    for volatile in ("_name_or_path", "transformers_version", "torch_dtype", "dtype"):
+        d.pop(volatile, None)
+    digest = hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
+    name = model.rstrip("/").split("/")[-1]
+    return ModelIdentity(
+        name=name, config_hash=digest[:16], num_layers=int(text_config.num_hidden_layers)
+    )

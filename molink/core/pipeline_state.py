@@ -1,0 +1,77 @@
+"""Pipeline health shared by the executor and the scheduler inside the head's EngineCore process.
+
+The executor (step threads) writes, the scheduler (engine thread) reads. A *failure epoch* counts
+stage losses: every loss bumps ``failed_epoch``; once a full chain is serving again the executor
+sets ``ready_epoch = failed_epoch``. Scheduler outputs are tagged with the epoch they were made in,
+so the executor can tell batches of a broken chain from batches of the rebuilt one.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+from vllm.v1.core.sched.output import SchedulerOutput
+from vllm.v1.outputs import ModelRunnerOutput
+
+EPOCH_ATTR = "molink_epoch"
+
+
+class PipelineState:
+    """Failure and recovery epochs of the pipeline (thread-safe)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.failed_epoch = 0
+        self.ready_epoch = 0
+        self.last_error = ""
+
+    def mark_lost(self, reason: str, epoch: int | None = None) -> int:
+        """Record a stage loss seen while running ``epoch`` (default: the current one).
+
+        Returns the new failure epoch. A second report about the same epoch is ignored.
+        """
+        with self._lock:
+            if epoch is None or epoch >= self.failed_epoch:
+                self.failed_epoch += 1
+                self.last_error = reason
+            return self.failed_epoch
+
+    def mark_ready(self, epoch: int) -> None:
+        """A full chain serves ``epoch`` again."""
+        with self._lock:
+            if epoch == self.failed_epoch:
+                self.ready_epoch = epoch
+
+    @property
+    def chain_ready(self) -> bool:
+        return self.ready_epoch == self.failed_epoch
+
+
+# One per EngineCore process: the executor and the scheduler are built in the same process.
+PIPELINE_STATE = PipelineState()
+
+
+@dataclass
+class StageLostOutput(ModelRunnerOutput):
+    """The output of a step the pipeline could not finish: every request maps to no tokens."""
+
+    epoch: int = 0
+    reason: str = ""
+
+
+def lost_output(scheduler_output: SchedulerOutput, epoch: int, reason: str) -> StageLostOutput:
+    """A result for a lost step; every scheduled request must be present (else KeyError)."""
+    ids = list(scheduler_output.num_scheduled_tokens)
+    return StageLostOutput(
+        req_ids=ids,
+        req_id_to_index={rid: i for i, rid in enumerate(ids)},
+        sampled_token_ids=[[] for _ in ids],
+        epoch=epoch,
+        reason=reason,
+    )
+
+
+def epoch_of(scheduler_output: SchedulerOutput) -> int:
+    """The failure epoch a scheduler output was made in (0 if untagged)."""
+    return getattr(scheduler_output, EPOCH_ATTR, 0)

@@ -1,0 +1,139 @@
+"""The compute loop of one pipeline stage: steps in, strictly in order, outputs to a sink.
+
+Every node (the head's stage 0 and each remote stage) runs one :class:`StageEngine`. Steps arrive
+in the head's order; the engine applies each one to its worker on a single thread (the model
+runner's persistent batch requires every scheduler output, empty ones included, in order) and hands
+the result to a :class:`StepSink`: the link to the next stage, or the result stream to the head.
+Receiving, decoding, computing and sending run on different threads, so a stage computes step k+1
+while step k is still on the wire.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from vllm.logger import init_logger
+from vllm.sequence import IntermediateTensors
+from vllm.v1.core.sched.output import GrammarOutput, SchedulerOutput
+from vllm.v1.outputs import ModelRunnerOutput
+
+logger = init_logger(__name__)
+
+GrammarSource = Callable[[], "GrammarOutput | None"]
+
+
+@dataclass
+class StepWork:
+    """One scheduler output on its way through a stage."""
+
+    step_id: int
+    epoch: int
+    scheduler_output: SchedulerOutput
+    # Restricted-pickle bytes of scheduler_output, forwarded as received (never re-encoded).
+    scheduler_output_bytes: bytes
+    # Activations from the previous stage, each [num_tokens, hidden_size]; None on stage 0.
+    tensors: dict[str, torch.Tensor] | None = None
+    # The head asked for sampled tokens (tokens were scheduled).
+    sample: bool = False
+    # Returns the grammar bitmask for sampling; may block until the head's engine provides it.
+    grammar: GrammarSource = field(default=lambda: None)
+    # Set when an earlier stage failed this step: it is passed on, not computed.
+    error: str = ""
+    received_at: float = field(default_factory=time.monotonic)
+
+
+StageOutput = IntermediateTensors | ModelRunnerOutput | None
+
+
+class StepSink(Protocol):
+    """Where a stage puts what it computed."""
+
+    def emit(self, work: StepWork, output: StageOutput) -> None:
+        """Pass on the output of ``work`` (activations, or sampled tokens on the last stage)."""
+
+    def fail(self, work: StepWork, error: str) -> None:
+        """Report that ``work`` could not be computed."""
+
+
+class StageEngine:
+    """Runs steps on a stage worker in arrival order on one thread."""
+
+    _RESET = object()
+
+    def __init__(self, worker: Any, name: str) -> None:
+        """``worker`` is a ``WorkerWrapperBase`` around a :class:`StageWorker`."""
+        self.worker = worker
+        self.name = name
+        self.epoch = 0
+        self.sink: StepSink | None = None
+        self.steps_done = 0
+        self.busy_seconds = 0.0
+        self._queue: queue.Queue[Any] = queue.Queue()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._loop, name=f"molink-{name}", daemon=True)
+        self._thread.start()
+
+    def submit(self, work: StepWork) -> None:
+        """Queue a step; steps of an older epoch than the engine's are dropped."""
+        self._queue.put(work)
+
+    def start_epoch(self, epoch: int, sink: StepSink | None) -> None:
+        """Drop queued steps, forget every request and continue with ``epoch`` into ``sink``.
+
+        Runs on the compute thread, so it never interleaves with a step; returns when done.
+        """
+        done = threading.Event()
+        self._queue.put((self._RESET, epoch, sink, done))
+        done.wait()
+
+    def shutdown(self) -> None:
+        self._stopped = True
+        self._queue.put(None)
+        self._thread.join(timeout=10)
+
+    def _loop(self) -> None:
+        while not self._stopped:
+            item = self._queue.get()
+            if item is None:
+                return
+            if isinstance(item, tuple) and item[0] is self._RESET:
+                _, epoch, sink, done = item
+                self._reset(epoch, sink)
+                done.set()
+                continue
+            self._run(item)
+
+    def _reset(self, epoch: int, sink: StepSink | None) -> None:
+        self.epoch = epoch
+        self.sink = sink
+        try:
+            self.worker.reset_stage()
+        except Exception:  # a reset must not kill the loop; the next step will report
+            logger.exception("%s: reset failed", self.name)
+
+    def _run(self, work: StepWork) -> None:
+        sink = self.sink
+        if work.epoch != self.epoch or sink is None:
+            logger.debug("%s: dropping step %d of epoch %d", self.name, work.step_id, work.epoch)
+            return
+        if work.error:
+            sink.fail(work, work.error)
+            return
+        start = time.perf_counter()
+        try:
+            output = self.worker.execute_stage(
+                work.scheduler_output, work.tensors, work.sample, work.grammar
+            )
+        except Exception as e:
+            logger.exception("%s: step %d failed", self.name, work.step_id)
+            sink.fail(work, f"{self.name}: {type(e).__name__}: {e}")
+            return
+        self.busy_seconds += time.perf_counter() - start
+        self.steps_done += 1
+        sink.emit(work, output)

@@ -1,0 +1,171 @@
+"""A follower node's stage: built on the head's request, fed by the previous stage.
+
+The head drives a remote stage in two calls (see ``molink.comm.stage_service``):
+``InitStage`` builds the worker with the head's limits and loads only this slice's weights, and
+reports the KV cache spec and memory; ``StartStage`` allocates the KV cache the head planned,
+forgets all requests, and wires the output to the next stage (or to the head's result stream).
+After a pipeline failure the head calls ``StartStage`` again with a new epoch.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import torch
+from vllm.engine.arg_utils import EngineArgs
+from vllm.logger import init_logger
+from vllm.v1.kv_cache_interface import KVCacheConfig
+
+from molink.comm import codec
+from molink.comm.links import NextHopLink, ResultStream
+from molink.comm.proto import molink_pb2
+from molink.engine.stage_config import StageConfig, stage_engine_config
+from molink.engine.stage_engine import StageEngine, StepWork
+
+logger = init_logger(__name__)
+
+_WIRE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class StageNotReady(RuntimeError):
+    """A call arrived in the wrong order (e.g. steps before ``StartStage``)."""
+
+
+class StageHost:
+    """The stage a follower serves for the current head."""
+
+    def __init__(self, engine_args: EngineArgs, model_hash: str) -> None:
+        self.engine_args = engine_args
+        self.model_hash = model_hash
+        self.config: StageConfig | None = None
+        self.worker: Any = None
+        self.engine: StageEngine | None = None
+        self.kv_cache_config: KVCacheConfig | None = None
+        self.results: ResultStream | None = None
+        self.next_link: NextHopLink | None = None
+        self.model_dtype: torch.dtype | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def state(self) -> str:
+        """"idle" (no head yet), "loaded" (worker built) or "serving"."""
+        if self.engine is None:
+            return "idle"
+        return "serving" if self.results is not None else "loaded"
+
+    def init_stage(self, config: StageConfig) -> tuple[bytes, int]:
+        """Build the worker (once per configuration); return (KV spec payload, KV bytes)."""
+        from molink.executor.pipeline_executor import PipelineExecutor
+
+        if config.model_hash != self.model_hash:
+            raise ValueError(
+                f"head serves model {config.model_hash}, this node {self.model_hash}"
+            )
+        with self._lock:
+            if self.config != config:
+                self._shutdown_worker()
+                vllm_config = stage_engine_config(self.engine_args, config, PipelineExecutor)
+                from molink.worker.stage_worker import create_stage_worker
+
+                logger.info(
+                    "Building stage %d of %d (limits from the head: %s)",
+                    config.placement.rank,
+                    len(config.placement.partition),
+                    config.engine_overrides,
+                )
+                self.worker = create_stage_worker(vllm_config, config.placement.rank)
+                self.model_dtype = vllm_config.model_config.dtype
+                self.engine = StageEngine(self.worker, f"stage{config.placement.rank}")
+                self.config = config
+                self.kv_cache_config = None
+            spec = self.worker.get_kv_cache_spec()
+            available = self.worker.determine_available_memory()
+            return codec.dumps(spec), int(available)
+
+    def start_stage(self, kv_cache_config: KVCacheConfig, next_address: str, epoch: int) -> None:
+        """Allocate the KV cache (first time), reset, and wire the output for ``epoch``."""
+        with self._lock:
+            if self.engine is None or self.config is None:
+                raise StageNotReady("StartStage before InitStage")
+            if self.kv_cache_config is None:
+                self.worker.initialize_from_config([kv_cache_config])
+                self.worker.compile_or_warm_up_model()
+                self.kv_cache_config = kv_cache_config
+            elif self.kv_cache_config != kv_cache_config:
+                raise ValueError("KV cache plan differs from the one allocated; restart the node")
+            self._close_links()
+            self.results = ResultStream(epoch)
+            if next_address:
+                wire = self.config.wire_dtype
+                results = self.results
+                self.next_link = NextHopLink(
+                    next_address,
+                    _WIRE_DTYPES[wire] if wire else None,
+                    on_broken=lambda reason: results.report(reason),
+                )
+                sink: Any = self.next_link
+            else:
+                sink = self.results
+            self.engine.start_epoch(epoch, sink)
+            logger.info(
+                "Stage %d serving epoch %d -> %s",
+                self.config.placement.rank,
+                epoch,
+                next_address or "head (last stage)",
+            )
+
+    def submit(self, msg: molink_pb2.Step) -> None:
+        """Decode a step from the previous stage and queue it for compute."""
+        engine = self.engine
+        if engine is None:
+            raise StageNotReady("steps before InitStage")
+        if msg.error:
+            so = None
+            tensors = None
+        else:
+            so = codec.loads(msg.scheduler_output)
+            tensors = codec.decode_tensors(list(msg.tensors), self.model_dtype) or None
+        grammar = codec.loads(msg.grammar_output) if msg.grammar_output else None
+        engine.submit(
+            StepWork(
+                step_id=msg.step_id,
+                epoch=msg.epoch,
+                scheduler_output=so,  # type: ignore[arg-type]
+                scheduler_output_bytes=msg.scheduler_output,
+                tensors=tensors,
+                sample=msg.sample,
+                grammar=lambda: grammar,
+                error=msg.error,
+            )
+        )
+
+    def result_stream(self, epoch: int) -> ResultStream:
+        results = self.results
+        if results is None or results.epoch != epoch:
+            raise StageNotReady(f"no result stream for epoch {epoch}")
+        return results
+
+    def shutdown(self) -> None:
+        with self._lock:
+            self._close_links()
+            self._shutdown_worker()
+
+    def _close_links(self) -> None:
+        if self.next_link is not None:
+            self.next_link.close()
+            self.next_link = None
+        if self.results is not None:
+            self.results.close()
+            self.results = None
+
+    def _shutdown_worker(self) -> None:
+        if self.engine is not None:
+            self.engine.shutdown()
+            self.engine = None
+        if self.worker is not None:
+            try:
+                self.worker.shutdown()
+            except Exception:
+                logger.exception("worker shutdown failed")
+            self.worker = None

@@ -1,0 +1,92 @@
+"""``python -m molink.entrypoints.openai.api_server``: vLLM's OpenAI server over a MoLink pipeline.
+
+Every vLLM flag works as with ``vllm serve``; MoLink adds ``--serving_layers``, ``--initial_peer``
+and friends (``molink.config``). The node serving layer 0 is the head: it waits for stages covering
+the other layers, then serves vLLM's whole OpenAI API (completions, chat, streaming, models,
+tokenize, ``/health``, ``/metrics``). Any other node serves its stage, and on ``--port`` only
+``/health`` and ``/status``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+from vllm.engine.arg_utils import AsyncEngineArgs
+from vllm.entrypoints.launchers.api_server.entry import (
+    build_and_serve,
+    build_async_engine_client_from_engine_args,
+)
+from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
+from vllm.entrypoints.launchers.launcher import setup_server
+from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
+from vllm.logger import init_logger
+from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+from molink.comm.chain import ChainError
+from molink.config import MoLinkConfig, add_molink_args
+from molink.engine.node import Node, configure_process_env
+from molink.entrypoints.stage_status import serve_stage_status
+
+logger = init_logger("molink.entrypoints.openai.api_server")
+
+
+def make_parser() -> FlexibleArgumentParser:
+    """vLLM's OpenAI server flags plus MoLink's."""
+    parser = FlexibleArgumentParser(
+        description="MoLink: vLLM's OpenAI-compatible server over a pipeline of nodes."
+    )
+    parser = make_arg_parser(parser)
+    add_molink_args(parser)
+    return parser
+
+
+async def run(args: argparse.Namespace) -> None:
+    """Start this node; on the head, serve the OpenAI API until shut down."""
+    engine_args = AsyncEngineArgs.from_cli_args(args)
+    node = Node(engine_args, MoLinkConfig.from_args(args))
+    try:
+        await asyncio.to_thread(node.start)
+        if not node.is_head:
+            await serve_stage_status(node, args.host, args.port)
+            return
+        chain = await asyncio.to_thread(node.wait_for_chain)
+        logger.info(
+            "Pipeline assembled: %s",
+            " -> ".join(f"{s.grpc_address} [{s.start_layer}-{s.end_layer}]" for s in chain.stages),
+        )
+        listen_address, sock = setup_server(args, reuse_port=False)
+        async with build_async_engine_client_from_engine_args(
+            node.head_engine_args(chain)
+        ) as engine:
+            shutdown_task = await build_and_serve(engine, listen_address, sock, args)
+        try:
+            await shutdown_task
+        finally:
+            sock.close()
+    finally:
+        node.shutdown()
+
+
+def main() -> None:
+    configure_process_env()
+    cli_env_setup()
+    args = make_parser().parse_args()
+    # MoLink's --grpc-port replaced vLLM's (Rust frontend only); vLLM still reads the attribute.
+    args.grpc_port = None
+    validate_parsed_serve_args(args)
+    import uvloop
+
+    try:
+        uvloop.run(run(args))
+    except ChainError as e:
+        logger.error("Can't assemble the pipeline: %s", e)
+        sys.exit(2)
+    except (ValueError, ConnectionError) as e:
+        logger.error("%s", e)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""The vLLM worker of one pipeline stage: builds only its layers and runs one step at a time.
+
+It is vLLM's platform worker (CPU here) with three changes: a private one-process distributed
+world that describes "pipeline rank r of N" (no peers, see ``molink.distributed``), the
+intermediate-tensor buffer vLLM's CPU path forgets to allocate, and :meth:`execute_stage`, which
+takes the activations of the previous stage as an argument instead of receiving them through
+torch.distributed.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from vllm.config import VllmConfig, set_current_vllm_config
+from vllm.distributed.parallel_state import get_pp_group
+from vllm.logger import init_logger
+from vllm.sequence import IntermediateTensors
+from vllm.v1.core.sched.output import GrammarOutput, SchedulerOutput
+from vllm.v1.outputs import ModelRunnerOutput
+from vllm.v1.worker.cpu_worker import CPUWorker
+from vllm.v1.worker.worker_base import WorkerWrapperBase
+
+from molink.distributed.parallel_state import init_stage_parallel_state
+from molink.engine.stage_config import stage_placement
+
+logger = init_logger(__name__)
+
+WORKER_CLS = "molink.worker.stage_worker.StageWorker"
+
+
+class StageWorker(CPUWorker):
+    """CPU worker serving the layers of one pipeline stage."""
+
+    def init_device(self) -> None:
+        placement = stage_placement(self.vllm_config)
+        # get_pp_indices() reads the split from this variable when the model is built.
+        os.environ["VLLM_PP_LAYER_PARTITION"] = ",".join(map(str, placement.partition))
+        init_stage_parallel_state(placement.rank, len(placement.partition))
+        super().init_device()
+
+    def load_model(self, *, load_dummy_weights: bool = False) -> None:
+        super().load_model(load_dummy_weights=load_dummy_weights)
+        runner = self.model_runner
+        # vLLM allocates this persistent buffer only in _dummy_run, which the CPU path skips
+        # under enforce_eager; later stages copy received activations into it.
+        if not get_pp_group().is_first_rank and runner.intermediate_tensors is None:
+            runner.intermediate_tensors = runner.model.make_empty_intermediate_tensors(
+                batch_size=runner.max_num_tokens,
+                dtype=runner.model_config.dtype,
+                device=runner.device,
+            )
+
+    @torch.inference_mode()
+    def execute_stage(
+        self,
+        scheduler_output: SchedulerOutput,
+        tensors: dict[str, torch.Tensor] | None,
+        sample: bool,
+        grammar: Callable[[], GrammarOutput | None],
+    ) -> IntermediateTensors | ModelRunnerOutput | None:
+        """Run one scheduler output on this stage's layers.
+
+        Args:
+            tensors: activations from the previous stage (``hidden_states``/``residual``,
+                each [num_tokens, hidden_size]); ``None`` on the first stage.
+            sample: on the last stage, also sample (the head scheduled tokens).
+            grammar: gives the structured-output bitmask for sampling (may wait for the head).
+
+        Returns:
+            ``IntermediateTensors`` on non-last stages when tokens were scheduled; on the last
+            stage the sampled ``ModelRunnerOutput``; the empty output when nothing was scheduled.
+        """
+        intermediate = IntermediateTensors(tensors) if tensors is not None else None
+        output = self.model_runner.execute_model(scheduler_output, intermediate)
+        if output is None and get_pp_group().is_last_rank:
+            output = self.model_runner.sample_tokens(grammar() if sample else None)
+        return output
+
+    @torch.inference_mode()
+    def reset_stage(self) -> None:
+        """Forget every request (after a pipeline failure), keeping weights and KV memory."""
+        runner = self.model_runner
+        runner.execute_model_state = None
+        reset = SchedulerOutput.make_empty()
+        reset.finished_req_ids = set(runner.requests)
+        runner.execute_model(reset)
+        logger.info("Stage %d reset", get_pp_group().rank_in_group)
+
+
+def create_stage_worker(vllm_config: VllmConfig, rank: int) -> WorkerWrapperBase:
+    """Build, place and load the worker of pipeline rank ``rank`` (weights of its slice only)."""
+    vllm_config.parallel_config.worker_cls = WORKER_CLS
+    wrapper = WorkerWrapperBase(rpc_rank=0, global_rank=0)
+    kwargs: dict[str, Any] = dict(
+        vllm_config=vllm_config,
+        local_rank=0,
+        rank=rank,
+        distributed_init_method=f"file://{tempfile.gettempdir()}/molink_stage_{os.getpid()}",
+        is_driver_worker=True,
+    )
+    wrapper.init_worker(all_kwargs=[kwargs])
+    wrapper.init_device()
+    with set_current_vllm_config(vllm_config):
+        wrapper.load_model()
+    return wrapper

@@ -1,0 +1,357 @@
+"""Unit tests of NodeAnnouncement validation and chain assembly (no network)."""
+
+from __future__ import annotations
+
+import logging
+import pickle
+from typing import Any
+
+import pytest
+
+from molink.comm import chain as chain_mod
+from molink.comm.chain import (
+    Chain,
+    ChainConflict,
+    ChainError,
+    ChainIncomplete,
+    assemble_chain,
+    mismatched,
+    wait_for_chain,
+)
+from molink.comm.dht import NodeAnnouncement, split_host_port
+
+L = 30  # layers of the test model
+
+
+def ann(
+    peer: str,
+    start: int,
+    end: int,
+    *,
+    state: str = "online",
+    model_hash: str = "h1",
+    num_layers: int = L,
+    head: bool | None = None,
+    port: int = 50051,
+) -> NodeAnnouncement:
+    """An announcement; peer names must be base58 (no 0, O, I, l)."""
+    return NodeAnnouncement(
+        peer_id=peer,
+        model_name="test-model",
+        model_hash=model_hash,
+        num_layers=num_layers,
+        start_layer=start,
+        end_layer=end,
+        grpc_address=f"127.0.0.1:{port}",
+        state=state,
+        version="0.2.0",
+        kv_capacity_bytes=1 << 30,
+        is_head=(start == 0) if head is None else head,
+    )
+
+
+HEAD = ann("QmHead", 0, 14, state="joining")
+
+
+@pytest.fixture(autouse=True)
+def _reset_warned() -> None:
+    chain_mod._warned_mismatch.clear()
+
+
+# -- successful chains ---------------------------------------------------------------------------
+
+
+def test_two_stages() -> None:
+    b = ann("QmB", 15, 29)
+    chain = assemble_chain(HEAD, [b])
+    assert chain.stages == (HEAD, b)
+    assert chain.head is HEAD
+    assert chain.partition == [15, 15]
+    assert chain.peer_ids == ["QmHead", "QmB"]
+
+
+def test_three_uneven_stages_any_order_with_head_in_nodes() -> None:
+    head = ann("QmHead", 0, 4)
+    b, c = ann("QmB", 5, 25), ann("QmC", 26, 29)
+    chain = assemble_chain(head, [c, head, b])
+    assert chain.stages == (head, b, c)
+    assert chain.partition == [5, 21, 4]
+
+
+def test_head_alone_serves_everything() -> None:
+    head = ann("QmHead", 0, L - 1)
+    assert assemble_chain(head, []).partition == [L]
+
+
+def test_head_is_stage_zero_even_if_joining_or_excluded() -> None:
+    b = ann("QmB", 15, 29)
+    chain = assemble_chain(HEAD, [b], exclude_peers={"QmHead"})
+    assert chain.stages[0] is HEAD
+
+
+def test_head_own_stale_entry_in_nodes_is_replaced_by_head() -> None:
+    stale = ann("QmHead", 0, 9)  # an older announcement of the head itself
+    b = ann("QmB", 15, 29)
+    assert assemble_chain(HEAD, [stale, b]).stages == (HEAD, b)
+
+
+def test_head_must_start_at_layer_zero() -> None:
+    with pytest.raises(ChainError, match="must start at layer 0"):
+        assemble_chain(ann("QmHead", 5, 29, head=False), [])
+
+
+# -- replicas ----------------------------------------------------------------------------------
+
+
+def test_replicas_pick_lowest_peer_id_deterministically() -> None:
+    b1, b2, b3 = ann("QmB1", 15, 29), ann("QmB2", 15, 29), ann("QmB3", 15, 29)
+    for order in ([b1, b2, b3], [b3, b2, b1], [b2, b3, b1]):
+        assert assemble_chain(HEAD, order).stages == (HEAD, b1)
+
+
+def test_replicas_prefer_online() -> None:
+    b1 = ann("QmB1", 15, 29, state="joining")
+    b2 = ann("QmB2", 15, 29)
+    assert assemble_chain(HEAD, [b1, b2]).stages == (HEAD, b2)
+
+
+def test_replicas_of_head_range_are_ignored() -> None:
+    other_head = ann("QmA", 0, 14)
+    b = ann("QmB", 15, 29)
+    assert assemble_chain(HEAD, [other_head, b]).stages == (HEAD, b)
+
+
+def test_exclude_peers_skips_failed_replica() -> None:
+    b1, b2 = ann("QmB1", 15, 29), ann("QmB2", 15, 29)
+    assert assemble_chain(HEAD, [b1, b2], exclude_peers={"QmB1"}).stages == (HEAD, b2)
+    with pytest.raises(ChainIncomplete) as info:
+        assemble_chain(HEAD, [b1, b2], exclude_peers=["QmB1", "QmB2"])
+    assert info.value.missing == [(15, 29)]
+
+
+# -- gaps, joining nodes, other models ---------------------------------------------------------
+
+
+def test_gap_in_the_middle() -> None:
+    head = ann("QmHead", 0, 9)
+    with pytest.raises(ChainIncomplete) as info:
+        assemble_chain(head, [ann("QmC", 20, 29)])
+    assert info.value.missing == [(10, 19)]
+    assert "layers 10-19 are not served by any node" in str(info.value)
+
+
+def test_all_gaps_are_listed() -> None:
+    head = ann("QmHead", 0, 4)
+    with pytest.raises(ChainIncomplete) as info:
+        assemble_chain(head, [ann("QmB", 6, 14)])
+    assert info.value.missing == [(5, 5), (15, 29)]
+    message = str(info.value)
+    assert "layer 5 is not served by any node" in message
+    assert "layers 15-29 are not served by any node" in message
+
+
+def test_nothing_but_the_head() -> None:
+    with pytest.raises(ChainIncomplete, match="layers 15-29 are not served by any node"):
+        assemble_chain(HEAD, [])
+
+
+def test_joining_node_counts_as_missing_and_is_named() -> None:
+    b = ann("QmB", 15, 29, state="joining")
+    with pytest.raises(ChainIncomplete) as info:
+        assemble_chain(HEAD, [b])
+    assert info.value.missing == [(15, 29)]
+    assert "layers 15-29: node QmB is still joining" in str(info.value)
+    # once it is online, the chain forms
+    assert assemble_chain(HEAD, [ann("QmB", 15, 29)]).partition == [15, 15]
+
+
+def test_model_mismatch_is_ignored_named_and_warned_once(caplog: Any) -> None:
+    other = ann("QmX", 15, 29, model_hash="h2")
+    with caplog.at_level(logging.WARNING, logger="molink.comm.chain"):
+        assert mismatched(HEAD, [HEAD, other, ann("QmB", 15, 29)]) == [other]
+        for _ in range(3):
+            with pytest.raises(ChainIncomplete) as info:
+                assemble_chain(HEAD, [other])
+    message = str(info.value)
+    assert "layers 15-29 are not served by any node" in message
+    assert "node QmX serves layers 15-29 of a different model" in message
+    assert "hash h2" in message
+    warnings = [r for r in caplog.records if "QmX" in r.getMessage()]
+    assert len(warnings) == 1
+    assert "different model" in warnings[0].getMessage()
+
+
+def test_layer_count_mismatch_is_a_different_model() -> None:
+    other = ann("QmX", 15, 31, num_layers=32)
+    with pytest.raises(ChainIncomplete, match="node QmX serves layers 15-31 of a different model"):
+        assemble_chain(HEAD, [other])
+
+
+def test_mismatched_node_does_not_conflict() -> None:
+    other = ann("QmX", 10, 29, model_hash="h2")
+    b = ann("QmB", 15, 29)
+    assert assemble_chain(HEAD, [other, b]).stages == (HEAD, b)
+
+
+# -- conflicts ---------------------------------------------------------------------------------
+
+
+def test_overlap_with_head() -> None:
+    b = ann("QmB", 10, 29)
+    with pytest.raises(ChainConflict) as info:
+        assemble_chain(HEAD, [b])
+    assert str(info.value) == "layers 10-14 are served by both QmHead (0-14) and QmB (10-29)"
+    assert info.value.conflicts == [(HEAD, b)]
+
+
+def test_overlap_between_stages_even_if_joining() -> None:
+    b = ann("QmB", 15, 24)
+    c = ann("QmC", 20, 29, state="joining")
+    with pytest.raises(
+        ChainConflict, match=r"layers 20-24 are served by both QmB \(15-24\) and QmC"
+    ):
+        assemble_chain(HEAD, [b, c, ann("QmD", 25, 29)])
+
+
+def test_overlap_single_layer_and_nested() -> None:
+    b, c = ann("QmB", 15, 29), ann("QmC", 29, 29)
+    with pytest.raises(ChainConflict, match="layer 29 is served by both QmB"):
+        assemble_chain(HEAD, [b, c])
+
+
+def test_excluded_peer_cannot_conflict() -> None:
+    b, c = ann("QmB", 15, 29), ann("QmC", 10, 29)
+    assert assemble_chain(HEAD, [b, c], exclude_peers={"QmC"}).stages == (HEAD, b)
+
+
+def test_errors_pickle() -> None:
+    err = ChainIncomplete("layers 1-2 missing", [(1, 2)])
+    copy = pickle.loads(pickle.dumps(err))
+    assert str(copy) == str(err) and copy.missing == [(1, 2)]
+
+
+def test_chain_rejects_non_contiguous_stages() -> None:
+    with pytest.raises(ValueError):
+        Chain((HEAD, ann("QmB", 16, 29)))
+
+
+# -- NodeAnnouncement validation ---------------------------------------------------------------
+
+
+def test_roundtrip_and_extra_keys_ignored() -> None:
+    d = HEAD.to_dict()
+    assert NodeAnnouncement.from_dict(d) == HEAD
+    assert NodeAnnouncement.from_dict({**d, "future_field": [1, 2]}) == HEAD
+    assert HEAD.layers == range(15)
+    assert split_host_port("[::1]:8000") == ("::1", 8000)
+
+
+BAD_FIELDS = [
+    ("peer_id", ""),
+    ("peer_id", "Qm0OIl"),  # not base58
+    ("peer_id", 123),
+    ("model_name", ""),
+    ("model_hash", None),
+    ("model_hash", "x" * 5000),
+    ("num_layers", 0),
+    ("num_layers", "30"),
+    ("num_layers", 30.0),
+    ("num_layers", True),
+    ("start_layer", -1),
+    ("start_layer", 20),  # > end_layer
+    ("end_layer", 30),  # == num_layers
+    ("end_layer", [14]),
+    ("grpc_address", "localhost"),
+    ("grpc_address", "localhost:abc"),
+    ("grpc_address", "localhost:0"),
+    ("grpc_address", "localhost:70000"),
+    ("grpc_address", ":8000"),
+    ("grpc_address", "a b:8000"),
+    ("grpc_address", "::1:8000"),
+    ("grpc_address", "host:+80"),
+    ("state", "offline"),
+    ("state", "ONLINE"),
+    ("version", 2),
+    ("kv_capacity_bytes", -1),
+    ("kv_capacity_bytes", 1.5),
+    ("is_head", 1),
+    ("is_head", "true"),
+]
+
+
+@pytest.mark.parametrize(("field", "value"), BAD_FIELDS)
+def test_from_dict_rejects_bad_field(field: str, value: Any) -> None:
+    d = HEAD.to_dict()
+    d[field] = value
+    with pytest.raises(ValueError):
+        NodeAnnouncement.from_dict(d)
+
+
+def test_from_dict_rejects_non_heads_claiming_head() -> None:
+    d = ann("QmB", 15, 29).to_dict()
+    d["is_head"] = True
+    with pytest.raises(ValueError, match="head must start at layer 0"):
+        NodeAnnouncement.from_dict(d)
+
+
+@pytest.mark.parametrize("value", [None, [], "peer", 5, b"\x80"])
+def test_from_dict_rejects_non_mappings(value: Any) -> None:
+    with pytest.raises(ValueError):
+        NodeAnnouncement.from_dict(value)
+
+
+def test_from_dict_rejects_missing_field() -> None:
+    d = HEAD.to_dict()
+    del d["grpc_address"]
+    with pytest.raises(ValueError, match="grpc_address"):
+        NodeAnnouncement.from_dict(d)
+
+
+# -- wait_for_chain with a fake membership -----------------------------------------------------
+
+
+class FakeMembership:
+    """Returns one list of nodes per call (the last one forever); may raise."""
+
+    def __init__(self, *views: Any) -> None:
+        self.views = list(views)
+        self.calls = 0
+
+    def nodes(self) -> list[NodeAnnouncement]:
+        self.calls += 1
+        view = self.views.pop(0) if len(self.views) > 1 else self.views[0]
+        if isinstance(view, Exception):
+            raise view
+        return list(view)
+
+
+def test_wait_for_chain_returns_once_complete() -> None:
+    b = ann("QmB", 15, 29)
+    fake = FakeMembership(
+        [HEAD], RuntimeError("dht hiccup"), [HEAD, ann("QmB", 15, 29, state="joining")], [HEAD, b]
+    )
+    chain = wait_for_chain(fake, HEAD, timeout=5, poll_interval=0.01)  # type: ignore[arg-type]
+    assert chain.stages == (HEAD, b)
+    assert fake.calls == 4
+
+
+def test_wait_for_chain_raises_conflict_at_once() -> None:
+    fake = FakeMembership([HEAD, ann("QmB", 10, 29)])
+    with pytest.raises(ChainConflict):
+        wait_for_chain(fake, HEAD, timeout=30, poll_interval=0.01)  # type: ignore[arg-type]
+    assert fake.calls == 1
+
+
+def test_wait_for_chain_times_out_naming_missing_layers(caplog: Any) -> None:
+    fake = FakeMembership([HEAD, ann("QmC", 20, 29)])
+    with (
+        caplog.at_level(logging.INFO, logger="molink.comm.chain"),
+        pytest.raises(ChainIncomplete) as info,
+    ):
+        wait_for_chain(  # type: ignore[arg-type]
+            fake, HEAD, timeout=0.3, poll_interval=0.02, log_interval=0.1
+        )
+    assert info.value.missing == [(15, 19)]
+    assert "no complete chain after 0.3 s" in str(info.value)
+    assert "layers 15-19 are not served by any node" in str(info.value)
+    assert any("waiting for a complete chain" in r.getMessage() for r in caplog.records)
