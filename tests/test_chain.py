@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import pickle
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -56,6 +57,30 @@ HEAD = ann("QmHead", 0, 14, state="joining")
 @pytest.fixture(autouse=True)
 def _reset_warned() -> None:
     chain_mod._warned_mismatch.clear()
+
+
+class _ListHandler(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@pytest.fixture
+def chain_logs() -> Iterator[list[logging.LogRecord]]:
+    """Records of the chain module's logger (``molink`` does not propagate to root/caplog)."""
+    handler = _ListHandler()
+    chain_logger = logging.getLogger("molink.comm.chain")
+    old_level = chain_logger.level
+    chain_logger.addHandler(handler)
+    chain_logger.setLevel(logging.DEBUG)
+    try:
+        yield handler.records
+    finally:
+        chain_logger.removeHandler(handler)
+        chain_logger.setLevel(old_level)
 
 
 # -- successful chains ---------------------------------------------------------------------------
@@ -165,19 +190,21 @@ def test_joining_node_counts_as_missing_and_is_named() -> None:
     assert assemble_chain(HEAD, [ann("QmB", 15, 29)]).partition == [15, 15]
 
 
-def test_model_mismatch_is_ignored_named_and_warned_once(caplog: Any) -> None:
+def test_model_mismatch_is_ignored_named_and_warned_once(
+    chain_logs: list[logging.LogRecord],
+) -> None:
     other = ann("QmX", 15, 29, model_hash="h2")
-    with caplog.at_level(logging.WARNING, logger="molink.comm.chain"):
-        assert mismatched(HEAD, [HEAD, other, ann("QmB", 15, 29)]) == [other]
-        for _ in range(3):
-            with pytest.raises(ChainIncomplete) as info:
-                assemble_chain(HEAD, [other])
+    assert mismatched(HEAD, [HEAD, other, ann("QmB", 15, 29)]) == [other]
+    for _ in range(3):
+        with pytest.raises(ChainIncomplete) as info:
+            assemble_chain(HEAD, [other])
     message = str(info.value)
     assert "layers 15-29 are not served by any node" in message
     assert "node QmX serves layers 15-29 of a different model" in message
     assert "hash h2" in message
-    warnings = [r for r in caplog.records if "QmX" in r.getMessage()]
+    warnings = [r for r in chain_logs if "QmX" in r.getMessage()]
     assert len(warnings) == 1
+    assert warnings[0].levelno == logging.WARNING
     assert "different model" in warnings[0].getMessage()
 
 
@@ -342,16 +369,16 @@ def test_wait_for_chain_raises_conflict_at_once() -> None:
     assert fake.calls == 1
 
 
-def test_wait_for_chain_times_out_naming_missing_layers(caplog: Any) -> None:
+def test_wait_for_chain_times_out_naming_missing_layers(
+    chain_logs: list[logging.LogRecord],
+) -> None:
     fake = FakeMembership([HEAD, ann("QmC", 20, 29)])
-    with (
-        caplog.at_level(logging.INFO, logger="molink.comm.chain"),
-        pytest.raises(ChainIncomplete) as info,
-    ):
+    with pytest.raises(ChainIncomplete) as info:
         wait_for_chain(  # type: ignore[arg-type]
             fake, HEAD, timeout=0.3, poll_interval=0.02, log_interval=0.1
         )
     assert info.value.missing == [(15, 19)]
     assert "no complete chain after 0.3 s" in str(info.value)
     assert "layers 15-19 are not served by any node" in str(info.value)
-    assert any("waiting for a complete chain" in r.getMessage() for r in caplog.records)
+    waiting = [r for r in chain_logs if "waiting for a complete chain" in r.getMessage()]
+    assert waiting and all(r.levelno == logging.INFO for r in waiting)

@@ -31,20 +31,24 @@ from molink.worker.stage_worker import WORKER_CLS
 logger = init_logger(__name__)
 
 
-def configure_process_env() -> None:
-    """Environment every MoLink process needs, set before vLLM reads it."""
-    # PP through our executor needs the V1 model runner (V2 broadcasts tokens over torch.dist).
-    os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
-    # gRPC and the DHT run threads in this process: never fork the engine from it.
-    os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
-    # The DHT forks its process while gRPC threads run; gRPC's notes about that are harmless.
-    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+def _ask_dht_maddrs(peer: str) -> tuple[list[str], str]:
+    """(DHT multiaddrs, "") from a node's gRPC service, or ([], why not)."""
+    channel, stub = connect(peer)
+    try:
+        info = stub.GetNodeInfo(molink_pb2.Empty(), timeout=5.0)
+    except grpc.RpcError as e:
+        return [], e.code().name
+    finally:
+        channel.close()
+    if not info.dht_maddrs:
+        return [], "its DHT is not up yet"
+    return list(info.dht_maddrs), ""
 
 
 def resolve_initial_peers(peers: tuple[str, ...], timeout: float) -> list[str]:
     """DHT multiaddrs for ``--initial_peer`` values (multiaddrs pass through; HOST:PORT is asked).
 
-    Retries until ``timeout`` so a follower may start before the head.
+    Retries until ``timeout``, so a node may start before the peer it names.
     """
     maddrs: list[str] = []
     for peer in peers:
@@ -54,23 +58,19 @@ def resolve_initial_peers(peers: tuple[str, ...], timeout: float) -> list[str]:
         deadline = time.monotonic() + timeout
         next_log = 0.0
         while True:
-            channel, stub = connect(peer)
-            try:
-                info = stub.GetNodeInfo(molink_pb2.Empty(), timeout=5.0)
-                maddrs.extend(info.dht_maddrs)
+            found, error = _ask_dht_maddrs(peer)
+            if found:
+                maddrs.extend(found)
                 break
-            except grpc.RpcError as e:
-                if time.monotonic() > deadline:
-                    raise ConnectionError(
-                        f"--initial_peer {peer}: no MoLink node answered within {timeout:.0f} s "
-                        f"({e.code().name})"
-                    ) from None
-                if time.monotonic() > next_log:
-                    logger.info("Waiting for initial peer %s to come up...", peer)
-                    next_log = time.monotonic() + 10
-                time.sleep(1.0)
-            finally:
-                channel.close()
+            if time.monotonic() > deadline:
+                raise ConnectionError(
+                    f"--initial_peer {peer}: no MoLink node answered within {timeout:.0f} s "
+                    f"({error})"
+                )
+            if time.monotonic() > next_log:
+                logger.info("Waiting for initial peer %s (%s)...", peer, error)
+                next_log = time.monotonic() + 10
+            time.sleep(1.0)
     return maddrs
 
 

@@ -21,12 +21,12 @@ from vllm.entrypoints.launchers.api_server.entry import (
 from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
 from vllm.entrypoints.launchers.launcher import setup_server
 from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
-from vllm.logger import init_logger
+from vllm.logger import configure_logging_from_args, init_logger
 from vllm.utils.argparse_utils import FlexibleArgumentParser
 
 from molink.comm.chain import ChainError
 from molink.config import MoLinkConfig, add_molink_args
-from molink.engine.node import Node, configure_process_env
+from molink.engine.node import Node
 from molink.entrypoints.stage_status import serve_stage_status
 
 logger = init_logger("molink.entrypoints.openai.api_server")
@@ -70,11 +70,11 @@ async def run(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    configure_process_env()
     cli_env_setup()
     args = make_parser().parse_args()
     # MoLink's --grpc-port replaced vLLM's (Rust frontend only); vLLM still reads the attribute.
     args.grpc_port = None
+    configure_logging_from_args(args)
     validate_parsed_serve_args(args)
     import uvloop
 

