@@ -6,6 +6,7 @@ process group (so its EngineCore and p2pd children die with it); fixtures always
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -40,7 +41,15 @@ def free_port() -> int:
 class NodeProcess:
     """One MoLink node process with its log file."""
 
-    def __init__(self, name: str, args: list[str], log_dir: Path, port: int, grpc_port: int):
+    def __init__(
+        self,
+        name: str,
+        args: list[str],
+        log_dir: Path,
+        port: int,
+        grpc_port: int,
+        module: str = "molink.entrypoints.openai.api_server",
+    ):
         self.name = name
         self.port = port
         self.grpc_port = grpc_port
@@ -48,7 +57,7 @@ class NodeProcess:
         self._log = open(self.log_path, "wb")  # noqa: SIM115 (closed in stop())
         env = {**os.environ, **NODE_ENV}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "molink.entrypoints.openai.api_server", *args],
+            [sys.executable, "-m", module, *args],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env=env,
@@ -95,18 +104,14 @@ class NodeProcess:
     def stop(self) -> None:
         if self.proc.poll() is None:
             self._signal(signal.SIGTERM)
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                pass
         self._signal(signal.SIGKILL)  # stragglers of the group (EngineCore, p2pd)
         self._log.close()
 
     def _signal(self, sig: int) -> None:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, sig)
-        except ProcessLookupError:
-            pass
 
 
 class Swarm:

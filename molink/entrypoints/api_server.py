@@ -1,0 +1,127 @@
+"""``python -m molink.entrypoints.api_server``: a minimal ``/generate`` server over a pipeline.
+
+Kept from MoLink for scripts that predate the OpenAI API. ``POST /generate`` takes
+``{"prompt": str, "stream": bool, ...SamplingParams fields}`` and returns ``{"text": [str]}``
+(streaming: one JSON object per line as the text grows). Node flags are the same as the OpenAI
+server's; followers serve only ``/health`` and ``/status``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import uuid
+from collections.abc import AsyncGenerator
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from vllm.engine.arg_utils import AsyncEngineArgs
+from vllm.engine.protocol import EngineClient
+from vllm.exceptions import VLLMClientError
+from vllm.entrypoints.launchers.api_server.entry import (
+    build_async_engine_client_from_engine_args,
+)
+from vllm.logger import configure_logging_from_args, init_logger
+from vllm.sampling_params import SamplingParams
+from vllm.usage.usage_lib import UsageContext
+from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+from molink.comm.chain import ChainError
+from molink.config import MoLinkConfig, add_molink_args
+from molink.engine.node import Node
+from molink.entrypoints.stage_status import serve_stage_status
+
+logger = init_logger("molink.entrypoints.api_server")
+
+
+def build_generate_app(engine: EngineClient) -> FastAPI:
+    """The ``/generate`` and ``/health`` routes over ``engine``."""
+    app = FastAPI(title="MoLink /generate")
+
+    @app.get("/health")
+    async def health() -> Response:
+        await engine.check_health()
+        return Response(status_code=200)
+
+    @app.post("/generate")
+    async def generate(request: Request) -> Response:
+        try:
+            body = await request.json()
+            if not isinstance(body, dict):
+                raise ValueError("body must be a JSON object")
+            prompt = body.pop("prompt")
+            if not isinstance(prompt, str):
+                raise ValueError("prompt must be a string")
+            stream = bool(body.pop("stream", False))
+            sampling_params = SamplingParams(**body)
+        except (ValueError, TypeError, KeyError, VLLMClientError) as e:
+            return JSONResponse({"error": f"bad request: {e}"}, status_code=400)
+
+        request_id = uuid.uuid4().hex
+        results = engine.generate(prompt, sampling_params, request_id)
+
+        async def stream_results() -> AsyncGenerator[bytes, None]:
+            async for output in results:
+                text = [prompt + o.text for o in output.outputs]
+                yield (json.dumps({"text": text}) + "\n").encode()
+
+        if stream:
+            return StreamingResponse(stream_results(), media_type="application/x-ndjson")
+        final = None
+        try:
+            async for output in results:
+                if await request.is_disconnected():
+                    await engine.abort(request_id)
+                    return Response(status_code=499)
+                final = output
+        except VLLMClientError as e:  # e.g. a prompt longer than the model's context
+            return JSONResponse({"error": f"bad request: {e}"}, status_code=400)
+        except Exception as e:  # the engine failed this request (e.g. a stage was lost)
+            logger.error("request %s failed: %s", request_id, e)
+            return JSONResponse({"error": str(e) or type(e).__name__}, status_code=500)
+        assert final is not None
+        return JSONResponse({"text": [prompt + o.text for o in final.outputs]})
+
+    return app
+
+
+async def run(args: argparse.Namespace) -> None:
+    engine_args = AsyncEngineArgs.from_cli_args(args)
+    node = Node(engine_args, MoLinkConfig.from_args(args))
+    try:
+        await asyncio.to_thread(node.start)
+        if not node.is_head:
+            await serve_stage_status(node, args.host, args.port)
+            return
+        chain = await asyncio.to_thread(node.wait_for_chain)
+        async with build_async_engine_client_from_engine_args(
+            node.head_engine_args(chain), usage_context=UsageContext.API_SERVER
+        ) as engine:
+            config = uvicorn.Config(
+                build_generate_app(engine), host=args.host, port=args.port, log_level="info"
+            )
+            await uvicorn.Server(config).serve()
+    finally:
+        node.shutdown()
+
+
+def main() -> None:
+    parser = FlexibleArgumentParser(description="MoLink /generate server")
+    parser.add_argument("--host", type=str, default=None)
+    parser.add_argument("--port", type=int, default=8000)
+    AsyncEngineArgs.add_cli_args(parser)
+    add_molink_args(parser)
+    args = parser.parse_args()
+    configure_logging_from_args(args)
+    try:
+        asyncio.run(run(args))
+    except (ChainError, ValueError, ConnectionError) as e:
+        logger.error("%s", e)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
