@@ -82,8 +82,9 @@ class NodeProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise AssertionError(f"{self.name} exited ({self.proc.returncode}):\n"
-                                     f"{self.log()[-4000:]}")
+                raise AssertionError(
+                    f"{self.name} exited ({self.proc.returncode}):\n{self.log()[-4000:]}"
+                )
             try:
                 with urllib.request.urlopen(self.base_url + "/health", timeout=2) as r:
                     if r.status == 200:
@@ -131,14 +132,21 @@ class Swarm:
     ) -> NodeProcess:
         port, grpc_port = free_port(), free_port()
         args = [
-            "--model", model,
-            "--dtype", "float32",
+            "--model",
+            model,
+            "--dtype",
+            "float32",
             "--enforce-eager",
-            "--port", str(port),
-            "--host", "127.0.0.1",
-            "--grpc_port", str(grpc_port),
-            "--listen_host", "127.0.0.1",
-            "--announce_host", "127.0.0.1",
+            "--port",
+            str(port),
+            "--host",
+            "127.0.0.1",
+            "--grpc_port",
+            str(grpc_port),
+            "--listen_host",
+            "127.0.0.1",
+            "--announce_host",
+            "127.0.0.1",
             "--disable-uvicorn-access-log",
         ]
         if layers is not None:

@@ -14,13 +14,30 @@ from conftest import NodeProcess, free_port
 def generate_server(qwen3_model, tmp_path_factory):
     port = free_port()
     args = [
-        "--model", qwen3_model, "--dtype", "float32", "--enforce-eager",
-        "--max-model-len", "512", "--port", str(port), "--host", "127.0.0.1",
-        "--grpc_port", str(free_port()), "--listen_host", "127.0.0.1",
-        "--announce_host", "127.0.0.1",
+        "--model",
+        qwen3_model,
+        "--dtype",
+        "float32",
+        "--enforce-eager",
+        "--max-model-len",
+        "512",
+        "--port",
+        str(port),
+        "--host",
+        "127.0.0.1",
+        "--grpc_port",
+        str(free_port()),
+        "--listen_host",
+        "127.0.0.1",
+        "--announce_host",
+        "127.0.0.1",
     ]
     node = NodeProcess(
-        "generate", args, tmp_path_factory.mktemp("generate"), port, 0,
+        "generate",
+        args,
+        tmp_path_factory.mktemp("generate"),
+        port,
+        0,
         module="molink.entrypoints.api_server",
     )
     try:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import pytest
-
 sys.path.insert(0, str(Path(__file__).parent))
 from checkpoints import build_qwen3_checkpoint  # noqa: E402
 
@@ -40,13 +38,3 @@ def test_bad_serving_layers_is_a_clear_error(swarm, qwen3_model):
     node = swarm.start("head", qwen3_model, "0,9")
     assert node.wait_exit(timeout=180) == 2
     assert "the model has 6 layers" in node.log()
-
-
-@pytest.mark.parametrize("value", ["5", "3,1", "a,b"])
-def test_serving_layers_syntax(value):
-    import argparse
-
-    from molink.config import parse_serving_layers
-
-    with pytest.raises(argparse.ArgumentTypeError):
-        parse_serving_layers(value)

@@ -70,7 +70,11 @@ def test_chat_streaming(client, demo_model):
 def test_completions_match_single_process(client, demo_model, demo_reference):
     for prompt, ref in zip(PROMPTS, demo_reference, strict=True):
         resp = client.completions.create(
-            model=demo_model, prompt=prompt, max_tokens=24, temperature=0.0, logprobs=1,
+            model=demo_model,
+            prompt=prompt,
+            max_tokens=24,
+            temperature=0.0,
+            logprobs=1,
             extra_body={"return_token_ids": True},
         )
         choice = resp.choices[0]

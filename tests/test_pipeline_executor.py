@@ -33,12 +33,18 @@ ENGINE = {
     "seed": 0,
 }
 ENGINE_FLAGS = [
-    "--max-model-len", "512",
-    "--max-num-seqs", "8",
-    "--max-num-batched-tokens", "64",
-    "--block-size", "32",
-    "--num-gpu-blocks-override", "20",
-    "--seed", "0",
+    "--max-model-len",
+    "512",
+    "--max-num-seqs",
+    "8",
+    "--max-num-batched-tokens",
+    "64",
+    "--block-size",
+    "32",
+    "--num-gpu-blocks-override",
+    "20",
+    "--seed",
+    "0",
 ]
 WORDS = (
     "the quick brown fox jumps over the lazy dog while a small bird sings in the old tree "
@@ -145,8 +151,12 @@ def test_killed_stage_fails_requests_then_recovers(two_stage, module_swarm, qwen
     async def stream_until_error(client: openai.AsyncOpenAI, started: asyncio.Event) -> object:
         try:
             stream = await client.completions.create(
-                model=qwen3_model, prompt="the quick brown fox", max_tokens=480,
-                temperature=0.0, stream=True, extra_body={"ignore_eos": True},
+                model=qwen3_model,
+                prompt="the quick brown fox",
+                max_tokens=480,
+                temperature=0.0,
+                stream=True,
+                extra_body={"ignore_eos": True},
             )
             async for _ in stream:
                 started.set()
@@ -155,8 +165,9 @@ def test_killed_stage_fails_requests_then_recovers(two_stage, module_swarm, qwen
             return e
 
     async def kill_during() -> tuple[list, float]:
-        client = openai.AsyncOpenAI(base_url=head.base_url + "/v1", api_key="none",
-                                    max_retries=0, timeout=120)
+        client = openai.AsyncOpenAI(
+            base_url=head.base_url + "/v1", api_key="none", max_retries=0, timeout=120
+        )
         events = [asyncio.Event() for _ in range(3)]
         tasks = [asyncio.create_task(stream_until_error(client, e)) for e in events]
         for e in events:
@@ -181,7 +192,10 @@ def test_killed_stage_fails_requests_then_recovers(two_stage, module_swarm, qwen
     module_swarm.start("stage1b", qwen3_model, "3,5", ENGINE_FLAGS, peers=[head])
     client = openai.OpenAI(base_url=head.base_url + "/v1", api_key="none", max_retries=0)
     resp = client.completions.create(
-        model=qwen3_model, prompt=REQUESTS[0]["prompt"], max_tokens=8, temperature=0.0,
+        model=qwen3_model,
+        prompt=REQUESTS[0]["prompt"],
+        max_tokens=8,
+        temperature=0.0,
         timeout=300,
     )
     assert len(resp.choices[0].text) > 0

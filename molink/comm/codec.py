@@ -173,8 +173,9 @@ def bytes_to_tensor(dtype_name: str, shape: list[int], data: bytes) -> torch.Ten
         numel *= d
     itemsize = torch.empty((), dtype=dtype).element_size()
     if numel * itemsize != len(data):
-        raise ValueError(f"tensor of shape {shape} {dtype_name} needs {numel * itemsize} bytes, "
-                         f"got {len(data)}")
+        raise ValueError(
+            f"tensor of shape {shape} {dtype_name} needs {numel * itemsize} bytes, got {len(data)}"
+        )
     if numel == 0:
         return torch.empty(shape, dtype=dtype)
     raw_dtype = _VIEW_AS.get(dtype, dtype)

@@ -54,7 +54,9 @@ def connect(address: str) -> tuple[grpc.Channel, molink_pb2_grpc.MoLinkNodeStub]
     return channel, molink_pb2_grpc.MoLinkNodeStub(channel)
 
 
-def encode_step(work: StepWork, output: StageOutput, wire_dtype: torch.dtype | None) -> molink_pb2.Step:
+def encode_step(
+    work: StepWork, output: StageOutput, wire_dtype: torch.dtype | None
+) -> molink_pb2.Step:
     """The ``Step`` message that carries ``work`` (and its activations) to the next stage."""
     tensors = []
     if isinstance(output, IntermediateTensors):

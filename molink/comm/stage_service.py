@@ -96,7 +96,9 @@ def start_grpc_server(
     service: StageService, host: str, port: int, max_workers: int = 16
 ) -> tuple[grpc.Server, int]:
     """Serve ``service`` on ``host:port`` (port 0 picks a free one); returns (server, port)."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=SERVER_OPTIONS)
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers), options=SERVER_OPTIONS
+    )
     molink_pb2_grpc.add_MoLinkNodeServicer_to_server(service, server)
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:

@@ -79,14 +79,14 @@ class PipelineScheduler(Scheduler):
     def _hold(self, throttle_prefills: bool) -> SchedulerOutput:
         """No full chain: schedule nothing (but still emit finished ids), bounded in time."""
         time.sleep(self.HOLD_SLEEP_S)  # the engine loop keeps stepping while requests wait
-        if self._down_since is not None and self.requests:
-            if time.monotonic() - self._down_since > self.outage_timeout:
-                logger.error(
-                    "No full pipeline for %.0f s: failing %d waiting request(s)",
-                    self.outage_timeout,
-                    len(self.requests),
-                )
-                self._fail(list(self.requests))
+        down_for = time.monotonic() - (self._down_since or time.monotonic())
+        if self.requests and down_for > self.outage_timeout:
+            logger.error(
+                "No full pipeline for %.0f s: failing %d waiting request(s)",
+                self.outage_timeout,
+                len(self.requests),
+            )
+            self._fail(list(self.requests))
         saved, self._pause_state = self._pause_state, PauseState.PAUSED_ALL
         try:
             return super().schedule(throttle_prefills)

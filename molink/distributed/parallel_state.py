@@ -71,13 +71,11 @@ def init_stage_parallel_state(pp_rank: int, pp_world_size: int, local_rank: int 
     Call inside ``set_current_vllm_config`` (the worker's ``init_device`` runs there).
     """
     if not parallel_state.model_parallel_is_initialized():
-        store = tempfile.NamedTemporaryFile(prefix="molink_dist_", delete=False)
-        store.close()
-        os.unlink(store.name)
+        store = os.path.join(tempfile.mkdtemp(prefix="molink_dist_"), "store")
         parallel_state.init_distributed_environment(
             world_size=1,
             rank=0,
-            distributed_init_method=f"file://{store.name}",
+            distributed_init_method=f"file://{store}",
             local_rank=local_rank,
             backend="gloo",
         )

@@ -190,8 +190,10 @@ class Node:
             distributed_executor_backend=PipelineExecutor,
             scheduler_cls=SCHEDULER_CLS,
             worker_cls=WORKER_CLS,
-            additional_config={**(self.engine_args.additional_config or {}),
-                               **head.to_additional_config()},
+            additional_config={
+                **(self.engine_args.additional_config or {}),
+                **head.to_additional_config(),
+            },
         )
 
     def shutdown(self) -> None:

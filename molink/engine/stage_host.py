@@ -49,7 +49,7 @@ class StageHost:
 
     @property
     def state(self) -> str:
-        """"idle" (no head yet), "loaded" (worker built) or "serving"."""
+        """ "idle" (no head yet), "loaded" (worker built) or "serving"."""
         if self.engine is None:
             return "idle"
         return "serving" if self.results is not None else "loaded"
@@ -59,9 +59,7 @@ class StageHost:
         from molink.executor.pipeline_executor import PipelineExecutor
 
         if config.model_hash != self.model_hash:
-            raise ValueError(
-                f"head serves model {config.model_hash}, this node {self.model_hash}"
-            )
+            raise ValueError(f"head serves model {config.model_hash}, this node {self.model_hash}")
         with self._lock:
             if self.config != config:
                 self._shutdown_worker()

@@ -75,9 +75,12 @@ class RemoteStage:
         """Point this handle at a replacement node serving the same layers."""
         self._channel.close()
         self.address = address
-        self.spec = RemoteStageSpec(address=address, peer_id=peer_id,
-                                    start_layer=self.spec.start_layer,
-                                    end_layer=self.spec.end_layer)
+        self.spec = RemoteStageSpec(
+            address=address,
+            peer_id=peer_id,
+            start_layer=self.spec.start_layer,
+            end_layer=self.spec.end_layer,
+        )
         self._channel, self.stub = connect(address)
 
     def init(self, config: StageConfig, timeout: float) -> None:
@@ -226,8 +229,9 @@ class PipelineExecutor(Executor):
         try:
             for result in call:
                 if result.error:
-                    self._on_failure(f"stage {remote.rank} ({remote.address}): {result.error}",
-                                     epoch)
+                    self._on_failure(
+                        f"stage {remote.rank} ({remote.address}): {result.error}", epoch
+                    )
                     return
                 if is_last:
                     output = codec.loads(result.model_runner_output)
@@ -339,13 +343,17 @@ class PipelineExecutor(Executor):
         while not self._stopped:
             self._recovery_wakeup.wait()
             self._recovery_wakeup.clear()
+            last_message, next_log = "", 0.0
             while not self._stopped and not self.state.chain_ready:
                 epoch = self.state.failed_epoch
                 try:
                     self._rebuild(epoch)
                     logger.info("Pipeline restored (epoch %d)", epoch)
                 except Exception as e:
-                    logger.warning("Pipeline not restored yet: %s", e)
+                    message = str(e) or type(e).__name__
+                    if message != last_message or time.monotonic() > next_log:
+                        logger.warning("Pipeline not restored yet: %s", message)
+                        last_message, next_log = message, time.monotonic() + 30
                     time.sleep(self.head.recovery_poll_interval)
 
     def _rebuild(self, epoch: int) -> None:

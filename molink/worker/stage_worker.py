@@ -95,13 +95,14 @@ def create_stage_worker(vllm_config: VllmConfig, rank: int) -> WorkerWrapperBase
     """Build, place and load the worker of pipeline rank ``rank`` (weights of its slice only)."""
     vllm_config.parallel_config.worker_cls = WORKER_CLS
     wrapper = WorkerWrapperBase(rpc_rank=0, global_rank=0)
-    kwargs: dict[str, Any] = dict(
-        vllm_config=vllm_config,
-        local_rank=0,
-        rank=rank,
-        distributed_init_method=f"file://{tempfile.gettempdir()}/molink_stage_{os.getpid()}",
-        is_driver_worker=True,
-    )
+    kwargs: dict[str, Any] = {
+        "vllm_config": vllm_config,
+        "local_rank": 0,
+        "rank": rank,
+        # Never used to connect: the stage world is private (see init_stage_parallel_state).
+        "distributed_init_method": f"file://{tempfile.gettempdir()}/molink_{os.getpid()}",
+        "is_driver_worker": True,
+    }
     wrapper.init_worker(all_kwargs=[kwargs])
     wrapper.init_device()
     with set_current_vllm_config(vllm_config):

@@ -1,0 +1,104 @@
+"""The wire codec: raw-byte tensors and the restricted unpickler."""
+
+from __future__ import annotations
+
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from vllm.sampling_params import SamplingParams
+from vllm.v1.core.sched.output import CachedRequestData, NewRequestData, SchedulerOutput
+from vllm.v1.outputs import LogprobsLists, LogprobsTensors, ModelRunnerOutput
+
+from molink.comm import codec
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.int64])
+def test_tensor_round_trip(dtype):
+    t = (torch.randn(5, 7) * 10).to(dtype)
+    assert torch.equal(codec.bytes_to_tensor(*codec.tensor_to_bytes(t)), t)
+
+
+def test_wire_dtype_halves_bytes_and_casts_back():
+    tensors = {"hidden_states": torch.randn(4, 576), "residual": torch.randn(4, 576)}
+    msgs = codec.encode_tensors(tensors, torch.float16)
+    assert sum(len(m.data) for m in msgs) == 2 * 4 * 576 * 2
+    back = codec.decode_tensors(msgs, torch.float32)
+    assert back["residual"].dtype == torch.float32
+    assert torch.allclose(back["residual"], tensors["residual"], atol=1e-2)
+
+
+def test_tensor_size_mismatch_is_refused():
+    dtype, shape, data = codec.tensor_to_bytes(torch.zeros(3, 3))
+    with pytest.raises(ValueError):
+        codec.bytes_to_tensor(dtype, [4, 4], data)
+    with pytest.raises(ValueError):
+        codec.bytes_to_tensor("complex128", shape, data)
+
+
+def make_scheduler_output() -> SchedulerOutput:
+    so = SchedulerOutput.make_empty()
+    so.scheduled_new_reqs = [
+        NewRequestData(
+            req_id="r1",
+            prompt_token_ids=[1, 2, 3],
+            mm_features=[],
+            sampling_params=SamplingParams(temperature=0.0, max_tokens=5, stop=["x"]),
+            pooling_params=None,
+            block_ids=([0, 1],),
+            num_computed_tokens=0,
+            lora_request=None,
+        )
+    ]
+    so.scheduled_cached_reqs = CachedRequestData.make_empty()
+    so.num_scheduled_tokens = {"r1": 3}
+    so.total_num_scheduled_tokens = 3
+    so.finished_req_ids = {"r0"}
+    return so
+
+
+def test_scheduler_output_round_trip():
+    so = make_scheduler_output()
+    back = codec.loads(codec.dumps(so))
+    assert back.num_scheduled_tokens == {"r1": 3}
+    assert back.finished_req_ids == {"r0"}
+    assert back.scheduled_new_reqs[0].sampling_params.stop == ["x"]
+
+
+def test_model_runner_output_with_logprobs_round_trip():
+    out = ModelRunnerOutput(
+        req_ids=["a"],
+        req_id_to_index={"a": 0},
+        sampled_token_ids=[[7]],
+        logprobs=LogprobsLists(
+            np.array([[7, 3]]), np.array([[-0.1, -2.0]], dtype=np.float32), np.array([1])
+        ),
+        prompt_logprobs_dict={
+            "a": LogprobsTensors(torch.tensor([[1]]), torch.tensor([[-0.5]]), torch.tensor([1]))
+        },
+    )
+    back = codec.loads(codec.dumps(out))
+    assert back.sampled_token_ids == [[7]]
+    assert np.array_equal(back.logprobs.logprob_token_ids, out.logprobs.logprob_token_ids)
+    assert torch.equal(back.prompt_logprobs_dict["a"].logprobs, torch.tensor([[-0.5]]))
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        pickle.dumps(_Exploit()),
+        pickle.dumps(torch.zeros(2)),  # torch's own reduce goes through torch.load machinery
+        pickle.dumps(np.array([object()], dtype=object)),
+        pickle.dumps(print),
+    ],
+)
+def test_restricted_unpickler_refuses_code(payload):
+    with pytest.raises(pickle.UnpicklingError):
+        codec.loads(payload)
