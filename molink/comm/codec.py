@@ -32,6 +32,12 @@ _TORCH_DTYPES: dict[str, torch.dtype] = {
     "uint8": torch.uint8,
     "bool": torch.bool,
 }
+# dtypes allowed for activations between stages (--wire_dtype).
+WIRE_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
 # Element types numpy can't hold are moved through a same-width integer view.
 _VIEW_AS = {torch.bfloat16: torch.int16}
 

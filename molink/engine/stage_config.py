@@ -16,6 +16,8 @@ from typing import Any
 from vllm.config import VllmConfig
 from vllm.engine.arg_utils import EngineArgs
 
+from molink.comm.codec import WIRE_DTYPES
+
 ADDITIONAL_CONFIG_KEY = "molink"
 
 # EngineArgs fields whose head value every stage must use.
@@ -79,7 +81,7 @@ class StageConfig:
             if not isinstance(value, (int, float, str, bool, type(None))):
                 raise ValueError(f"engine override {key} has a non-scalar value")
         wire_dtype = raw.get("wire_dtype")
-        if wire_dtype not in (None, "float32", "float16", "bfloat16"):
+        if wire_dtype is not None and wire_dtype not in WIRE_DTYPES:
             raise ValueError(f"unsupported wire dtype {wire_dtype!r}")
         return cls(
             placement=StagePlacement(

@@ -25,8 +25,6 @@ from molink.engine.stage_engine import StageEngine, StepWork
 
 logger = init_logger(__name__)
 
-_WIRE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
 
 class StageNotReady(RuntimeError):
     """A call arrived in the wrong order (e.g. steps before ``StartStage``)."""
@@ -99,7 +97,7 @@ class StageHost:
                 results = self.results
                 self.next_link = NextHopLink(
                     next_address,
-                    _WIRE_DTYPES[wire] if wire else None,
+                    codec.WIRE_DTYPES[wire] if wire else None,
                     on_broken=lambda reason: results.report(reason),
                 )
                 sink: Any = self.next_link

@@ -30,9 +30,8 @@ from vllm.usage.usage_lib import UsageContext
 from vllm.utils.argparse_utils import FlexibleArgumentParser
 
 from molink.comm.chain import ChainError
-from molink.config import MoLinkConfig, add_molink_args
-from molink.engine.node import Node
-from molink.entrypoints.stage_status import serve_stage_status
+from molink.config import add_molink_args
+from molink.entrypoints.launch import run_node
 
 logger = init_logger("molink.entrypoints.api_server")
 
@@ -89,23 +88,18 @@ def build_generate_app(engine: EngineClient) -> FastAPI:
 
 
 async def run(args: argparse.Namespace) -> None:
-    engine_args = AsyncEngineArgs.from_cli_args(args)
-    node = Node(engine_args, MoLinkConfig.from_args(args))
-    try:
-        await asyncio.to_thread(node.start)
-        if not node.is_head:
-            await serve_stage_status(node, args.host, args.port)
-            return
-        chain = await asyncio.to_thread(node.wait_for_chain)
+    """Start this node; on the head, serve ``/generate`` until shut down."""
+
+    async def serve_head(engine_args: AsyncEngineArgs) -> None:
         async with build_async_engine_client_from_engine_args(
-            node.head_engine_args(chain), usage_context=UsageContext.API_SERVER
+            engine_args, usage_context=UsageContext.API_SERVER
         ) as engine:
             config = uvicorn.Config(
                 build_generate_app(engine), host=args.host, port=args.port, log_level="info"
             )
             await uvicorn.Server(config).serve()
-    finally:
-        node.shutdown()
+
+    await run_node(args, serve_head)
 
 
 def main() -> None:

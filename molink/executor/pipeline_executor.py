@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-import torch
 from vllm.logger import init_logger
 from vllm.v1.core.sched.output import GrammarOutput, SchedulerOutput
 from vllm.v1.executor.abstract import Executor
@@ -46,8 +45,6 @@ from molink.engine.stage_engine import StageEngine, StageOutput, StepWork
 from molink.worker.stage_worker import create_stage_worker
 
 logger = init_logger(__name__)
-
-_WIRE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -123,7 +120,7 @@ class PipelineExecutor(Executor):
     def _init_executor(self) -> None:
         self.head = HeadConfig.from_vllm_config(self.vllm_config)
         self.state = PIPELINE_STATE
-        self.wire_dtype = _WIRE_DTYPES[self.head.wire_dtype] if self.head.wire_dtype else None
+        self.wire_dtype = codec.WIRE_DTYPES[self.head.wire_dtype] if self.head.wire_dtype else None
         self.partition = tuple(self.head.partition)
         self.remotes = [RemoteStage(spec, rank) for rank, spec in enumerate(self.head.stages, 1)]
         self._lock = threading.RLock()

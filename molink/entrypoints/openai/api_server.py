@@ -10,7 +10,6 @@ tokenize, ``/health``, ``/metrics``). Any other node serves its stage, and on ``
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 
 from vllm.engine.arg_utils import AsyncEngineArgs
@@ -25,9 +24,8 @@ from vllm.logger import configure_logging_from_args, init_logger
 from vllm.utils.argparse_utils import FlexibleArgumentParser
 
 from molink.comm.chain import ChainError
-from molink.config import MoLinkConfig, add_molink_args
-from molink.engine.node import Node
-from molink.entrypoints.stage_status import serve_stage_status
+from molink.config import add_molink_args
+from molink.entrypoints.launch import run_node
 
 logger = init_logger("molink.entrypoints.openai.api_server")
 
@@ -43,30 +41,18 @@ def make_parser() -> FlexibleArgumentParser:
 
 
 async def run(args: argparse.Namespace) -> None:
-    """Start this node; on the head, serve the OpenAI API until shut down."""
-    engine_args = AsyncEngineArgs.from_cli_args(args)
-    node = Node(engine_args, MoLinkConfig.from_args(args))
-    try:
-        await asyncio.to_thread(node.start)
-        if not node.is_head:
-            await serve_stage_status(node, args.host, args.port)
-            return
-        chain = await asyncio.to_thread(node.wait_for_chain)
-        logger.info(
-            "Pipeline assembled: %s",
-            " -> ".join(f"{s.grpc_address} [{s.start_layer}-{s.end_layer}]" for s in chain.stages),
-        )
+    """Start this node; on the head, serve vLLM's OpenAI API until shut down."""
+
+    async def serve_head(engine_args: AsyncEngineArgs) -> None:
         listen_address, sock = setup_server(args, reuse_port=False)
-        async with build_async_engine_client_from_engine_args(
-            node.head_engine_args(chain)
-        ) as engine:
+        async with build_async_engine_client_from_engine_args(engine_args) as engine:
             shutdown_task = await build_and_serve(engine, listen_address, sock, args)
         try:
             await shutdown_task
         finally:
             sock.close()
-    finally:
-        node.shutdown()
+
+    await run_node(args, serve_head)
 
 
 def main() -> None:

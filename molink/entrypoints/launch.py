@@ -1,15 +1,46 @@
-"""The HTTP face of a follower node: ``/health`` and ``/status`` only (the head serves the API)."""
+"""Running a node from the command line, shared by both servers.
+
+:func:`run_node` starts the node; on a follower it serves only ``/health`` and ``/status`` over
+HTTP (the head serves the API); on the head it waits for the chain and hands vLLM engine
+arguments that drive it to the server's own ``serve_head``.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import argparse
+import asyncio
+from collections.abc import Awaitable, Callable
 
 import uvicorn
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
+from vllm.engine.arg_utils import AsyncEngineArgs
+from vllm.logger import init_logger
 
-if TYPE_CHECKING:
-    from molink.engine.node import Node
+from molink.config import MoLinkConfig
+from molink.engine.node import Node
+
+logger = init_logger(__name__)
+
+
+async def run_node(
+    args: argparse.Namespace, serve_head: Callable[[AsyncEngineArgs], Awaitable[None]]
+) -> None:
+    """Start this node from parsed flags and serve until shut down; always leaves the swarm."""
+    node = Node(AsyncEngineArgs.from_cli_args(args), MoLinkConfig.from_args(args))
+    try:
+        await asyncio.to_thread(node.start)
+        if not node.is_head:
+            await serve_stage_status(node, args.host, args.port)
+            return
+        chain = await asyncio.to_thread(node.wait_for_chain)
+        logger.info(
+            "Pipeline assembled: %s",
+            " -> ".join(f"{s.grpc_address} [{s.start_layer}-{s.end_layer}]" for s in chain.stages),
+        )
+        await serve_head(node.head_engine_args(chain))
+    finally:
+        node.shutdown()
 
 
 def build_status_app(node: Node) -> FastAPI:
