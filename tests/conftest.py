@@ -188,3 +188,22 @@ def module_swarm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Swarm]:
     s = Swarm(tmp_path_factory.mktemp("swarm"))
     yield s
     s.stop_all()
+
+
+@pytest.fixture(scope="session")
+def session_swarm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Swarm]:
+    s = Swarm(tmp_path_factory.mktemp("session_swarm"))
+    yield s
+    s.stop_all()
+
+
+DEMO_ENGINE_FLAGS = ["--max-model-len", "1024", "--max-num-seqs", "8"]
+
+
+@pytest.fixture(scope="session")
+def demo_pipeline(session_swarm: Swarm, demo_model: str) -> NodeProcess:
+    """The demo model on two nodes (layers 0-14 on the head, 15-29 on a follower)."""
+    head = session_swarm.start("demo-head", demo_model, "0,14", DEMO_ENGINE_FLAGS)
+    session_swarm.start("demo-stage1", demo_model, "15,29", DEMO_ENGINE_FLAGS, peers=[head])
+    head.wait_healthy()
+    return head

@@ -12,20 +12,11 @@ import openai
 import pytest
 from conftest import NODE_ENV
 
-ENGINE_FLAGS = ["--max-model-len", "1024", "--max-num-seqs", "8"]
 PROMPTS = [
     "The three primary colors are",
     "def fibonacci(n):",
     "Once upon a time, in a small village,",
 ]
-
-
-@pytest.fixture(scope="module")
-def demo_pipeline(module_swarm, demo_model):
-    head = module_swarm.start("head", demo_model, "0,14", ENGINE_FLAGS)
-    module_swarm.start("stage1", demo_model, "15,29", ENGINE_FLAGS, peers=[head])
-    head.wait_healthy()
-    return head
 
 
 @pytest.fixture(scope="module")

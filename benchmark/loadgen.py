@@ -1,0 +1,253 @@
+"""Load generator for any OpenAI-compatible completions endpoint (MoLink, vLLM, ...).
+
+Closed loop (``--concurrency N``: N requests always in flight) or open loop (``--request-rate R``:
+Poisson arrivals at R requests/s). Prompts are random token ids of an exact length and outputs are
+forced to an exact length (``ignore_eos``), so runs are comparable. Reports output throughput and
+TTFT, TPOT, ITL and end-to-end latency percentiles; failed requests are counted, not hidden.
+
+    python benchmark/loadgen.py --base-url http://127.0.0.1:8000 --model smollm2 \\
+        --num-prompts 32 --concurrency 32 --input-len 128 --output-len 128 --result-json r.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+
+import aiohttp
+from tqdm import tqdm
+
+
+@dataclass
+class RequestResult:
+    """Timing of one streamed request (seconds)."""
+
+    ok: bool
+    ttft: float = 0.0
+    e2e: float = 0.0
+    itl: list[float] = field(default_factory=list)
+    output_tokens: int = 0
+    error: str = ""
+
+    @property
+    def tpot(self) -> float:
+        return (self.e2e - self.ttft) / (self.output_tokens - 1) if self.output_tokens > 1 else 0.0
+
+
+def make_prompts(n: int, input_len: int, vocab: tuple[int, int], seed: int) -> list[list[int]]:
+    """``n`` prompts of exactly ``input_len`` random token ids in ``[vocab[0], vocab[1])``."""
+    rng = random.Random(seed)
+    return [[rng.randrange(*vocab) for _ in range(input_len)] for _ in range(n)]
+
+
+async def send_request(
+    session: aiohttp.ClientSession,
+    base_url: str,
+    model: str,
+    prompt: list[int] | str,
+    output_len: int,
+    timeout: float,
+) -> RequestResult:
+    """Stream one completion; record time to first token and gaps between tokens."""
+    body = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": output_len,
+        "temperature": 0.0,
+        "stream": True,
+        "ignore_eos": True,
+        "stream_options": {"include_usage": True},
+    }
+    start = time.perf_counter()
+    result = RequestResult(ok=False)
+    last = start
+    try:
+        async with session.post(
+            f"{base_url}/v1/completions",
+            json=body,
+            timeout=aiohttp.ClientTimeout(total=timeout),
+        ) as resp:
+            if resp.status != 200:
+                result.error = f"HTTP {resp.status}: {(await resp.text())[:200]}"
+                return result
+            async for raw in resp.content:
+                line = raw.decode().strip()
+                if not line.startswith("data:"):
+                    continue
+                data = line.removeprefix("data:").strip()
+                if data == "[DONE]":
+                    break
+                chunk = json.loads(data)
+                if "error" in chunk:
+                    result.error = str(chunk["error"])[:200]
+                    return result
+                if chunk.get("usage"):
+                    result.output_tokens = chunk["usage"]["completion_tokens"]
+                if chunk.get("choices") and chunk["choices"][0].get("text"):
+                    now = time.perf_counter()
+                    if result.ttft == 0.0:
+                        result.ttft = now - start
+                    else:
+                        result.itl.append(now - last)
+                    last = now
+        result.e2e = time.perf_counter() - start
+        result.ok = result.output_tokens > 0
+        if not result.ok:
+            result.error = "no tokens"
+    except (TimeoutError, aiohttp.ClientError) as e:
+        result.error = f"{type(e).__name__}: {e}"
+    return result
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    """p50/p90/p99 and mean, in milliseconds."""
+    if not values:
+        return {"mean": 0.0, "p50": 0.0, "p90": 0.0, "p99": 0.0}
+    ordered = sorted(values)
+
+    def pick(q: float) -> float:
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
+
+    return {
+        "mean": statistics.fmean(ordered) * 1000,
+        "p50": pick(0.50),
+        "p90": pick(0.90),
+        "p99": pick(0.99),
+    }
+
+
+def summarize(results: list[RequestResult], duration: float) -> dict:
+    """Aggregate figures of one run."""
+    ok = [r for r in results if r.ok]
+    output_tokens = sum(r.output_tokens for r in ok)
+    return {
+        "completed": len(ok),
+        "failed": len(results) - len(ok),
+        "errors": sorted({r.error for r in results if not r.ok})[:5],
+        "duration_s": duration,
+        "output_throughput_tok_s": output_tokens / duration if duration else 0.0,
+        "request_throughput_req_s": len(ok) / duration if duration else 0.0,
+        "ttft_ms": percentiles([r.ttft for r in ok]),
+        "tpot_ms": percentiles([r.tpot for r in ok if r.output_tokens > 1]),
+        "itl_ms": percentiles([gap for r in ok for gap in r.itl]),
+        "e2e_ms": percentiles([r.e2e for r in ok]),
+    }
+
+
+async def run_load(
+    base_url: str,
+    model: str,
+    prompts: list[list[int]] | list[str],
+    output_len: int,
+    concurrency: int | None = None,
+    request_rate: float | None = None,
+    interval: float | None = None,
+    timeout: float = 600.0,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict:
+    """Send every prompt: closed loop at ``concurrency``, Poisson arrivals at ``request_rate``,
+    or one request every ``interval`` seconds (all at once when none is given)."""
+    rng = random.Random(seed)
+    semaphore = asyncio.Semaphore(concurrency or len(prompts))
+    bar = tqdm(total=len(prompts), disable=not progress, desc="requests", file=sys.stderr)
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def one(prompt: list[int] | str) -> RequestResult:
+            async with semaphore:
+                result = await send_request(session, base_url, model, prompt, output_len, timeout)
+            bar.update(1)
+            return result
+
+        start = time.perf_counter()
+        tasks = []
+        for prompt in prompts:
+            tasks.append(asyncio.create_task(one(prompt)))
+            if request_rate:
+                await asyncio.sleep(rng.expovariate(request_rate))
+            elif interval:
+                await asyncio.sleep(interval)
+        results = await asyncio.gather(*tasks)
+        duration = time.perf_counter() - start
+    bar.close()
+    return summarize(list(results), duration)
+
+
+def add_common_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--base-url", default="http://127.0.0.1:8000", help="server root URL")
+    parser.add_argument("--model", required=True, help="model name as the server knows it")
+    parser.add_argument("--input-len", type=int, default=128, help="prompt tokens per request")
+    parser.add_argument("--output-len", type=int, default=128, help="output tokens per request")
+    parser.add_argument(
+        "--vocab-range",
+        type=int,
+        nargs=2,
+        default=(100, 1000),
+        metavar=("LOW", "HIGH"),
+        help="random prompt token ids are drawn from [LOW, HIGH)",
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--timeout", type=float, default=600.0, help="per-request timeout (s)")
+    parser.add_argument("--result-json", default=None, help="write the results here as JSON")
+
+
+def write_result(path: str | None, result: dict) -> None:
+    text = json.dumps(result, indent=2)
+    if path:
+        with open(path, "w") as f:
+            f.write(text + "\n")
+    print(text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    add_common_args(parser)
+    parser.add_argument("--num-prompts", type=int, default=32)
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--concurrency", type=int, default=None, help="closed loop: in flight")
+    mode.add_argument("--request-rate", type=float, default=None, help="open loop: Poisson req/s")
+    parser.add_argument("--warmup", type=int, default=2, help="requests sent first, not counted")
+    args = parser.parse_args()
+
+    prompts = make_prompts(
+        args.num_prompts + args.warmup, args.input_len, args.vocab_range, args.seed
+    )
+    if args.warmup:
+        asyncio.run(
+            run_load(
+                args.base_url,
+                args.model,
+                prompts[: args.warmup],
+                8,
+                concurrency=args.warmup,
+                timeout=args.timeout,
+                progress=False,
+            )
+        )
+    result = asyncio.run(
+        run_load(
+            args.base_url,
+            args.model,
+            prompts[args.warmup :],
+            args.output_len,
+            concurrency=args.concurrency,
+            request_rate=args.request_rate,
+            timeout=args.timeout,
+            seed=args.seed,
+        )
+    )
+    result["config"] = {k: v for k, v in vars(args).items() if k != "result_json"}
+    write_result(args.result_json, result)
+
+
+if __name__ == "__main__":
+    main()
