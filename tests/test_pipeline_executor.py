@@ -14,7 +14,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -164,7 +163,7 @@ def test_killed_stage_fails_requests_then_recovers(two_stage, module_swarm, qwen
         except openai.APIError as e:
             return e
 
-    async def kill_during() -> tuple[list, float]:
+    async def kill_during() -> list:
         client = openai.AsyncOpenAI(
             base_url=head.base_url + "/v1", api_key="none", max_retries=0, timeout=120
         )
@@ -172,21 +171,20 @@ def test_killed_stage_fails_requests_then_recovers(two_stage, module_swarm, qwen
         tasks = [asyncio.create_task(stream_until_error(client, e)) for e in events]
         for e in events:
             await asyncio.wait_for(e.wait(), timeout=120)
-        killed_at = time.monotonic()
         follower.kill()
         results = await asyncio.gather(*tasks)
-        elapsed = time.monotonic() - killed_at
         await client.close()
-        return results, elapsed
+        return results
 
-    results, failed_after = asyncio.run(kill_during())
+    results = asyncio.run(kill_during())
     assert all(isinstance(r, openai.APIError) for r in results), results
-    assert failed_after < 30, f"requests took {failed_after:.1f} s to fail"
+    # Detected from the broken stream, not by waiting out the step deadline.
+    assert "Pipeline failure" in head.log()
+    assert "no result within" not in head.log()
 
     # The head stays up while no node serves layers 3-5.
     with urllib.request.urlopen(head.base_url + "/health", timeout=10) as r:
         assert r.status == 200
-    assert "Pipeline failure" in head.log()
 
     # A new node serving the same layers joins; requests succeed again.
     module_swarm.start("stage1b", qwen3_model, "3,5", ENGINE_FLAGS, peers=[head])
