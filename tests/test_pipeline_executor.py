@@ -203,8 +203,13 @@ def test_killed_stage_fails_requests_then_recovers(two_stage, module_swarm, qwen
 def test_three_uneven_stages_match_single_process(swarm, qwen3_model, qwen3_reference):
     s2 = swarm.start("stage2", qwen3_model, "4,5", ENGINE_FLAGS)
     head = swarm.start("head", qwen3_model, "0,0", ENGINE_FLAGS, peers=[s2])
-    swarm.start("stage1", qwen3_model, "1,3", ENGINE_FLAGS, peers=[head])
+    s1 = swarm.start("stage1", qwen3_model, "1,3", ENGINE_FLAGS, peers=[head])
     head.wait_healthy()
     got = asyncio.run(pipeline_outputs(head.base_url, qwen3_model))
     assert_same(qwen3_reference, got)
     assert "pipeline_parallel_size=3" in head.log()
+    with urllib.request.urlopen(s1.base_url + "/status", timeout=10) as r:
+        status = json.load(r)
+    assert status["serving_layers"] == [1, 3] and status["state"] == "serving"
+    # hidden_states + residual, 128 fp32 values each, per token on the hop to stage 2
+    assert status["next_hop"]["bytes_per_token"] > 2 * 128 * 4

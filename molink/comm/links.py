@@ -94,6 +94,15 @@ class NextHopLink:
     def emit(self, work: StepWork, output: StageOutput) -> None:
         self._queue.put((work, output))
 
+    def stats(self) -> dict[str, float | str]:
+        """Bytes sent on this hop, in all and per scheduled token (activations + step data)."""
+        return {
+            "address": self.address,
+            "bytes_sent": self.bytes_sent,
+            "tokens_sent": self.tokens_sent,
+            "bytes_per_token": self.bytes_sent / self.tokens_sent if self.tokens_sent else 0.0,
+        }
+
     def fail(self, work: StepWork, error: str) -> None:
         # The next stage passes the error on to the last stage, which reports it to the head.
         self._queue.put((work, error))
@@ -114,8 +123,7 @@ class NextHopLink:
                 msg = molink_pb2.Step(step_id=work.step_id, epoch=work.epoch, error=output)
             else:
                 msg = encode_step(work, output, self.wire_dtype)
-                num_tokens = work.scheduler_output.total_num_scheduled_tokens
-                self.tokens_sent += num_tokens
+                self.tokens_sent += work.scheduler_output.total_num_scheduled_tokens
             self.bytes_sent += msg.ByteSize()
             yield msg
 
