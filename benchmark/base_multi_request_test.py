@@ -41,9 +41,8 @@ def main() -> None:
         "median_duration_s": statistics.median(r["duration_s"] for r in rounds),
         "failed": sum(r["failed"] for r in rounds),
         "rounds": rounds,
-        "config": {k: v for k, v in vars(args).items() if k != "result_json"},
     }
-    write_result(args.result_json, result)
+    write_result(args, result)
 
 
 if __name__ == "__main__":

@@ -198,10 +198,12 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--result-json", default=None, help="write the results here as JSON")
 
 
-def write_result(path: str | None, result: dict) -> None:
+def write_result(args: argparse.Namespace, result: dict) -> None:
+    """Print ``result`` (with the run's settings) as JSON, and save it to ``--result-json``."""
+    result["config"] = {k: v for k, v in vars(args).items() if k != "result_json"}
     text = json.dumps(result, indent=2)
-    if path:
-        with open(path, "w") as f:
+    if args.result_json:
+        with open(args.result_json, "w") as f:
             f.write(text + "\n")
     print(text)
 
@@ -245,8 +247,7 @@ def main() -> None:
             seed=args.seed,
         )
     )
-    result["config"] = {k: v for k, v in vars(args).items() if k != "result_json"}
-    write_result(args.result_json, result)
+    write_result(args, result)
 
 
 if __name__ == "__main__":

@@ -31,8 +31,7 @@ def main() -> None:
             timeout=args.timeout,
         )
     )
-    result["config"] = {k: v for k, v in vars(args).items() if k != "result_json"}
-    write_result(args.result_json, result)
+    write_result(args, result)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ import argparse
 import hashlib
 import json
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 DEFAULT_GRPC_PORT = 50051
 
@@ -111,7 +111,6 @@ class MoLinkConfig:
     step_timeout: float = 120.0
     outage_timeout: float = 120.0
     wire_dtype: str | None = None
-    extra: dict = field(default_factory=dict)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> MoLinkConfig:

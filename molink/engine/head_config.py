@@ -6,7 +6,7 @@ the chain reaches the executor (in the EngineCore process) through vLLM's ``addi
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from vllm.config import VllmConfig
@@ -37,7 +37,6 @@ class HeadConfig:
     stage_init_timeout: float = 600.0
     outage_timeout: float = 120.0
     recovery_poll_interval: float = 2.0
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_additional_config(self) -> dict[str, Any]:
         """The ``additional_config`` entry for vLLM (plain JSON types)."""

@@ -50,10 +50,6 @@ class StagePlacement:
         if not 0 <= self.rank < len(self.partition):
             raise ValueError(f"stage rank {self.rank} outside {len(self.partition)} stages")
 
-    @property
-    def is_last(self) -> bool:
-        return self.rank == len(self.partition) - 1
-
 
 @dataclass(frozen=True)
 class StageConfig:

@@ -250,6 +250,8 @@ class PipelineExecutor(Executor):
         """Queue one scheduler output into stage 0; its tokens come from ``sample_tokens``."""
         epoch = epoch_of(scheduler_output)
         has_tokens = scheduler_output.total_num_scheduled_tokens > 0
+        # Encoded now, on the engine thread: the scheduler may reuse the object after we return.
+        encoded = codec.dumps(scheduler_output) if self.remotes else b""
         with self._lock:
             live = epoch == self.state.failed_epoch and self.state.chain_ready
             step_id = self._next_step_id
@@ -274,9 +276,7 @@ class PipelineExecutor(Executor):
                         step_id=step_id,
                         epoch=epoch,
                         scheduler_output=scheduler_output,
-                        scheduler_output_bytes=codec.dumps(scheduler_output)
-                        if self.remotes
-                        else b"",
+                        scheduler_output_bytes=encoded,
                         sample=has_tokens,
                         grammar=grammar.result,
                     )
