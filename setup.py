@@ -9,7 +9,7 @@ ROOT = Path(__file__).parent
 setup(
     name="molink",
     version="0.2.0",
-    description="Decentralized LLM serving: vLLM pipeline stages linked over gRPC and a hivemind DHT",
+    description="Decentralized LLM serving: vLLM pipeline stages over gRPC and a hivemind DHT",
     long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",

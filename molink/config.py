@@ -9,6 +9,15 @@ import socket
 from dataclasses import dataclass
 
 DEFAULT_GRPC_PORT = 50051
+# Batches in flight are chosen from measurements up to this bound; each costs a pipeline slot.
+DEFAULT_MAX_MICRO_BATCHES = 8
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def parse_serving_layers(text: str) -> tuple[int, int]:
@@ -66,6 +75,13 @@ def add_molink_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "interfaces). Default: the address of the default route, else 127.0.0.1.",
     )
     group.add_argument(
+        "--announce-port",
+        type=int,
+        default=None,
+        help="gRPC port other nodes use to reach this one, when it differs from --grpc_port "
+        "(port forwarding, a relay). Default: --grpc_port.",
+    )
+    group.add_argument(
         "--listen-host",
         default="0.0.0.0",
         help="Interface the gRPC service and DHT listen on (default 0.0.0.0).",
@@ -94,6 +110,21 @@ def add_molink_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         default=None,
         help="dtype of activations between stages (default: the model dtype).",
     )
+    group.add_argument(
+        "--wire-compression",
+        choices=["none", "zlib"],
+        default="none",
+        help="Lossless compression of activations between stages (default none; zlib saves "
+        "little on float activations and costs CPU; only for very slow links).",
+    )
+    group.add_argument(
+        "--max-micro-batches",
+        type=_positive_int,
+        default=DEFAULT_MAX_MICRO_BATCHES,
+        help="Head: most batches in flight at once. The head picks how many to use from "
+        "measured stage and link times; 1 turns micro-batching off "
+        f"(default {DEFAULT_MAX_MICRO_BATCHES}).",
+    )
     return parser
 
 
@@ -106,11 +137,14 @@ class MoLinkConfig:
     grpc_port: int = DEFAULT_GRPC_PORT
     dht_port: int = 0
     announce_host: str | None = None
+    announce_port: int | None = None
     listen_host: str = "0.0.0.0"
     chain_timeout: float = 600.0
     step_timeout: float = 120.0
     outage_timeout: float = 120.0
     wire_dtype: str | None = None
+    wire_compression: str = "none"
+    max_micro_batches: int = DEFAULT_MAX_MICRO_BATCHES
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> MoLinkConfig:
@@ -120,11 +154,14 @@ class MoLinkConfig:
             grpc_port=args.molink_grpc_port,
             dht_port=args.dht_port,
             announce_host=args.announce_host or default_announce_host(),
+            announce_port=args.announce_port,
             listen_host=args.listen_host,
             chain_timeout=args.chain_timeout,
             step_timeout=args.step_timeout,
             outage_timeout=args.outage_timeout,
             wire_dtype=args.wire_dtype,
+            wire_compression=args.wire_compression,
+            max_micro_batches=args.max_micro_batches,
         )
 
     def layers_for(self, num_layers: int) -> tuple[int, int]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import zlib
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from vllm.v1.core.sched.output import CachedRequestData, NewRequestData, Schedul
 from vllm.v1.outputs import LogprobsLists, LogprobsTensors, ModelRunnerOutput
 
 from molink.comm import codec
+from molink.comm.proto import molink_pb2
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.int64])
@@ -23,11 +25,78 @@ def test_tensor_round_trip(dtype):
 
 def test_wire_dtype_halves_bytes_and_casts_back():
     tensors = {"hidden_states": torch.randn(4, 576), "residual": torch.randn(4, 576)}
-    msgs = codec.encode_tensors(tensors, torch.float16)
+    msgs = codec.encode_tensors(tensors, codec.WireFormat(torch.float16))
     assert sum(len(m.data) for m in msgs) == 2 * 4 * 576 * 2
     back = codec.decode_tensors(msgs, torch.float32)
     assert back["residual"].dtype == torch.float32
     assert torch.allclose(back["residual"], tensors["residual"], atol=1e-2)
+
+
+def test_zlib_wire_is_lossless():
+    tensors = {"hidden_states": torch.zeros(8, 64), "residual": torch.randn(8, 64)}
+    wire = codec.WireFormat.from_names(None, "zlib")
+    msgs = codec.encode_tensors(tensors, wire)
+    assert all(m.zlib for m in msgs)
+    assert len(msgs[0].data) < 8 * 64 * 4 // 10  # zeros compress
+    back = codec.decode_tensors(msgs)
+    assert all(torch.equal(back[k], tensors[k]) for k in tensors)
+
+
+def test_zlib_bomb_is_refused():
+    bomb = molink_pb2.Tensor(
+        name="x", dtype="float32", shape=[4], data=zlib.compress(b"\0" * 1_000_000), zlib=True
+    )
+    with pytest.raises(ValueError, match="larger than its shape"):
+        codec.decode_tensors([bomb])
+
+
+def test_bad_wire_format_names_are_refused():
+    with pytest.raises(ValueError):
+        codec.WireFormat.from_names("int8", None)
+    with pytest.raises(ValueError):
+        codec.WireFormat.from_names(None, "lz77")
+
+
+def test_dataclasses_travel_without_field_names():
+    from vllm.v1.core.sched.output import CachedRequestData
+
+    data = CachedRequestData.make_empty()
+    data.req_ids.append("req-1")
+    payload = codec.dumps(data)
+    assert b"num_computed_tokens" not in payload
+    back = codec.loads(payload)
+    assert isinstance(back, CachedRequestData) and back.req_ids == ["req-1"]
+
+
+def test_compact_dataclass_with_wrong_arity_is_refused():
+    import pickle
+
+    from vllm.v1.core.sched.output import CachedRequestData
+
+    with pytest.raises(pickle.UnpicklingError):
+        codec.loads(_reduce_payload(CachedRequestData, (1, 2)))
+
+
+def _reduce_payload(cls: type, values: tuple) -> bytes:
+    import io
+    import pickle
+
+    class P(pickle.Pickler):
+        def reducer_override(self, obj):
+            if obj is MARK:
+                return codec.rebuild_dataclass, (cls, values)
+            return NotImplemented
+
+    buf = io.BytesIO()
+    P(buf, protocol=pickle.HIGHEST_PROTOCOL).dump(MARK)
+    return buf.getvalue()
+
+
+class _Mark:
+    pass
+
+
+MARK = _Mark()
 
 
 def test_tensor_size_mismatch_is_refused():

@@ -10,8 +10,11 @@ that are read by :class:`RestrictedUnpickler`, which resolves only the classes i
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import pickle
+import zlib
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -95,8 +98,9 @@ _ALLOWED_BY_MODULE: dict[str, tuple[str, ...]] = {
         "KVCacheGroupSpec",
         "KVCacheConfig",
     ),
-    # MoLink's own step results
+    # MoLink's own step results, and the compact dataclass form (see _TensorPickler)
     "molink.core.pipeline_state": ("StageLostOutput",),
+    "molink.comm.codec": ("rebuild_dataclass",),
     "torch": tuple(_TORCH_DTYPES),
 }
 
@@ -131,8 +135,39 @@ class RestrictedUnpickler(pickle.Unpickler):
         return np.frombuffer(data, dtype=np_dtype).reshape(shape).copy()
 
 
+def rebuild_dataclass(cls: type, values: tuple) -> Any:
+    """Inverse of the compact dataclass form: ``cls`` with its fields set, in declared order.
+
+    ``cls`` reached here through :meth:`RestrictedUnpickler.find_class`, so it is allowlisted;
+    like plain unpickling, this sets attributes without running ``__init__``.
+    """
+    if not dataclasses.is_dataclass(cls) or not isinstance(values, tuple):
+        raise pickle.UnpicklingError("malformed dataclass payload")
+    names = [f.name for f in dataclasses.fields(cls)]
+    if len(names) != len(values):
+        raise pickle.UnpicklingError(f"{cls.__name__}: {len(values)} values, {len(names)} fields")
+    obj = cls.__new__(cls)
+    for name, value in zip(names, values, strict=True):
+        object.__setattr__(obj, name, value)
+    return obj
+
+
 class _TensorPickler(pickle.Pickler):
-    """Pickler that moves tensors and arrays out of the pickle stream as raw bytes."""
+    """Pickler that moves tensors and arrays out of the pickle stream as raw bytes.
+
+    Allowlisted dataclasses travel as their field values in declared order (no field names, no
+    cached properties): a step's scheduler output is mostly field names otherwise. Both ends run
+    the same vLLM, so the field order is the same.
+    """
+
+    def reducer_override(self, obj: Any) -> Any:
+        cls = type(obj)
+        if cls in _COMPACT_DATACLASSES:
+            return rebuild_dataclass, (
+                cls,
+                tuple(getattr(obj, f.name) for f in dataclasses.fields(obj)),
+            )
+        return NotImplemented
 
     def persistent_id(self, obj: Any) -> Any:
         if isinstance(obj, torch.Tensor):
@@ -143,6 +178,22 @@ class _TensorPickler(pickle.Pickler):
                 raise pickle.PicklingError("object arrays can't be sent")
             return ("ndarray", obj.dtype.str, tuple(obj.shape), np.ascontiguousarray(obj).tobytes())
         return None
+
+
+def _compact_dataclasses() -> frozenset[type]:
+    import importlib
+
+    classes = set()
+    for module, names in _ALLOWED_BY_MODULE.items():
+        if module.startswith(("vllm.", "molink.core")):
+            mod = importlib.import_module(module)
+            classes.update(
+                c for c in (getattr(mod, n) for n in names) if dataclasses.is_dataclass(c)
+            )
+    return frozenset(classes)
+
+
+_COMPACT_DATACLASSES = _compact_dataclasses()
 
 
 def dumps(obj: Any) -> bytes:
@@ -189,16 +240,36 @@ def bytes_to_tensor(dtype_name: str, shape: list[int], data: bytes) -> torch.Ten
     return t.view(dtype) if raw_dtype is not dtype else t
 
 
+@dataclass(frozen=True)
+class WireFormat:
+    """How activations travel between stages (``--wire_dtype``, ``--wire_compression``)."""
+
+    dtype: torch.dtype | None = None  # None: the model dtype
+    compress: bool = False  # zlib (lossless); pays off only on slow links
+
+    @classmethod
+    def from_names(cls, dtype: str | None, compression: str | None) -> WireFormat:
+        if dtype is not None and dtype not in WIRE_DTYPES:
+            raise ValueError(f"unsupported wire dtype {dtype!r}")
+        if compression not in (None, "none", "zlib"):
+            raise ValueError(f"unsupported wire compression {compression!r}")
+        return cls(WIRE_DTYPES[dtype] if dtype else None, compression == "zlib")
+
+
 def encode_tensors(
-    tensors: dict[str, torch.Tensor], wire_dtype: torch.dtype | None = None
+    tensors: dict[str, torch.Tensor], wire: WireFormat = WireFormat()
 ) -> list[molink_pb2.Tensor]:
-    """Intermediate tensors -> protobuf, optionally cast to ``wire_dtype`` (e.g. fp16)."""
+    """Intermediate tensors -> protobuf, cast to the wire dtype and compressed if asked."""
     out = []
     for name, t in tensors.items():
-        if wire_dtype is not None and t.is_floating_point():
-            t = t.to(wire_dtype)
+        if wire.dtype is not None and t.is_floating_point():
+            t = t.to(wire.dtype)
         dtype, shape, data = tensor_to_bytes(t)
-        out.append(molink_pb2.Tensor(name=name, dtype=dtype, shape=shape, data=data))
+        if wire.compress:
+            data = zlib.compress(data, 1)
+        out.append(
+            molink_pb2.Tensor(name=name, dtype=dtype, shape=shape, data=data, zlib=wire.compress)
+        )
     return out
 
 
@@ -208,8 +279,24 @@ def decode_tensors(
     """Protobuf -> intermediate tensors, cast back to the model ``dtype``."""
     out = {}
     for m in msgs:
-        t = bytes_to_tensor(m.dtype, list(m.shape), m.data)
+        data = _inflate(m) if m.zlib else m.data
+        t = bytes_to_tensor(m.dtype, list(m.shape), data)
         if dtype is not None and t.is_floating_point() and t.dtype != dtype:
             t = t.to(dtype)
         out[m.name] = t
     return out
+
+
+def _inflate(m: molink_pb2.Tensor) -> bytes:
+    """Decompress a tensor's data, never past the size its shape and dtype imply."""
+    dtype = _TORCH_DTYPES.get(m.dtype)
+    if dtype is None:
+        raise ValueError(f"dtype {m.dtype!r} is not accepted")
+    expected = torch.empty((), dtype=dtype).element_size()
+    for d in m.shape:
+        expected *= max(int(d), 0)
+    inflater = zlib.decompressobj()
+    data = inflater.decompress(m.data, max(expected, 1))  # 0 would mean "no limit"
+    if inflater.unconsumed_tail or not inflater.eof:
+        raise ValueError("compressed tensor data is larger than its shape")
+    return data

@@ -12,15 +12,15 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import grpc
-import torch
 from vllm.logger import init_logger
 from vllm.sequence import IntermediateTensors
 
 from molink.comm import codec
 from molink.comm.proto import molink_pb2, molink_pb2_grpc
+from molink.core.micro_batching import StageTiming
 from molink.engine.stage_engine import StageOutput, StepWork
 
 logger = init_logger(__name__)
@@ -54,13 +54,25 @@ def connect(address: str) -> tuple[grpc.Channel, molink_pb2_grpc.MoLinkNodeStub]
     return channel, molink_pb2_grpc.MoLinkNodeStub(channel)
 
 
-def encode_step(
-    work: StepWork, output: StageOutput, wire_dtype: torch.dtype | None
-) -> molink_pb2.Step:
+def timings_to_proto(timings: list[StageTiming]) -> list[molink_pb2.StageTiming]:
+    return [molink_pb2.StageTiming(wait_s=t.wait_s, compute_s=t.compute_s) for t in timings]
+
+
+def timings_from_proto(msgs: Iterable[molink_pb2.StageTiming]) -> list[StageTiming]:
+    """Stage timings from a peer, clamped to sane values (they only feed estimates)."""
+    return [
+        StageTiming(
+            wait_s=min(max(m.wait_s, 0.0), 3600.0), compute_s=min(max(m.compute_s, 0.0), 3600.0)
+        )
+        for m in msgs
+    ]
+
+
+def encode_step(work: StepWork, output: StageOutput, wire: codec.WireFormat) -> molink_pb2.Step:
     """The ``Step`` message that carries ``work`` (and its activations) to the next stage."""
     tensors = []
     if isinstance(output, IntermediateTensors):
-        tensors = codec.encode_tensors(output.tensors, wire_dtype)
+        tensors = codec.encode_tensors(output.tensors, wire)
     return molink_pb2.Step(
         step_id=work.step_id,
         epoch=work.epoch,
@@ -68,6 +80,7 @@ def encode_step(
         sample=work.sample,
         grammar_output=codec.dumps(work.grammar()) if work.sample else b"",
         tensors=tensors,
+        timings=timings_to_proto(work.timings),
     )
 
 
@@ -77,12 +90,13 @@ class NextHopLink:
     def __init__(
         self,
         address: str,
-        wire_dtype: torch.dtype | None,
+        wire: codec.WireFormat,
         on_broken: Callable[[str], None],
     ) -> None:
         self.address = address
-        self.wire_dtype = wire_dtype
+        self.wire = wire
         self.bytes_sent = 0
+        self.activation_bytes_sent = 0
         self.tokens_sent = 0
         self._on_broken = on_broken
         self._queue: queue.Queue[object] = queue.Queue()
@@ -96,11 +110,13 @@ class NextHopLink:
 
     def stats(self) -> dict[str, float | str]:
         """Bytes sent on this hop, in all and per scheduled token (activations + step data)."""
+        tokens = self.tokens_sent or 1
         return {
             "address": self.address,
             "bytes_sent": self.bytes_sent,
             "tokens_sent": self.tokens_sent,
-            "bytes_per_token": self.bytes_sent / self.tokens_sent if self.tokens_sent else 0.0,
+            "bytes_per_token": self.bytes_sent / tokens,
+            "activation_bytes_per_token": self.activation_bytes_sent / tokens,
         }
 
     def fail(self, work: StepWork, error: str) -> None:
@@ -122,8 +138,9 @@ class NextHopLink:
             if isinstance(output, str):
                 msg = molink_pb2.Step(step_id=work.step_id, epoch=work.epoch, error=output)
             else:
-                msg = encode_step(work, output, self.wire_dtype)
+                msg = encode_step(work, output, self.wire)
                 self.tokens_sent += work.scheduler_output.total_num_scheduled_tokens
+                self.activation_bytes_sent += sum(len(t.data) for t in msg.tensors)
             self.bytes_sent += msg.ByteSize()
             yield msg
 
@@ -156,6 +173,7 @@ class ResultStream:
                     step_id=work.step_id,
                     epoch=work.epoch,
                     model_runner_output=codec.dumps(output),
+                    timings=timings_to_proto(work.timings),
                 )
             )
 

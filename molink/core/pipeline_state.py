@@ -4,6 +4,9 @@ The executor (step threads) writes, the scheduler (engine thread) reads. A *fail
 stage losses: every loss bumps ``failed_epoch``; once a full chain is serving again the executor
 sets ``ready_epoch = failed_epoch``. Scheduler outputs are tagged with the epoch they were made in,
 so the executor can tell batches of a broken chain from batches of the rebuilt one.
+
+It also holds the measured step costs (:class:`~molink.core.micro_batching.PipelineCostModel`)
+that the executor records and the scheduler's micro-batching policy reads.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ from dataclasses import dataclass
 
 from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.outputs import ModelRunnerOutput
+
+from molink.core.micro_batching import PipelineCostModel
 
 EPOCH_ATTR = "molink_epoch"
 
@@ -25,6 +30,7 @@ class PipelineState:
         self.failed_epoch = 0
         self.ready_epoch = 0
         self.last_error = ""
+        self.costs = PipelineCostModel()
 
     def mark_lost(self, reason: str, epoch: int | None = None) -> int:
         """Record a stage loss seen while running ``epoch`` (default: the current one).

@@ -8,10 +8,15 @@ When a stage is lost (the executor bumps the failure epoch), this scheduler
 * holds new requests while no full chain exists, and fails them after ``outage_timeout``;
 * tags every scheduler output with the epoch it belongs to, so the executor never runs a batch
   of a broken chain on a rebuilt one.
+
+It also shapes micro-batches (:mod:`molink.core.micro_batching`): with ``k`` batches to keep in
+flight, each scheduled step takes at most ``ceil(decoding / k)`` decoding requests and a bounded
+allowance of prefill tokens, so every stage has work and a long prompt doesn't stall decodes.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -23,6 +28,7 @@ from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs
 from vllm.v1.outputs import ModelRunnerOutput
 from vllm.v1.request import Request, RequestStatus
 
+from molink.core.micro_batching import MicroBatchPlan, plan_micro_batch
 from molink.core.pipeline_state import EPOCH_ATTR, PIPELINE_STATE, StageLostOutput
 from molink.engine.head_config import HeadConfig
 
@@ -35,11 +41,16 @@ class PipelineScheduler(Scheduler):
     """vLLM ``Scheduler`` that survives the loss of a pipeline stage."""
 
     HOLD_SLEEP_S = 0.05
+    PLAN_LOG_INTERVAL_S = 30.0
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.pipeline = PIPELINE_STATE
         self.outage_timeout = HeadConfig.from_vllm_config(self.vllm_config).outage_timeout
+        self.max_micro_batches = self.vllm_config.max_concurrent_batches
+        self.last_plan: MicroBatchPlan | None = None
+        self._schedule_seconds: dict[int, float] = {}
+        self._next_plan_log = 0.0
         self._epoch = self.pipeline.failed_epoch
         self._down_since: float | None = None
         self._pending_errors: list[Request] = []
@@ -72,9 +83,62 @@ class PipelineScheduler(Scheduler):
             output = self._hold(throttle_prefills)
         else:
             self._down_since = None
-            output = super().schedule(throttle_prefills)
+            started = time.monotonic()
+            output = self._schedule_micro_batch(throttle_prefills)
+            if len(self._schedule_seconds) > 1024:  # outputs that never came back (failures)
+                self._schedule_seconds.clear()
+            self._schedule_seconds[id(output)] = time.monotonic() - started
         setattr(output, EPOCH_ATTR, self._epoch)
         return output
+
+    def _schedule_micro_batch(self, throttle_prefills: bool) -> SchedulerOutput:
+        """vLLM's schedule, restricted to the next micro-batch of the current plan.
+
+        Decoding requests beyond this batch's share are hidden from vLLM's scheduler for the
+        call (they stay running, in their order) and the token budget is the batch's share plus
+        its prefill allowance, which chunks long prompts.
+        """
+        decoding = [r for r in self.running if r.num_computed_tokens >= r.num_prompt_tokens]
+        previous = self.last_plan
+        plan = self.last_plan = plan_micro_batch(
+            self.pipeline.costs.costs() if self.max_micro_batches > 1 else None,
+            num_decodes=len(decoding),
+            max_batches=self.max_micro_batches,
+            max_batch_tokens=self.max_num_scheduled_tokens,
+            min_prefill_chunk=self.block_size,
+        )
+        if plan is None:
+            return super().schedule(throttle_prefills)
+        now = time.monotonic()
+        changed = previous is None or previous.num_batches != plan.num_batches
+        if changed and now >= self._next_plan_log:
+            self._next_plan_log = now + self.PLAN_LOG_INTERVAL_S
+            logger.info(
+                "Micro-batching: %d batch(es) in flight for %d decoding request(s), "
+                "%d prefill token(s) per batch",
+                plan.num_batches,
+                len(decoding),
+                plan.prefill_tokens,
+            )
+        ready = [r for r in decoding if r.num_tokens > r.num_computed_tokens]
+        hidden = {id(r) for r in ready[plan.decode_slots :]}
+        order = {id(r): i for i, r in enumerate(self.running)}
+        hidden_reqs = [r for r in self.running if id(r) in hidden]
+        saved_budget, saved_running_cap = self.max_num_scheduled_tokens, self.max_num_running_reqs
+        self.running = [r for r in self.running if id(r) not in hidden]
+        self.max_num_scheduled_tokens = min(
+            saved_budget, min(plan.decode_slots, len(ready)) + plan.prefill_tokens
+        )
+        self.max_num_running_reqs = saved_running_cap - len(hidden_reqs)
+        try:
+            return super().schedule(throttle_prefills)
+        finally:
+            self.max_num_scheduled_tokens = saved_budget
+            self.max_num_running_reqs = saved_running_cap
+            # Hidden requests go back to their places; newly admitted ones stay at the end.
+            self.running = sorted(
+                self.running + hidden_reqs, key=lambda r: order.get(id(r), math.inf)
+            )
 
     def _hold(self, throttle_prefills: bool) -> SchedulerOutput:
         """No full chain: schedule nothing (but still emit finished ids), bounded in time."""
@@ -101,7 +165,14 @@ class PipelineScheduler(Scheduler):
             and model_runner_output.epoch > self._epoch
         ):
             self._barrier(model_runner_output.epoch)
+        started = time.monotonic()
         outputs = super().update_from_output(scheduler_output, model_runner_output)
+        scheduled = self._schedule_seconds.pop(id(scheduler_output), None)
+        if scheduled is not None and scheduler_output.total_num_scheduled_tokens:
+            self.pipeline.costs.observe_head(
+                scheduler_output.total_num_scheduled_tokens,
+                scheduled + time.monotonic() - started,
+            )
         for request in self._pending_errors:
             engine_outputs = outputs.get(request.client_index)
             if engine_outputs is None:

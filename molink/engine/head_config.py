@@ -32,7 +32,10 @@ class HeadConfig:
     stages: tuple[RemoteStageSpec, ...]
     model_hash: str
     dht_maddrs: tuple[str, ...] = ()
+    head_host: str = ""  # where stage 0 runs: stages on one host share its cores
     wire_dtype: str | None = None
+    wire_compression: str | None = None
+    max_micro_batches: int = 1
     step_timeout: float = 120.0
     stage_init_timeout: float = 600.0
     outage_timeout: float = 120.0

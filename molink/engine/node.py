@@ -90,7 +90,7 @@ class Node:
 
     @property
     def grpc_address(self) -> str:
-        return f"{self.config.announce_host}:{self.grpc_port}"
+        return f"{self.config.announce_host}:{self.config.announce_port or self.grpc_port}"
 
     def start(self, join_timeout: float = 600.0) -> None:
         """Open the gRPC service, join the DHT and announce this node."""
@@ -180,7 +180,10 @@ class Node:
             ),
             model_hash=self.identity.config_hash,
             dht_maddrs=tuple(self.membership.visible_maddrs()),
+            head_host=self.config.announce_host or "",
             wire_dtype=self.config.wire_dtype,
+            wire_compression=self.config.wire_compression,
+            max_micro_batches=self.config.max_micro_batches,
             step_timeout=self.config.step_timeout,
             outage_timeout=self.config.outage_timeout,
         )

@@ -16,7 +16,7 @@ from typing import Any
 from vllm.config import VllmConfig
 from vllm.engine.arg_utils import EngineArgs
 
-from molink.comm.codec import WIRE_DTYPES
+from molink.comm.codec import WireFormat
 
 ADDITIONAL_CONFIG_KEY = "molink"
 
@@ -59,6 +59,11 @@ class StageConfig:
     model_hash: str
     engine_overrides: dict[str, Any] = field(default_factory=dict)
     wire_dtype: str | None = None
+    wire_compression: str | None = None
+
+    @property
+    def wire_format(self) -> WireFormat:
+        return WireFormat.from_names(self.wire_dtype, self.wire_compression)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -76,9 +81,8 @@ class StageConfig:
         for key, value in overrides.items():
             if not isinstance(value, (int, float, str, bool, type(None))):
                 raise ValueError(f"engine override {key} has a non-scalar value")
-        wire_dtype = raw.get("wire_dtype")
-        if wire_dtype is not None and wire_dtype not in WIRE_DTYPES:
-            raise ValueError(f"unsupported wire dtype {wire_dtype!r}")
+        wire_dtype, wire_compression = raw.get("wire_dtype"), raw.get("wire_compression")
+        WireFormat.from_names(wire_dtype, wire_compression)  # validates both
         return cls(
             placement=StagePlacement(
                 rank=int(placement["rank"]),
@@ -87,6 +91,7 @@ class StageConfig:
             model_hash=str(raw["model_hash"]),
             engine_overrides=overrides,
             wire_dtype=wire_dtype,
+            wire_compression=wire_compression,
         )
 
 

@@ -23,6 +23,8 @@ from vllm.sequence import IntermediateTensors
 from vllm.v1.core.sched.output import GrammarOutput, SchedulerOutput
 from vllm.v1.outputs import ModelRunnerOutput
 
+from molink.core.micro_batching import StageTiming
+
 logger = init_logger(__name__)
 
 GrammarSource = Callable[[], "GrammarOutput | None"]
@@ -45,6 +47,8 @@ class StepWork:
     grammar: GrammarSource = field(default=lambda: None)
     # Set when an earlier stage failed this step: it is passed on, not computed.
     error: str = ""
+    # What each stage so far reported about this step (this stage appends its own).
+    timings: list[StageTiming] = field(default_factory=list)
     received_at: float = field(default_factory=time.monotonic)
 
 
@@ -125,7 +129,7 @@ class StageEngine:
         if work.error:
             sink.fail(work, work.error)
             return
-        start = time.perf_counter()
+        start = time.monotonic()
         try:
             output = self.worker.execute_stage(
                 work.scheduler_output, work.tensors, work.sample, work.grammar
@@ -134,6 +138,8 @@ class StageEngine:
             logger.exception("%s: step %d failed", self.name, work.step_id)
             sink.fail(work, f"{self.name}: {type(e).__name__}: {e}")
             return
-        self.busy_seconds += time.perf_counter() - start
+        compute = time.monotonic() - start
+        work.timings.append(StageTiming(wait_s=start - work.received_at, compute_s=compute))
+        self.busy_seconds += compute
         self.steps_done += 1
         sink.emit(work, output)

@@ -18,7 +18,7 @@ from vllm.logger import init_logger
 from vllm.v1.kv_cache_interface import KVCacheConfig
 
 from molink.comm import codec
-from molink.comm.links import NextHopLink, ResultStream
+from molink.comm.links import NextHopLink, ResultStream, timings_from_proto
 from molink.comm.proto import molink_pb2
 from molink.engine.stage_config import StageConfig, stage_engine_config
 from molink.engine.stage_engine import StageEngine, StepWork
@@ -93,11 +93,10 @@ class StageHost:
             self._close_links()
             self.results = ResultStream(epoch)
             if next_address:
-                wire = self.config.wire_dtype
                 results = self.results
                 self.next_link = NextHopLink(
                     next_address,
-                    codec.WIRE_DTYPES[wire] if wire else None,
+                    self.config.wire_format,
                     on_broken=lambda reason: results.report(reason),
                 )
                 sink: Any = self.next_link
@@ -133,6 +132,7 @@ class StageHost:
                 sample=msg.sample,
                 grammar=lambda: grammar,
                 error=msg.error,
+                timings=timings_from_proto(msg.timings),
             )
         )
 

@@ -8,6 +8,8 @@ the bookkeeping: EngineCore keeps up to N batches in flight and calls ``execute_
   so vLLM plans the KV cache at the minimum block count over all stages;
 * pushes each scheduler output into stage 0; stage 0 streams activations to stage 1, and so on;
   the last stage streams sampled tokens straight back here (``Results``);
+* records how long each stage computed each step and how long the rest of the round trip took,
+  for the scheduler's micro-batching policy (:mod:`molink.core.micro_batching`);
 * never raises from a step: when a stage is lost, every pending step is answered with a
   :class:`~molink.core.pipeline_state.StageLostOutput`, the failure epoch is bumped (the
   scheduler then fails the affected requests) and a recovery thread rebuilds the chain, waiting
@@ -32,9 +34,11 @@ from vllm.v1.kv_cache_interface import KVCacheConfig, KVCacheSpec
 from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
 
 from molink.comm import codec
-from molink.comm.links import NextHopLink, connect
+from molink.comm.links import NextHopLink, connect, timings_from_proto
 from molink.comm.proto import molink_pb2
+from molink.core.micro_batching import StageTiming
 from molink.core.pipeline_state import PIPELINE_STATE, epoch_of, lost_output
+from molink.engine import batch_queue_bound
 from molink.engine.head_config import HeadConfig, RemoteStageSpec
 from molink.engine.stage_config import (
     StageConfig,
@@ -101,7 +105,7 @@ class _LocalResults:
 
     def emit(self, work: StepWork, output: StageOutput) -> None:
         if work.sample:
-            self.executor._resolve(work.step_id, work.epoch, output)
+            self.executor._resolve(work.step_id, work.epoch, output, work.timings)
 
     def fail(self, work: StepWork, error: str) -> None:
         self.executor._on_failure(error, work.epoch)
@@ -118,9 +122,11 @@ class PipelineExecutor(Executor):
 
     # ---------------------------------------------------------------- set-up
     def _init_executor(self) -> None:
+        # Before EngineCore sizes its batch queue (after building this executor).
+        batch_queue_bound.install()
         self.head = HeadConfig.from_vllm_config(self.vllm_config)
         self.state = PIPELINE_STATE
-        self.wire_dtype = codec.WIRE_DTYPES[self.head.wire_dtype] if self.head.wire_dtype else None
+        self.wire = codec.WireFormat.from_names(self.head.wire_dtype, self.head.wire_compression)
         self.partition = tuple(self.head.partition)
         self.remotes = [RemoteStage(spec, rank) for rank, spec in enumerate(self.head.stages, 1)]
         self._lock = threading.RLock()
@@ -158,6 +164,7 @@ class PipelineExecutor(Executor):
             model_hash=self.head.model_hash,
             engine_overrides=head_engine_overrides(self.vllm_config),
             wire_dtype=self.head.wire_dtype,
+            wire_compression=self.head.wire_compression,
         )
 
     def _init_remote(self, remote: RemoteStage) -> None:
@@ -211,13 +218,16 @@ class PipelineExecutor(Executor):
         if self.remotes:
             sink: Any = NextHopLink(
                 self.remotes[0].address,
-                self.wire_dtype,
+                self.wire,
                 on_broken=lambda reason: self._on_failure(reason, epoch),
             )
             self._link = sink
         else:
             sink = _LocalResults(self)
         self.engine.start_epoch(epoch, sink)
+        self.state.costs.reset(
+            [self.head.head_host] + [r.address.rpartition(":")[0] for r in self.remotes]
+        )
         self._serving_epoch = epoch
         self.state.mark_ready(epoch)
 
@@ -232,7 +242,8 @@ class PipelineExecutor(Executor):
                     return
                 if is_last:
                     output = codec.loads(result.model_runner_output)
-                    self._resolve(result.step_id, result.epoch, output)
+                    timings = timings_from_proto(result.timings)
+                    self._resolve(result.step_id, result.epoch, output, timings)
             reason = f"stage {remote.rank} ({remote.address}) closed its result stream"
         except grpc.RpcError as e:
             if e.code() == grpc.StatusCode.CANCELLED and epoch != self._serving_epoch:
@@ -299,13 +310,24 @@ class PipelineExecutor(Executor):
             grammar.set_result(grammar_output)
         return future if non_block else future.result()
 
-    def _resolve(self, step_id: int, epoch: int, output: ModelRunnerOutput | Any) -> None:
+    def _resolve(
+        self,
+        step_id: int,
+        epoch: int,
+        output: ModelRunnerOutput | Any,
+        timings: list[StageTiming],
+    ) -> None:
         with self._lock:
             pending = self._pending.pop(step_id, None)
         if pending is None or pending.epoch != epoch:
             return
         if not pending.future.done():
             pending.future.set_result(output)
+        self.state.costs.observe_step(
+            pending.scheduler_output.total_num_scheduled_tokens,
+            timings,
+            time.monotonic() - pending.submitted_at,
+        )
 
     # ---------------------------------------------------------------- failures
     def _on_failure(self, reason: str, epoch: int) -> None:

@@ -1,0 +1,242 @@
+"""Micro-batching policy: how many batches to keep in flight, and what goes into each.
+
+A pipeline of N stages only computes on all stages at once when several batches are in flight.
+Splitting the decoding requests into ``k`` micro-batches of ``ceil(R / k)`` requests hides the
+link latency and lets stages on different machines overlap, but every extra batch pays each
+stage's fixed per-step cost again. The right ``k`` depends on measured numbers, so this module
+keeps online estimates of
+
+* each stage's compute time for a step of ``n`` tokens (``fixed + per_token * n``),
+* the head's own per-step cost (scheduling, encoding, output processing),
+* the transfer time of a step around the whole ring (latency + bytes / bandwidth + codec),
+
+and picks the ``k`` that maximizes the predicted decode rate. The cost model of one decode cycle
+(every decoding request advances one token) with ``k`` micro-batches of ``n`` tokens is::
+
+    latency(n)     = head(n) + sum_s stage_s(n) + transfer(n)   # one batch around the ring
+    bottleneck(n)  = max over machines m of sum_{s on m} stage_s(n)  (+ head(n) on the head's)
+    cycle(k)       = max(latency(n), k * bottleneck(n))
+
+Stages on the same machine share its cores, so their compute is summed: on one machine, more
+batches in flight only help to hide transfer time. Prefill chunks ride in the micro-batches with a
+token allowance sized from the same model, so a long prompt fills idle time and stretches a decode
+cycle by at most ``PREFILL_STRETCH``.
+
+Everything here is pure Python over numbers; the scheduler applies the :class:`MicroBatchPlan`.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+# How much longer than a decode-only cycle a cycle carrying prefill chunks may take.
+PREFILL_STRETCH = 0.5
+# Prefer fewer batches unless more are predicted to be at least this much faster.
+MIN_GAIN = 0.05
+# Estimators forget old samples with this half-life (in observations).
+HALF_LIFE = 64
+
+
+@dataclass(frozen=True)
+class LinearCost:
+    """Seconds for a step of ``tokens`` tokens: ``fixed_s + per_token_s * tokens``."""
+
+    fixed_s: float = 0.0
+    per_token_s: float = 0.0
+
+    def __call__(self, tokens: float) -> float:
+        return self.fixed_s + self.per_token_s * tokens
+
+
+ZERO_COST = LinearCost()
+
+
+class CostEstimator:
+    """Online weighted least-squares fit of ``seconds ~ fixed + per_token * tokens``.
+
+    Old samples decay with a half-life of ``half_life`` observations, so the estimate follows a
+    changing load (another job on the machine, a slower link). Until steps of different sizes
+    have been seen, the split between fixed and per-token cost is unknown; the estimate then
+    assumes all of it is per-token, which underestimates the cost of small steps the least.
+    """
+
+    def __init__(self, half_life: int = HALF_LIFE) -> None:
+        self._decay = 0.5 ** (1.0 / half_life)
+        self._w = self._x = self._y = self._xx = self._xy = 0.0
+        self.samples = 0
+
+    def observe(self, tokens: int, seconds: float) -> None:
+        if tokens <= 0 or seconds < 0 or not math.isfinite(seconds):
+            return
+        d = self._decay
+        self._w = self._w * d + 1.0
+        self._x = self._x * d + tokens
+        self._y = self._y * d + seconds
+        self._xx = self._xx * d + tokens * tokens
+        self._xy = self._xy * d + tokens * seconds
+        self.samples += 1
+
+    def cost(self) -> LinearCost | None:
+        """The current fit, or None before any observation."""
+        if self.samples == 0:
+            return None
+        mx, my = self._x / self._w, self._y / self._w
+        var = self._xx / self._w - mx * mx
+        if var > 1.0:
+            slope = (self._xy / self._w - mx * my) / var
+            fixed = my - slope * mx
+            if slope >= 0.0 and fixed >= 0.0:
+                return LinearCost(fixed, slope)
+            if slope < 0.0:  # noise: larger steps looked cheaper
+                return LinearCost(my, 0.0)
+        return LinearCost(0.0, my / mx)
+
+
+@dataclass(frozen=True)
+class PipelineCosts:
+    """Measured costs of one pipeline, as the policy sees them."""
+
+    stages: tuple[LinearCost, ...]  # compute of each stage; stage 0 runs on the head
+    transfer: LinearCost  # one batch around the ring, compute and queueing excluded
+    head: LinearCost = ZERO_COST  # the head engine's own work per step
+    machines: tuple[int, ...] = ()  # machine index of each stage (default: one each)
+
+    def _machine_of(self, stage: int) -> int:
+        return self.machines[stage] if self.machines else stage
+
+    def latency(self, tokens: float) -> float:
+        """Seconds for one batch of ``tokens`` to go around the ring with nothing else in flight."""
+        return self.head(tokens) + sum(s(tokens) for s in self.stages) + self.transfer(tokens)
+
+    def bottleneck(self, tokens: float) -> float:
+        """Busy seconds per batch of the most loaded machine."""
+        busy: dict[int, float] = {}
+        for i, stage in enumerate(self.stages):
+            busy[self._machine_of(i)] = busy.get(self._machine_of(i), 0.0) + stage(tokens)
+        head_machine = self._machine_of(0)
+        busy[head_machine] = busy.get(head_machine, 0.0) + self.head(tokens)
+        return max(busy.values())
+
+    def bottleneck_per_token(self) -> float:
+        """Per-token seconds of the most loaded machine (the price of a prefill token)."""
+        per_token: dict[int, float] = {}
+        for i, stage in enumerate(self.stages):
+            m = self._machine_of(i)
+            per_token[m] = per_token.get(m, 0.0) + stage.per_token_s
+        return max(per_token.values())
+
+    def cycle(self, num_decodes: int, num_batches: int) -> float:
+        """Predicted seconds for every one of ``num_decodes`` requests to advance one token."""
+        n = math.ceil(num_decodes / num_batches)
+        return max(self.latency(n), num_batches * self.bottleneck(n))
+
+
+def choose_num_batches(costs: PipelineCosts, num_decodes: int, max_batches: int) -> int:
+    """The number of micro-batches that maximizes the predicted decode rate.
+
+    The smallest count within ``MIN_GAIN`` of the best wins: every extra batch costs real
+    overhead that the linear model only approximates.
+    """
+    upper = max(1, min(max_batches, num_decodes))
+    cycles = {k: costs.cycle(num_decodes, k) for k in range(1, upper + 1)}
+    best = min(cycles.values())
+    return min(k for k, c in cycles.items() if c <= best * (1.0 + MIN_GAIN))
+
+
+@dataclass(frozen=True)
+class MicroBatchPlan:
+    """What the scheduler may put into the next micro-batch."""
+
+    num_batches: int  # micro-batches per decode cycle
+    decode_slots: int  # decoding requests in this micro-batch
+    prefill_tokens: int  # prompt tokens (new or chunked prefills) in this micro-batch
+
+
+def plan_micro_batch(
+    costs: PipelineCosts | None,
+    num_decodes: int,
+    max_batches: int,
+    max_batch_tokens: int,
+    min_prefill_chunk: int,
+) -> MicroBatchPlan | None:
+    """The plan for the next micro-batch, or None to schedule as plain vLLM would.
+
+    ``num_decodes`` counts every request past its prompt, in flight or not. Plain vLLM scheduling
+    applies while there is nothing to split (no decoding requests) or nothing measured yet.
+    """
+    if costs is None or num_decodes == 0:
+        return None
+    k = choose_num_batches(costs, num_decodes, max_batches)
+    decode_slots = math.ceil(num_decodes / k)
+    cycle = costs.cycle(num_decodes, k)
+    # Machine time a decode-only cycle leaves idle, plus the allowed stretch, buys prefill tokens.
+    idle = max(0.0, cycle - k * costs.bottleneck(decode_slots))
+    per_token = costs.bottleneck_per_token()
+    budget = (idle + PREFILL_STRETCH * cycle) / per_token if per_token > 0 else max_batch_tokens
+    prefill = max(min_prefill_chunk, int(budget / k))
+    prefill = min(prefill, max(0, max_batch_tokens - decode_slots))
+    return MicroBatchPlan(num_batches=k, decode_slots=decode_slots, prefill_tokens=prefill)
+
+
+@dataclass(frozen=True)
+class StageTiming:
+    """What one stage reports about one step."""
+
+    wait_s: float  # queued behind earlier steps on this stage
+    compute_s: float
+
+
+class PipelineCostModel:
+    """Estimators fed by the executor (step timings) and the scheduler (its own time)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._stages: list[CostEstimator] = []
+        self._transfer = CostEstimator()
+        self._head = CostEstimator()
+        self._machines: tuple[int, ...] = ()
+
+    def reset(self, hosts: Sequence[str]) -> None:
+        """Start over for a chain whose stage ``i`` runs on ``hosts[i]``."""
+        index: dict[str, int] = {}
+        with self._lock:
+            self._machines = tuple(index.setdefault(h, len(index)) for h in hosts)
+            self._stages = [CostEstimator() for _ in hosts]
+            self._transfer = CostEstimator()
+            self._head = CostEstimator()
+
+    def observe_step(
+        self, tokens: int, timings: Sequence[StageTiming], round_trip_s: float
+    ) -> None:
+        """A step of ``tokens`` tokens came back ``round_trip_s`` after it was submitted."""
+        with self._lock:
+            if len(timings) != len(self._stages):
+                return
+            for estimator, t in zip(self._stages, timings, strict=True):
+                estimator.observe(tokens, t.compute_s)
+            spent = sum(t.wait_s + t.compute_s for t in timings)
+            self._transfer.observe(tokens, max(0.0, round_trip_s - spent))
+
+    def observe_head(self, tokens: int, seconds: float) -> None:
+        """The head engine spent ``seconds`` on a step of ``tokens`` tokens."""
+        with self._lock:
+            self._head.observe(tokens, seconds)
+
+    def costs(self) -> PipelineCosts | None:
+        """The current estimates, or None until every stage has reported."""
+        with self._lock:
+            stages = [e.cost() for e in self._stages]
+            transfer = self._transfer.cost()
+            head = self._head.cost() or ZERO_COST
+            machines = self._machines
+        if not stages or transfer is None or any(s is None for s in stages):
+            return None
+        return PipelineCosts(
+            stages=tuple(s for s in stages if s is not None),
+            transfer=transfer,
+            head=head,
+            machines=machines,
+        )

@@ -1,0 +1,186 @@
+"""The micro-batching policy: measured costs in, batch count and batch contents out."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from molink.core.micro_batching import (
+    CostEstimator,
+    LinearCost,
+    PipelineCostModel,
+    PipelineCosts,
+    StageTiming,
+    choose_num_batches,
+    plan_micro_batch,
+)
+
+MS = 1e-3
+
+
+def costs(
+    stages: list[tuple[float, float]],
+    transfer: tuple[float, float] = (0.0, 0.0),
+    head: tuple[float, float] = (0.0, 0.0),
+    machines: tuple[int, ...] = (),
+) -> PipelineCosts:
+    return PipelineCosts(
+        stages=tuple(LinearCost(f, p) for f, p in stages),
+        transfer=LinearCost(*transfer),
+        head=LinearCost(*head),
+        machines=machines,
+    )
+
+
+# ---------------------------------------------------------------- estimator
+def test_estimator_recovers_fixed_and_per_token_cost() -> None:
+    est = CostEstimator()
+    for n in [1, 8, 32, 128, 16, 64] * 5:
+        est.observe(n, 0.010 + 0.0005 * n)
+    cost = est.cost()
+    assert cost is not None
+    assert cost.fixed_s == pytest.approx(0.010, rel=1e-6)
+    assert cost.per_token_s == pytest.approx(0.0005, rel=1e-6)
+
+
+def test_estimator_with_one_step_size_charges_per_token() -> None:
+    est = CostEstimator()
+    for _ in range(10):
+        est.observe(32, 0.064)
+    assert est.cost() == LinearCost(0.0, 0.002)
+
+
+def test_estimator_forgets_old_samples() -> None:
+    est = CostEstimator(half_life=4)
+    for n in [8, 64] * 20:
+        est.observe(n, 0.001 * n)
+    for n in [8, 64] * 20:  # the machine got three times slower
+        est.observe(n, 0.003 * n)
+    cost = est.cost()
+    assert cost is not None and cost.per_token_s == pytest.approx(0.003, rel=0.05)
+
+
+def test_estimator_ignores_garbage_and_starts_empty() -> None:
+    est = CostEstimator()
+    assert est.cost() is None
+    est.observe(0, 1.0)
+    est.observe(8, float("nan"))
+    est.observe(8, -1.0)
+    assert est.cost() is None
+
+
+# ---------------------------------------------------------------- batch count
+def test_one_request_is_one_batch() -> None:
+    wan = costs([(5 * MS, 0.1 * MS)] * 3, transfer=(60 * MS, 0.0))
+    assert choose_num_batches(wan, num_decodes=1, max_batches=8) == 1
+
+
+def test_one_machine_without_link_latency_keeps_one_batch() -> None:
+    # Two stages sharing the cores of one machine: splitting only adds fixed costs.
+    local = costs([(5 * MS, 1 * MS)] * 2, transfer=(0.2 * MS, 0.0), machines=(0, 0))
+    assert choose_num_batches(local, num_decodes=32, max_batches=8) == 1
+
+
+def test_separate_machines_fill_every_stage() -> None:
+    # Three machines, negligible fixed cost and latency: one batch per stage keeps all busy.
+    cluster = costs([(0.1 * MS, 1 * MS)] * 3, transfer=(0.5 * MS, 0.0))
+    assert choose_num_batches(cluster, num_decodes=30, max_batches=8) == 3
+
+
+def test_link_latency_needs_more_batches_than_stages() -> None:
+    # 100 ms around the ring vs 3 stages of 64 ms each: batches in flight hide the latency.
+    wan = costs([(1 * MS, 2 * MS)] * 3, transfer=(100 * MS, 0.01 * MS))
+    k = choose_num_batches(wan, num_decodes=32, max_batches=8)
+    assert k > 3
+    assert wan.cycle(32, k) < wan.cycle(32, 1) / 2
+
+
+def test_latency_hiding_on_one_machine() -> None:
+    # Emulated WAN on one machine: stages share cores, but batches still hide the link.
+    wan = costs([(2 * MS, 0.5 * MS)] * 3, transfer=(60 * MS, 0.0), machines=(0, 0, 0))
+    k = choose_num_batches(wan, num_decodes=32, max_batches=8)
+    assert 1 < k <= 8
+    assert wan.cycle(32, k) <= wan.cycle(32, 1)
+
+
+def test_batch_count_respects_the_bound() -> None:
+    wan = costs([(0.1 * MS, 2 * MS)] * 3, transfer=(100 * MS, 0.0))
+    assert choose_num_batches(wan, num_decodes=64, max_batches=4) == 4
+    assert choose_num_batches(wan, num_decodes=64, max_batches=1) == 1
+
+
+def test_head_overhead_limits_the_split() -> None:
+    # The head pays 20 ms per step: splitting 16 requests finely would be all overhead.
+    busy_head = costs([(0.1 * MS, 0.1 * MS)] * 2, transfer=(10 * MS, 0.0), head=(20 * MS, 0.0))
+    assert choose_num_batches(busy_head, num_decodes=16, max_batches=8) == 1
+
+
+def test_cycle_model() -> None:
+    c = costs([(1 * MS, 1 * MS), (2 * MS, 1 * MS)], transfer=(10 * MS, 0.0))
+    # k=1: latency 1+8 + 2+8 + 10 = 29 ms; k=2: n=4, latency 21 ms, bottleneck 2*(2+4)=12 ms.
+    assert c.cycle(8, 1) == pytest.approx(29 * MS)
+    assert c.cycle(8, 2) == pytest.approx(21 * MS)
+
+
+# ---------------------------------------------------------------- batch contents
+def test_no_plan_before_measurements_or_without_decodes() -> None:
+    c = costs([(1 * MS, 1 * MS)] * 2)
+    assert plan_micro_batch(None, 10, 8, 2048, 32) is None
+    assert plan_micro_batch(c, 0, 8, 2048, 32) is None
+
+
+def test_plan_splits_decodes_evenly() -> None:
+    wan = costs([(2 * MS, 0.2 * MS)] * 3, transfer=(60 * MS, 0.01 * MS))
+    plan = plan_micro_batch(
+        wan, num_decodes=32, max_batches=8, max_batch_tokens=2048, min_prefill_chunk=32
+    )
+    assert plan is not None
+    assert plan.decode_slots == math.ceil(32 / plan.num_batches)
+    assert plan.decode_slots * plan.num_batches >= 32
+
+
+def test_prefill_allowance_fills_idle_time_but_is_bounded() -> None:
+    # Latency-bound ring: a cycle leaves the stages mostly idle; prompts may use that time.
+    wan = costs([(2 * MS, 0.2 * MS)] * 3, transfer=(100 * MS, 0.0), machines=(0, 0, 0))
+    plan = plan_micro_batch(wan, 16, 8, 8192, 32)
+    assert plan is not None
+    per_cycle = plan.prefill_tokens * plan.num_batches
+    cycle = wan.cycle(16, plan.num_batches)
+    # Idle machine time plus half a cycle's worth, at the machine's per-token price.
+    assert per_cycle * 3 * 0.2 * MS <= 1.5 * cycle + 3 * 0.2 * MS * plan.num_batches
+    assert plan.prefill_tokens > 100
+
+
+def test_prefill_allowance_has_a_floor_and_a_ceiling() -> None:
+    compute_bound = costs([(0.0, 10 * MS)] * 2, machines=(0, 0))
+    plan = plan_micro_batch(compute_bound, 4, 8, 2048, 32)
+    assert plan is not None and plan.prefill_tokens == 32  # never starve prompts
+    cheap = costs([(0.0, 1e-9)] * 2, transfer=(50 * MS, 0.0))
+    plan = plan_micro_batch(cheap, 4, 8, 256, 32)
+    assert plan is not None and plan.decode_slots + plan.prefill_tokens <= 256
+
+
+# ---------------------------------------------------------------- cost model
+def test_cost_model_splits_round_trip_into_compute_and_transfer() -> None:
+    model = PipelineCostModel()
+    model.reset(["10.0.0.1", "10.0.0.2", "10.0.0.1"])
+    assert model.costs() is None
+    for n in (4, 16, 64) * 4:
+        compute = [0.001 + 0.0001 * n, 0.002 + 0.0001 * n, 0.001]
+        timings = [StageTiming(wait_s=0.005, compute_s=c) for c in compute]
+        model.observe_step(n, timings, round_trip_s=sum(compute) + 3 * 0.005 + 0.040)
+        model.observe_head(n, 0.003)
+    c = model.costs()
+    assert c is not None
+    assert c.machines == (0, 1, 0)
+    assert c.stages[1].fixed_s == pytest.approx(0.002, rel=1e-3)
+    assert c.transfer.fixed_s == pytest.approx(0.040, rel=1e-3)
+    assert c.head(10) == pytest.approx(0.003, rel=1e-3)
+
+
+def test_cost_model_ignores_timings_of_another_chain() -> None:
+    model = PipelineCostModel()
+    model.reset(["a", "b"])
+    model.observe_step(8, [StageTiming(0.0, 0.01)] * 3, 0.1)
+    assert model.costs() is None
