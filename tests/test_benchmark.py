@@ -1,10 +1,15 @@
-"""Smoke runs of the load scripts in ``benchmark/`` against the two-node demo pipeline."""
+"""Smoke runs of the scripts in ``benchmark/``: load scripts against the two-node demo pipeline,
+the link emulator on loopback, and a quick comparison run (a few tiny requests per setup)."""
 
 from __future__ import annotations
 
 import json
+import os
+import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -57,6 +62,80 @@ def test_burst_and_interval_scripts(demo_pipeline, tmp_path):
         tmp_path,
     )
     assert interval["completed"] == 3 and interval["failed"] == 0
+
+
+@pytest.mark.parametrize("name", ["swarm.py", "compare.py", "link_emulator.py"])
+def test_tool_help(name):
+    out = subprocess.run(
+        [sys.executable, str(BENCH / name), "--help"], check=True, capture_output=True, text=True
+    )
+    assert "usage:" in out.stdout
+
+
+def test_link_emulator_relays_bytes_after_the_delay():
+    sys.path.insert(0, str(BENCH))
+    from link_emulator import LinkEmulator, LinkSpec
+
+    with socket.create_server(("127.0.0.1", 0)) as echo_server:
+        threading.Thread(target=_echo_once, args=(echo_server,), daemon=True).start()
+        relay_port = _free_port()
+        target = echo_server.getsockname()
+        emulator = LinkEmulator(("127.0.0.1", relay_port), target, LinkSpec(30.0, 0.0, 10.0))
+        emulator.start()
+        try:
+            payload = os.urandom(200_000)
+            start = time.monotonic()
+            with socket.create_connection(("127.0.0.1", relay_port)) as conn:
+                conn.sendall(payload)
+                conn.shutdown(socket.SHUT_WR)
+                received = b"".join(iter(lambda: conn.recv(65536), b""))
+            elapsed = time.monotonic() - start
+        finally:
+            emulator.stop()
+    assert received == payload
+    # A lower bound, not a time limit: 30 ms each way, plus 160 ms to push 200 kB at 10 Mbit/s
+    # (the echo overlaps the way back with it).
+    assert elapsed >= 2 * 0.030 + len(payload) * 8 / 10e6
+
+
+def test_compare_quick_run(demo_model, tmp_path):
+    subprocess.run(
+        [
+            sys.executable,
+            str(BENCH / "compare.py"),
+            "--quick",
+            "--model",
+            demo_model,
+            "--only",
+            "vllm",
+            "molink3_wan",
+            "--output-dir",
+            str(tmp_path),
+        ],
+        check=True,
+        timeout=900,
+        capture_output=True,
+    )
+    results = json.loads((tmp_path / "benchmark.json").read_text())
+    assert set(results["setups"]) == {"vllm", "molink3_wan"}
+    assert all(row["failed"] == 0 for row in results["setups"].values())
+    assert results["long_prompt"]["ttft_idle_ms"] > 0
+    table = (tmp_path / "benchmark.md").read_text()
+    assert "| MoLink 3 stages, 20 ms, 100 Mbit/s |" in table
+    assert (tmp_path / "benchmark.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def _echo_once(server: socket.socket) -> None:
+    conn, _ = server.accept()
+    with conn:
+        while data := conn.recv(65536):
+            conn.sendall(data)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _model(node) -> list[str]:

@@ -1,0 +1,348 @@
+"""Compare single-node vLLM with MoLink pipelines under the same load, in one run.
+
+    python benchmark/compare.py                     # full run (~40 min on 2 cores), -> resources/
+    python benchmark/compare.py --quick             # a few tiny requests per setup (smoke test)
+
+Setups (one at a time, same model, same flags, same cores): plain vLLM; MoLink with 2 and 3
+stages on loopback; 3 stages with every hop behind an emulated link (``--delay-ms``,
+``--rate-mbit``); each MoLink setup with micro-batching on (``--max-micro-batches`` default) and
+off (``--max-micro-batches 1``). For each: a warm-up burst (not counted), then ``--rounds`` bursts
+of ``--num-requests`` concurrent requests; the median round is reported. On the emulated 3-stage
+pipeline it also measures the TTFT of a long prompt on an idle pipeline and while decode streams
+run, and those streams' TPOT with and without it.
+
+Writes ``benchmark.json`` (every round), ``benchmark.md`` (the table, with hardware, model, load
+and link settings) and ``benchmark.png`` into ``--output-dir``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from link_emulator import LinkSpec  # noqa: E402
+from loadgen import make_prompts, run_load  # noqa: E402
+from swarm import Swarm, SwarmSpec, demo_model, stop_process_group, wait_healthy  # noqa: E402
+
+SERVED_NAME = "bench"
+
+
+@dataclass(frozen=True)
+class Setup:
+    """One server configuration to measure."""
+
+    key: str
+    label: str
+    stages: int = 0  # 0: plain vLLM
+    link: LinkSpec = field(default_factory=LinkSpec)
+    micro_batching: bool = True
+
+
+def setups(link: LinkSpec) -> list[Setup]:
+    wan = f"{link.delay_ms:g} ms, {link.rate_mbit:g} Mbit/s"
+    return [
+        Setup("vllm", "vLLM, one node"),
+        Setup("molink2", "MoLink 2 stages, loopback", 2),
+        Setup("molink2_off", "MoLink 2 stages, loopback, 1 batch in flight", 2, LinkSpec(), False),
+        Setup("molink3", "MoLink 3 stages, loopback", 3),
+        Setup("molink3_wan", f"MoLink 3 stages, {wan}", 3, link),
+        Setup("molink3_wan_off", f"MoLink 3 stages, {wan}, 1 batch in flight", 3, link, False),
+    ]
+
+
+# ---------------------------------------------------------------- servers
+@contextlib.contextmanager
+def plain_vllm(model: str, args: list[str], port: int, log: Path) -> Iterator[str]:
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
+           "--port", str(port), "--host", "127.0.0.1", *args]  # fmt: skip
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}  # its thread binding stays vLLM's own
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, [(proc, log)], timeout=900)
+        yield url
+    finally:
+        stop_process_group(proc)
+
+
+@contextlib.contextmanager
+def server(setup: Setup, args: argparse.Namespace) -> Iterator[str]:
+    common = ["--served-model-name", SERVED_NAME, *args.engine_args]
+    log_dir = args.output_dir / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    if setup.stages == 0:
+        with plain_vllm(args.model, common, args.port, log_dir / f"{setup.key}.log") as url:
+            yield url
+        return
+    node_args = [*common, "--wire_dtype", args.wire_dtype]
+    if not setup.micro_batching:
+        node_args += ["--max-micro-batches", "1"]
+    spec = SwarmSpec(
+        model=args.model,
+        stages=setup.stages,
+        link=setup.link,
+        port=args.port,
+        node_args=node_args,
+        env={"VLLM_CPU_OMP_THREADS_BIND": "nobind", "VLLM_CPU_KVCACHE_SPACE": "1"},
+        log_dir=log_dir / setup.key,
+    )
+    with Swarm(spec) as s:
+        yield s.base_url
+
+
+# ---------------------------------------------------------------- loads
+def burst(url: str, prompts: list[list[int]], output_len: int) -> dict:
+    return asyncio.run(run_load(url, SERVED_NAME, prompts, output_len, progress=False))
+
+
+def measure_throughput(url: str, args: argparse.Namespace) -> dict:
+    prompts = make_prompts(args.num_requests, args.input_len, (100, 20000), seed=1)
+    burst(url, prompts[: max(2, len(prompts) // 4)], 16)  # warm-up, not counted
+    rounds = []
+    for i in range(args.rounds):
+        r = burst(url, prompts, args.output_len)
+        log(f"    round {i + 1}/{args.rounds}: {r['output_throughput_tok_s']:.1f} tok/s, "
+            f"{r['failed']} failed")  # fmt: skip
+        rounds.append(r)
+    ordered = sorted(rounds, key=lambda r: r["output_throughput_tok_s"])
+    median = ordered[len(ordered) // 2]
+    return {
+        "output_throughput_tok_s": statistics.median(r["output_throughput_tok_s"] for r in rounds),
+        "ttft_p50_ms": median["ttft_ms"]["p50"],
+        "tpot_p50_ms": median["tpot_ms"]["p50"],
+        "tpot_p99_ms": median["tpot_ms"]["p99"],
+        "failed": sum(r["failed"] for r in rounds),
+        "rounds": rounds,
+    }
+
+
+async def _prompt_during_streams(url: str, args: argparse.Namespace, with_prompt: bool) -> dict:
+    streams = make_prompts(args.streams, args.input_len, (100, 20000), seed=2)
+    long_prompt = make_prompts(1, args.long_prompt_len, (100, 20000), seed=3)
+    background = asyncio.create_task(
+        run_load(url, SERVED_NAME, streams, args.stream_output_len, progress=False)
+    )
+    long_result = None
+    if with_prompt:
+        await asyncio.sleep(args.prompt_delay)  # the streams are decoding by now
+        long_result = await run_load(url, SERVED_NAME, long_prompt, 8, progress=False)
+    return {"streams": await background, "prompt": long_result}
+
+
+def measure_long_prompt(url: str, args: argparse.Namespace) -> dict:
+    """TTFT of a long prompt, idle vs during decode streams, and the streams' TPOT."""
+    idle = []
+    for i in range(args.rounds):
+        prompt = make_prompts(1, args.long_prompt_len, (100, 20000), seed=10 + i)
+        idle.append(burst(url, prompt, 8)["ttft_ms"]["p50"])
+    busy, alone = [], []
+    for _ in range(args.rounds):
+        with_prompt = asyncio.run(_prompt_during_streams(url, args, True))
+        busy.append(with_prompt)
+        alone.append(asyncio.run(_prompt_during_streams(url, args, False)))
+    ttft_idle = statistics.median(idle)
+    ttft_busy = statistics.median(r["prompt"]["ttft_ms"]["p50"] for r in busy)
+    tpot_p99_alone = statistics.median(r["streams"]["tpot_ms"]["p99"] for r in alone)
+    tpot_p99_busy = statistics.median(r["streams"]["tpot_ms"]["p99"] for r in busy)
+    itl_p99_alone = statistics.median(r["streams"]["itl_ms"]["p99"] for r in alone)
+    itl_p99_busy = statistics.median(r["streams"]["itl_ms"]["p99"] for r in busy)
+    return {
+        "ttft_idle_ms": ttft_idle,
+        "ttft_during_streams_ms": ttft_busy,
+        "ttft_ratio": ttft_busy / ttft_idle if ttft_idle else 0.0,
+        "stream_tpot_p99_alone_ms": tpot_p99_alone,
+        "stream_tpot_p99_with_prompt_ms": tpot_p99_busy,
+        "tpot_p99_ratio": tpot_p99_busy / tpot_p99_alone if tpot_p99_alone else 0.0,
+        "stream_itl_p99_alone_ms": itl_p99_alone,
+        "stream_itl_p99_with_prompt_ms": itl_p99_busy,
+        "runs": {"idle_ttft_ms": idle, "busy": busy, "alone": alone},
+    }
+
+
+# ---------------------------------------------------------------- report
+def hardware() -> str:
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{os.cpu_count()} cores ({cpu}), {mem_gib:.0f} GiB RAM, no GPU"
+
+
+def write_report(results: dict, args: argparse.Namespace) -> None:
+    out = args.output_dir
+    (out / "benchmark.json").write_text(json.dumps(results, indent=2) + "\n")
+    rows = results["setups"]
+    base = rows.get("vllm", {}).get("output_throughput_tok_s")
+    lines = [
+        "| Setup | Output tok/s | vs vLLM | TTFT p50 (ms) | TPOT p50 (ms) | TPOT p99 (ms) "
+        "| Failed |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows.values():
+        tput = row["output_throughput_tok_s"]
+        ratio = f"{tput / base:.2f}×" if base else "–"
+        lines.append(
+            f"| {row['label']} | {tput:.1f} | {ratio} | {row['ttft_p50_ms']:.0f} | "
+            f"{row['tpot_p50_ms']:.0f} | {row['tpot_p99_ms']:.0f} | {row['failed']} |"
+        )
+    ratios = []
+    t = {k: r["output_throughput_tok_s"] for k, r in rows.items()}
+    for a, b, what in [
+        ("molink2", "vllm", "2 stages loopback / vLLM (target ≥ 0.85)"),
+        ("molink3_wan", "molink3", "3 stages emulated WAN / loopback (target ≥ 0.8)"),
+        ("molink3_wan", "molink3_wan_off", "emulated WAN, micro-batching on / off (target ≥ 2)"),
+        ("molink2", "molink2_off", "2 stages loopback, micro-batching on / off"),
+    ]:
+        if a in t and b in t and t[b]:
+            ratios.append(f"* {what}: **{t[a] / t[b]:.2f}**")
+    lp = results.get("long_prompt")
+    if lp:
+        ratios.append(
+            f"* {args.long_prompt_len}-token prompt during {args.streams} decode streams, emulated "
+            f"WAN: TTFT {lp['ttft_during_streams_ms']:.0f} ms vs {lp['ttft_idle_ms']:.0f} ms idle "
+            f"(**{lp['ttft_ratio']:.2f}×**, target ≤ 1.5); streams' TPOT p99 "
+            f"{lp['stream_tpot_p99_with_prompt_ms']:.0f} ms vs "
+            f"{lp['stream_tpot_p99_alone_ms']:.0f} ms without it (**{lp['tpot_p99_ratio']:.2f}×**, "
+            "target ≤ 2)"
+        )
+    wire = results.get("wire_bytes_per_token_per_hop")
+    if wire:
+        ratios.append(f"* Bytes on the wire per token per hop ({args.wire_dtype}): {wire}")
+    md = [
+        f"# MoLink benchmark ({results['date']})",
+        "",
+        f"* Hardware: {results['hardware']}; every node on this one machine.",
+        f"* Model: {results['model_name']} ({args.wire_dtype} activations on the wire), "
+        f"engine flags `{' '.join(args.engine_args)}`.",
+        f"* Load: bursts of {args.num_requests} concurrent requests, {args.input_len} prompt / "
+        f"{args.output_len} output tokens (random token ids, ignore_eos), one warm-up burst, "
+        f"median of {args.rounds} rounds.",
+        f"* Emulated WAN: every hop (head → stage 1 → stage 2 → head) through a relay with "
+        f"{args.delay_ms:g} ms one-way delay and {args.rate_mbit:g} Mbit/s "
+        "(`benchmark/link_emulator.py`).",
+        f"* Command: `{results['command']}`",
+        "",
+        *lines,
+        "",
+        *ratios,
+        "",
+        "![throughput](benchmark.png)",
+        "",
+    ]
+    (out / "benchmark.md").write_text("\n".join(md))
+    plot(rows, out / "benchmark.png")
+
+
+def plot(rows: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [r["label"].replace(", ", "\n", 1) for r in rows.values()]
+    values = [r["output_throughput_tok_s"] for r in rows.values()]
+    colors = ["#777777" if k == "vllm" else "#1f77b4" for k in rows]
+    fig, ax = plt.subplots(figsize=(11, 4.8))
+    bars = ax.bar(range(len(values)), values, color=colors)
+    ax.bar_label(bars, fmt="%.0f")
+    ax.set_xticks(range(len(values)), labels, fontsize=8)
+    ax.set_ylabel("output tokens / s")
+    ax.set_title("Output throughput, bursts of concurrent requests (median round)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def log(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def wire_stats(url: str) -> str:
+    """Bytes per token on the middle stage's next hop, from its ``/status``."""
+    port = int(url.rsplit(":", 1)[1]) + 1
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=5) as r:
+        hop = json.load(r).get("next_hop") or {}
+    return (
+        f"{hop.get('bytes_per_token', 0):.0f} B "
+        f"({hop.get('activation_bytes_per_token', 0):.0f} B activations)"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default=None, help="model path (default: the demo model)")
+    parser.add_argument("--output-dir", type=Path, default=Path("resources"))
+    parser.add_argument("--only", nargs="*", default=None, help="setup keys to run (default all)")
+    parser.add_argument("--num-requests", type=int, default=32)
+    parser.add_argument("--input-len", type=int, default=128)
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--delay-ms", type=float, default=20.0)
+    parser.add_argument("--rate-mbit", type=float, default=100.0)
+    parser.add_argument("--wire-dtype", default="float16")
+    parser.add_argument("--long-prompt-len", type=int, default=1000)
+    parser.add_argument("--streams", type=int, default=16)
+    parser.add_argument("--stream-output-len", type=int, default=160)
+    parser.add_argument("--prompt-delay", type=float, default=4.0, help="s before the prompt")
+    parser.add_argument("--port", type=int, default=8100)
+    parser.add_argument("--quick", action="store_true", help="tiny loads: a smoke test")
+    parser.add_argument(
+        "--engine-args",
+        nargs="*",
+        default=["--dtype", "float32", "--enforce-eager", "--max-model-len", "2048"],
+        help="flags for every server (vLLM and MoLink nodes alike)",
+    )
+    args = parser.parse_args()
+    if args.quick:
+        args.num_requests, args.input_len, args.output_len, args.rounds = 3, 16, 8, 1
+        args.long_prompt_len, args.streams, args.stream_output_len = 64, 2, 24
+        args.prompt_delay = 0.5
+    args.model = args.model or demo_model()
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    link = LinkSpec(args.delay_ms, 0.0, args.rate_mbit)
+    chosen = [s for s in setups(link) if args.only is None or s.key in args.only]
+    results: dict = {
+        "date": time.strftime("%Y-%m-%d"),
+        "hardware": hardware(),
+        "model_name": Path(args.model).name,
+        "command": "python benchmark/compare.py " + " ".join(sys.argv[1:]),
+        "setups": {},
+    }
+    for setup in chosen:
+        log(f"== {setup.label}")
+        with server(setup, args) as url:
+            row = measure_throughput(url, args)
+            if setup.key == "molink3":
+                results["wire_bytes_per_token_per_hop"] = wire_stats(url)
+            if setup.key == "molink3_wan":
+                log("    long prompt during decode streams")
+                results["long_prompt"] = measure_long_prompt(url, args)
+        results["setups"][setup.key] = {"label": setup.label, **row}
+        log(f"    {row['output_throughput_tok_s']:.1f} tok/s")
+        write_report(results, args)
+    log(f"wrote {args.output_dir}/benchmark.md, .json, .png")
+
+
+if __name__ == "__main__":
+    main()

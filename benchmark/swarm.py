@@ -1,0 +1,282 @@
+"""Start a MoLink swarm on this machine (a head plus followers), optionally over emulated links.
+
+    python benchmark/swarm.py --stages 3 --delay-ms 20 --rate-mbit 100      # Ctrl-C tears down
+    python benchmark/swarm.py --stages 2 --netns                             # one netns per node
+
+Every node is a separate ``molink.entrypoints.openai.api_server`` process in its own process
+group; the layers are split evenly unless ``--layers`` says otherwise. With ``--delay-ms``,
+``--jitter-ms`` or ``--rate-mbit``, each follower's gRPC port sits behind a link emulator
+(``benchmark/link_emulator.py``), so every hop of the pipeline (head -> stage 1 -> ... -> head)
+crosses one emulated link. With ``--netns`` (root only) each node also gets its own network
+namespace and address on a bridge, so nodes talk through real network stacks. The link emulator
+is a user-space relay because the sandbox kernels here have no ``netem`` qdisc. Everything
+started is stopped on exit, Ctrl-C and errors included. ``Swarm`` is also used as a library by
+``benchmark/compare.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from link_emulator import LinkEmulator, LinkSpec  # noqa: E402
+
+BRIDGE = "molinkbr0"
+SUBNET = "10.213.0"
+HOST_ADDRESS = f"{SUBNET}.254"
+
+
+@dataclass
+class SwarmSpec:
+    """What to start."""
+
+    model: str
+    stages: int = 2
+    layers: list[tuple[int, int]] | None = None  # default: an even split
+    link: LinkSpec = field(default_factory=LinkSpec)
+    netns: bool = False
+    port: int = 8000  # the head's HTTP port
+    grpc_base_port: int = 50051
+    node_args: list[str] = field(default_factory=list)  # MoLink/vLLM flags for every node
+    head_args: list[str] = field(default_factory=list)  # flags for the head only
+    env: dict[str, str] = field(default_factory=dict)
+    log_dir: Path = Path("/tmp/molink-swarm")
+    ready_timeout: float = 900.0
+
+
+def even_split(num_layers: int, stages: int) -> list[tuple[int, int]]:
+    """``stages`` contiguous inclusive ranges covering ``num_layers`` layers, sizes within 1."""
+    if not 1 <= stages <= num_layers:
+        raise ValueError(f"can't split {num_layers} layers into {stages} stages")
+    bounds = [round(i * num_layers / stages) for i in range(stages + 1)]
+    return [(bounds[i], bounds[i + 1] - 1) for i in range(stages)]
+
+
+def num_hidden_layers(model: str) -> int:
+    import json
+
+    config = Path(model) / "config.json"
+    if config.exists():
+        return int(json.loads(config.read_text())["num_hidden_layers"])
+    from transformers import AutoConfig
+
+    return int(AutoConfig.from_pretrained(model).num_hidden_layers)
+
+
+def wait_healthy(url: str, procs: list[tuple[subprocess.Popen, Path]], timeout: float) -> None:
+    """Wait for ``url``/health to answer 200; fail early if a process exits."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for proc, log in procs:
+            if proc.poll() is not None:
+                raise RuntimeError(f"a server exited with {proc.returncode}; see {log}")
+        with contextlib.suppress(OSError), urllib.request.urlopen(url + "/health", timeout=2) as r:
+            if r.status == 200:
+                return
+        time.sleep(1.0)
+    raise TimeoutError(f"{url} not ready after {timeout:.0f} s")
+
+
+def stop_process_group(proc: subprocess.Popen, grace: float = 30.0) -> None:
+    """SIGTERM the process group of ``proc`` (started with a new session), then SIGKILL."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def _run(*cmd: str) -> None:
+    subprocess.run(cmd, check=True, capture_output=True)
+
+
+class Swarm:
+    """A running swarm; use as a context manager (stops everything on exit)."""
+
+    def __init__(self, spec: SwarmSpec) -> None:
+        self.spec = spec
+        self.layers = spec.layers or even_split(num_hidden_layers(spec.model), spec.stages)
+        self.procs: list[subprocess.Popen] = []
+        self.emulators: list[LinkEmulator] = []
+        self.namespaces: list[str] = []
+        spec.log_dir.mkdir(parents=True, exist_ok=True)
+
+    # ------------------------------------------------------------ addresses
+    def node_host(self, i: int) -> str:
+        return f"{SUBNET}.{i + 1}" if self.spec.netns else "127.0.0.1"
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.node_host(0)}:{self.spec.port}"
+
+    def describe(self) -> str:
+        stages = " | ".join(f"{a}-{b}" for a, b in self.layers)
+        link = "loopback" if self.spec.link.is_ideal else self.spec.link.describe()
+        return f"{len(self.layers)} stages [{stages}], {link}{', netns' if self.spec.netns else ''}"
+
+    # ------------------------------------------------------------ lifecycle
+    def __enter__(self) -> Swarm:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        if self.spec.netns:
+            self._make_namespaces()
+        for i, (start, end) in enumerate(self.layers):
+            self._start_node(i, start, end)
+        self.wait_ready()
+
+    def _start_node(self, i: int, start: int, end: int) -> None:
+        spec = self.spec
+        host = self.node_host(i)
+        grpc_port = spec.grpc_base_port + i
+        announce = ["--announce_host", host]
+        if i > 0 and not spec.link.is_ideal:  # others reach this node through an emulated link
+            relay = (HOST_ADDRESS if spec.netns else "127.0.0.1", grpc_port + 1000)
+            self.emulators.append(LinkEmulator(relay, (host, grpc_port), spec.link).start())
+            announce = ["--announce_host", relay[0], "--announce_port", str(relay[1])]
+        args = [
+            "--model", spec.model,
+            "--serving_layers", f"{start},{end}",
+            "--port", str(spec.port + i),
+            "--grpc_port", str(grpc_port),
+            "--listen_host", host,
+            *announce,
+            *spec.node_args,
+        ]  # fmt: skip
+        if i == 0:
+            args += spec.head_args
+        else:
+            args += ["--initial_peer", f"{self.node_host(0)}:{spec.grpc_base_port}"]
+        cmd = [sys.executable, "-m", "molink.entrypoints.openai.api_server", *args]
+        if spec.netns:
+            cmd = ["ip", "netns", "exec", self.namespaces[i], *cmd]
+        log = open(spec.log_dir / f"node{i}.log", "w")  # noqa: SIM115 (closed with the process)
+        env = {**os.environ, **spec.env}
+        self.procs.append(
+            subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            )
+        )
+
+    def wait_ready(self) -> None:
+        logs = [self.spec.log_dir / f"node{i}.log" for i in range(len(self.procs))]
+        wait_healthy(
+            self.base_url, list(zip(self.procs, logs, strict=True)), self.spec.ready_timeout
+        )
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            stop_process_group(proc)
+        self.procs.clear()
+        for emulator in self.emulators:
+            emulator.stop()
+        self.emulators.clear()
+        self._remove_namespaces()
+
+    # ------------------------------------------------------------ namespaces
+    def _make_namespaces(self) -> None:
+        if os.geteuid() != 0:
+            raise PermissionError("--netns needs root (ip netns add)")
+        self._remove_namespaces()
+        _run("ip", "link", "add", BRIDGE, "type", "bridge")
+        _run("ip", "addr", "add", f"{HOST_ADDRESS}/24", "dev", BRIDGE)
+        _run("ip", "link", "set", BRIDGE, "up")
+        for i in range(len(self.layers)):
+            ns, outside, inside = f"molink{i}", f"mlk{i}h", f"mlk{i}n"
+            _run("ip", "netns", "add", ns)
+            self.namespaces.append(ns)
+            _run("ip", "link", "add", outside, "type", "veth", "peer", "name", inside)
+            _run("ip", "link", "set", outside, "master", BRIDGE, "up")
+            _run("ip", "link", "set", inside, "netns", ns)
+            _run("ip", "-n", ns, "addr", "add", f"{self.node_host(i)}/24", "dev", inside)
+            _run("ip", "-n", ns, "link", "set", inside, "up")
+            _run("ip", "-n", ns, "link", "set", "lo", "up")
+            _run("ip", "-n", ns, "route", "add", "default", "via", HOST_ADDRESS)
+
+    def _remove_namespaces(self) -> None:
+        if not self.spec.netns:
+            return
+        for i in range(len(self.layers)):
+            subprocess.run(["ip", "netns", "del", f"molink{i}"], capture_output=True)
+            subprocess.run(["ip", "link", "del", f"mlk{i}h"], capture_output=True)
+        subprocess.run(["ip", "link", "del", BRIDGE], capture_output=True)
+        self.namespaces.clear()
+
+
+@contextlib.contextmanager
+def swarm(spec: SwarmSpec) -> Iterator[Swarm]:
+    """Start a swarm for the duration of a ``with`` block."""
+    with Swarm(spec) as s:
+        yield s
+
+
+def demo_model() -> str:
+    from molink.demo_model import ensure_demo_model
+
+    return ensure_demo_model()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default=None, help="model path (default: the demo model)")
+    parser.add_argument("--stages", type=int, default=2, help="number of nodes (default 2)")
+    parser.add_argument("--delay-ms", type=float, default=0.0, help="one-way delay per hop")
+    parser.add_argument("--jitter-ms", type=float, default=0.0, help="± uniform jitter per hop")
+    parser.add_argument("--rate-mbit", type=float, default=0.0, help="bandwidth per hop, 0=∞")
+    parser.add_argument("--netns", action="store_true", help="one network namespace per node")
+    parser.add_argument("--port", type=int, default=8000, help="head HTTP port (default 8000)")
+    parser.add_argument("--grpc-base-port", type=int, default=50051)
+    parser.add_argument("--log-dir", type=Path, default=Path("/tmp/molink-swarm"))
+    parser.add_argument(
+        "node_args",
+        nargs=argparse.REMAINDER,
+        help="after --: flags for every node (e.g. -- --enforce-eager --max-micro-batches 1)",
+    )
+    args = parser.parse_args()
+    node_args = args.node_args[1:] if args.node_args[:1] == ["--"] else args.node_args
+    spec = SwarmSpec(
+        model=args.model or demo_model(),
+        stages=args.stages,
+        link=LinkSpec(args.delay_ms, args.jitter_ms, args.rate_mbit),
+        netns=args.netns,
+        port=args.port,
+        grpc_base_port=args.grpc_base_port,
+        node_args=node_args,
+        env={"VLLM_CPU_OMP_THREADS_BIND": "nobind", "VLLM_CPU_KVCACHE_SPACE": "1"},
+        log_dir=args.log_dir,
+    )
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    s = Swarm(spec)
+    print(f"starting {s.describe()} (logs: {spec.log_dir})", file=sys.stderr)
+    with s:
+        print(f"ready: OpenAI endpoint {s.base_url}/v1 — Ctrl-C stops", file=sys.stderr)
+        with contextlib.suppress(KeyboardInterrupt):
+            while all(p.poll() is None for p in s.procs):
+                time.sleep(1.0)
+
+
+if __name__ == "__main__":
+    main()
