@@ -23,6 +23,7 @@ import contextlib
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -68,7 +69,8 @@ def setups(link: LinkSpec) -> list[Setup]:
 def plain_vllm(model: str, args: list[str], port: int, log: Path) -> Iterator[str]:
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
            "--port", str(port), "--host", "127.0.0.1", *args]  # fmt: skip
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}  # its thread binding stays vLLM's own
+    # Both cores to its OpenMP threads: vLLM's "auto" binding would keep one core in reserve.
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "0-1"}
     with open(log, "w") as out:
         proc = subprocess.Popen(
             cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
@@ -314,6 +316,7 @@ def main() -> None:
         help="flags for every server (vLLM and MoLink nodes alike)",
     )
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # unwinds: every server is stopped
     if args.quick:
         args.num_requests, args.input_len, args.output_len, args.rounds = 3, 16, 8, 1
         args.long_prompt_len, args.streams, args.stream_output_len = 64, 2, 24
