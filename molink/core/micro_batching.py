@@ -18,9 +18,12 @@ and picks the ``k`` that maximizes the predicted decode rate. The cost model of 
     cycle(k)       = max(latency(n), k * bottleneck(n))
 
 Stages on the same machine share its cores, so their compute is summed: on one machine, more
-batches in flight only help to hide transfer time. Prefill chunks ride in the micro-batches with a
-token allowance sized from the same model, so a long prompt fills idle time and stretches a decode
-cycle by at most ``PREFILL_STRETCH``.
+batches in flight only help to hide transfer time. Even that overlap costs more than the sum says
+(two stages' OpenMP threads spinning on the same cores slow each other down: 2 stages on 2 cores
+decoded 2.5x slower with 2 batches than with 1), so a split that puts stages of one machine to
+work at once must promise ``MIN_GAIN_SHARED``. Prefill chunks ride in the micro-batches: each
+may carry its share of vLLM's token budget, or more when the model says a cycle has idle time,
+so a long prompt is chunked across micro-batches instead of stalling decodes.
 
 Everything here is pure Python over numbers; the scheduler applies the :class:`MicroBatchPlan`.
 """
@@ -34,8 +37,10 @@ from dataclasses import dataclass
 
 # How much longer than a decode-only cycle a cycle carrying prefill chunks may take.
 PREFILL_STRETCH = 0.5
-# Prefer fewer batches unless more are predicted to be at least this much faster.
+# Prefer fewer batches unless more are predicted to be at least this much faster ...
 MIN_GAIN = 0.05
+# ... or this much, when several stages share a machine (contention the model doesn't see).
+MIN_GAIN_SHARED = 0.25
 # Estimators forget old samples with this half-life (in observations).
 HALF_LIFE = 64
 
@@ -107,6 +112,12 @@ class PipelineCosts:
     def _machine_of(self, stage: int) -> int:
         return self.machines[stage] if self.machines else stage
 
+    @property
+    def shares_machines(self) -> bool:
+        """Whether some machine runs more than one stage."""
+        placed = [self._machine_of(i) for i in range(len(self.stages))]
+        return len(set(placed)) < len(placed)
+
     def latency(self, tokens: float) -> float:
         """Seconds for one batch of ``tokens`` to go around the ring with nothing else in flight."""
         return self.head(tokens) + sum(s(tokens) for s in self.stages) + self.transfer(tokens)
@@ -138,12 +149,16 @@ def choose_num_batches(costs: PipelineCosts, num_decodes: int, max_batches: int)
     """The number of micro-batches that maximizes the predicted decode rate.
 
     The smallest count within ``MIN_GAIN`` of the best wins: every extra batch costs real
-    overhead that the linear model only approximates.
+    overhead that the linear model only approximates. Leaving one batch needs ``MIN_GAIN_SHARED``
+    when stages share a machine.
     """
     upper = max(1, min(max_batches, num_decodes))
     cycles = {k: costs.cycle(num_decodes, k) for k in range(1, upper + 1)}
     best = min(cycles.values())
-    return min(k for k, c in cycles.items() if c <= best * (1.0 + MIN_GAIN))
+    k = min(k for k, c in cycles.items() if c <= best * (1.0 + MIN_GAIN))
+    if k > 1 and costs.shares_machines and cycles[k] * (1.0 + MIN_GAIN_SHARED) > cycles[1]:
+        return 1
+    return k
 
 
 @dataclass(frozen=True)
@@ -165,10 +180,17 @@ def plan_micro_batch(
     """The plan for the next micro-batch, or None to schedule as plain vLLM would.
 
     ``num_decodes`` counts every request past its prompt, in flight or not. Plain vLLM scheduling
-    applies while there is nothing to split (no decoding requests) or nothing measured yet.
+    applies until something is measured. With only prompts to process, they go in full batches:
+    one at a time on a shared machine, pipelined (up to ``max_batches``) otherwise.
     """
-    if costs is None or num_decodes == 0:
+    if costs is None:
         return None
+    if num_decodes == 0:
+        return MicroBatchPlan(
+            num_batches=1 if costs.shares_machines else max_batches,
+            decode_slots=0,
+            prefill_tokens=max_batch_tokens,
+        )
     k = choose_num_batches(costs, num_decodes, max_batches)
     decode_slots = math.ceil(num_decodes / k)
     cycle = costs.cycle(num_decodes, k)
@@ -176,7 +198,8 @@ def plan_micro_batch(
     idle = max(0.0, cycle - k * costs.bottleneck(decode_slots))
     per_token = costs.bottleneck_per_token()
     budget = (idle + PREFILL_STRETCH * cycle) / per_token if per_token > 0 else max_batch_tokens
-    prefill = max(min_prefill_chunk, int(budget / k))
+    # Never below vLLM's own prefill rate: its token budget per cycle, spread over the batches.
+    prefill = max(min_prefill_chunk, int(budget / k), max_batch_tokens // k - decode_slots)
     prefill = min(prefill, max(0, max_batch_tokens - decode_slots))
     return MicroBatchPlan(num_batches=k, decode_slots=decode_slots, prefill_tokens=prefill)
 

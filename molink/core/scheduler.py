@@ -41,7 +41,7 @@ class PipelineScheduler(Scheduler):
     """vLLM ``Scheduler`` that survives the loss of a pipeline stage."""
 
     HOLD_SLEEP_S = 0.05
-    PLAN_LOG_INTERVAL_S = 30.0
+    PLAN_LOG_INTERVAL_S = 10.0
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -50,7 +50,9 @@ class PipelineScheduler(Scheduler):
         self.max_micro_batches = self.vllm_config.max_concurrent_batches
         self.last_plan: MicroBatchPlan | None = None
         self._schedule_seconds: dict[int, float] = {}
+        self._in_flight: set[int] = set()  # ids of outputs with tokens, not yet back
         self._next_plan_log = 0.0
+        self._logged_batches = 0
         self._epoch = self.pipeline.failed_epoch
         self._down_since: float | None = None
         self._pending_errors: list[Request] = []
@@ -87,7 +89,10 @@ class PipelineScheduler(Scheduler):
             output = self._schedule_micro_batch(throttle_prefills)
             if len(self._schedule_seconds) > 1024:  # outputs that never came back (failures)
                 self._schedule_seconds.clear()
+                self._in_flight.clear()
             self._schedule_seconds[id(output)] = time.monotonic() - started
+            if output.total_num_scheduled_tokens:
+                self._in_flight.add(id(output))
         setattr(output, EPOCH_ATTR, self._epoch)
         return output
 
@@ -98,8 +103,9 @@ class PipelineScheduler(Scheduler):
         call (they stay running, in their order) and the token budget is the batch's share plus
         its prefill allowance, which chunks long prompts.
         """
+        if self.last_plan is not None and len(self._in_flight) >= self.last_plan.num_batches:
+            return self._schedule_nothing(throttle_prefills)  # vLLM's batch queue may be deeper
         decoding = [r for r in self.running if r.num_computed_tokens >= r.num_prompt_tokens]
-        previous = self.last_plan
         plan = self.last_plan = plan_micro_batch(
             self.pipeline.costs.costs() if self.max_micro_batches > 1 else None,
             num_decodes=len(decoding),
@@ -109,10 +115,12 @@ class PipelineScheduler(Scheduler):
         )
         if plan is None:
             return super().schedule(throttle_prefills)
+        if len(self._in_flight) >= plan.num_batches:
+            return self._schedule_nothing(throttle_prefills)
         now = time.monotonic()
-        changed = previous is None or previous.num_batches != plan.num_batches
-        if changed and now >= self._next_plan_log:
+        if plan.num_batches != self._logged_batches and now >= self._next_plan_log:
             self._next_plan_log = now + self.PLAN_LOG_INTERVAL_S
+            self._logged_batches = plan.num_batches
             logger.info(
                 "Micro-batching: %d batch(es) in flight for %d decoding request(s), "
                 "%d prefill token(s) per batch",
@@ -151,6 +159,10 @@ class PipelineScheduler(Scheduler):
                 len(self.requests),
             )
             self._fail(list(self.requests))
+        return self._schedule_nothing(throttle_prefills)
+
+    def _schedule_nothing(self, throttle_prefills: bool) -> SchedulerOutput:
+        """An output with no tokens that still carries finished request ids to the stages."""
         saved, self._pause_state = self._pause_state, PauseState.PAUSED_ALL
         try:
             return super().schedule(throttle_prefills)
@@ -166,6 +178,7 @@ class PipelineScheduler(Scheduler):
         ):
             self._barrier(model_runner_output.epoch)
         started = time.monotonic()
+        self._in_flight.discard(id(scheduler_output))
         outputs = super().update_from_output(scheduler_output, model_runner_output)
         scheduled = self._schedule_seconds.pop(id(scheduler_output), None)
         if scheduled is not None and scheduler_output.total_num_scheduled_tokens:

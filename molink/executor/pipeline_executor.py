@@ -60,6 +60,26 @@ class _PendingStep:
     submitted_at: float
 
 
+def _done(result: Any) -> Future:
+    future: Future = Future()
+    future.set_result(result)
+    return future
+
+
+def _changes_stage_state(scheduler_output: SchedulerOutput) -> bool:
+    """Whether a step without tokens still changes what stages hold (requests to drop, ...)."""
+    so = scheduler_output
+    return bool(
+        so.finished_req_ids
+        or so.preempted_req_ids
+        or so.scheduled_new_reqs
+        or so.scheduled_cached_reqs.req_ids
+        or so.free_encoder_mm_hashes
+        or so.kv_connector_metadata is not None
+        or so.ec_connector_metadata is not None
+    )
+
+
 class RemoteStage:
     """The head's handle on one remote stage."""
 
@@ -261,6 +281,9 @@ class PipelineExecutor(Executor):
         """Queue one scheduler output into stage 0; its tokens come from ``sample_tokens``."""
         epoch = epoch_of(scheduler_output)
         has_tokens = scheduler_output.total_num_scheduled_tokens > 0
+        if not has_tokens and not _changes_stage_state(scheduler_output):
+            # Nothing for any stage to do or learn (vLLM fills its batch queue with these).
+            return _done(EMPTY_MODEL_RUNNER_OUTPUT) if non_block else EMPTY_MODEL_RUNNER_OUTPUT
         # Encoded now, on the engine thread: the scheduler may reuse the object after we return.
         encoded = codec.dumps(scheduler_output) if self.remotes else b""
         with self._lock:
@@ -294,11 +317,7 @@ class PipelineExecutor(Executor):
                 )
         # With tokens scheduled, EngineCore takes the output from sample_tokens().
         result = None if has_tokens else EMPTY_MODEL_RUNNER_OUTPUT
-        if not non_block:
-            return result
-        done: Future = Future()
-        done.set_result(result)
-        return done
+        return _done(result) if non_block else result
 
     def sample_tokens(  # type: ignore[override]
         self, grammar_output: GrammarOutput | None, non_block: bool = False
@@ -435,11 +454,7 @@ class PipelineExecutor(Executor):
             result = getattr(self.worker, method)(*args, **kwargs)
         else:
             result = method(self.worker.worker, *args, **kwargs)
-        if not non_block:
-            return [result]
-        future: Future = Future()
-        future.set_result([result])
-        return future
+        return _done([result]) if non_block else [result]
 
     def check_health(self) -> None:
         return
