@@ -336,7 +336,7 @@ def main() -> None:
         log(f"== {setup.label}")
         with server(setup, args) as url:
             row = measure_throughput(url, args)
-            if setup.key == "molink3":
+            if setup.stages >= 3 and "wire_bytes_per_token_per_hop" not in results:
                 results["wire_bytes_per_token_per_hop"] = wire_stats(url)
             if setup.key == "molink3_wan":
                 log("    long prompt during decode streams")

@@ -119,7 +119,7 @@ class StageHost:
             so = None
             tensors = None
         else:
-            so = codec.loads(msg.scheduler_output)
+            so = codec.loads_step_data(msg.scheduler_output)
             tensors = codec.decode_tensors(list(msg.tensors), self.model_dtype) or None
         grammar = codec.loads(msg.grammar_output) if msg.grammar_output else None
         engine.submit(

@@ -285,7 +285,7 @@ class PipelineExecutor(Executor):
             # Nothing for any stage to do or learn (vLLM fills its batch queue with these).
             return _done(EMPTY_MODEL_RUNNER_OUTPUT) if non_block else EMPTY_MODEL_RUNNER_OUTPUT
         # Encoded now, on the engine thread: the scheduler may reuse the object after we return.
-        encoded = codec.dumps(scheduler_output) if self.remotes else b""
+        encoded = codec.dumps_step_data(scheduler_output) if self.remotes else b""
         with self._lock:
             live = epoch == self.state.failed_epoch and self.state.chain_ready
             step_id = self._next_step_id
