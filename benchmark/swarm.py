@@ -24,7 +24,6 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -222,13 +221,6 @@ class Swarm:
             subprocess.run(["ip", "link", "del", f"mlk{i}h"], capture_output=True)
         subprocess.run(["ip", "link", "del", BRIDGE], capture_output=True)
         self.namespaces.clear()
-
-
-@contextlib.contextmanager
-def swarm(spec: SwarmSpec) -> Iterator[Swarm]:
-    """Start a swarm for the duration of a ``with`` block."""
-    with Swarm(spec) as s:
-        yield s
 
 
 def demo_model() -> str:

@@ -215,11 +215,19 @@ def dumps_step_data(obj: Any) -> bytes:
 
 def loads_step_data(data: bytes) -> Any:
     """Inverse of :func:`dumps_step_data`, refusing payloads that inflate past the bound."""
-    inflater = zlib.decompressobj()
-    raw = inflater.decompress(data, MAX_STEP_DATA_BYTES)
-    if inflater.unconsumed_tail or not inflater.eof:
+    raw = inflate_bounded(data, MAX_STEP_DATA_BYTES)
+    if raw is None:
         raise pickle.UnpicklingError("step payload too large or truncated")
     return loads(raw)
+
+
+def inflate_bounded(data: bytes, limit: int) -> bytes | None:
+    """zlib-decompress ``data`` into at most ``limit`` bytes; None if it is larger or truncated."""
+    inflater = zlib.decompressobj()
+    out = inflater.decompress(data, max(limit, 1))  # a limit of 0 would mean "no limit"
+    if inflater.unconsumed_tail or not inflater.eof:
+        return None
+    return out
 
 
 def loads(data: bytes) -> Any:
@@ -314,8 +322,7 @@ def _inflate(m: molink_pb2.Tensor) -> bytes:
     expected = torch.empty((), dtype=dtype).element_size()
     for d in m.shape:
         expected *= max(int(d), 0)
-    inflater = zlib.decompressobj()
-    data = inflater.decompress(m.data, max(expected, 1))  # 0 would mean "no limit"
-    if inflater.unconsumed_tail or not inflater.eof:
+    data = inflate_bounded(m.data, expected)
+    if data is None:
         raise ValueError("compressed tensor data is larger than its shape")
     return data

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 # How much longer than a decode-only cycle a cycle carrying prefill chunks may take.
@@ -122,22 +122,22 @@ class PipelineCosts:
         """Seconds for one batch of ``tokens`` to go around the ring with nothing else in flight."""
         return self.head(tokens) + sum(s(tokens) for s in self.stages) + self.transfer(tokens)
 
+    def _machine_totals(self, stage_cost: Callable[[LinearCost], float]) -> dict[int, float]:
+        totals: dict[int, float] = {}
+        for i, stage in enumerate(self.stages):
+            m = self._machine_of(i)
+            totals[m] = totals.get(m, 0.0) + stage_cost(stage)
+        return totals
+
     def bottleneck(self, tokens: float) -> float:
         """Busy seconds per batch of the most loaded machine."""
-        busy: dict[int, float] = {}
-        for i, stage in enumerate(self.stages):
-            busy[self._machine_of(i)] = busy.get(self._machine_of(i), 0.0) + stage(tokens)
-        head_machine = self._machine_of(0)
-        busy[head_machine] = busy.get(head_machine, 0.0) + self.head(tokens)
+        busy = self._machine_totals(lambda stage: stage(tokens))
+        busy[self._machine_of(0)] += self.head(tokens)  # the head runs next to stage 0
         return max(busy.values())
 
     def bottleneck_per_token(self) -> float:
         """Per-token seconds of the most loaded machine (the price of a prefill token)."""
-        per_token: dict[int, float] = {}
-        for i, stage in enumerate(self.stages):
-            m = self._machine_of(i)
-            per_token[m] = per_token.get(m, 0.0) + stage.per_token_s
-        return max(per_token.values())
+        return max(self._machine_totals(lambda stage: stage.per_token_s).values())
 
     def cycle(self, num_decodes: int, num_batches: int) -> float:
         """Predicted seconds for every one of ``num_decodes`` requests to advance one token."""
