@@ -9,6 +9,12 @@ import socket
 from dataclasses import dataclass
 
 DEFAULT_GRPC_PORT = 50051
+#: A step unanswered this long counts as a lost stage (``--step-timeout``).
+DEFAULT_STEP_TIMEOUT_S = 30.0
+#: How long requests wait for a full chain to come back before failing (``--outage-timeout``).
+DEFAULT_OUTAGE_TIMEOUT_S = 120.0
+#: How long a follower told to stop waits for the head to move off it (``--leave-timeout``).
+DEFAULT_LEAVE_TIMEOUT_S = 30.0
 # Batches in flight are chosen from measurements up to this bound; each costs a pipeline slot.
 DEFAULT_MAX_MICRO_BATCHES = 8
 
@@ -48,8 +54,17 @@ def add_molink_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--serving-layers",
         type=parse_serving_layers,
         default=None,
-        help="Layers this node serves, START,END inclusive (default: all). The node serving "
-        "layer 0 is the head: it runs the scheduler and the OpenAI API.",
+        help="Layers this node serves, START,END inclusive. The node serving layer 0 is the "
+        "head: it runs the scheduler and the OpenAI API. Default: all layers without "
+        "--initial_peer (a single node); with it, the node picks the span the swarm needs most.",
+    )
+    group.add_argument(
+        "--num-layers",
+        dest="molink_num_layers",
+        type=_positive_int,
+        default=None,
+        help="Without --serving_layers on a follower: how many layers to take "
+        "(default: as many as fit in memory).",
     )
     group.add_argument(
         "--initial-peer",
@@ -95,14 +110,23 @@ def add_molink_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     group.add_argument(
         "--step-timeout",
         type=float,
-        default=120.0,
-        help="Head: a step not answered within this many seconds counts as a lost stage.",
+        default=DEFAULT_STEP_TIMEOUT_S,
+        help="Head: a step not answered within this many seconds counts as a lost stage "
+        f"(default {DEFAULT_STEP_TIMEOUT_S:g}).",
     )
     group.add_argument(
         "--outage-timeout",
         type=float,
-        default=120.0,
-        help="Head: how long new requests wait for a lost stage to be replaced before failing.",
+        default=DEFAULT_OUTAGE_TIMEOUT_S,
+        help="Head: how long requests wait for a full chain after a stage is lost before they "
+        f"fail (default {DEFAULT_OUTAGE_TIMEOUT_S:g}).",
+    )
+    group.add_argument(
+        "--leave-timeout",
+        type=float,
+        default=DEFAULT_LEAVE_TIMEOUT_S,
+        help="Follower: on SIGTERM, how long to keep serving while the head moves its requests "
+        f"to other nodes (default {DEFAULT_LEAVE_TIMEOUT_S:g}).",
     )
     group.add_argument(
         "--wire-dtype",
@@ -133,6 +157,7 @@ class MoLinkConfig:
     """MoLink's flags, checked against the model."""
 
     serving_layers: tuple[int, int] | None = None
+    layers_to_serve: int | None = None  # --num_layers, for a node choosing its own span
     initial_peers: tuple[str, ...] = ()
     grpc_port: int = DEFAULT_GRPC_PORT
     dht_port: int = 0
@@ -140,8 +165,9 @@ class MoLinkConfig:
     announce_port: int | None = None
     listen_host: str = "0.0.0.0"
     chain_timeout: float = 600.0
-    step_timeout: float = 120.0
-    outage_timeout: float = 120.0
+    step_timeout: float = DEFAULT_STEP_TIMEOUT_S
+    outage_timeout: float = DEFAULT_OUTAGE_TIMEOUT_S
+    leave_timeout: float = DEFAULT_LEAVE_TIMEOUT_S
     wire_dtype: str | None = None
     wire_compression: str = "none"
     max_micro_batches: int = DEFAULT_MAX_MICRO_BATCHES
@@ -150,6 +176,7 @@ class MoLinkConfig:
     def from_args(cls, args: argparse.Namespace) -> MoLinkConfig:
         return cls(
             serving_layers=args.serving_layers,
+            layers_to_serve=args.molink_num_layers,
             initial_peers=tuple(args.initial_peer or ()),
             grpc_port=args.molink_grpc_port,
             dht_port=args.dht_port,
@@ -159,13 +186,22 @@ class MoLinkConfig:
             chain_timeout=args.chain_timeout,
             step_timeout=args.step_timeout,
             outage_timeout=args.outage_timeout,
+            leave_timeout=args.leave_timeout,
             wire_dtype=args.wire_dtype,
             wire_compression=args.wire_compression,
             max_micro_batches=args.max_micro_batches,
         )
 
+    @property
+    def chooses_span(self) -> bool:
+        """A follower without ``--serving_layers`` picks its span from what the swarm needs."""
+        return self.serving_layers is None and bool(self.initial_peers)
+
     def layers_for(self, num_layers: int) -> tuple[int, int]:
-        """This node's (start, end) for a model of ``num_layers`` layers; raises ValueError."""
+        """This node's (start, end) for a model of ``num_layers`` layers; raises ValueError.
+
+        Without ``--serving_layers`` (and not :attr:`chooses_span`): every layer.
+        """
         start, end = self.serving_layers or (0, num_layers - 1)
         if end >= num_layers:
             raise ValueError(

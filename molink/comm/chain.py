@@ -1,14 +1,20 @@
-"""Assemble a pipeline chain (head + stages covering every layer once) from node announcements.
+"""Choose a pipeline chain (head + hops covering every layer) from node announcements.
 
 Pure logic: :func:`assemble_chain` looks only at the announcements it is given;
 :func:`wait_for_chain` polls a :class:`~molink.comm.dht.Membership` until a chain exists.
+
+Any number of nodes may announce the same or overlapping spans, and a node may serve any
+contiguous sub-span of the layers it holds. The chain is the cover of the layers after the head's
+with the fewest hops; among those, the one with the lowest cost (measured round-trip time, plus a
+penalty for making a node rebuild a different span than the one it already has loaded), then the
+lowest peer ids, so every head picks the same chain from the same view.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Container, Iterable, Sequence
+from collections.abc import Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +33,13 @@ _MAX_MISMATCH_NOTES = 5
 _warned_mismatch: set[tuple[str, str, int]] = set()
 _warned_lock = threading.Lock()
 _MAX_WARNED = 10_000
+
+#: Assumed round-trip time (s) of a node whose RTT has not been measured.
+DEFAULT_RTT_S = 0.05
+#: Cost (s) of asking a node to serve another span than the one it has loaded (a weight reload).
+RELOAD_PENALTY_S = 5.0
+#: Cost (s) per layer a hop leaves out of its node's announced span (prefer whole spans).
+TRUNCATION_PENALTY_S = 1e-3
 
 
 class ChainError(Exception):
@@ -47,55 +60,76 @@ class ChainIncomplete(ChainError):
         return type(self), (str(self), self.missing)
 
 
-class ChainConflict(ChainError):
-    """Two nodes serve partially overlapping layer ranges of the same model.
+@dataclass(frozen=True)
+class Hop:
+    """One stage of a chain: ``node`` serving layers ``start_layer..end_layer`` (inclusive)."""
 
-    ``conflicts`` holds the offending pairs of announcements.
-    """
+    node: NodeAnnouncement
+    start_layer: int
+    end_layer: int
 
-    def __init__(
-        self,
-        message: str,
-        conflicts: Sequence[tuple[NodeAnnouncement, NodeAnnouncement]] = (),
-    ) -> None:
-        super().__init__(message)
-        self.conflicts: list[tuple[NodeAnnouncement, NodeAnnouncement]] = list(conflicts)
+    def __post_init__(self) -> None:
+        if not self.node.start_layer <= self.start_layer <= self.end_layer <= self.node.end_layer:
+            raise ValueError(
+                f"hop {self.start_layer}-{self.end_layer} is outside the layers "
+                f"{_rng(self.node)} that node {self.node.peer_id} holds"
+            )
 
-    def __reduce__(self) -> tuple[Any, ...]:
-        return type(self), (str(self), self.conflicts)
+    @property
+    def peer_id(self) -> str:
+        return self.node.peer_id
+
+    @property
+    def grpc_address(self) -> str:
+        return self.node.grpc_address
+
+    @property
+    def span(self) -> tuple[int, int]:
+        return self.start_layer, self.end_layer
+
+    @property
+    def num_layers(self) -> int:
+        return self.end_layer - self.start_layer + 1
+
+    def __str__(self) -> str:
+        return f"{self.node.grpc_address} [{self.start_layer}-{self.end_layer}]"
 
 
 @dataclass(frozen=True)
 class Chain:
-    """The nodes of a pipeline, ordered by ``start_layer``; the first is the head."""
+    """The hops of a pipeline, in layer order; the first is the head's own span."""
 
-    stages: tuple[NodeAnnouncement, ...]
+    stages: tuple[Hop, ...]
 
     def __post_init__(self) -> None:
         if not self.stages:
             raise ValueError("a chain needs at least one stage")
+        total = self.stages[0].node.num_layers
         expected = 0
         for stage in self.stages:
-            if stage.start_layer != expected or stage.num_layers != self.stages[0].num_layers:
+            if stage.start_layer != expected or stage.node.num_layers != total:
                 raise ValueError(f"stages are not contiguous at layer {expected}")
             expected = stage.end_layer + 1
-        if expected != self.stages[0].num_layers:
+        if expected != total:
             raise ValueError(f"stages end at layer {expected - 1}, not at the last layer")
 
     @property
     def head(self) -> NodeAnnouncement:
-        """Stage 0."""
-        return self.stages[0]
+        """Stage 0's node."""
+        return self.stages[0].node
 
     @property
     def partition(self) -> list[int]:
-        """Number of layers per stage (the ``VLLM_PP_LAYER_PARTITION`` values)."""
-        return [len(stage.layers) for stage in self.stages]
+        """Number of layers per stage."""
+        return [stage.num_layers for stage in self.stages]
 
     @property
     def peer_ids(self) -> list[str]:
         """PeerIDs of the stages, in order."""
         return [stage.peer_id for stage in self.stages]
+
+    def __str__(self) -> str:
+        return " -> ".join(str(stage) for stage in self.stages)
 
 
 def _span(start: int, end: int) -> str:
@@ -143,118 +177,119 @@ def mismatched(head: NodeAnnouncement, nodes: Iterable[NodeAnnouncement]) -> lis
     return out
 
 
-def _pick(candidates: Iterable[NodeAnnouncement]) -> NodeAnnouncement:
-    """Deterministic choice among replicas: online first, then the lowest peer_id."""
-    return min(candidates, key=lambda a: (a.state != "online", a.peer_id))
+def _uncovered(first: int, last: int, nodes: Iterable[NodeAnnouncement]) -> list[tuple[int, int]]:
+    """Inclusive ranges within ``first..last`` that none of ``nodes`` holds."""
+    covered = [False] * (last - first + 1)
+    for node in nodes:
+        for layer in range(max(first, node.start_layer), min(last, node.end_layer) + 1):
+            covered[layer - first] = True
+    gaps: list[tuple[int, int]] = []
+    for i, ok in enumerate(covered):
+        if ok:
+            continue
+        if gaps and gaps[-1][1] == first + i - 1:
+            gaps[-1] = (gaps[-1][0], first + i)
+        else:
+            gaps.append((first + i, first + i))
+    return gaps
 
 
 def assemble_chain(
     head: NodeAnnouncement,
     nodes: Iterable[NodeAnnouncement],
     exclude_peers: Container[str] = (),
+    rtt_s: Mapping[str, float] | None = None,
+    loaded: Mapping[str, tuple[int, int]] | None = None,
 ) -> Chain:
-    """Build the chain that starts at ``head`` and covers every layer exactly once.
+    """The best chain that starts at ``head`` and covers every layer once.
 
-    * Only nodes with the head's ``model_hash`` and ``num_layers`` count (see :func:`mismatched`).
-    * The head is always stage 0 (whatever its state and ``exclude_peers``); it must start at
-      layer 0. Other nodes announcing exactly the head's range are ignored.
-    * Nodes announcing an identical range are replicas: the online one with the lowest peer_id
-      is picked. Only "online" nodes form a chain; a range served only by "joining" nodes counts
-      as missing.
-    * Ranges that intersect without being identical raise :class:`ChainConflict` (whatever the
-      nodes' states, since a joining node will become online).
-    * Uncovered layers raise :class:`ChainIncomplete` listing every missing range.
-    * Nodes whose peer_id is in ``exclude_peers`` are ignored (e.g. a node that just failed).
+    * Only "online" nodes with the head's ``model_hash`` and ``num_layers`` count, other than the
+      head itself and ``exclude_peers`` (see :func:`mismatched`). The head is always stage 0; it
+      must start at layer 0.
+    * Fewest hops first; then the lowest sum of ``rtt_s`` (seconds; unmeasured nodes count
+      :data:`DEFAULT_RTT_S`), with :data:`RELOAD_PENALTY_S` for a node whose ``loaded`` span
+      differs from the one it would serve; then the lowest peer ids.
+    * Uncovered layers raise :class:`ChainIncomplete` listing every missing range, with the
+      joining nodes and the nodes of other models that could have served them.
     """
     if head.start_layer != 0:
         raise ChainError(
             f"head {head.peer_id} serves layers {_rng(head)}: a head must start at layer 0"
         )
-    candidates: dict[str, NodeAnnouncement] = {}
+    rtt_s = rtt_s or {}
+    loaded = loaded or {}
+    others: dict[str, NodeAnnouncement] = {}
     for node in nodes:
-        if node.peer_id == head.peer_id or node.peer_id in exclude_peers:
-            continue
-        candidates.setdefault(node.peer_id, node)
-    others = sorted(candidates.values(), key=lambda a: (a.start_layer, a.end_layer, a.peer_id))
-    wrong_model = mismatched(head, others)
+        if node.peer_id != head.peer_id and node.peer_id not in exclude_peers:
+            others.setdefault(node.peer_id, node)
+    wrong_model = mismatched(head, sorted(others.values(), key=lambda a: a.peer_id))
     wrong_ids = {node.peer_id for node in wrong_model}
+    candidates = [n for n in others.values() if n.peer_id not in wrong_ids]
+    usable = sorted(
+        (n for n in candidates if n.state == "online" and not n.is_head),
+        key=lambda n: n.peer_id,
+    )
+    total, first = head.num_layers, head.end_layer + 1
 
-    # Group matching nodes by their exact range; the head's range belongs to the head alone.
-    by_range: dict[tuple[int, int], list[NodeAnnouncement]] = {(0, head.end_layer): [head]}
-    for node in others:
-        if node.peer_id in wrong_ids:
-            continue
-        key = (node.start_layer, node.end_layer)
-        if key != (0, head.end_layer):
-            by_range.setdefault(key, []).append(node)
-    representative = {
-        key: (head if key == (0, head.end_layer) else _pick(group))
-        for key, group in by_range.items()
-    }
+    def hop_cost(node: NodeAnnouncement, start: int, end: int) -> float:
+        cost = rtt_s.get(node.peer_id, DEFAULT_RTT_S)
+        cost += TRUNCATION_PENALTY_S * (node.end_layer - end + start - node.start_layer)
+        held = loaded.get(node.peer_id)
+        if held is not None and held != (start, end):
+            cost += RELOAD_PENALTY_S
+        return cost
 
-    _check_conflicts(sorted(representative), representative)
+    # best[p]: the best way to serve layers p..total-1, as (hops, cost, peer ids, hop list).
+    best: dict[int, tuple[int, float, tuple[str, ...], tuple[Hop, ...]]] = {total: (0, 0.0, (), ())}
+    for pos in range(total - 1, first - 1, -1):
+        options = []
+        for node in usable:
+            if not node.start_layer <= pos <= node.end_layer:
+                continue
+            # Ending where another node starts is enough: any other end is dominated.
+            ends = {node.end_layer} | {
+                m.start_layer - 1 for m in usable if pos <= m.start_layer - 1 < node.end_layer
+            }
+            for end in ends:
+                rest = best.get(end + 1)
+                if rest is None or node.peer_id in rest[2]:
+                    continue
+                options.append(
+                    (
+                        rest[0] + 1,
+                        rest[1] + hop_cost(node, pos, end),
+                        (node.peer_id, *rest[2]),
+                        (Hop(node, pos, end), *rest[3]),
+                    )
+                )
+        if options:
+            best[pos] = min(options, key=lambda o: o[:3])
+    route = best.get(first)
+    if route is not None:
+        return Chain((Hop(head, 0, head.end_layer), *route[3]))
 
-    num_layers = head.num_layers
-    starts = {key[0]: key for key in by_range}  # disjoint ranges: one per start
-    stages = [head]
-    missing: list[tuple[int, int]] = []
+    missing = _uncovered(first, total - 1, usable)
     notes: list[str] = []
-    position = head.end_layer + 1
-    while position < num_layers:
-        key = starts.get(position)
-        if key is None:
-            following = [start for start in starts if start > position]
-            end = min(following) - 1 if following else num_layers - 1
-            missing.append((position, end))
-            notes.append(
-                f"{_span(position, end)} {'is' if position == end else 'are'} "
-                "not served by any node"
-            )
-            position = end + 1
-            continue
-        online = [node for node in by_range[key] if node.state == "online"]
-        if online:
-            stages.append(_pick(online))
-        else:
-            joining = ", ".join(node.peer_id for node in by_range[key])
-            verb = "is" if len(by_range[key]) == 1 else "are"
-            missing.append(key)
-            notes.append(f"{_span(*key)}: node {joining} {verb} still joining")
-        position = key[1] + 1
-
-    if missing:
-        for node in wrong_model[:_MAX_MISMATCH_NOTES]:
-            notes.append(
-                f"node {node.peer_id} serves {_span(node.start_layer, node.end_layer)} of a "
-                f"different model ({node.model_name}, hash {node.model_hash}, "
-                f"{node.num_layers} layers; this head has hash {head.model_hash}, "
-                f"{head.num_layers} layers)"
-            )
-        if len(wrong_model) > _MAX_MISMATCH_NOTES:
-            notes.append(f"{len(wrong_model) - _MAX_MISMATCH_NOTES} more nodes of other models")
-        raise ChainIncomplete("; ".join(notes), missing)
-    return Chain(tuple(stages))
-
-
-def _check_conflicts(
-    keys: list[tuple[int, int]], representative: dict[tuple[int, int], NodeAnnouncement]
-) -> None:
-    """Raise ChainConflict naming every pair of distinct ranges that intersect."""
-    conflicts = []
-    for i, (start_a, end_a) in enumerate(keys):
-        for start_b, end_b in keys[i + 1 :]:
-            if start_b > end_a:
-                break  # keys are sorted by start: no later range can intersect this one
-            a, b = representative[(start_a, end_a)], representative[(start_b, end_b)]
-            conflicts.append((a, b))
-    if conflicts:
-        message = "; ".join(
-            f"{_span(b.start_layer, min(a.end_layer, b.end_layer))} "
-            f"{'is' if b.start_layer == min(a.end_layer, b.end_layer) else 'are'} served by "
-            f"both {a.peer_id} ({_rng(a)}) and {b.peer_id} ({_rng(b)})"
-            for a, b in conflicts
+    for start, end in missing:
+        waiting = [
+            n
+            for n in candidates
+            if n.state != "online" and n.start_layer <= end and n.end_layer >= start
+        ]
+        note = f"{_span(start, end)} {'is' if start == end else 'are'} not served by any node"
+        if waiting:
+            note += " (" + ", ".join(f"node {n.peer_id} is {n.state}" for n in waiting) + ")"
+        notes.append(note)
+    for node in wrong_model[:_MAX_MISMATCH_NOTES]:
+        notes.append(
+            f"node {node.peer_id} serves {_span(node.start_layer, node.end_layer)} of a "
+            f"different model ({node.model_name}, hash {node.model_hash}, "
+            f"{node.num_layers} layers; this head has hash {head.model_hash}, "
+            f"{head.num_layers} layers)"
         )
-        raise ChainConflict(message, conflicts)
+    if len(wrong_model) > _MAX_MISMATCH_NOTES:
+        notes.append(f"{len(wrong_model) - _MAX_MISMATCH_NOTES} more nodes of other models")
+    raise ChainIncomplete("; ".join(notes), missing)
 
 
 def wait_for_chain(
@@ -267,9 +302,9 @@ def wait_for_chain(
 ) -> Chain:
     """Poll ``membership.nodes()`` until :func:`assemble_chain` succeeds and return the chain.
 
-    Logs what is still missing every ``log_interval`` seconds. Raises :class:`ChainConflict` as
-    soon as one is seen, and :class:`ChainIncomplete` (naming the missing layers) after
-    ``timeout`` seconds. Errors from the DHT are logged and polling goes on.
+    Logs what is still missing every ``log_interval`` seconds and raises :class:`ChainIncomplete`
+    (naming the missing layers) after ``timeout`` seconds. Errors from the DHT are logged and
+    polling goes on.
     """
     deadline = time.monotonic() + timeout
     next_log = time.monotonic() + log_interval
@@ -285,10 +320,7 @@ def wait_for_chain(
         except ChainIncomplete as e:
             last = e
         else:
-            logger.info(
-                "chain assembled: %s",
-                ", ".join(f"{s.peer_id} ({_rng(s)}) at {s.grpc_address}" for s in chain.stages),
-            )
+            logger.info("chain assembled: %s", chain)
             return chain
         now = time.monotonic()
         if now >= deadline:

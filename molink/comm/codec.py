@@ -98,8 +98,10 @@ _ALLOWED_BY_MODULE: dict[str, tuple[str, ...]] = {
         "KVCacheGroupSpec",
         "KVCacheConfig",
     ),
-    # MoLink's own step results, and the compact dataclass form (see _TensorPickler)
+    # MoLink's own step results and resume snapshots, and the compact dataclass form
+    # (see _TensorPickler)
     "molink.core.pipeline_state": ("StageLostOutput",),
+    "molink.core.request_snapshot": ("RequestSnapshot",),
     "molink.comm.codec": ("rebuild_dataclass",),
     "torch": tuple(_TORCH_DTYPES),
 }
@@ -219,6 +221,28 @@ def loads_step_data(data: bytes) -> Any:
     if raw is None:
         raise pickle.UnpicklingError("step payload too large or truncated")
     return loads(raw)
+
+
+def dumps_step(scheduler_output: Any, snapshots: dict[str, Any]) -> bytes:
+    """A step's data: the scheduler output and the snapshots of requests it resumes."""
+    return dumps_step_data((scheduler_output, snapshots))
+
+
+def loads_step(data: bytes) -> tuple[Any, dict[str, Any]]:
+    """Inverse of :func:`dumps_step`, checking the payload's shape."""
+    from vllm.v1.core.sched.output import SchedulerOutput
+
+    from molink.core.request_snapshot import RequestSnapshot
+
+    step = loads_step_data(data)
+    if not (isinstance(step, tuple) and len(step) == 2):
+        raise pickle.UnpicklingError("malformed step payload")
+    scheduler_output, snapshots = step
+    if not isinstance(scheduler_output, SchedulerOutput) or not isinstance(snapshots, dict):
+        raise pickle.UnpicklingError("malformed step payload")
+    if not all(isinstance(k, str) and isinstance(v, RequestSnapshot) for k, v in snapshots.items()):
+        raise pickle.UnpicklingError("malformed request snapshots")
+    return scheduler_output, snapshots
 
 
 def inflate_bounded(data: bytes, limit: int) -> bytes | None:

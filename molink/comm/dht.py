@@ -38,7 +38,7 @@ logger = init_logger(__name__)
 NODES_KEY = "molink/nodes/v1"
 
 #: Allowed values of :attr:`NodeAnnouncement.state`.
-NODE_STATES = frozenset({"joining", "online"})
+NODE_STATES = frozenset({"joining", "online", "leaving"})
 
 #: Seconds added to ``2 * period`` when computing an announcement's expiration.
 EXPIRATION_MARGIN = 1.0
@@ -96,7 +96,7 @@ class NodeAnnouncement:
     start_layer: int  # inclusive
     end_layer: int  # inclusive
     grpc_address: str  # "host:port" where its gRPC service listens
-    state: str  # "joining" | "online"
+    state: str  # "joining" | "online" | "leaving" (draining before it exits)
     version: str  # molink version
     kv_capacity_bytes: int
     is_head: bool

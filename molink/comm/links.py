@@ -194,6 +194,10 @@ class ResultStream:
             )
         )
 
+    def report_leaving(self) -> None:
+        """Tell the head this node is shutting down (it moves its requests elsewhere)."""
+        self._queue.put(molink_pb2.StepResult(epoch=self.epoch, leaving=True))
+
     def close(self) -> None:
         self._queue.put(_CLOSE)
 

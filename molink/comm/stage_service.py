@@ -60,7 +60,9 @@ class StageService(molink_pb2_grpc.MoLinkNodeServicer):
         host = self._require_host(context)
         try:
             kv_cache_config = codec.loads(request.kv_cache_config)
-            host.start_stage(kv_cache_config, request.next_address, request.epoch)
+            host.start_stage(
+                kv_cache_config, request.next_address, request.epoch, standby=request.standby
+            )
         except (StageNotReady, ValueError) as e:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
         except Exception as e:
@@ -88,7 +90,12 @@ class StageService(molink_pb2_grpc.MoLinkNodeServicer):
             stream = host.result_stream(request.epoch)
         except StageNotReady as e:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
-        context.add_callback(stream.close)
+
+        def head_gone() -> None:
+            stream.close()
+            host.release(stream)
+
+        context.add_callback(head_gone)
         yield from stream
 
 

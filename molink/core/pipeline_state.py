@@ -30,6 +30,10 @@ class PipelineState:
         self.failed_epoch = 0
         self.ready_epoch = 0
         self.last_error = ""
+        # What recovery is waiting for (e.g. "no node serves layers 15-29"), while it waits.
+        self.waiting_for = ""
+        # Set by the executor (built before the scheduler) from --outage-timeout.
+        self.outage_timeout = 120.0
         self.costs = PipelineCostModel()
 
     def mark_lost(self, reason: str, epoch: int | None = None) -> int:
@@ -48,6 +52,11 @@ class PipelineState:
         with self._lock:
             if epoch == self.failed_epoch:
                 self.ready_epoch = epoch
+
+    def outage_cause(self) -> str:
+        """Why no chain serves: what recovery waits for, and the loss that started it."""
+        parts = [p for p in (self.waiting_for, self.last_error) if p]
+        return "; ".join(parts) or "no full pipeline"
 
     @property
     def chain_ready(self) -> bool:

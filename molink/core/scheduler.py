@@ -2,10 +2,17 @@
 
 When a stage is lost (the executor bumps the failure epoch), this scheduler
 
-* fails every request whose state lived on the broken chain (running, preempted, or with tokens in
-  flight) with ``FinishReason.ERROR``: the client gets an error response, the engine stays up;
-* wipes the prefix cache (its block hashes point at KV that is gone);
-* holds new requests while no full chain exists, and fails them after ``outage_timeout``;
+* preempts every request the broken chain held back to waiting, with its in-flight outputs
+  dropped (vLLM's own preempt-and-recompute path, ``reset_prefix_cache(reset_running_requests=
+  True)``), which also wipes the prefix cache (its block hashes point at KV that is gone). On the
+  rebuilt chain each request re-prefills its prompt and the tokens it generated so far and goes
+  on, so a client's stream only pauses;
+* attaches a :class:`~molink.core.request_snapshot.RequestSnapshot` to the first step that
+  resumes a request the stages of the new epoch have not seen;
+* holds all work while no full chain exists, and after ``outage_timeout`` fails the waiting
+  requests with the cause (which layers nobody serves, which node was lost) as their stop reason;
+* fails a request that has been on :data:`MAX_STAGE_LOSSES` lost chains (it may be what breaks
+  them);
 * tags every scheduler output with the epoch it belongs to, so the executor never runs a batch
   of a broken chain on a rebuilt one.
 
@@ -30,11 +37,14 @@ from vllm.v1.request import Request, RequestStatus
 
 from molink.core.micro_batching import MicroBatchPlan, plan_micro_batch
 from molink.core.pipeline_state import EPOCH_ATTR, PIPELINE_STATE, StageLostOutput
-from molink.engine.head_config import HeadConfig
+from molink.core.request_snapshot import SNAPSHOTS_ATTR, RequestSnapshot
 
 logger = init_logger(__name__)
 
 SCHEDULER_CLS = "molink.core.scheduler.PipelineScheduler"
+
+#: A request on this many lost chains is failed instead of recomputed once more.
+MAX_STAGE_LOSSES = 3
 
 
 class PipelineScheduler(Scheduler):
@@ -46,7 +56,6 @@ class PipelineScheduler(Scheduler):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.pipeline = PIPELINE_STATE
-        self.outage_timeout = HeadConfig.from_vllm_config(self.vllm_config).outage_timeout
         self.max_micro_batches = self.vllm_config.max_concurrent_batches
         self.last_plan: MicroBatchPlan | None = None
         self._schedule_seconds: dict[int, float] = {}
@@ -55,28 +64,65 @@ class PipelineScheduler(Scheduler):
         self._logged_batches = 0
         self._epoch = self.pipeline.failed_epoch
         self._down_since: float | None = None
-        self._pending_errors: list[Request] = []
+        self._pending_errors: list[tuple[Request, str]] = []
+        # Requests every stage of the current epoch holds (no snapshot needed to resume them).
+        self._known: set[str] = set()
+        self._stage_losses: dict[str, int] = {}
 
     def _barrier(self, epoch: int) -> None:
-        """First sight of failure ``epoch``: fail what the broken chain held."""
+        """First sight of failure ``epoch``: send what the broken chain held back to waiting."""
         self._epoch = epoch
-        self._down_since = time.monotonic()
-        victims = [r.request_id for r in self.running] + [
-            r.request_id
-            for r in self.requests.values()
-            if r.status == RequestStatus.PREEMPTED or r.num_computed_tokens > 0
+        if self._down_since is None:
+            self._down_since = time.monotonic()
+        affected = list(self.running) + [
+            r for r in self.requests.values() if r.status == RequestStatus.PREEMPTED
         ]
-        if victims:
-            logger.error(
-                "Failing %d request(s) after a pipeline failure: %s",
-                len(set(victims)),
-                self.pipeline.last_error,
+        doomed = []
+        for request in affected:
+            losses = self._stage_losses[request.request_id] = (
+                self._stage_losses.get(request.request_id, 0) + 1
             )
-            self._fail(victims)
-        self.reset_prefix_cache()
+            if losses >= MAX_STAGE_LOSSES or request.mm_features:
+                doomed.append(request.request_id)
+        if doomed:
+            self._fail(
+                doomed,
+                f"request was on {MAX_STAGE_LOSSES} lost pipelines (or has multimodal inputs, "
+                f"which can't be recomputed); last loss: {self.pipeline.last_error}",
+            )
+        num_running = len(self.running)
+        try:
+            self.reset_prefix_cache(reset_running_requests=True)
+        except RuntimeError as e:  # blocks held outside the running set (KV connectors)
+            logger.error("Can't recompute after the pipeline failure (%s): failing requests", e)
+            self._fail(list(self.requests), f"{self.pipeline.last_error} ({e})")
+            self.reset_prefix_cache()
+        self._known.clear()
+        logger.warning(
+            "Pipeline failure (%s): %d running request(s) preempted; they resume on the rebuilt "
+            "chain",
+            self.pipeline.last_error,
+            num_running,
+        )
 
-    def _fail(self, request_ids: list[str]) -> None:
-        self._pending_errors += self.finish_requests(request_ids, RequestStatus.FINISHED_ERROR)
+    def _fail(self, request_ids: list[str], cause: str) -> None:
+        for request in self.finish_requests(request_ids, RequestStatus.FINISHED_ERROR):
+            logger.error("Request %s failed: %s", request.request_id, cause)
+            self._pending_errors.append((request, cause))
+
+    def _attach_snapshots(self, output: SchedulerOutput) -> None:
+        """Ship what stages need to resume requests they don't hold (after a reset)."""
+        snapshots = {
+            rid: RequestSnapshot.of(self.requests[rid])
+            for rid in output.scheduled_cached_reqs.resumed_req_ids
+            if rid not in self._known
+        }
+        if snapshots:
+            setattr(output, SNAPSHOTS_ATTR, snapshots)
+        self._known.update(output.num_scheduled_tokens)
+        self._known.difference_update(output.finished_req_ids)
+        for rid in output.finished_req_ids:
+            self._stage_losses.pop(rid, None)
 
     def schedule(self, throttle_prefills: bool = False) -> SchedulerOutput:
         if self.pipeline.failed_epoch > self._epoch:
@@ -93,6 +139,7 @@ class PipelineScheduler(Scheduler):
             self._schedule_seconds[id(output)] = time.monotonic() - started
             if output.total_num_scheduled_tokens:
                 self._in_flight.add(id(output))
+            self._attach_snapshots(output)
         setattr(output, EPOCH_ATTR, self._epoch)
         return output
 
@@ -152,13 +199,15 @@ class PipelineScheduler(Scheduler):
         """No full chain: schedule nothing (but still emit finished ids), bounded in time."""
         time.sleep(self.HOLD_SLEEP_S)  # the engine loop keeps stepping while requests wait
         down_for = time.monotonic() - (self._down_since or time.monotonic())
-        if self.requests and down_for > self.outage_timeout:
+        if self.requests and down_for > self.pipeline.outage_timeout:
+            cause = self.pipeline.outage_cause()
             logger.error(
-                "No full pipeline for %.0f s: failing %d waiting request(s)",
-                self.outage_timeout,
+                "No full pipeline for %.0f s: failing %d waiting request(s): %s",
+                self.pipeline.outage_timeout,
                 len(self.requests),
+                cause,
             )
-            self._fail(list(self.requests))
+            self._fail(list(self.requests), cause)
         return self._schedule_nothing(throttle_prefills)
 
     def _schedule_nothing(self, throttle_prefills: bool) -> SchedulerOutput:
@@ -186,7 +235,7 @@ class PipelineScheduler(Scheduler):
                 scheduler_output.total_num_scheduled_tokens,
                 scheduled + time.monotonic() - started,
             )
-        for request in self._pending_errors:
+        for request, cause in self._pending_errors:
             engine_outputs = outputs.get(request.client_index)
             if engine_outputs is None:
                 engine_outputs = outputs[request.client_index] = EngineCoreOutputs(outputs=[])
@@ -195,6 +244,9 @@ class PipelineScheduler(Scheduler):
                     request_id=request.request_id,
                     new_token_ids=[],
                     finish_reason=request.get_finished_reason(),
+                    # The API server turns this into the client's error message
+                    # (molink.entrypoints.failure_reasons).
+                    stop_reason=cause,
                     events=request.take_events(),
                     trace_headers=request.trace_headers,
                 )

@@ -1,7 +1,8 @@
 """What the head's engine process needs to know about the pipeline it drives.
 
-The API-server process assembles the chain from DHT announcements, then starts vLLM's engine;
-the chain reaches the executor (in the EngineCore process) through vLLM's ``additional_config``.
+The API-server process assembles the first chain from DHT announcements, then starts vLLM's
+engine; the chain reaches the executor (in the EngineCore process) through vLLM's
+``additional_config``. From then on the executor keeps its own view of the swarm.
 """
 
 from __future__ import annotations
@@ -11,12 +12,14 @@ from typing import Any
 
 from vllm.config import VllmConfig
 
-from molink.engine.stage_config import ADDITIONAL_CONFIG_KEY
+from molink.comm.dht import NodeAnnouncement
+from molink.config import DEFAULT_OUTAGE_TIMEOUT_S, DEFAULT_STEP_TIMEOUT_S
+from molink.engine.stage_config import ADDITIONAL_CONFIG_KEY, StagePlacement, placement_dict
 
 
 @dataclass(frozen=True)
 class RemoteStageSpec:
-    """One remote stage of the chain."""
+    """One remote stage of the chain: a node and the layers it serves for this head."""
 
     address: str
     peer_id: str
@@ -28,36 +31,51 @@ class RemoteStageSpec:
 class HeadConfig:
     """The pipeline as the head's executor and scheduler see it."""
 
-    partition: tuple[int, ...]
+    head: dict[str, Any]  # the head's NodeAnnouncement, as a dict
     stages: tuple[RemoteStageSpec, ...]
-    model_hash: str
     dht_maddrs: tuple[str, ...] = ()
-    head_host: str = ""  # where stage 0 runs: stages on one host share its cores
     wire_dtype: str | None = None
     wire_compression: str | None = None
     max_micro_batches: int = 1
-    step_timeout: float = 120.0
+    step_timeout: float = DEFAULT_STEP_TIMEOUT_S
     stage_init_timeout: float = 600.0
-    outage_timeout: float = 120.0
-    recovery_poll_interval: float = 2.0
+    outage_timeout: float = DEFAULT_OUTAGE_TIMEOUT_S
+    recovery_poll_interval: float = 1.0
+    swarm_refresh_interval: float = 2.0
+
+    @property
+    def head_node(self) -> NodeAnnouncement:
+        return NodeAnnouncement.from_dict(self.head)
+
+    @property
+    def model_hash(self) -> str:
+        return str(self.head.get("model_hash", ""))
+
+    @property
+    def head_host(self) -> str:
+        """Where stage 0 runs: stages on one host share its cores."""
+        return str(self.head.get("grpc_address", "")).rpartition(":")[0]
+
+    @property
+    def placement(self) -> StagePlacement:
+        """The head's own stage (stage 0)."""
+        return StagePlacement(0, int(self.head["end_layer"]), int(self.head["num_layers"]))
 
     def to_additional_config(self) -> dict[str, Any]:
         """The ``additional_config`` entry for vLLM (plain JSON types)."""
         d = asdict(self)
-        d["rank"] = 0
-        d["partition"] = list(self.partition)
         d["stages"] = [asdict(s) for s in self.stages]
         d["dht_maddrs"] = list(self.dht_maddrs)
+        d["placement"] = placement_dict(self.placement)
         return {ADDITIONAL_CONFIG_KEY: d}
 
     @classmethod
     def from_vllm_config(cls, vllm_config: VllmConfig) -> HeadConfig:
+        """The head's pipeline, as :meth:`to_additional_config` put it into the engine config."""
         raw = dict((vllm_config.additional_config or {}).get(ADDITIONAL_CONFIG_KEY) or {})
-        if not raw:  # plain single-node use: the head serves every layer
-            layers = vllm_config.model_config.get_total_num_hidden_layers()
-            return cls(partition=(layers,), stages=(), model_hash="")
-        raw.pop("rank", None)
-        raw["partition"] = tuple(raw["partition"])
+        if "head" not in raw:
+            raise ValueError("the engine was not started by a MoLink head (no pipeline config)")
+        raw.pop("placement", None)
         raw["stages"] = tuple(RemoteStageSpec(**s) for s in raw["stages"])
         raw["dht_maddrs"] = tuple(raw.get("dht_maddrs", ()))
         return cls(**raw)

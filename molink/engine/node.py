@@ -2,33 +2,43 @@
 
 Start-up order, the same on every node: read the model's identity, open the gRPC service (so
 others can resolve ``HOST:PORT`` to DHT addresses), join the DHT (retrying while the initial peer
-is not up yet), announce. A head then waits for stages covering every layer and builds vLLM engine
-arguments that drive them; a follower waits for a head to call ``InitStage``.
+is not up yet), choose its span if it has none (:mod:`molink.core.span_choice`), announce. A head
+then waits for stages covering every layer and builds vLLM engine arguments that drive them; a
+follower waits for a head to call ``InitStage``. A follower told to stop (SIGTERM) announces that
+it is leaving and keeps serving until the head has moved off it (:meth:`Node.leave`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import random
 import time
+from pathlib import Path
 
 import grpc
 from vllm.engine.arg_utils import AsyncEngineArgs, EngineArgs
 from vllm.logger import init_logger
 
 import molink
-from molink.comm.chain import Chain, wait_for_chain
+from molink.comm.chain import Chain, Hop, wait_for_chain
 from molink.comm.dht import Membership, NodeAnnouncement
 from molink.comm.links import connect
 from molink.comm.proto import molink_pb2
 from molink.comm.stage_service import StageService, start_grpc_server
-from molink.config import MoLinkConfig, model_identity
+from molink.config import ModelIdentity, MoLinkConfig, model_identity
 from molink.core.scheduler import SCHEDULER_CLS
+from molink.core.span_choice import choose_span, coverage, needs_move
 from molink.engine.head_config import HeadConfig, RemoteStageSpec
 from molink.engine.stage_host import StageHost
 from molink.worker.stage_worker import WORKER_CLS
 
 logger = init_logger(__name__)
+
+# A node choosing its span waits this long for others' simultaneous choices to show in the DHT.
+SPAN_SETTLE_S = 2.0
+# Memory kept free when sizing a span: the runtime, activations, the OS.
+MEMORY_RESERVE_BYTES = 2 * 2**30
 
 
 def _ask_dht_maddrs(peer: str) -> tuple[list[str], str]:
@@ -74,6 +84,38 @@ def resolve_initial_peers(peers: tuple[str, ...], timeout: float) -> list[str]:
     return maddrs
 
 
+def layers_that_fit(engine_args: EngineArgs, identity: ModelIdentity) -> int:
+    """How many layers' weights fit in this machine's free memory, beside its KV cache.
+
+    Per-layer size is estimated from the checkpoint files (embeddings included, so it errs
+    high), scaled to the serving dtype when it is wider than the checkpoint's.
+    """
+    files = [
+        f
+        for pattern in ("*.safetensors", "*.bin", "*.gguf")
+        for f in Path(engine_args.model).glob(pattern)
+    ]
+    checkpoint_bytes = sum(f.stat().st_size for f in files)
+    if not checkpoint_bytes:
+        return identity.num_layers
+    widen = 2 if str(engine_args.dtype) in ("float32", "float") else 1
+    per_layer = widen * checkpoint_bytes / identity.num_layers
+    kv_bytes = float(os.environ.get("VLLM_CPU_KVCACHE_SPACE", "4") or 4) * 2**30
+    budget = _available_memory() - kv_bytes - MEMORY_RESERVE_BYTES
+    return max(1, int(budget // per_layer))
+
+
+def _available_memory() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 class Node:
     """A running MoLink node (head or follower)."""
 
@@ -81,12 +123,23 @@ class Node:
         self.engine_args = engine_args
         self.config = config
         self.identity = model_identity(engine_args.model, engine_args.trust_remote_code)
-        self.start_layer, self.end_layer = config.layers_for(self.identity.num_layers)
+        if config.chooses_span:
+            # Decided once the swarm is visible (start()); never the head's layer 0.
+            self.start_layer, self.end_layer = 1, self.identity.num_layers - 1
+        else:
+            self.start_layer, self.end_layer = config.layers_for(self.identity.num_layers)
         self.is_head = self.start_layer == 0
-        self.host = None if self.is_head else StageHost(engine_args, self.identity.config_hash)
+        self.host = (
+            None if self.is_head else StageHost(engine_args, self.identity.config_hash, self.layers)
+        )
         self.membership: Membership | None = None
         self.grpc_server: grpc.Server | None = None
         self.grpc_port = config.grpc_port
+        self.state = "joining"
+
+    @property
+    def layers(self) -> tuple[int, int]:
+        return self.start_layer, self.end_layer
 
     @property
     def grpc_address(self) -> str:
@@ -105,6 +158,9 @@ class Node:
             port=self.config.dht_port,
             announce_host=self.config.announce_host,
         )
+        if self.config.chooses_span:
+            self._choose_span()
+        self.state = "online"
         self.membership.announce(self.announcement())
         logger.info(
             "MoLink %s serving layers %d-%d of %s (%d layers); gRPC %s; DHT %s",
@@ -117,6 +173,51 @@ class Node:
             " ".join(self.membership.visible_maddrs()),
         )
 
+    def _choose_span(self) -> None:
+        """Take the span the swarm needs most, sized by memory or ``--num_layers``."""
+        assert self.membership is not None and self.host is not None
+        size = self.config.layers_to_serve or layers_that_fit(self.engine_args, self.identity)
+        time.sleep(random.uniform(0, 1))  # de-synchronize nodes started together
+        for attempt in range(3):
+            served, first = self._swarm_coverage()
+            if attempt and not needs_move(served, self.layers, first):
+                break
+            self.start_layer, self.end_layer = choose_span(served, size, first)
+            self.host.layers = self.layers
+            self.membership.announce(self.announcement())  # as "joining"
+            time.sleep(SPAN_SETTLE_S)
+        logger.info(
+            "Chose layers %d-%d (%d layer(s)%s): where the swarm's coverage is thinnest",
+            self.start_layer,
+            self.end_layer,
+            self.end_layer - self.start_layer + 1,
+            "" if self.config.layers_to_serve else ", as many as fit in memory",
+        )
+
+    def _swarm_coverage(self) -> tuple[list[float], int]:
+        """Per layer, how many other nodes of this model serve it; and the first layer to pick.
+
+        Layers every head serves (at least layer 0) are never chosen: a follower there would
+        serve nobody.
+        """
+        assert self.membership is not None
+        nodes = [
+            n
+            for n in self.membership.nodes()
+            if n.peer_id != self.membership.peer_id
+            and n.model_hash == self.identity.config_hash
+            and n.num_layers == self.identity.num_layers
+            and n.state != "leaving"
+        ]
+        heads = [n for n in nodes if n.is_head]
+        first = min((h.end_layer + 1 for h in heads), default=1)
+        first = min(first, self.identity.num_layers - 1)
+        served = coverage(
+            self.identity.num_layers,
+            ((n.start_layer, n.end_layer, 1.0) for n in nodes if not n.is_head),
+        )
+        return served, first
+
     def announcement(self) -> NodeAnnouncement:
         assert self.membership is not None
         kv_bytes = int(float(os.environ.get("VLLM_CPU_KVCACHE_SPACE", "0") or 0) * 2**30)
@@ -128,7 +229,7 @@ class Node:
             start_layer=self.start_layer,
             end_layer=self.end_layer,
             grpc_address=self.grpc_address,
-            state="online",
+            state=self.state,
             version=molink.__version__,
             kv_capacity_bytes=kv_bytes,
             is_head=self.is_head,
@@ -144,7 +245,11 @@ class Node:
             start_layer=self.start_layer,
             end_layer=self.end_layer,
             num_layers=self.identity.num_layers,
-            state=self.host.state if self.host else "head",
+            state="leaving"
+            if self.state == "leaving"
+            else self.host.state
+            if self.host
+            else "head",
             version=molink.__version__,
             is_head=self.is_head,
         )
@@ -153,7 +258,7 @@ class Node:
         """Head: block until nodes cover every layer once (raises ChainError otherwise)."""
         assert self.membership is not None and self.is_head
         if self.end_layer == self.identity.num_layers - 1:
-            return Chain(stages=(self.announcement(),))
+            return Chain(stages=(Hop(self.announcement(), 0, self.end_layer),))
         logger.info(
             "Waiting up to %.0f s for nodes serving layers %d-%d",
             self.config.chain_timeout,
@@ -168,7 +273,7 @@ class Node:
 
         assert self.membership is not None
         head = HeadConfig(
-            partition=tuple(chain.partition),
+            head=self.announcement().to_dict(),
             stages=tuple(
                 RemoteStageSpec(
                     address=s.grpc_address,
@@ -178,9 +283,7 @@ class Node:
                 )
                 for s in chain.stages[1:]
             ),
-            model_hash=self.identity.config_hash,
             dht_maddrs=tuple(self.membership.visible_maddrs()),
-            head_host=self.config.announce_host or "",
             wire_dtype=self.config.wire_dtype,
             wire_compression=self.config.wire_compression,
             max_micro_batches=self.config.max_micro_batches,
@@ -198,6 +301,31 @@ class Node:
                 **head.to_additional_config(),
             },
         )
+
+    def leave(self) -> None:
+        """Follower: announce that this node is leaving and wait until the head moved off it.
+
+        The head then rebuilds its chain without this node and recomputes the requests it held
+        elsewhere; this node keeps serving meanwhile, for at most ``--leave-timeout`` seconds.
+        """
+        if self.host is None or self.membership is None:
+            return
+        self.state = "leaving"
+        try:
+            self.membership.update(state="leaving")
+        except Exception as e:  # noqa: BLE001  # the DHT may be gone; the head still hears below
+            logger.warning("could not announce leaving: %s", e)
+        if not self.host.announce_leaving():
+            return
+        logger.info(
+            "Leaving: waiting up to %.0f s for the head to move its requests to other nodes",
+            self.config.leave_timeout,
+        )
+        started = time.monotonic()
+        if self.host.wait_released(self.config.leave_timeout):
+            logger.info("The head moved off this node after %.1f s", time.monotonic() - started)
+        else:
+            logger.warning("The head still uses this node after %.0f s", self.config.leave_timeout)
 
     def shutdown(self) -> None:
         """Leave the swarm and stop serving (idempotent)."""

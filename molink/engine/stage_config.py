@@ -39,16 +39,36 @@ HEAD_ENGINE_FIELDS = (
 
 @dataclass(frozen=True)
 class StagePlacement:
-    """Pipeline rank of this process and the layer count of every stage."""
+    """The layers ``start_layer..end_layer`` (inclusive) of a ``num_layers``-layer model.
 
-    rank: int
-    partition: tuple[int, ...]
+    A stage's worker depends only on its own span (and on being first or last), never on how the
+    rest of the chain is split, so a surviving stage keeps its worker when other hops change.
+    vLLM builds it as pipeline rank :attr:`rank` of the layer split :attr:`partition`.
+    """
+
+    start_layer: int
+    end_layer: int
+    num_layers: int
 
     def __post_init__(self) -> None:
-        if not self.partition or any(n <= 0 for n in self.partition):
-            raise ValueError(f"invalid layer partition {self.partition}")
-        if not 0 <= self.rank < len(self.partition):
-            raise ValueError(f"stage rank {self.rank} outside {len(self.partition)} stages")
+        if not 0 <= self.start_layer <= self.end_layer < self.num_layers:
+            raise ValueError(
+                f"invalid layers {self.start_layer}-{self.end_layer} of {self.num_layers}"
+            )
+
+    @property
+    def partition(self) -> tuple[int, ...]:
+        """Layer counts: [before this stage,] this stage[, after it]."""
+        counts = (
+            self.start_layer,
+            self.end_layer - self.start_layer + 1,
+            self.num_layers - 1 - self.end_layer,
+        )
+        return tuple(n for n in counts if n > 0)
+
+    @property
+    def rank(self) -> int:
+        return 0 if self.start_layer == 0 else 1
 
 
 @dataclass(frozen=True)
@@ -84,10 +104,7 @@ class StageConfig:
         wire_dtype, wire_compression = raw.get("wire_dtype"), raw.get("wire_compression")
         WireFormat.from_names(wire_dtype, wire_compression)  # validates both
         return cls(
-            placement=StagePlacement(
-                rank=int(placement["rank"]),
-                partition=tuple(int(n) for n in placement["partition"]),
-            ),
+            placement=placement_from_dict(placement),
             model_hash=str(raw["model_hash"]),
             engine_overrides=overrides,
             wire_dtype=wire_dtype,
@@ -127,19 +144,30 @@ def stage_engine_config(
         **stage.engine_overrides,
         pipeline_parallel_size=len(stage.placement.partition),
         distributed_executor_backend=executor_cls,
-        additional_config={ADDITIONAL_CONFIG_KEY: placement_dict(stage.placement)},
+        additional_config={ADDITIONAL_CONFIG_KEY: {"placement": placement_dict(stage.placement)}},
     )
     return args.create_engine_config()
 
 
 def placement_dict(placement: StagePlacement) -> dict[str, Any]:
-    return {"rank": placement.rank, "partition": list(placement.partition)}
+    return dataclasses.asdict(placement)
+
+
+def placement_from_dict(raw: Any) -> StagePlacement:
+    """Parse and validate a placement (raises ValueError, KeyError or TypeError)."""
+    if not isinstance(raw, dict):
+        raise ValueError("placement must be a JSON object")
+    return StagePlacement(
+        start_layer=int(raw["start_layer"]),
+        end_layer=int(raw["end_layer"]),
+        num_layers=int(raw["num_layers"]),
+    )
 
 
 def stage_placement(vllm_config: VllmConfig) -> StagePlacement:
     """This process's placement, from ``additional_config`` (a single stage if absent)."""
+    num_layers = vllm_config.model_config.get_total_num_hidden_layers()
     extra = (vllm_config.additional_config or {}).get(ADDITIONAL_CONFIG_KEY)
     if not extra:
-        num_layers = vllm_config.model_config.get_total_num_hidden_layers()
-        return StagePlacement(rank=0, partition=(num_layers,))
-    return StagePlacement(rank=int(extra["rank"]), partition=tuple(extra["partition"]))
+        return StagePlacement(0, num_layers - 1, num_layers)
+    return placement_from_dict(extra["placement"])

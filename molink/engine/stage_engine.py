@@ -24,6 +24,7 @@ from vllm.v1.core.sched.output import GrammarOutput, SchedulerOutput
 from vllm.v1.outputs import ModelRunnerOutput
 
 from molink.core.micro_batching import StageTiming
+from molink.core.request_snapshot import RequestSnapshot
 
 logger = init_logger(__name__)
 
@@ -39,6 +40,8 @@ class StepWork:
     scheduler_output: SchedulerOutput
     # Restricted-pickle bytes of scheduler_output, forwarded as received (never re-encoded).
     scheduler_output_bytes: bytes
+    # Requests this step resumes, for stages that don't hold them (after a pipeline failure).
+    snapshots: dict[str, RequestSnapshot] = field(default_factory=dict)
     # Activations from the previous stage, each [num_tokens, hidden_size]; None on stage 0.
     tensors: dict[str, torch.Tensor] | None = None
     # The head asked for sampled tokens (tokens were scheduled).
@@ -132,7 +135,7 @@ class StageEngine:
         start = time.monotonic()
         try:
             output = self.worker.execute_stage(
-                work.scheduler_output, work.tensors, work.sample, work.grammar
+                work.scheduler_output, work.tensors, work.sample, work.grammar, work.snapshots
             )
         except Exception as e:
             logger.exception("%s: step %d failed", self.name, work.step_id)

@@ -1,15 +1,19 @@
 """A follower node's stage: built on the head's request, fed by the previous stage.
 
 The head drives a remote stage in two calls (see ``molink.comm.stage_service``):
-``InitStage`` builds the worker with the head's limits and loads only this slice's weights, and
-reports the KV cache spec and memory; ``StartStage`` allocates the KV cache the head planned,
-forgets all requests, and wires the output to the next stage (or to the head's result stream).
-After a pipeline failure the head calls ``StartStage`` again with a new epoch.
+``InitStage`` builds the worker for a span of the layers this node holds, with the head's
+limits, loading only that span's weights, and reports the KV cache spec and memory;
+``StartStage`` allocates the KV cache the head planned, forgets all requests, and wires the
+output to the next stage (or to the head's result stream). After a pipeline failure the head
+calls ``StartStage`` again with a new epoch. A *standby* ``StartStage`` only allocates: the node
+is kept ready to replace a stage. When the head stops listening to the result stream, the node
+stops serving it; a node that is shutting down tells the head on that stream first.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 import torch
@@ -33,9 +37,11 @@ class StageNotReady(RuntimeError):
 class StageHost:
     """The stage a follower serves for the current head."""
 
-    def __init__(self, engine_args: EngineArgs, model_hash: str) -> None:
+    def __init__(self, engine_args: EngineArgs, model_hash: str, layers: tuple[int, int]) -> None:
+        """``layers``: the (start, end) span this node holds; it serves any part of it."""
         self.engine_args = engine_args
         self.model_hash = model_hash
+        self.layers = layers
         self.config: StageConfig | None = None
         self.worker: Any = None
         self.engine: StageEngine | None = None
@@ -47,49 +53,84 @@ class StageHost:
 
     @property
     def state(self) -> str:
-        """ "idle" (no head yet), "loaded" (worker built) or "serving"."""
+        """ "idle" (no head yet), "loaded" (worker built, or on standby) or "serving"."""
         if self.engine is None:
             return "idle"
         return "serving" if self.results is not None else "loaded"
 
+    @property
+    def serving_span(self) -> tuple[int, int] | None:
+        """The layers this node's worker is built for (None before a head asked)."""
+        if self.config is None:
+            return None
+        return self.config.placement.start_layer, self.config.placement.end_layer
+
     def init_stage(self, config: StageConfig) -> tuple[bytes, int]:
         """Build the worker (once per configuration); return (KV spec payload, KV bytes)."""
-        from molink.executor.pipeline_executor import PipelineExecutor
 
         if config.model_hash != self.model_hash:
             raise ValueError(f"head serves model {config.model_hash}, this node {self.model_hash}")
+        placement = config.placement
+        if not self.layers[0] <= placement.start_layer <= placement.end_layer <= self.layers[1]:
+            raise ValueError(
+                f"asked for layers {placement.start_layer}-{placement.end_layer}; this node "
+                f"holds {self.layers[0]}-{self.layers[1]}"
+            )
         with self._lock:
             if self.config != config:
-                self._shutdown_worker()
-                vllm_config = stage_engine_config(self.engine_args, config, PipelineExecutor)
-                from molink.worker.stage_worker import create_stage_worker
-
-                logger.info(
-                    "Building stage %d of %d (limits from the head: %s)",
-                    config.placement.rank,
-                    len(config.placement.partition),
-                    config.engine_overrides,
-                )
-                self.worker = create_stage_worker(vllm_config, config.placement.rank)
-                self.model_dtype = vllm_config.model_config.dtype
-                self.engine = StageEngine(self.worker, f"stage{config.placement.rank}")
-                self.config = config
-                self.kv_cache_config = None
+                self._build(config)
             spec = self.worker.get_kv_cache_spec()
             available = self.worker.determine_available_memory()
             return codec.dumps(spec), int(available)
 
-    def start_stage(self, kv_cache_config: KVCacheConfig, next_address: str, epoch: int) -> None:
-        """Allocate the KV cache (first time), reset, and wire the output for ``epoch``."""
+    def _build(self, config: StageConfig) -> None:
+        """(Re)build the worker for ``config``'s span and limits (caller holds the lock)."""
+        from molink.executor.pipeline_executor import PipelineExecutor
+        from molink.worker.stage_worker import create_stage_worker
+
+        self._close_links()
+        self._shutdown_worker()
+        vllm_config = stage_engine_config(self.engine_args, config, PipelineExecutor)
+        placement = config.placement
+        logger.info(
+            "Building the stage for layers %d-%d (limits from the head: %s)",
+            placement.start_layer,
+            placement.end_layer,
+            config.engine_overrides,
+        )
+        self.worker = create_stage_worker(vllm_config, placement.rank)
+        self.model_dtype = vllm_config.model_config.dtype
+        self.engine = StageEngine(
+            self.worker, f"layers {placement.start_layer}-{placement.end_layer}"
+        )
+        self.config = config
+        self.kv_cache_config = None
+
+    def start_stage(
+        self,
+        kv_cache_config: KVCacheConfig,
+        next_address: str,
+        epoch: int,
+        standby: bool = False,
+    ) -> None:
+        """Allocate the KV cache (first time); unless ``standby``, reset and wire ``epoch``."""
         with self._lock:
             if self.engine is None or self.config is None:
                 raise StageNotReady("StartStage before InitStage")
+            if self.kv_cache_config is not None and self.kv_cache_config != kv_cache_config:
+                logger.info("The head planned another KV cache: rebuilding the stage")
+                self._build(self.config)
             if self.kv_cache_config is None:
-                self.worker.initialize_from_config([kv_cache_config])
-                self.worker.compile_or_warm_up_model()
+                try:
+                    self.worker.initialize_from_config([kv_cache_config])
+                    self.worker.compile_or_warm_up_model()
+                except Exception:
+                    self._build(self.config)  # a half-initialized worker can't be retried
+                    raise
                 self.kv_cache_config = kv_cache_config
-            elif self.kv_cache_config != kv_cache_config:
-                raise ValueError("KV cache plan differs from the one allocated; restart the node")
+            if standby:
+                logger.info("Standing by for layers %d-%d", *self.serving_span)
+                return
             self._close_links()
             self.results = ResultStream(epoch)
             if next_address:
@@ -104,8 +145,8 @@ class StageHost:
                 sink = self.results
             self.engine.start_epoch(epoch, sink)
             logger.info(
-                "Stage %d serving epoch %d -> %s",
-                self.config.placement.rank,
+                "Serving layers %d-%d, epoch %d -> %s",
+                *self.serving_span,
                 epoch,
                 next_address or "head (last stage)",
             )
@@ -115,11 +156,12 @@ class StageHost:
         engine = self.engine
         if engine is None:
             raise StageNotReady("steps before InitStage")
+        snapshots: dict = {}
         if msg.error:
             so = None
             tensors = None
         else:
-            so = codec.loads_step_data(msg.scheduler_output)
+            so, snapshots = codec.loads_step(msg.scheduler_output)
             tensors = codec.decode_tensors(list(msg.tensors), self.model_dtype) or None
         grammar = codec.loads(msg.grammar_output) if msg.grammar_output else None
         engine.submit(
@@ -128,6 +170,7 @@ class StageHost:
                 epoch=msg.epoch,
                 scheduler_output=so,  # type: ignore[arg-type]
                 scheduler_output_bytes=msg.scheduler_output,
+                snapshots=snapshots,
                 tensors=tensors,
                 sample=msg.sample,
                 grammar=lambda: grammar,
@@ -141,6 +184,33 @@ class StageHost:
         if results is None or results.epoch != epoch:
             raise StageNotReady(f"no result stream for epoch {epoch}")
         return results
+
+    def release(self, results: ResultStream) -> None:
+        """The head stopped listening to ``results``: stop serving it (if still current)."""
+        with self._lock:
+            if self.results is not results:
+                return
+            self._close_links()
+            if self.engine is not None:
+                self.engine.start_epoch(self.engine.epoch, None)  # drops steps still queued
+            logger.info("The head released this stage")
+
+    def announce_leaving(self) -> bool:
+        """Tell the head this node is leaving; False if no head is using it."""
+        results = self.results
+        if results is None:
+            return False
+        results.report_leaving()
+        return True
+
+    def wait_released(self, timeout: float) -> bool:
+        """Wait until no head uses this stage; False on timeout."""
+        deadline = time.monotonic() + timeout
+        while self.results is not None:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.1)
+        return True
 
     def shutdown(self) -> None:
         with self._lock:

@@ -31,6 +31,7 @@ from vllm.utils.argparse_utils import FlexibleArgumentParser
 
 from molink.comm.chain import ChainError
 from molink.config import add_molink_args
+from molink.entrypoints.failure_reasons import failure_cause
 from molink.entrypoints.launch import run_node
 
 logger = init_logger("molink.entrypoints.api_server")
@@ -64,6 +65,10 @@ def build_generate_app(engine: EngineClient) -> FastAPI:
 
         async def stream_results() -> AsyncGenerator[bytes, None]:
             async for output in results:
+                cause = failure_cause(output)
+                if cause is not None:
+                    yield (json.dumps({"error": cause}) + "\n").encode()
+                    return
                 text = [prompt + o.text for o in output.outputs]
                 yield (json.dumps({"text": text}) + "\n").encode()
 
@@ -82,6 +87,9 @@ def build_generate_app(engine: EngineClient) -> FastAPI:
             logger.error("request %s failed: %s", request_id, e)
             return JSONResponse({"error": str(e) or type(e).__name__}, status_code=500)
         assert final is not None
+        cause = failure_cause(final)
+        if cause is not None:
+            return JSONResponse({"error": cause}, status_code=503)
         return JSONResponse({"text": [prompt + o.text for o in final.outputs]})
 
     return app

@@ -32,6 +32,7 @@ async def run_node(
         await asyncio.to_thread(node.start)
         if not node.is_head:
             await serve_stage_status(node, args.host, args.port)
+            await asyncio.to_thread(node.leave)  # told to stop: let the head move off first
             return
         chain = await asyncio.to_thread(node.wait_for_chain)
         logger.info(
@@ -61,10 +62,13 @@ def build_status_app(node: Node) -> FastAPI:
                 "model": node.identity.name,
                 "model_hash": node.identity.config_hash,
                 "serving_layers": [node.start_layer, node.end_layer],
+                "span_chosen_automatically": node.config.chooses_span,
+                # The part of its layers this node serves for the head (a sub-span, or none).
+                "serving_for_head": list(host.serving_span) if host and host.serving_span else None,
                 "num_layers": node.identity.num_layers,
                 "grpc_address": node.grpc_address,
                 "peer_id": node.membership.peer_id if node.membership else None,
-                "state": host.state if host else "head",
+                "state": "leaving" if node.state == "leaving" else host.state if host else "head",
                 "steps_done": engine.steps_done if engine else 0,
                 "busy_seconds": round(engine.busy_seconds, 3) if engine else 0.0,
                 "next_hop": host.next_link.stats() if host and host.next_link else None,

@@ -1,7 +1,7 @@
 """The head's vLLM executor: stage 0 in-process, the other stages over gRPC.
 
 vLLM runs with ``pipeline_parallel_size = number of stages``, so its scheduler and batch queue do
-the bookkeeping: EngineCore keeps up to N batches in flight and calls ``execute_model`` then
+the bookkeeping: EngineCore keeps several batches in flight and calls ``execute_model`` then
 ``sample_tokens`` for each. This executor:
 
 * builds the local stage-0 worker and asks every remote stage to build its own (``InitStage``),
@@ -10,42 +10,44 @@ the bookkeeping: EngineCore keeps up to N batches in flight and calls ``execute_
   the last stage streams sampled tokens straight back here (``Results``);
 * records how long each stage computed each step and how long the rest of the round trip took,
   for the scheduler's micro-batching policy (:mod:`molink.core.micro_batching`);
-* never raises from a step: when a stage is lost, every pending step is answered with a
-  :class:`~molink.core.pipeline_state.StageLostOutput`, the failure epoch is bumped (the
-  scheduler then fails the affected requests) and a recovery thread rebuilds the chain, waiting
-  for a node serving the missing layers to come back.
+* never raises from a step: when a stage is lost (a broken stream, an error, or no answer within
+  ``--step-timeout``), every pending step is answered with a
+  :class:`~molink.core.pipeline_state.StageLostOutput` and the failure epoch is bumped (the
+  scheduler then preempts the affected requests to recompute them); its :class:`ChainKeeper`
+  builds the next chain from the swarm and the pipeline serves again.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
 from vllm.logger import init_logger
+from vllm.v1.core.kv_cache_utils import get_kv_cache_configs
 from vllm.v1.core.sched.output import GrammarOutput, SchedulerOutput
 from vllm.v1.executor.abstract import Executor
 from vllm.v1.kv_cache_interface import KVCacheConfig, KVCacheSpec
 from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
 
 from molink.comm import codec
-from molink.comm.links import NextHopLink, connect, timings_from_proto
-from molink.comm.proto import molink_pb2
+from molink.comm.chain import ChainError
+from molink.comm.links import NextHopLink, timings_from_proto
 from molink.core.micro_batching import StageTiming
 from molink.core.pipeline_state import PIPELINE_STATE, epoch_of, lost_output
+from molink.core.request_snapshot import snapshots_of
 from molink.engine import batch_queue_bound
-from molink.engine.head_config import HeadConfig, RemoteStageSpec
-from molink.engine.stage_config import (
-    StageConfig,
-    StagePlacement,
-    head_engine_overrides,
-)
+from molink.engine.head_config import HeadConfig
+from molink.engine.stage_config import StageConfig, StagePlacement, head_engine_overrides
 from molink.engine.stage_engine import StageEngine, StageOutput, StepWork
+from molink.executor.chain_keeper import ChainKeeper, StageRefused
+from molink.executor.remote_stage import RemoteStage
 from molink.worker.stage_worker import create_stage_worker
 
 logger = init_logger(__name__)
@@ -80,43 +82,6 @@ def _changes_stage_state(scheduler_output: SchedulerOutput) -> bool:
     )
 
 
-class RemoteStage:
-    """The head's handle on one remote stage."""
-
-    def __init__(self, spec: RemoteStageSpec, rank: int) -> None:
-        self.spec = spec
-        self.rank = rank
-        self.address = spec.address
-        self.kv_cache_spec: dict[str, KVCacheSpec] | None = None
-        self.available_kv_bytes = 0
-        self.results_call: Any = None
-        self._channel, self.stub = connect(self.address)
-
-    def retarget(self, address: str, peer_id: str) -> None:
-        """Point this handle at a replacement node serving the same layers."""
-        self._channel.close()
-        self.address = address
-        self.spec = RemoteStageSpec(
-            address=address,
-            peer_id=peer_id,
-            start_layer=self.spec.start_layer,
-            end_layer=self.spec.end_layer,
-        )
-        self._channel, self.stub = connect(address)
-
-    def init(self, config: StageConfig, timeout: float) -> None:
-        reply = self.stub.InitStage(
-            molink_pb2.InitStageRequest(stage_config_json=config.to_json()), timeout=timeout
-        )
-        self.kv_cache_spec = codec.loads(reply.kv_cache_spec)
-        self.available_kv_bytes = reply.available_kv_bytes
-
-    def close(self) -> None:
-        if self.results_call is not None:
-            self.results_call.cancel()
-        self._channel.close()
-
-
 class _LocalResults:
     """Sink of a single-stage pipeline: the head's stage 0 is also the last stage."""
 
@@ -146,98 +111,128 @@ class PipelineExecutor(Executor):
         batch_queue_bound.install()
         self.head = HeadConfig.from_vllm_config(self.vllm_config)
         self.state = PIPELINE_STATE
+        self.state.outage_timeout = self.head.outage_timeout
         self.wire = codec.WireFormat.from_names(self.head.wire_dtype, self.head.wire_compression)
-        self.partition = tuple(self.head.partition)
-        self.remotes = [RemoteStage(spec, rank) for rank, spec in enumerate(self.head.stages, 1)]
+        self.num_layers = self.head.placement.num_layers
+        self.chain = ChainKeeper(self.head, self._stage_config, self._plan_kv)
         self._lock = threading.RLock()
         self._pending: dict[int, _PendingStep] = {}
         self._awaiting_sample: deque[tuple[Future, Future]] = deque()
         self._next_step_id = 1
         self._serving_epoch = 0
         self._link: NextHopLink | None = None
-        self._kv_cache_configs: list[KVCacheConfig] | None = None
+        self._local_kv_spec: dict[str, KVCacheSpec] | None = None
+        self._num_blocks = 0
         self._stopped = False
-        self._recovery_wakeup = threading.Event()
-        self._membership: Any = None
+        self._wakeup = threading.Event()
+        self._lost_at: float | None = None
 
         logger.info(
-            "MoLink pipeline: %d stages, layer split %s, remote stages %s",
-            len(self.partition),
-            list(self.partition),
-            [r.address for r in self.remotes],
+            "MoLink pipeline: head serves layers 0-%d of %d; remote stages %s",
+            self.head.placement.end_layer,
+            self.num_layers,
+            [str(r) for r in self.chain.remotes],
         )
         # Remote stages load their weights while the head loads its own.
-        with ThreadPoolExecutor(max_workers=max(1, len(self.remotes))) as pool:
-            inits = [pool.submit(self._init_remote, r) for r in self.remotes]
-            self.worker = create_stage_worker(self.vllm_config, 0)
-            for f in inits:
-                f.result()
+        self._init_error: Exception | None = None
+        init = threading.Thread(target=self._init_remotes, name="molink-init", daemon=True)
+        init.start()
+        self.worker = create_stage_worker(self.vllm_config, 0)
+        init.join()
+        if self._init_error is not None:
+            raise self._init_error
         self.engine = StageEngine(self.worker, "stage0")
         self._watchdog = threading.Thread(target=self._watch, name="molink-watchdog", daemon=True)
-        self._recovery = threading.Thread(
-            target=self._recover_loop, name="molink-recovery", daemon=True
-        )
+        self._maintainer = threading.Thread(target=self._maintain, name="molink-chain", daemon=True)
 
-    def _stage_config(self, rank: int) -> StageConfig:
+    def _init_remotes(self) -> None:
+        try:
+            self.chain.init_stages()
+        except Exception as e:  # raised on the engine thread
+            self._init_error = e
+
+    def _stage_config(self, remote: RemoteStage) -> StageConfig:
+        start, end = remote.span
         return StageConfig(
-            placement=StagePlacement(rank=rank, partition=self.partition),
+            placement=StagePlacement(start, end, self.num_layers),
             model_hash=self.head.model_hash,
             engine_overrides=head_engine_overrides(self.vllm_config),
             wire_dtype=self.head.wire_dtype,
             wire_compression=self.head.wire_compression,
         )
 
-    def _init_remote(self, remote: RemoteStage) -> None:
-        logger.info("Initializing stage %d at %s", remote.rank, remote.address)
-        remote.init(self._stage_config(remote.rank), timeout=self.head.stage_init_timeout)
+    def _plan_kv(self, remote: RemoteStage, chain: list[RemoteStage]) -> KVCacheConfig:
+        """The KV cache of a stage joining a running pipeline: the head's block count, its layers.
+
+        vLLM planned every stage at the same number of blocks when the engine started; a new
+        stage must hold exactly that many, or the head's block ids would not fit.
+        """
+        assert self._local_kv_spec is not None and remote.kv_cache_spec is not None
+        others = [r for r in chain if r is not remote and r.kv_cache_spec is not None]
+        specs = [self._local_kv_spec, *(r.kv_cache_spec for r in others), remote.kv_cache_spec]
+        cache = self.vllm_config.cache_config
+        saved = cache.num_gpu_blocks_override
+        cache.num_gpu_blocks_override = self._num_blocks
+        quiet = logging.getLogger(get_kv_cache_configs.__module__)
+        level = quiet.level
+        quiet.setLevel(logging.WARNING)  # it logs the override once per stage, every time
+        try:
+            config = get_kv_cache_configs(self.vllm_config, specs, [1 << 62] * len(specs))[-1]
+        finally:
+            cache.num_gpu_blocks_override = saved
+            quiet.setLevel(level)
+        config.kv_cache_layout = cache.kv_cache_layout  # as EngineCore sets it on every stage
+        needed = sum(t.size for t in config.kv_cache_tensors)
+        if config.num_blocks != self._num_blocks or needed > remote.available_kv_bytes:
+            raise StageRefused(
+                f"{remote} has room for {remote.available_kv_bytes} bytes of KV cache; this "
+                f"head's plan of {self._num_blocks} blocks needs {needed}"
+            )
+        return config
 
     def get_kv_cache_specs(self) -> list[dict[str, KVCacheSpec]]:
-        return [self.worker.get_kv_cache_spec()] + [r.kv_cache_spec for r in self.remotes]
+        self._local_kv_spec = self.worker.get_kv_cache_spec()
+        return [self._local_kv_spec] + [r.kv_cache_spec for r in self.chain.remotes]
 
     def determine_available_memory(self) -> list[int]:
         local = self.worker.determine_available_memory()
-        return [local] + [r.available_kv_bytes for r in self.remotes]
+        return [local] + [r.available_kv_bytes for r in self.chain.remotes]
 
     def initialize_from_config(self, kv_cache_configs: list[KVCacheConfig]) -> None:
-        self._kv_cache_configs = list(kv_cache_configs)
         self.worker.initialize_from_config(kv_cache_configs)
-        blocks = [c.num_blocks for c in kv_cache_configs]
-        logger.info("KV cache: %s blocks per stage", blocks)
+        for remote, config in zip(self.chain.remotes, kv_cache_configs[1:], strict=True):
+            remote.kv_cache_config = config
+        self._num_blocks = kv_cache_configs[0].num_blocks
+        logger.info("KV cache: %d blocks on every stage", self._num_blocks)
         self._start_epoch(0)
         self._watchdog.start()
-        self._recovery.start()
+        self._maintainer.start()
 
     # ---------------------------------------------------------------- wiring
     def _start_epoch(self, epoch: int) -> None:
         """(Re)start every stage for ``epoch``: reset, allocate KV, wire hops, subscribe."""
-        assert self._kv_cache_configs is not None
+        remotes = self.chain.remotes
         if self._link is not None:
             self._link.close()
             self._link = None
-        for remote in reversed(self.remotes):  # last stage first: its successor must exist
-            nxt = self.remotes[remote.rank].address if remote.rank < len(self.remotes) else ""
-            remote.stub.StartStage(
-                molink_pb2.StartStageRequest(
-                    kv_cache_config=codec.dumps(self._kv_cache_configs[remote.rank]),
-                    next_address=nxt,
-                    epoch=epoch,
-                ),
-                timeout=self.head.stage_init_timeout,
-            )
-        for remote in self.remotes:
-            if remote.results_call is not None:
-                remote.results_call.cancel()
-            call = remote.stub.Results(molink_pb2.ResultsRequest(epoch=epoch))
-            remote.results_call = call
+        for i in reversed(range(len(remotes))):  # last stage first: its successor must exist
+            nxt = remotes[i + 1].address if i + 1 < len(remotes) else ""
+            try:
+                remotes[i].start(epoch, nxt, self.head.stage_init_timeout)
+            except grpc.RpcError as e:
+                self.chain.exclude(remotes[i].peer_id, f"StartStage failed: {e.code().name}")
+                raise
+        for rank, remote in enumerate(remotes, 1):
+            call = remote.subscribe(epoch)
             threading.Thread(
                 target=self._read_results,
-                args=(remote, call, epoch),
-                name=f"molink-results{remote.rank}",
+                args=(remote, call, epoch, rank == len(remotes)),
+                name=f"molink-results{rank}",
                 daemon=True,
             ).start()
-        if self.remotes:
+        if remotes:
             sink: Any = NextHopLink(
-                self.remotes[0].address,
+                remotes[0].address,
                 self.wire,
                 on_broken=lambda reason: self._on_failure(reason, epoch),
             )
@@ -246,31 +241,35 @@ class PipelineExecutor(Executor):
             sink = _LocalResults(self)
         self.engine.start_epoch(epoch, sink)
         self.state.costs.reset(
-            [self.head.head_host] + [r.address.rpartition(":")[0] for r in self.remotes]
+            [self.head.head_host] + [r.address.rpartition(":")[0] for r in remotes]
         )
         self._serving_epoch = epoch
         self.state.mark_ready(epoch)
 
-    def _read_results(self, remote: RemoteStage, call: Any, epoch: int) -> None:
-        is_last = remote.rank == len(self.remotes)
+    def _read_results(self, remote: RemoteStage, call: Any, epoch: int, is_last: bool) -> None:
         try:
             for result in call:
+                if result.leaving:
+                    logger.info("Stage %s says it is leaving", remote)
+                    self.chain.mark_leaving(remote.peer_id)
+                    self._wakeup.set()
+                    continue
                 if result.error:
-                    self._on_failure(
-                        f"stage {remote.rank} ({remote.address}): {result.error}", epoch
-                    )
+                    self._on_failure(f"stage {remote}: {result.error}", epoch)
                     return
                 if is_last:
                     output = codec.loads(result.model_runner_output)
                     timings = timings_from_proto(result.timings)
                     self._resolve(result.step_id, result.epoch, output, timings)
-            reason = f"stage {remote.rank} ({remote.address}) closed its result stream"
+            reason = f"stage {remote} closed its result stream"
         except grpc.RpcError as e:
-            if e.code() == grpc.StatusCode.CANCELLED and epoch != self._serving_epoch:
+            if e.code() == grpc.StatusCode.CANCELLED and (
+                epoch != self._serving_epoch or self._stopped
+            ):
                 return  # we cancelled it while rewiring
-            reason = f"lost stage {remote.rank} ({remote.address}): {e.code().name}"
+            reason = f"lost stage {remote} ({e.code().name})"
         except Exception as e:
-            reason = f"bad result from stage {remote.rank}: {type(e).__name__}: {e}"
+            reason = f"bad result from stage {remote}: {type(e).__name__}: {e}"
         if not self._stopped:
             self._on_failure(reason, epoch)
 
@@ -285,7 +284,8 @@ class PipelineExecutor(Executor):
             # Nothing for any stage to do or learn (vLLM fills its batch queue with these).
             return _done(EMPTY_MODEL_RUNNER_OUTPUT) if non_block else EMPTY_MODEL_RUNNER_OUTPUT
         # Encoded now, on the engine thread: the scheduler may reuse the object after we return.
-        encoded = codec.dumps_step_data(scheduler_output) if self.remotes else b""
+        snapshots = snapshots_of(scheduler_output)
+        encoded = codec.dumps_step(scheduler_output, snapshots) if self.chain.remotes else b""
         with self._lock:
             live = epoch == self.state.failed_epoch and self.state.chain_ready
             step_id = self._next_step_id
@@ -311,6 +311,7 @@ class PipelineExecutor(Executor):
                         epoch=epoch,
                         scheduler_output=scheduler_output,
                         scheduler_output_bytes=encoded,
+                        snapshots=snapshots,
                         sample=has_tokens,
                         grammar=grammar.result,
                     )
@@ -355,6 +356,7 @@ class PipelineExecutor(Executor):
             if self._stopped or epoch != self.state.failed_epoch or not self.state.chain_ready:
                 return
             new_epoch = self.state.mark_lost(reason, epoch)
+            self._lost_at = time.monotonic()
             logger.error("Pipeline failure (epoch %d -> %d): %s", epoch, new_epoch, reason)
             pending, self._pending = self._pending, {}
             for step_id in sorted(pending):
@@ -363,7 +365,7 @@ class PipelineExecutor(Executor):
                     p.grammar.set_result(None)
                 if not p.future.done():
                     p.future.set_result(lost_output(p.scheduler_output, new_epoch, reason))
-        self._recovery_wakeup.set()
+        self._wakeup.set()
 
     def _watch(self) -> None:
         """Deadline on steps: a stage that stops answering counts as lost."""
@@ -374,70 +376,69 @@ class PipelineExecutor(Executor):
                 epoch = self.state.failed_epoch
             if oldest is not None and time.monotonic() - oldest > self.head.step_timeout:
                 self._on_failure(
-                    f"no result within {self.head.step_timeout:.0f} s (stage unresponsive)", epoch
+                    f"no result within {self.head.step_timeout:g} s (stage unresponsive)", epoch
                 )
 
-    def _recover_loop(self) -> None:
+    def _maintain(self) -> None:
+        """Keep a chain serving: restore it after a loss, move off leaving nodes, keep standbys."""
         while not self._stopped:
-            self._recovery_wakeup.wait()
-            self._recovery_wakeup.clear()
-            last_message, next_log = "", 0.0
-            while not self._stopped and not self.state.chain_ready:
-                epoch = self.state.failed_epoch
-                try:
-                    self._rebuild(epoch)
-                    logger.info("Pipeline restored (epoch %d)", epoch)
-                except Exception as e:
-                    message = str(e) or type(e).__name__
-                    if message != last_message or time.monotonic() > next_log:
-                        logger.warning("Pipeline not restored yet: %s", message)
-                        last_message, next_log = message, time.monotonic() + 30
-                    time.sleep(self.head.recovery_poll_interval)
-
-    def _rebuild(self, epoch: int) -> None:
-        """Replace dead stages (same layers, from the DHT), then restart every stage."""
-        for remote in self.remotes:
-            if self._alive(remote):
-                continue
-            replacement = self._find_replacement(remote)
-            if replacement is None:
-                raise RuntimeError(
-                    f"waiting for a node serving layers {remote.spec.start_layer}-"
-                    f"{remote.spec.end_layer}"
-                )
-            logger.info("Replacing stage %d with %s", remote.rank, replacement.grpc_address)
-            remote.retarget(replacement.grpc_address, replacement.peer_id)
-            remote.init(self._stage_config(remote.rank), timeout=self.head.stage_init_timeout)
-        with self._lock:
-            if epoch != self.state.failed_epoch:
+            self._wakeup.wait(timeout=self.head.swarm_refresh_interval)
+            self._wakeup.clear()
+            if self._stopped:
                 return
-        self._start_epoch(epoch)
+            try:
+                if not self.state.chain_ready:
+                    self._restore()
+                elif self.chain.leaving_in_chain():
+                    self._move_off_leaving()
+                else:
+                    self.chain.prepare_standbys(self._serving_epoch)
+            except Exception:  # this thread must outlive any single failure
+                logger.exception("chain maintenance failed")
 
-    def _alive(self, remote: RemoteStage) -> bool:
+    def _move_off_leaving(self) -> None:
+        """A node of the chain is leaving: switch to a chain without it, if the swarm has one."""
+        leaving = self.chain.leaving_in_chain()
         try:
-            info = remote.stub.GetNodeInfo(molink_pb2.Empty(), timeout=3.0)
-        except grpc.RpcError:
-            return False
-        return info.peer_id == remote.spec.peer_id
-
-    def _find_replacement(self, remote: RemoteStage) -> Any:
-        from molink.comm.dht import Membership
-
-        if self._membership is None:
-            self._membership = Membership(
-                initial_peers=self.head.dht_maddrs, host="127.0.0.1", client_mode=True
+            self.chain.plan()
+        except ChainError as e:
+            logger.warning(
+                "%s is leaving, but no other chain exists yet (%s); keeping it while it stays",
+                ", ".join(str(r) for r in leaving),
+                e,
             )
-        for node in self._membership.nodes():
-            if (
-                node.model_hash == self.head.model_hash
-                and node.start_layer == remote.spec.start_layer
-                and node.end_layer == remote.spec.end_layer
-                and node.state == "online"
-                and not node.is_head
-                and node.peer_id != remote.spec.peer_id
-            ):
-                return node
-        return None
+            return
+        self._on_failure(
+            f"{', '.join(str(r) for r in leaving)} left the swarm", self.state.failed_epoch
+        )
+        self._restore()
+
+    def _restore(self) -> None:
+        """Build and wire the next chain; retry until one serves or the head stops."""
+        last_message, next_log = "", 0.0
+        while not self._stopped and not self.state.chain_ready:
+            epoch = self.state.failed_epoch
+            try:
+                remotes, chain = self.chain.prepare_next_chain()
+                with self._lock:
+                    if epoch != self.state.failed_epoch:
+                        continue  # failed again meanwhile
+                    self.chain.commit(remotes)
+                self._start_epoch(epoch)
+            except Exception as e:
+                message = str(e) or type(e).__name__
+                self.state.waiting_for = message
+                if message != last_message or time.monotonic() > next_log:
+                    logger.warning("Pipeline not restored yet: %s", message)
+                    last_message, next_log = message, time.monotonic() + 30
+                self._wakeup.wait(timeout=self.head.recovery_poll_interval)
+                self._wakeup.clear()
+                continue
+            self.state.waiting_for = ""
+            took = time.monotonic() - (self._lost_at or time.monotonic())
+            logger.info(
+                "Pipeline restored (epoch %d) %.1f s after the loss: %s", epoch, took, chain
+            )
 
     # ---------------------------------------------------------------- misc
     def collective_rpc(  # type: ignore[override]
@@ -461,14 +462,13 @@ class PipelineExecutor(Executor):
 
     def shutdown(self) -> None:
         self._stopped = True
-        self._recovery_wakeup.set()
+        if getattr(self, "_wakeup", None) is not None:
+            self._wakeup.set()
         if getattr(self, "_link", None) is not None:
             self._link.close()
-        for remote in getattr(self, "remotes", []):
-            remote.close()
+        if getattr(self, "chain", None) is not None:
+            self.chain.shutdown()
         if getattr(self, "engine", None) is not None:
             self.engine.shutdown()
-        if self._membership is not None:
-            self._membership.shutdown()
         if getattr(self, "worker", None) is not None:
             self.worker.shutdown()

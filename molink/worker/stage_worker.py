@@ -18,12 +18,15 @@ import torch
 from vllm.config import VllmConfig, set_current_vllm_config
 from vllm.distributed.parallel_state import get_pp_group
 from vllm.logger import init_logger
+from vllm.sampling_params import SamplingType
 from vllm.sequence import IntermediateTensors
 from vllm.v1.core.sched.output import GrammarOutput, SchedulerOutput
 from vllm.v1.outputs import ModelRunnerOutput
 from vllm.v1.worker.cpu_worker import CPUWorker
+from vllm.v1.worker.gpu_input_batch import CachedRequestState
 from vllm.v1.worker.worker_base import WorkerWrapperBase
 
+from molink.core.request_snapshot import RequestSnapshot
 from molink.distributed.parallel_state import init_stage_parallel_state
 from molink.engine.stage_config import stage_placement
 
@@ -61,10 +64,13 @@ class StageWorker(CPUWorker):
         tensors: dict[str, torch.Tensor] | None,
         sample: bool,
         grammar: Callable[[], GrammarOutput | None],
+        snapshots: dict[str, RequestSnapshot] | None = None,
     ) -> IntermediateTensors | ModelRunnerOutput | None:
         """Run one scheduler output on this stage's layers.
 
         Args:
+            snapshots: requests this step resumes that this stage may not hold (after a
+                pipeline failure); installed first, unless the stage already holds them.
             tensors: activations from the previous stage (``hidden_states``/``residual``,
                 each [num_tokens, hidden_size]); ``None`` on the first stage.
             sample: on the last stage, also sample (the head scheduled tokens).
@@ -74,11 +80,49 @@ class StageWorker(CPUWorker):
             ``IntermediateTensors`` on non-last stages when tokens were scheduled; on the last
             stage the sampled ``ModelRunnerOutput``; the empty output when nothing was scheduled.
         """
+        if snapshots:
+            self._install(snapshots)
         intermediate = IntermediateTensors(tensors) if tensors is not None else None
         output = self.model_runner.execute_model(scheduler_output, intermediate)
         if output is None and get_pp_group().is_last_rank:
             output = self.model_runner.sample_tokens(grammar() if sample else None)
         return output
+
+    def _install(self, snapshots: dict[str, RequestSnapshot]) -> None:
+        """Give the model runner the state of resumed requests it doesn't hold.
+
+        vLLM resumes a preempted request from the runner's own ``CachedRequestState``; the
+        resumed step then replaces its block ids and re-adds it with prompt + output tokens.
+        A request the runner already holds is left alone (its state, e.g. a seeded generator,
+        is more exact than a snapshot).
+        """
+        runner = self.model_runner
+        for req_id, snap in snapshots.items():
+            if req_id in runner.requests:
+                continue
+            sampling = snap.sampling_params
+            generator = None
+            if sampling is not None and sampling.sampling_type == SamplingType.RANDOM_SEED:
+                generator = torch.Generator(device=runner.device)
+                generator.manual_seed(sampling.seed)
+            state = CachedRequestState(
+                req_id=req_id,
+                prompt_token_ids=snap.prompt_token_ids,
+                prompt_embeds=snap.prompt_embeds,
+                prompt_is_token_ids=snap.prompt_is_token_ids,
+                mm_features=[],
+                sampling_params=sampling,
+                pooling_params=snap.pooling_params,
+                generator=generator,
+                block_ids=tuple([] for _ in runner.kv_cache_config.kv_cache_groups),
+                num_computed_tokens=0,
+                output_token_ids=list(snap.output_token_ids),
+                lora_request=snap.lora_request,
+            )
+            # Prompt logprobs are not computed again: the client has them already.
+            runner.requests[req_id] = state
+            if runner.uses_mrope:
+                runner._init_mrope_positions(state)
 
     @torch.inference_mode()
     def reset_stage(self) -> None:

@@ -90,7 +90,8 @@ class MoLinkNodeServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Results(self, request, context):
-        """Last stage only: the head's subscription to sampled tokens.
+        """The head's subscription to a stage's errors and leave notice (and, from the last
+        stage, sampled tokens).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

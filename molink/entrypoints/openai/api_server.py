@@ -25,6 +25,7 @@ from vllm.utils.argparse_utils import FlexibleArgumentParser
 
 from molink.comm.chain import ChainError
 from molink.config import add_molink_args
+from molink.entrypoints.failure_reasons import report_failure_causes
 from molink.entrypoints.launch import run_node
 
 logger = init_logger("molink.entrypoints.openai.api_server")
@@ -46,6 +47,7 @@ async def run(args: argparse.Namespace) -> None:
     async def serve_head(engine_args: AsyncEngineArgs) -> None:
         listen_address, sock = setup_server(args, reuse_port=False)
         async with build_async_engine_client_from_engine_args(engine_args) as engine:
+            report_failure_causes(engine)
             shutdown_task = await build_and_serve(engine, listen_address, sock, args)
         try:
             await shutdown_task

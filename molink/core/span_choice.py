@@ -1,0 +1,52 @@
+"""Which layers a node without ``--serving_layers`` serves: where the swarm is thinnest.
+
+Petals' block selection (``petals/server/block_selection.py``): a joining node sums what the
+swarm already serves per layer and takes the contiguous window whose values, sorted ascending,
+are lexicographically smallest, so it covers the weakest layers first: an uncovered layer (0)
+before any covered one, a layer served once before one served twice. Pure functions over
+numbers; :mod:`molink.engine.node` reads the announcements and applies the choice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+
+def coverage(num_layers: int, spans: Iterable[tuple[int, int, float]]) -> list[float]:
+    """Per layer, the summed weight of the ``(start, end, weight)`` spans serving it."""
+    served = [0.0] * num_layers
+    for start, end, weight in spans:
+        for layer in range(max(start, 0), min(end, num_layers - 1) + 1):
+            served[layer] += weight
+    return served
+
+
+def choose_span(served: list[float], size: int, first: int) -> tuple[int, int]:
+    """The window of ``size`` layers within ``first..len(served)-1`` that the swarm needs most.
+
+    Windows are compared by their sorted coverage (lexicographically), then by the layers'
+    coverage in order, then leftmost first. ``size`` is clamped to the layers available.
+    """
+    last = len(served) - 1
+    if not 0 <= first <= last:
+        raise ValueError(f"no layers to choose from: first={first}, {len(served)} layers")
+    size = max(1, min(size, last - first + 1))
+    best: tuple[list[float], list[float], int] | None = None
+    for start in range(first, last - size + 2):
+        window = served[start : start + size]
+        key = (sorted(window), window, start)
+        if best is None or key < best:
+            best = key
+    assert best is not None
+    return best[2], best[2] + size - 1
+
+
+def needs_move(served_by_others: list[float], span: tuple[int, int], first: int) -> bool:
+    """Whether ``span`` duplicates others while some layer from ``first`` on has no server.
+
+    Used after nodes that chose at the same moment see each other's choices.
+    """
+    start, end = span
+    duplicate = all(v > 0 for v in served_by_others[start : end + 1])
+    gap = any(v == 0 for v in served_by_others[first:])
+    return duplicate and gap

@@ -1,0 +1,207 @@
+"""Which nodes serve the head's pipeline: the current chain, its alternatives, and the next chain.
+
+The :class:`ChainKeeper` owns the head's remote stages. It watches the swarm through a
+:class:`~molink.comm.swarm_view.SwarmView`, prepares nodes that could replace a stage of the
+current chain (they load their span's weights and KV cache ahead of need, *standby*), and when a
+stage is lost or leaving, plans the next chain from what the swarm announces
+(:func:`~molink.comm.chain.assemble_chain`: fewest hops, then RTT, preferring nodes that already
+hold the span) and gets its stages ready. Wiring the chain for a new epoch and moving steps
+through it stays with the executor.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+from vllm.logger import init_logger
+from vllm.v1.kv_cache_interface import KVCacheConfig
+
+from molink.comm.chain import Chain, Hop, assemble_chain
+from molink.comm.dht import NodeAnnouncement
+from molink.comm.swarm_view import SwarmView
+from molink.engine.head_config import HeadConfig, RemoteStageSpec
+from molink.engine.stage_config import StageConfig
+from molink.executor.remote_stage import RemoteStage
+
+logger = init_logger(__name__)
+
+#: A node found dead is left out of chains this long (its DHT entry may outlive it).
+EXCLUDE_S = 30.0
+
+
+class StageRefused(RuntimeError):
+    """A node can't serve a span for this head (e.g. not enough memory for the KV plan)."""
+
+
+class ChainKeeper:
+    """The remote stages of the head's chain, and the nodes ready to replace them."""
+
+    def __init__(
+        self,
+        head: HeadConfig,
+        stage_config: Callable[[RemoteStage], StageConfig],
+        plan_kv: Callable[[RemoteStage, list[RemoteStage]], KVCacheConfig],
+    ) -> None:
+        self.head = head
+        self.head_node: NodeAnnouncement = head.head_node
+        self._stage_config = stage_config
+        self._plan_kv = plan_kv
+        self.remotes = [RemoteStage(spec) for spec in head.stages]
+        self._standby: dict[str, RemoteStage] = {}  # peer -> prepared stage not in the chain
+        self._excluded: dict[str, float] = {}  # peer -> until (monotonic)
+        self._leaving: set[str] = set()
+        self._view: SwarmView | None = None
+
+    # ------------------------------------------------------------------ set-up
+    def init_stages(self) -> None:
+        """Build the first chain's stages (``InitStage`` on every node at once)."""
+        if not self.remotes:
+            return
+        with ThreadPoolExecutor(max_workers=len(self.remotes)) as pool:
+            for future in [pool.submit(self._init, r) for r in self.remotes]:
+                future.result()
+
+    def _init(self, remote: RemoteStage) -> None:
+        logger.info("Initializing stage %s", remote)
+        remote.init(self._stage_config(remote), timeout=self.head.stage_init_timeout)
+
+    @property
+    def view(self) -> SwarmView:
+        if self._view is None:
+            self._view = SwarmView(self.head.dht_maddrs)
+        return self._view
+
+    # ------------------------------------------------------------------ state
+    def mark_leaving(self, peer_id: str) -> None:
+        """A node said it is leaving: don't use it in any new chain."""
+        self._leaving.add(peer_id)
+
+    def leaving_in_chain(self) -> list[RemoteStage]:
+        return [r for r in self.remotes if r.peer_id in self._leaving]
+
+    def _exclusions(self) -> set[str]:
+        now = time.monotonic()
+        self._excluded = {p: t for p, t in self._excluded.items() if t > now}
+        return set(self._excluded) | self._leaving
+
+    def exclude(self, peer_id: str, why: str) -> None:
+        logger.warning("Leaving node %s out of chains for %.0f s: %s", peer_id, EXCLUDE_S, why)
+        self._excluded[peer_id] = time.monotonic() + EXCLUDE_S
+
+    def _loaded(self) -> dict[str, tuple[int, int]]:
+        """Spans nodes hold for this head: the chain's and the standbys'."""
+        return {r.peer_id: r.span for r in [*self._standby.values(), *self.remotes]}
+
+    # ------------------------------------------------------------------ planning
+    def plan(self, refresh: bool = True) -> Chain:
+        """The best chain the swarm offers now (raises ChainIncomplete naming missing layers)."""
+        nodes = self.view.refresh() if refresh else self.view.nodes
+        return assemble_chain(
+            self.head_node,
+            nodes,
+            exclude_peers=self._exclusions(),
+            rtt_s=self.view.rtt_s(),
+            loaded=self._loaded(),
+        )
+
+    def prepare_next_chain(self) -> tuple[list[RemoteStage], Chain]:
+        """Probe the current stages, plan a chain without the dead ones, get its stages ready.
+
+        Returns the remote stages of the new chain (not yet wired). Raises ``ChainError`` when
+        the swarm can't cover the layers, or another error when a chosen node fails to start
+        (it is then left out, and the next call plans around it).
+        """
+        for remote in [*self.remotes, *self._standby.values()]:
+            dead = remote.probe()
+            if dead is not None:
+                self.exclude(remote.peer_id, dead)
+        chain = self.plan()
+        return [self._ready(hop) for hop in chain.stages[1:]], chain
+
+    def _ready(self, hop: Hop) -> RemoteStage:
+        """A stage for ``hop``: the one already serving or on standby, else a new one."""
+        for remote in [*self.remotes, *self._standby.values()]:
+            if remote.peer_id == hop.peer_id and remote.span == hop.span:
+                return remote
+        remote = RemoteStage(
+            RemoteStageSpec(hop.grpc_address, hop.peer_id, hop.start_layer, hop.end_layer)
+        )
+        try:
+            self._init(remote)
+            remote.kv_cache_config = self._plan_kv(remote, self.remotes)
+        except Exception as e:
+            remote.close()
+            self.exclude(hop.peer_id, f"{type(e).__name__}: {e}")
+            raise
+        return remote
+
+    def commit(self, remotes: list[RemoteStage]) -> None:
+        """Make ``remotes`` the chain; stages no longer in it are released or kept on standby."""
+        chosen = {id(r) for r in remotes}
+        peers = {r.peer_id for r in remotes}
+        excluded = self._exclusions()
+        standby: dict[str, RemoteStage] = {}
+        for remote in [*self.remotes, *self._standby.values()]:
+            if id(remote) in chosen:
+                continue
+            if remote.peer_id in peers or remote.peer_id in excluded:
+                remote.close()  # gone, leaving, or now serving another span for this head
+            else:
+                remote.release()
+                standby[remote.peer_id] = remote
+        self._standby = standby
+        self.remotes = list(remotes)
+
+    # ------------------------------------------------------------------ standbys
+    def prepare_standbys(self, epoch: int) -> None:
+        """Get replacements ready for each stage of the chain (weights and KV cache loaded).
+
+        For every stage, the chain the swarm would offer without it is planned; nodes of that
+        chain that hold nothing for this head yet build their span now, so a loss later only
+        costs the rewiring and the re-prefill.
+        """
+        try:
+            self.view.refresh()
+        except Exception as e:  # noqa: BLE001  # the DHT may hiccup; try again later
+            logger.debug("swarm refresh failed: %s", e)
+            return
+        in_chain = {r.peer_id for r in self.remotes}
+        for remote in list(self.remotes):
+            try:
+                chain = assemble_chain(
+                    self.head_node,
+                    self.view.nodes,
+                    exclude_peers=self._exclusions() | {remote.peer_id},
+                    rtt_s=self.view.rtt_s(),
+                    loaded=self._loaded(),
+                )
+            except Exception:  # noqa: BLE001  # no alternative for this stage (yet)
+                continue
+            for hop in chain.stages[1:]:
+                held = self._loaded().get(hop.peer_id)
+                if hop.peer_id in in_chain or held is not None:
+                    continue
+                try:
+                    standby = self._ready(hop)
+                except Exception as e:  # noqa: BLE001  # left out by _ready; not fatal
+                    logger.warning("Could not prepare %s as a standby: %s", hop, e)
+                    continue
+                try:
+                    standby.start(epoch, "", self.head.stage_init_timeout, standby=True)
+                except Exception as e:  # noqa: BLE001
+                    standby.close()
+                    self.exclude(hop.peer_id, f"standby start failed: {e}")
+                    continue
+                self._standby[hop.peer_id] = standby
+                logger.info("Standby for %s: %s", remote, standby)
+
+    def standbys(self) -> list[RemoteStage]:
+        return list(self._standby.values())
+
+    def shutdown(self) -> None:
+        for remote in [*self.remotes, *self._standby.values()]:
+            remote.close()
+        if self._view is not None:
+            self._view.shutdown()

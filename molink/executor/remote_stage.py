@@ -1,0 +1,94 @@
+"""The head's handle on one remote stage: a node serving a span of layers for this head."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+from vllm.v1.kv_cache_interface import KVCacheConfig, KVCacheSpec
+
+from molink.comm import codec
+from molink.comm.links import connect
+from molink.comm.proto import molink_pb2
+from molink.engine.head_config import RemoteStageSpec
+from molink.engine.stage_config import StageConfig
+
+#: Seconds a liveness probe (``GetNodeInfo``) may take.
+PROBE_TIMEOUT_S = 3.0
+
+
+class RemoteStage:
+    """gRPC handle on a node serving ``spec``'s layers, and what the head planned for it."""
+
+    def __init__(self, spec: RemoteStageSpec) -> None:
+        self.spec = spec
+        self.kv_cache_spec: dict[str, KVCacheSpec] | None = None
+        self.available_kv_bytes = 0
+        self.kv_cache_config: KVCacheConfig | None = None
+        self.results_call: Any = None
+        self._channel, self.stub = connect(spec.address)
+
+    @property
+    def address(self) -> str:
+        return self.spec.address
+
+    @property
+    def peer_id(self) -> str:
+        return self.spec.peer_id
+
+    @property
+    def span(self) -> tuple[int, int]:
+        return self.spec.start_layer, self.spec.end_layer
+
+    def __str__(self) -> str:
+        return f"{self.address} [{self.spec.start_layer}-{self.spec.end_layer}]"
+
+    def init(self, config: StageConfig, timeout: float) -> None:
+        """Have the node build this span's worker (loads weights unless already built)."""
+        reply = self.stub.InitStage(
+            molink_pb2.InitStageRequest(stage_config_json=config.to_json()), timeout=timeout
+        )
+        self.kv_cache_spec = codec.loads(reply.kv_cache_spec)
+        self.available_kv_bytes = reply.available_kv_bytes
+
+    def start(self, epoch: int, next_address: str, timeout: float, standby: bool = False) -> None:
+        """Allocate the planned KV cache; unless ``standby``, reset and wire it for ``epoch``."""
+        assert self.kv_cache_config is not None
+        self.stub.StartStage(
+            molink_pb2.StartStageRequest(
+                kv_cache_config=codec.dumps(self.kv_cache_config),
+                next_address=next_address,
+                epoch=epoch,
+                standby=standby,
+            ),
+            timeout=timeout,
+        )
+
+    def subscribe(self, epoch: int) -> Any:
+        """Open the stream of this stage's results and errors for ``epoch``."""
+        if self.results_call is not None:
+            self.results_call.cancel()
+        self.results_call = self.stub.Results(molink_pb2.ResultsRequest(epoch=epoch))
+        return self.results_call
+
+    def probe(self) -> str | None:
+        """None if the node answers as itself and isn't leaving; else why it can't serve."""
+        try:
+            info = self.stub.GetNodeInfo(molink_pb2.Empty(), timeout=PROBE_TIMEOUT_S)
+        except grpc.RpcError as e:
+            return f"{self.address} is unreachable ({e.code().name})"
+        if info.peer_id != self.peer_id:
+            return f"{self.address} is now another node ({info.peer_id})"
+        if info.state == "leaving":
+            return f"{self.address} is leaving"
+        return None
+
+    def release(self) -> None:
+        """Stop listening to this stage (it learns that this head no longer uses it)."""
+        if self.results_call is not None:
+            self.results_call.cancel()
+            self.results_call = None
+
+    def close(self) -> None:
+        self.release()
+        self._channel.close()
