@@ -12,9 +12,9 @@ import pytest
 from molink.comm import chain as chain_mod
 from molink.comm.chain import (
     Chain,
-    ChainConflict,
     ChainError,
     ChainIncomplete,
+    Hop,
     assemble_chain,
     mismatched,
     wait_for_chain,
@@ -86,10 +86,14 @@ def chain_logs() -> Iterator[list[logging.LogRecord]]:
 # -- successful chains ---------------------------------------------------------------------------
 
 
+def spans(chain: Chain) -> list[tuple[str, int, int]]:
+    return [(hop.peer_id, hop.start_layer, hop.end_layer) for hop in chain.stages]
+
+
 def test_two_stages() -> None:
     b = ann("QmB", 15, 29)
     chain = assemble_chain(HEAD, [b])
-    assert chain.stages == (HEAD, b)
+    assert spans(chain) == [("QmHead", 0, 14), ("QmB", 15, 29)]
     assert chain.head is HEAD
     assert chain.partition == [15, 15]
     assert chain.peer_ids == ["QmHead", "QmB"]
@@ -99,7 +103,7 @@ def test_three_uneven_stages_any_order_with_head_in_nodes() -> None:
     head = ann("QmHead", 0, 4)
     b, c = ann("QmB", 5, 25), ann("QmC", 26, 29)
     chain = assemble_chain(head, [c, head, b])
-    assert chain.stages == (head, b, c)
+    assert chain.peer_ids == ["QmHead", "QmB", "QmC"]
     assert chain.partition == [5, 21, 4]
 
 
@@ -111,13 +115,13 @@ def test_head_alone_serves_everything() -> None:
 def test_head_is_stage_zero_even_if_joining_or_excluded() -> None:
     b = ann("QmB", 15, 29)
     chain = assemble_chain(HEAD, [b], exclude_peers={"QmHead"})
-    assert chain.stages[0] is HEAD
+    assert chain.stages[0].node is HEAD
 
 
 def test_head_own_stale_entry_in_nodes_is_replaced_by_head() -> None:
     stale = ann("QmHead", 0, 9)  # an older announcement of the head itself
     b = ann("QmB", 15, 29)
-    assert assemble_chain(HEAD, [stale, b]).stages == (HEAD, b)
+    assert spans(assemble_chain(HEAD, [stale, b]))[0] == ("QmHead", 0, 14)
 
 
 def test_head_must_start_at_layer_zero() -> None:
@@ -125,33 +129,75 @@ def test_head_must_start_at_layer_zero() -> None:
         assemble_chain(ann("QmHead", 5, 29, head=False), [])
 
 
-# -- replicas ----------------------------------------------------------------------------------
+# -- replicas, overlaps and sub-spans ------------------------------------------------------------
 
 
 def test_replicas_pick_lowest_peer_id_deterministically() -> None:
     b1, b2, b3 = ann("QmB1", 15, 29), ann("QmB2", 15, 29), ann("QmB3", 15, 29)
     for order in ([b1, b2, b3], [b3, b2, b1], [b2, b3, b1]):
-        assert assemble_chain(HEAD, order).stages == (HEAD, b1)
+        assert assemble_chain(HEAD, order).peer_ids == ["QmHead", "QmB1"]
 
 
-def test_replicas_prefer_online() -> None:
+def test_replicas_prefer_online_and_lower_rtt() -> None:
     b1 = ann("QmB1", 15, 29, state="joining")
-    b2 = ann("QmB2", 15, 29)
-    assert assemble_chain(HEAD, [b1, b2]).stages == (HEAD, b2)
+    b2, b3 = ann("QmB2", 15, 29), ann("QmB3", 15, 29)
+    assert assemble_chain(HEAD, [b1, b2, b3]).peer_ids == ["QmHead", "QmB2"]
+    rtt = {"QmB2": 0.080, "QmB3": 0.010}
+    assert assemble_chain(HEAD, [b1, b2, b3], rtt_s=rtt).peer_ids == ["QmHead", "QmB3"]
 
 
-def test_replicas_of_head_range_are_ignored() -> None:
-    other_head = ann("QmA", 0, 14)
+def test_other_heads_are_not_stages() -> None:
+    other_head = ann("QmA", 0, 29)
     b = ann("QmB", 15, 29)
-    assert assemble_chain(HEAD, [other_head, b]).stages == (HEAD, b)
+    assert assemble_chain(HEAD, [other_head, b]).peer_ids == ["QmHead", "QmB"]
 
 
 def test_exclude_peers_skips_failed_replica() -> None:
     b1, b2 = ann("QmB1", 15, 29), ann("QmB2", 15, 29)
-    assert assemble_chain(HEAD, [b1, b2], exclude_peers={"QmB1"}).stages == (HEAD, b2)
+    assert assemble_chain(HEAD, [b1, b2], exclude_peers={"QmB1"}).peer_ids == ["QmHead", "QmB2"]
     with pytest.raises(ChainIncomplete) as info:
         assemble_chain(HEAD, [b1, b2], exclude_peers=["QmB1", "QmB2"])
     assert info.value.missing == [(15, 29)]
+
+
+def test_a_node_serves_a_sub_span_of_its_layers() -> None:
+    b = ann("QmB", 10, 29)  # overlaps the head: serves only 15-29 for it
+    assert spans(assemble_chain(HEAD, [b])) == [("QmHead", 0, 14), ("QmB", 15, 29)]
+
+
+def test_fewest_hops_wins_over_exact_spans() -> None:
+    b, c = ann("QmB", 15, 24), ann("QmC", 25, 29)
+    d = ann("QmD", 12, 29)
+    assert spans(assemble_chain(HEAD, [b, c, d]))[1:] == [("QmD", 15, 29)]
+
+
+def test_overlapping_nodes_split_where_the_next_one_starts() -> None:
+    b, c = ann("QmB", 15, 24), ann("QmC", 20, 29)
+    assert spans(assemble_chain(HEAD, [b, c]))[1:] in (
+        [("QmB", 15, 24), ("QmC", 25, 29)],
+        [("QmB", 15, 19), ("QmC", 20, 29)],
+    )
+    # A node that already holds a span for this head keeps it (no weight reload).
+    chain = assemble_chain(HEAD, [b, c], loaded={"QmB": (15, 19), "QmC": (20, 29)})
+    assert spans(chain)[1:] == [("QmB", 15, 19), ("QmC", 20, 29)]
+
+
+def test_loaded_span_is_preferred_over_a_lower_peer_id() -> None:
+    b1, b2 = ann("QmB1", 15, 29), ann("QmB2", 15, 29)
+    chain = assemble_chain(HEAD, [b1, b2], loaded={"QmB1": (10, 29), "QmB2": (15, 29)})
+    assert chain.peer_ids == ["QmHead", "QmB2"]
+
+
+def test_leaving_nodes_are_not_used() -> None:
+    b1, b2 = ann("QmB1", 15, 29, state="leaving"), ann("QmB2", 15, 29)
+    assert assemble_chain(HEAD, [b1, b2]).peer_ids == ["QmHead", "QmB2"]
+
+
+def test_each_node_appears_once() -> None:
+    b = ann("QmB", 15, 29)
+    c = ann("QmC", 20, 22)
+    chain = assemble_chain(HEAD, [b, c])
+    assert chain.peer_ids == ["QmHead", "QmB"]
 
 
 # -- gaps, joining nodes, other models ---------------------------------------------------------
@@ -185,7 +231,7 @@ def test_joining_node_counts_as_missing_and_is_named() -> None:
     with pytest.raises(ChainIncomplete) as info:
         assemble_chain(HEAD, [b])
     assert info.value.missing == [(15, 29)]
-    assert "layers 15-29: node QmB is still joining" in str(info.value)
+    assert "node QmB is joining" in str(info.value)
     # once it is online, the chain forms
     assert assemble_chain(HEAD, [ann("QmB", 15, 29)]).partition == [15, 15]
 
@@ -214,41 +260,10 @@ def test_layer_count_mismatch_is_a_different_model() -> None:
         assemble_chain(HEAD, [other])
 
 
-def test_mismatched_node_does_not_conflict() -> None:
+def test_mismatched_node_is_never_a_stage() -> None:
     other = ann("QmX", 10, 29, model_hash="h2")
     b = ann("QmB", 15, 29)
-    assert assemble_chain(HEAD, [other, b]).stages == (HEAD, b)
-
-
-# -- conflicts ---------------------------------------------------------------------------------
-
-
-def test_overlap_with_head() -> None:
-    b = ann("QmB", 10, 29)
-    with pytest.raises(ChainConflict) as info:
-        assemble_chain(HEAD, [b])
-    assert str(info.value) == "layers 10-14 are served by both QmHead (0-14) and QmB (10-29)"
-    assert info.value.conflicts == [(HEAD, b)]
-
-
-def test_overlap_between_stages_even_if_joining() -> None:
-    b = ann("QmB", 15, 24)
-    c = ann("QmC", 20, 29, state="joining")
-    with pytest.raises(
-        ChainConflict, match=r"layers 20-24 are served by both QmB \(15-24\) and QmC"
-    ):
-        assemble_chain(HEAD, [b, c, ann("QmD", 25, 29)])
-
-
-def test_overlap_single_layer_and_nested() -> None:
-    b, c = ann("QmB", 15, 29), ann("QmC", 29, 29)
-    with pytest.raises(ChainConflict, match="layer 29 is served by both QmB"):
-        assemble_chain(HEAD, [b, c])
-
-
-def test_excluded_peer_cannot_conflict() -> None:
-    b, c = ann("QmB", 15, 29), ann("QmC", 10, 29)
-    assert assemble_chain(HEAD, [b, c], exclude_peers={"QmC"}).stages == (HEAD, b)
+    assert assemble_chain(HEAD, [other, b]).peer_ids == ["QmHead", "QmB"]
 
 
 def test_errors_pickle() -> None:
@@ -259,7 +274,9 @@ def test_errors_pickle() -> None:
 
 def test_chain_rejects_non_contiguous_stages() -> None:
     with pytest.raises(ValueError):
-        Chain((HEAD, ann("QmB", 16, 29)))
+        Chain((Hop(HEAD, 0, 14), Hop(ann("QmB", 16, 29), 16, 29)))
+    with pytest.raises(ValueError, match="outside the layers"):
+        Hop(ann("QmB", 16, 29), 15, 29)
 
 
 # -- NodeAnnouncement validation ---------------------------------------------------------------
@@ -297,6 +314,7 @@ BAD_FIELDS = [
     ("grpc_address", "::1:8000"),
     ("grpc_address", "host:+80"),
     ("state", "offline"),
+    ("state", "gone"),
     ("state", "ONLINE"),
     ("version", 2),
     ("kv_capacity_bytes", -1),
@@ -358,15 +376,8 @@ def test_wait_for_chain_returns_once_complete() -> None:
         [HEAD], RuntimeError("dht hiccup"), [HEAD, ann("QmB", 15, 29, state="joining")], [HEAD, b]
     )
     chain = wait_for_chain(fake, HEAD, timeout=5, poll_interval=0.01)  # type: ignore[arg-type]
-    assert chain.stages == (HEAD, b)
+    assert chain.peer_ids == ["QmHead", "QmB"]
     assert fake.calls == 4
-
-
-def test_wait_for_chain_raises_conflict_at_once() -> None:
-    fake = FakeMembership([HEAD, ann("QmB", 10, 29)])
-    with pytest.raises(ChainConflict):
-        wait_for_chain(fake, HEAD, timeout=30, poll_interval=0.01)  # type: ignore[arg-type]
-    assert fake.calls == 1
 
 
 def test_wait_for_chain_times_out_naming_missing_layers(

@@ -14,6 +14,7 @@ import dataclasses
 import os
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -116,6 +117,53 @@ def _available_memory() -> int:
     return 0
 
 
+def swarm_coverage(membership: Membership, identity: ModelIdentity) -> tuple[list[float], int]:
+    """Per layer, how many other nodes of this model serve it; and the first layer to pick.
+
+    Layers every head serves (at least layer 0) are never chosen: a follower there would serve
+    nobody. Leaving nodes don't count.
+    """
+    nodes = [
+        n
+        for n in membership.nodes()
+        if n.peer_id != membership.peer_id
+        and n.model_hash == identity.config_hash
+        and n.num_layers == identity.num_layers
+        and n.state != "leaving"
+    ]
+    first = min((n.end_layer + 1 for n in nodes if n.is_head), default=1)
+    served = coverage(
+        identity.num_layers, ((n.start_layer, n.end_layer, 1.0) for n in nodes if not n.is_head)
+    )
+    return served, min(first, identity.num_layers - 1)
+
+
+def choose_own_span(
+    membership: Membership,
+    identity: ModelIdentity,
+    size: int,
+    announce_joining: Callable[[tuple[int, int]], None],
+    settle_s: float = SPAN_SETTLE_S,
+) -> tuple[int, int]:
+    """Choose ``size`` layers where the swarm is thinnest (Petals' rule), announcing as joining.
+
+    Nodes started at the same moment see the same swarm and would pick the same span; after
+    announcing, a node waits ``settle_s`` for the others' choices and moves while its span
+    duplicates others and some layer has no server at all.
+    """
+    time.sleep(random.uniform(0, settle_s / 2))  # de-synchronize nodes started together
+    span: tuple[int, int] | None = None
+    for _ in range(3):
+        served, first = swarm_coverage(membership, identity)
+        if span is not None and not needs_move(served, span, first):
+            break
+        span = choose_span(served, size, first)
+        announce_joining(span)
+        time.sleep(settle_s)
+    assert span is not None
+    return span
+
+
 class Node:
     """A running MoLink node (head or follower)."""
 
@@ -177,15 +225,14 @@ class Node:
         """Take the span the swarm needs most, sized by memory or ``--num_layers``."""
         assert self.membership is not None and self.host is not None
         size = self.config.layers_to_serve or layers_that_fit(self.engine_args, self.identity)
-        time.sleep(random.uniform(0, 1))  # de-synchronize nodes started together
-        for attempt in range(3):
-            served, first = self._swarm_coverage()
-            if attempt and not needs_move(served, self.layers, first):
-                break
-            self.start_layer, self.end_layer = choose_span(served, size, first)
-            self.host.layers = self.layers
-            self.membership.announce(self.announcement())  # as "joining"
-            time.sleep(SPAN_SETTLE_S)
+
+        def announce_joining(span: tuple[int, int]) -> None:
+            assert self.membership is not None and self.host is not None
+            self.start_layer, self.end_layer = span
+            self.host.layers = span
+            self.membership.announce(self.announcement())  # state "joining"
+
+        choose_own_span(self.membership, self.identity, size, announce_joining)
         logger.info(
             "Chose layers %d-%d (%d layer(s)%s): where the swarm's coverage is thinnest",
             self.start_layer,
@@ -193,30 +240,6 @@ class Node:
             self.end_layer - self.start_layer + 1,
             "" if self.config.layers_to_serve else ", as many as fit in memory",
         )
-
-    def _swarm_coverage(self) -> tuple[list[float], int]:
-        """Per layer, how many other nodes of this model serve it; and the first layer to pick.
-
-        Layers every head serves (at least layer 0) are never chosen: a follower there would
-        serve nobody.
-        """
-        assert self.membership is not None
-        nodes = [
-            n
-            for n in self.membership.nodes()
-            if n.peer_id != self.membership.peer_id
-            and n.model_hash == self.identity.config_hash
-            and n.num_layers == self.identity.num_layers
-            and n.state != "leaving"
-        ]
-        heads = [n for n in nodes if n.is_head]
-        first = min((h.end_layer + 1 for h in heads), default=1)
-        first = min(first, self.identity.num_layers - 1)
-        served = coverage(
-            self.identity.num_layers,
-            ((n.start_layer, n.end_layer, 1.0) for n in nodes if not n.is_head),
-        )
-        return served, first
 
     def announcement(self) -> NodeAnnouncement:
         assert self.membership is not None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import signal
 from collections.abc import Awaitable, Callable
 
 import uvicorn
@@ -79,8 +80,24 @@ def build_status_app(node: Node) -> FastAPI:
 
 
 async def serve_stage_status(node: Node, host: str | None, port: int) -> None:
-    """Serve the status app until the process is told to stop."""
+    """Serve the status app until the process is told to stop (SIGTERM or SIGINT).
+
+    uvicorn re-raises the stop signal once it has shut down; the handlers installed here take
+    it, so the node can still leave gracefully (:meth:`Node.leave`). A second signal ends the
+    wait at once.
+    """
+    stopping = False
+
+    def on_signal(signum: int, frame: object) -> None:
+        nonlocal stopping
+        if stopping:
+            raise KeyboardInterrupt
+        stopping = True
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
     config = uvicorn.Config(
         build_status_app(node), host=host or "0.0.0.0", port=port, log_level="warning"
     )
     await uvicorn.Server(config).serve()
+    stopping = True
