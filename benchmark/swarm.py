@@ -178,6 +178,14 @@ class Swarm:
             )
         )
 
+    def add_node(self, start: int, end: int) -> int:
+        """Start one more follower serving ``start..end`` while the swarm runs; its index."""
+        if self.spec.netns:
+            raise NotImplementedError("adding nodes to a --netns swarm")
+        self.layers.append((start, end))
+        self._start_node(len(self.procs), start, end)
+        return len(self.procs) - 1
+
     def wait_ready(self) -> None:
         logs = [self.spec.log_dir / f"node{i}.log" for i in range(len(self.procs))]
         wait_healthy(

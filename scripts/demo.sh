@@ -9,8 +9,8 @@ RUN_DIR="${MOLINK_DEMO_DIR:-/tmp/molink-demo}"
 PORT="${MOLINK_DEMO_PORT:-8000}"
 mkdir -p "$RUN_DIR"
 
-stop() {
-  for pidfile in "$RUN_DIR"/*.pid; do
+stop() {  # the head first: a follower still in use would wait for it to move off (--leave_timeout)
+  for pidfile in "$RUN_DIR"/head.pid "$RUN_DIR"/*.pid; do
     [[ -f "$pidfile" ]] || continue
     pid=$(cat "$pidfile")
     kill -TERM -- "-$pid" 2>/dev/null || true   # each node runs in its own process group

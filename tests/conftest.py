@@ -51,6 +51,7 @@ class NodeProcess:
         module: str = "molink.entrypoints.openai.api_server",
     ):
         self.name = name
+        self.is_head = False
         self.port = port
         self.grpc_port = grpc_port
         self.log_path = log_dir / f"{name}.log"
@@ -154,11 +155,14 @@ class Swarm:
         for peer in peers or []:
             args += ["--initial_peer", peer.grpc_address]
         node = NodeProcess(name, args + (extra or []), self.log_dir, port, grpc_port)
+        node.is_head = layers is not None and layers.startswith("0,")
         self.nodes.append(node)
         return node
 
     def stop_all(self) -> None:
-        for node in reversed(self.nodes):
+        # Heads first: a follower told to stop while a head uses it waits for the head to move
+        # off (--leave_timeout); once its head is gone it exits at once.
+        for node in sorted(self.nodes, key=lambda n: not n.is_head):
             node.stop()
 
 

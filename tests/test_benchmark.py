@@ -64,7 +64,7 @@ def test_burst_and_interval_scripts(demo_pipeline, tmp_path):
     assert interval["completed"] == 3 and interval["failed"] == 0
 
 
-@pytest.mark.parametrize("name", ["swarm.py", "compare.py", "link_emulator.py"])
+@pytest.mark.parametrize("name", ["swarm.py", "compare.py", "link_emulator.py", "churn.py"])
 def test_tool_help(name):
     out = subprocess.run(
         [sys.executable, str(BENCH / name), "--help"], check=True, capture_output=True, text=True

@@ -15,6 +15,7 @@ from vllm.v1.outputs import LogprobsLists, LogprobsTensors, ModelRunnerOutput
 
 from molink.comm import codec
 from molink.comm.proto import molink_pb2
+from molink.core.request_snapshot import RequestSnapshot
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.int64])
@@ -134,6 +135,37 @@ def test_scheduler_output_round_trip():
     assert back.num_scheduled_tokens == {"r1": 3}
     assert back.finished_req_ids == {"r0"}
     assert back.scheduled_new_reqs[0].sampling_params.stop == ["x"]
+
+
+def test_step_with_resume_snapshots_round_trip():
+    snapshot = RequestSnapshot(
+        prompt_token_ids=[1, 2, 3],
+        output_token_ids=[7, 8],
+        sampling_params=SamplingParams(temperature=0.0, max_tokens=5),
+        pooling_params=None,
+        lora_request=None,
+        prompt_is_token_ids=None,
+        prompt_embeds=None,
+    )
+    so, snapshots = codec.loads_step(codec.dumps_step(make_scheduler_output(), {"r1": snapshot}))
+    assert so.num_scheduled_tokens == {"r1": 3}
+    assert snapshots["r1"].output_token_ids == [7, 8]
+    assert snapshots["r1"].sampling_params.max_tokens == 5
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        "not a step",
+        (SchedulerOutput.make_empty(),),
+        (SchedulerOutput.make_empty(), ["r1"]),
+        (SchedulerOutput.make_empty(), {"r1": SamplingParams()}),
+        (SamplingParams(), {}),
+    ],
+)
+def test_malformed_step_payloads_are_refused(payload):
+    with pytest.raises(pickle.UnpicklingError):
+        codec.loads_step(codec.dumps_step_data(payload))
 
 
 def test_model_runner_output_with_logprobs_round_trip():

@@ -8,11 +8,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from checkpoints import build_qwen3_checkpoint  # noqa: E402
+from test_dht import make_ann
 
 from molink.comm.dht import Membership
 from molink.config import ModelIdentity
 from molink.engine.node import choose_own_span
-from test_dht import make_ann
 
 FAST_FAIL = ["--chain_timeout", "6"]
 

@@ -3,8 +3,10 @@
 Real node processes, real gRPC, a real DHT, the ``openai`` client. One engine configuration is
 shared by the reference and every pipeline: small ``max_num_batched_tokens`` (chunked prefill) and
 a KV cache of few blocks (preemption), with many concurrent requests of different lengths,
-``max_tokens`` and stop strings. Then a stage is killed: in-flight requests fail with an error,
-the head stays up, and a replacement node restores service.
+``max_tokens`` and stop strings. Then the only node serving a span is killed: in-flight requests
+wait for a replacement, fail after ``--outage-timeout`` with the cause as their error message,
+the head stays up, and a replacement node restores service (churn with replicas, where nothing
+fails, is in ``test_chain_keeper.py``).
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ WORDS = (
     "and people walk along the river to see the boats and the bright sun above the hills"
 ).split()
 LOGPROB_TOLERANCE = 1e-4
+OUTAGE_S = 8
 
 
 def make_requests(n: int = 14) -> list[dict]:
@@ -131,7 +134,9 @@ def qwen3_reference(qwen3_model: str, tmp_path_factory: pytest.TempPathFactory) 
 def two_stage(module_swarm, qwen3_model):
     # The follower starts first and the head joins through it: start order doesn't matter.
     follower = module_swarm.start("stage1", qwen3_model, "3,5", ENGINE_FLAGS)
-    head = module_swarm.start("head", qwen3_model, "0,2", ENGINE_FLAGS, peers=[follower])
+    head = module_swarm.start(
+        "head", qwen3_model, "0,2", [*ENGINE_FLAGS, "--outage-timeout", str(OUTAGE_S)], [follower]
+    )
     head.wait_healthy()
     return head, follower
 
@@ -144,7 +149,9 @@ def test_two_stages_match_single_process(two_stage, qwen3_model, qwen3_reference
     assert "pipeline_parallel_size=2" in head.log()
 
 
-def test_killed_stage_fails_requests_then_recovers(two_stage, module_swarm, qwen3_model):
+def test_lost_stage_without_replacement_fails_with_its_cause_then_recovers(
+    two_stage, module_swarm, qwen3_model
+):
     head, follower = two_stage
 
     async def stream_until_error(client: openai.AsyncOpenAI, started: asyncio.Event) -> object:
@@ -178,9 +185,18 @@ def test_killed_stage_fails_requests_then_recovers(two_stage, module_swarm, qwen
 
     results = asyncio.run(kill_during())
     assert all(isinstance(r, openai.APIError) for r in results), results
-    # Detected from the broken stream, not by waiting out the step deadline.
-    assert "Pipeline failure" in head.log()
-    assert "no result within" not in head.log()
+    for error in results:  # the client is told why, not "Internal server error"
+        assert "layers 3-5 are not served by any node" in str(error), error
+        assert f"lost stage 127.0.0.1:{follower.grpc_port} [3-5]" in str(error), error
+    log = head.log()
+    assert "running request(s) preempted" in log  # held for recompute first
+    assert f"No full pipeline for {OUTAGE_S} s" in log
+    assert "no result within" not in log  # detected from the broken stream
+
+    # A non-streaming request during the outage fails the same way, after the timeout.
+    client = openai.OpenAI(base_url=head.base_url + "/v1", api_key="none", max_retries=0)
+    with pytest.raises(openai.InternalServerError, match="layers 3-5 are not served"):
+        client.completions.create(model=qwen3_model, prompt="hello", max_tokens=4, timeout=120)
 
     # The head stays up while no node serves layers 3-5.
     with urllib.request.urlopen(head.base_url + "/health", timeout=10) as r:
@@ -188,7 +204,6 @@ def test_killed_stage_fails_requests_then_recovers(two_stage, module_swarm, qwen
 
     # A new node serving the same layers joins; requests succeed again.
     module_swarm.start("stage1b", qwen3_model, "3,5", ENGINE_FLAGS, peers=[head])
-    client = openai.OpenAI(base_url=head.base_url + "/v1", api_key="none", max_retries=0)
     resp = client.completions.create(
         model=qwen3_model,
         prompt=REQUESTS[0]["prompt"],

@@ -151,16 +151,17 @@ class NextHopLink:
             yield msg
 
     def _done(self, call: grpc.Future) -> None:
+        """Report why the stream ended (``on_broken`` gets e.g. "UNAVAILABLE: Socket closed")."""
         if self._closed:
             return
         try:
             call.result()
-            reason = f"next stage {self.address} ended the step stream"
+            reason = "it ended the step stream"
         except grpc.RpcError as e:
-            reason = f"lost the next stage {self.address}: {e.code().name} {e.details()}"
+            reason = f"{e.code().name}: {e.details()}"
         except Exception as e:  # cancelled or internal
-            reason = f"lost the next stage {self.address}: {type(e).__name__}"
-        logger.warning(reason)
+            reason = type(e).__name__
+        logger.warning("Lost the next stage %s (%s)", self.address, reason)
         self._on_broken(reason)
 
 

@@ -64,6 +64,7 @@ class PipelineScheduler(Scheduler):
         self._logged_batches = 0
         self._epoch = self.pipeline.failed_epoch
         self._down_since: float | None = None
+        self._waiting_since: dict[str, float] = {}  # request -> when it began to wait (outage)
         self._pending_errors: list[tuple[Request, str]] = []
         # Requests every stage of the current epoch holds (no snapshot needed to resume them).
         self._known: set[str] = set()
@@ -131,6 +132,7 @@ class PipelineScheduler(Scheduler):
             output = self._hold(throttle_prefills)
         else:
             self._down_since = None
+            self._waiting_since.clear()
             started = time.monotonic()
             output = self._schedule_micro_batch(throttle_prefills)
             if len(self._schedule_seconds) > 1024:  # outputs that never came back (failures)
@@ -196,18 +198,27 @@ class PipelineScheduler(Scheduler):
             )
 
     def _hold(self, throttle_prefills: bool) -> SchedulerOutput:
-        """No full chain: schedule nothing (but still emit finished ids), bounded in time."""
+        """No full chain: schedule nothing (but still emit finished ids), bounded in time.
+
+        Each request waits at most ``outage_timeout`` from the loss, or from its arrival if it
+        came later; then it fails with the cause.
+        """
         time.sleep(self.HOLD_SLEEP_S)  # the engine loop keeps stepping while requests wait
-        down_for = time.monotonic() - (self._down_since or time.monotonic())
-        if self.requests and down_for > self.pipeline.outage_timeout:
+        now = time.monotonic()
+        expired = [
+            rid
+            for rid in self.requests
+            if now - self._waiting_since.setdefault(rid, now) > self.pipeline.outage_timeout
+        ]
+        if expired:
             cause = self.pipeline.outage_cause()
             logger.error(
                 "No full pipeline for %.0f s: failing %d waiting request(s): %s",
                 self.pipeline.outage_timeout,
-                len(self.requests),
+                len(expired),
                 cause,
             )
-            self._fail(list(self.requests), cause)
+            self._fail(expired, cause)
         return self._schedule_nothing(throttle_prefills)
 
     def _schedule_nothing(self, throttle_prefills: bool) -> SchedulerOutput:

@@ -138,7 +138,9 @@ class StageHost:
                 self.next_link = NextHopLink(
                     next_address,
                     self.config.wire_format,
-                    on_broken=lambda reason: results.report(reason),
+                    on_broken=lambda reason: results.report(
+                        f"lost the next stage {next_address} ({reason})"
+                    ),
                 )
                 sink: Any = self.next_link
             else:

@@ -231,10 +231,11 @@ class PipelineExecutor(Executor):
                 daemon=True,
             ).start()
         if remotes:
+            first = remotes[0]
             sink: Any = NextHopLink(
-                remotes[0].address,
+                first.address,
                 self.wire,
-                on_broken=lambda reason: self._on_failure(reason, epoch),
+                on_broken=lambda reason: self._on_failure(f"lost stage {first} ({reason})", epoch),
             )
             self._link = sink
         else:

@@ -1,0 +1,320 @@
+"""Churn benchmark: kill or stop a serving node mid-decode and measure what clients see.
+
+    python benchmark/churn.py                       # 2 and 3 stages, kill -9 then SIGTERM
+    python benchmark/churn.py --stages 2 --quick    # a smoke run
+
+For each pipeline size it starts a swarm on this machine (``benchmark/swarm.py``) with the layers
+split evenly plus one extra node for the last span (a replica), then:
+
+1. runs ``--streams`` concurrent greedy streams of ``--output-len`` tokens undisturbed (the
+   reference);
+2. runs them again and, once every stream has ``--kill-after`` tokens, ``kill -9``s the node
+   serving the last span; the head recomputes the affected requests on the replica;
+3. starts a new node for that span (it becomes the standby), runs them again and SIGTERMs the
+   serving node: it announces that it is leaving, the head moves off it, then it exits.
+
+Reported per disturbed run: failed streams, streams whose tokens differ from the reference, the
+pause every stream saw (arrival of its last token before the event to its next token) p50/p99,
+the head's time from detecting the loss to serving again, and the tokens re-prefilled (prompt +
+generated so far, summed over the streams). JSON with ``--result-json``; a Markdown table on
+stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import aiohttp
+
+sys.path.insert(0, str(Path(__file__).parent))
+from loadgen import make_prompts  # noqa: E402
+from swarm import Swarm, SwarmSpec, demo_model, even_split, num_hidden_layers  # noqa: E402
+
+
+@dataclass
+class Stream:
+    """One streamed completion: its token ids and when each chunk arrived (monotonic s)."""
+
+    tokens: list[int] = field(default_factory=list)
+    arrivals: list[float] = field(default_factory=list)
+    error: str = ""
+
+
+@dataclass
+class RunReport:
+    setup: str
+    event: str
+    streams: int
+    failed: int
+    differing: int
+    pause_p50_s: float
+    pause_p99_s: float
+    pause_max_s: float
+    restore_s: float | None
+    reprefill_tokens: int
+    wall_s: float
+
+
+async def stream_into(
+    session: aiohttp.ClientSession, url: str, model: str, prompt: list[int], n: int, out: Stream
+) -> None:
+    """Stream one greedy completion into ``out`` (tokens as they arrive; errors recorded)."""
+    body = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": n,
+        "temperature": 0.0,
+        "stream": True,
+        "ignore_eos": True,
+        "return_token_ids": True,
+    }
+    try:
+        async with session.post(url + "/v1/completions", json=body) as resp:
+            if resp.status != 200:
+                out.error = f"HTTP {resp.status}: {(await resp.text())[:200]}"
+                return
+            async for raw in resp.content:
+                line = raw.decode().strip()
+                if not line.startswith("data:") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[5:])
+                if "error" in chunk:
+                    out.error = str(chunk["error"])[:300]
+                    return
+                ids = chunk["choices"][0].get("token_ids") or []
+                if ids:
+                    out.tokens += ids
+                    out.arrivals.append(time.monotonic())
+    except (TimeoutError, aiohttp.ClientError) as e:
+        out.error = f"{type(e).__name__}: {e}"
+
+
+async def run_streams(
+    url: str,
+    model: str,
+    prompts: list[list[int]],
+    n: int,
+    after: int = 0,
+    event: Callable[[], None] | None = None,
+) -> tuple[list[Stream], float | None]:
+    """Stream every prompt at once; run ``event`` once every stream has ``after`` tokens.
+
+    Returns the streams and when the event fired (monotonic s), or None without an event.
+    """
+    streams = [Stream() for _ in prompts]
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=3600)) as session:
+        tasks = [
+            asyncio.create_task(stream_into(session, url, model, p, n, s))
+            for p, s in zip(prompts, streams, strict=True)
+        ]
+        fired_at = None
+        if event is not None:
+            while min(len(s.tokens) for s in streams) < after and not all(t.done() for t in tasks):
+                await asyncio.sleep(0.02)
+            fired_at = time.monotonic()
+            await asyncio.to_thread(event)
+        await asyncio.gather(*tasks)
+    return streams, fired_at
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+def pauses(streams: list[Stream], at: float) -> list[float]:
+    """Per stream: from its last token before ``at`` to its first token after it."""
+    out = []
+    for s in streams:
+        before = [t for t in s.arrivals if t <= at]
+        after = [t for t in s.arrivals if t > at]
+        if before and after:
+            out.append(after[0] - before[-1])
+    return out
+
+
+def restore_seconds(head_log: Path, epoch: int) -> float | None:
+    """The head's "Pipeline restored (epoch N) X s after the loss" for ``epoch``."""
+    match = re.search(rf"Pipeline restored \(epoch {epoch}\) ([0-9.]+) s", head_log.read_text())
+    return float(match.group(1)) if match else None
+
+
+def get_status(port: int) -> dict:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=10) as r:
+        return json.load(r)
+
+
+def serving_follower(swarm: Swarm, first_layer: int) -> int:
+    """Index of the node serving the span that starts at ``first_layer`` for the head."""
+    for i in range(1, len(swarm.procs)):
+        if swarm.procs[i].poll() is not None:
+            continue
+        with contextlib.suppress(OSError):
+            status = get_status(swarm.spec.port + i)
+            if status["state"] == "serving" and status["serving_for_head"][0] == first_layer:
+                return i
+    raise RuntimeError(f"no node serves layers from {first_layer}")
+
+
+def wait_for_standby(log: Path, port: int, timeout: float = 600.0) -> None:
+    deadline = time.monotonic() + timeout
+    pattern = re.compile(rf"Standby for .*: 127\.0\.0\.1:{port} ")
+    while not pattern.search(log.read_text()):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no standby on port {port} after {timeout:.0f} s")
+        time.sleep(1.0)
+
+
+def report(
+    setup: str,
+    event: str,
+    reference: list[Stream],
+    streams: list[Stream],
+    fired_at: float,
+    restore_s: float | None,
+    prompt_len: int,
+    wall_s: float,
+) -> RunReport:
+    waits = pauses(streams, fired_at)
+    reprefill = sum(prompt_len + len([t for t in s.arrivals if t <= fired_at]) for s in streams)
+    return RunReport(
+        setup=setup,
+        event=event,
+        streams=len(streams),
+        failed=sum(1 for s in streams if s.error),
+        differing=sum(1 for s, r in zip(streams, reference, strict=True) if s.tokens != r.tokens),
+        pause_p50_s=round(percentile(waits, 50), 3),
+        pause_p99_s=round(percentile(waits, 99), 3),
+        pause_max_s=round(max(waits, default=0.0), 3),
+        restore_s=restore_s,
+        reprefill_tokens=reprefill,
+        wall_s=round(wall_s, 1),
+    )
+
+
+def run_setup(args: argparse.Namespace, model: str, stages: int) -> list[RunReport]:
+    """One swarm of ``stages`` stages plus a replica of the last span: kill -9, then SIGTERM."""
+    layers = even_split(num_hidden_layers(model), stages)
+    last = layers[-1]
+    spec = SwarmSpec(
+        model=model,
+        layers=[*layers, last],
+        node_args=["--dtype", "float32", "--enforce-eager", "--max-model-len", "1024"],
+        head_args=["--disable-uvicorn-access-log"],
+        env={"VLLM_CPU_OMP_THREADS_BIND": "nobind", "VLLM_CPU_KVCACHE_SPACE": "1"},
+        log_dir=args.log_dir / f"{stages}-stages",
+    )
+    setup = f"{stages} stages + 1 replica of layers {last[0]}-{last[1]}"
+    prompts = make_prompts(args.streams, args.input_len, (100, 20000), seed=0)
+    results: list[RunReport] = []
+    swarm = Swarm(spec)
+    print(f"[churn] starting {setup} (logs: {spec.log_dir})", file=sys.stderr)
+    with swarm:
+        url = swarm.base_url
+        head_log = spec.log_dir / "node0.log"
+        asyncio.run(run_streams(url, model, prompts[:2], 8))  # warm-up
+        reference, _ = asyncio.run(run_streams(url, model, prompts, args.output_len))
+        print(f"[churn] reference: {sum(len(s.tokens) for s in reference)} tokens", file=sys.stderr)
+        for epoch, event in enumerate(("kill -9", "SIGTERM"), 1):
+            if event == "SIGTERM":  # a new node for the span becomes the standby
+                swarm.add_node(*last)
+            victim = serving_follower(swarm, last[0])
+            spare = next(
+                i
+                for i in range(len(swarm.procs) - 1, 0, -1)
+                if i != victim and swarm.procs[i].poll() is None
+            )
+            wait_for_standby(head_log, spec.grpc_base_port + spare)
+            proc = swarm.procs[victim]
+            sig = signal.SIGKILL if event == "kill -9" else signal.SIGTERM
+
+            def fire(proc: subprocess.Popen = proc, sig: int = sig) -> None:
+                if sig == signal.SIGKILL:
+                    os.killpg(proc.pid, sig)
+                else:
+                    proc.send_signal(sig)
+
+            print(f"[churn] {event} of node {victim}, {args.kill_after} tokens in", file=sys.stderr)
+            started = time.monotonic()
+            streams, fired_at = asyncio.run(
+                run_streams(url, model, prompts, args.output_len, args.kill_after, fire)
+            )
+            assert fired_at is not None
+            results.append(
+                report(
+                    setup,
+                    event,
+                    reference,
+                    streams,
+                    fired_at,
+                    restore_seconds(head_log, epoch),
+                    args.input_len,
+                    time.monotonic() - started,
+                )
+            )
+            print(f"[churn] {asdict(results[-1])}", file=sys.stderr)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=60)
+    return results
+
+
+def markdown(results: list[RunReport]) -> str:
+    lines = [
+        "| setup | event | failed | differing | pause p50 (s) | pause p99 (s) | restore (s) "
+        "| re-prefilled tokens |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        restore = "" if r.restore_s is None else f"{r.restore_s:.1f}"
+        lines.append(
+            f"| {r.setup} | {r.event} | {r.failed}/{r.streams} | {r.differing} | "
+            f"{r.pause_p50_s:.2f} | {r.pause_p99_s:.2f} | {restore} | {r.reprefill_tokens} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default=None, help="model path (default: the demo model)")
+    parser.add_argument("--stages", type=int, nargs="+", default=[2, 3])
+    parser.add_argument("--streams", type=int, default=32, help="concurrent streams (default 32)")
+    parser.add_argument("--input-len", type=int, default=64, help="prompt tokens (default 64)")
+    parser.add_argument("--output-len", type=int, default=256, help="tokens per stream (256)")
+    parser.add_argument(
+        "--kill-after", type=int, default=96, help="tokens every stream has before the event"
+    )
+    parser.add_argument("--quick", action="store_true", help="4 streams of 32 tokens (smoke run)")
+    parser.add_argument("--log-dir", type=Path, default=Path("/tmp/molink-churn"))
+    parser.add_argument("--result-json", type=Path, default=None)
+    args = parser.parse_args()
+    if args.quick:
+        args.streams, args.output_len, args.kill_after = 4, 32, 8
+    model = args.model or demo_model()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    results = [r for stages in args.stages for r in run_setup(args, model, stages)]
+    print(markdown(results))
+    if args.result_json is not None:
+        args.result_json.write_text(json.dumps([asdict(r) for r in results], indent=2))
+    if any(r.failed or r.differing for r in results):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
