@@ -315,7 +315,9 @@ class Node:
         )
         return dataclasses.replace(
             self.engine_args,  # type: ignore[arg-type]
-            pipeline_parallel_size=len(chain.stages),
+            # vLLM sees two pipeline stages: this head's layers and the rest of the chain,
+            # however many hops that takes now or after a loss (see PipelineExecutor).
+            pipeline_parallel_size=len(head.placement.partition),
             distributed_executor_backend=PipelineExecutor,
             scheduler_cls=SCHEDULER_CLS,
             worker_cls=WORKER_CLS,

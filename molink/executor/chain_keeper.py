@@ -87,7 +87,9 @@ class ChainKeeper:
         return set(self._excluded) | self._leaving
 
     def exclude(self, peer_id: str, why: str) -> None:
-        logger.warning("Leaving node %s out of chains for %.0f s: %s", peer_id, EXCLUDE_S, why)
+        """Leave ``peer_id`` out of chains for :data:`EXCLUDE_S` (logged once per exclusion)."""
+        if peer_id not in self._exclusions():
+            logger.warning("Leaving node %s out of chains for %.0f s: %s", peer_id, EXCLUDE_S, why)
         self._excluded[peer_id] = time.monotonic() + EXCLUDE_S
 
     def _loaded(self) -> dict[str, tuple[int, int]]:

@@ -1,8 +1,9 @@
 """The head's vLLM executor: stage 0 in-process, the other stages over gRPC.
 
-vLLM runs with ``pipeline_parallel_size = number of stages``, so its scheduler and batch queue do
-the bookkeeping: EngineCore keeps several batches in flight and calls ``execute_model`` then
-``sample_tokens`` for each. This executor:
+vLLM runs with ``pipeline_parallel_size = 2`` (the head's layers, and the rest of the chain, however
+many hops it has now or after a loss), so its scheduler and batch queue do the bookkeeping:
+EngineCore keeps several batches in flight (``--max_micro_batches``) and calls ``execute_model``
+then ``sample_tokens`` for each. This executor:
 
 * builds the local stage-0 worker and asks every remote stage to build its own (``InitStage``),
   so vLLM plans the KV cache at the minimum block count over all stages;
