@@ -14,10 +14,11 @@ split evenly plus one extra node for the last span (a replica), then:
    serving node: it announces that it is leaving, the head moves off it, then it exits.
 
 Reported per disturbed run: failed streams, streams whose tokens differ from the reference, the
-pause every stream saw (arrival of its last token before the event to its next token) p50/p99,
-the head's time from detecting the loss to serving again, and the tokens re-prefilled (prompt +
-generated so far, summed over the streams). JSON with ``--result-json``; a Markdown table on
-stdout.
+pause every stream saw (its longest wait between two tokens after the event) p50/p99, the head's
+time from detecting the loss to serving again, the tokens re-prefilled (prompt + generated so
+far, summed over the streams), and how long prefilling that many tokens takes at the prefill
+rate of the idle pipeline (one ``--prefill-probe``-token prompt). JSON with ``--result-json``;
+a Markdown table on stdout.
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ class RunReport:
     pause_max_s: float
     restore_s: float | None
     reprefill_tokens: int
+    reprefill_estimate_s: float  # reprefill_tokens at the idle pipeline's prefill rate
     wall_s: float
 
 
@@ -138,14 +140,27 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def pauses(streams: list[Stream], at: float) -> list[float]:
-    """Per stream: from its last token before ``at`` to its first token after it."""
+    """Per stream: its longest wait between two tokens that ends after ``at``.
+
+    The head may move off a node some time after the event (a leave notice, a keepalive
+    timeout); the pause a client sees is the gap, wherever it falls after the event.
+    """
     out = []
     for s in streams:
-        before = [t for t in s.arrivals if t <= at]
-        after = [t for t in s.arrivals if t > at]
-        if before and after:
-            out.append(after[0] - before[-1])
+        gaps = [b - a for a, b in zip(s.arrivals, s.arrivals[1:], strict=False) if b > at]
+        if gaps:
+            out.append(max(gaps))
     return out
+
+
+def idle_prefill_rate(url: str, model: str, tokens: int) -> float:
+    """Prompt tokens per second of the idle pipeline: one ``tokens``-token prompt, one token out."""
+    (prompt,) = make_prompts(1, tokens, (100, 20000), seed=1)
+    started = time.monotonic()
+    (stream,), _ = asyncio.run(run_streams(url, model, [prompt], 1))
+    if stream.error or not stream.arrivals:
+        raise RuntimeError(f"prefill probe failed: {stream.error}")
+    return tokens / (stream.arrivals[0] - started)
 
 
 def restore_seconds(head_log: Path, epoch: int) -> float | None:
@@ -188,6 +203,7 @@ def report(
     fired_at: float,
     restore_s: float | None,
     prompt_len: int,
+    prefill_tok_s: float,
     wall_s: float,
 ) -> RunReport:
     waits = pauses(streams, fired_at)
@@ -203,6 +219,7 @@ def report(
         pause_max_s=round(max(waits, default=0.0), 3),
         restore_s=restore_s,
         reprefill_tokens=reprefill,
+        reprefill_estimate_s=round(reprefill / prefill_tok_s, 2),
         wall_s=round(wall_s, 1),
     )
 
@@ -228,8 +245,13 @@ def run_setup(args: argparse.Namespace, model: str, stages: int) -> list[RunRepo
         url = swarm.base_url
         head_log = spec.log_dir / "node0.log"
         asyncio.run(run_streams(url, model, prompts[:2], 8))  # warm-up
+        rate = idle_prefill_rate(url, model, args.prefill_probe)
         reference, _ = asyncio.run(run_streams(url, model, prompts, args.output_len))
-        print(f"[churn] reference: {sum(len(s.tokens) for s in reference)} tokens", file=sys.stderr)
+        print(
+            f"[churn] reference: {sum(len(s.tokens) for s in reference)} tokens, "
+            f"prefill {rate:.0f} tok/s",
+            file=sys.stderr,
+        )
         for epoch, event in enumerate(("kill -9", "SIGTERM"), 1):
             if event == "SIGTERM":  # a new node for the span becomes the standby
                 swarm.add_node(*last)
@@ -264,6 +286,7 @@ def run_setup(args: argparse.Namespace, model: str, stages: int) -> list[RunRepo
                     fired_at,
                     restore_seconds(head_log, epoch),
                     args.input_len,
+                    rate,
                     time.monotonic() - started,
                 )
             )
@@ -276,14 +299,15 @@ def run_setup(args: argparse.Namespace, model: str, stages: int) -> list[RunRepo
 def markdown(results: list[RunReport]) -> str:
     lines = [
         "| setup | event | failed | differing | pause p50 (s) | pause p99 (s) | restore (s) "
-        "| re-prefilled tokens |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| re-prefilled tokens | re-prefill at idle rate (s) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         restore = "" if r.restore_s is None else f"{r.restore_s:.1f}"
         lines.append(
             f"| {r.setup} | {r.event} | {r.failed}/{r.streams} | {r.differing} | "
-            f"{r.pause_p50_s:.2f} | {r.pause_p99_s:.2f} | {restore} | {r.reprefill_tokens} |"
+            f"{r.pause_p50_s:.2f} | {r.pause_p99_s:.2f} | {restore} | {r.reprefill_tokens} | "
+            f"{r.reprefill_estimate_s:.1f} |"
         )
     return "\n".join(lines)
 
@@ -299,6 +323,9 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=256, help="tokens per stream (256)")
     parser.add_argument(
         "--kill-after", type=int, default=96, help="tokens every stream has before the event"
+    )
+    parser.add_argument(
+        "--prefill-probe", type=int, default=512, help="prompt tokens of the prefill-rate probe"
     )
     parser.add_argument("--quick", action="store_true", help="4 streams of 32 tokens (smoke run)")
     parser.add_argument("--log-dir", type=Path, default=Path("/tmp/molink-churn"))
