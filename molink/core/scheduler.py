@@ -78,19 +78,17 @@ class PipelineScheduler(Scheduler):
         affected = list(self.running) + [
             r for r in self.requests.values() if r.status == RequestStatus.PREEMPTED
         ]
-        doomed = []
+        too_often, multimodal = [], []
         for request in affected:
-            losses = self._stage_losses[request.request_id] = (
-                self._stage_losses.get(request.request_id, 0) + 1
-            )
-            if losses >= MAX_STAGE_LOSSES or request.mm_features:
-                doomed.append(request.request_id)
-        if doomed:
-            self._fail(
-                doomed,
-                f"request was on {MAX_STAGE_LOSSES} lost pipelines (or has multimodal inputs, "
-                f"which can't be recomputed); last loss: {self.pipeline.last_error}",
-            )
+            rid = request.request_id
+            self._stage_losses[rid] = self._stage_losses.get(rid, 0) + 1
+            if request.mm_features:
+                multimodal.append(rid)
+            elif self._stage_losses[rid] >= MAX_STAGE_LOSSES:
+                too_often.append(rid)
+        last = self.pipeline.last_error
+        self._fail(too_often, f"the request was on {MAX_STAGE_LOSSES} lost pipelines; last: {last}")
+        self._fail(multimodal, f"multimodal requests can't be recomputed after a loss: {last}")
         num_running = len(self.running)
         try:
             self.reset_prefix_cache(reset_running_requests=True)
@@ -107,9 +105,13 @@ class PipelineScheduler(Scheduler):
         )
 
     def _fail(self, request_ids: list[str], cause: str) -> None:
+        """Finish requests with an error whose message (the client's) is ``cause``."""
+        if not request_ids:
+            return
         for request in self.finish_requests(request_ids, RequestStatus.FINISHED_ERROR):
             logger.error("Request %s failed: %s", request.request_id, cause)
             self._pending_errors.append((request, cause))
+            self._stage_losses.pop(request.request_id, None)
 
     def _attach_snapshots(self, output: SchedulerOutput) -> None:
         """Ship what stages need to resume requests they don't hold (after a reset)."""

@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from vllm.logger import init_logger
 from vllm.v1.kv_cache_interface import KVCacheConfig
 
-from molink.comm.chain import Chain, Hop, assemble_chain
+from molink.comm.chain import Chain, ChainError, Hop, assemble_chain
 from molink.comm.dht import NodeAnnouncement
 from molink.comm.swarm_view import SwarmView
 from molink.engine.head_config import HeadConfig, RemoteStageSpec
@@ -97,13 +97,16 @@ class ChainKeeper:
         return {r.peer_id: r.span for r in [*self._standby.values(), *self.remotes]}
 
     # ------------------------------------------------------------------ planning
-    def plan(self, refresh: bool = True) -> Chain:
-        """The best chain the swarm offers now (raises ChainIncomplete naming missing layers)."""
-        nodes = self.view.refresh() if refresh else self.view.nodes
+    def plan(self, without: str | None = None) -> Chain:
+        """The best chain the swarm offers now, optionally without node ``without``.
+
+        Raises ``ChainIncomplete`` naming the layers nobody usable serves.
+        """
+        excluded = self._exclusions() | ({without} if without else set())
         return assemble_chain(
             self.head_node,
-            nodes,
-            exclude_peers=self._exclusions(),
+            self.view.nodes,
+            exclude_peers=excluded,
             rtt_s=self.view.rtt_s(),
             loaded=self._loaded(),
         )
@@ -119,6 +122,7 @@ class ChainKeeper:
             dead = remote.probe()
             if dead is not None:
                 self.exclude(remote.peer_id, dead)
+        self.view.refresh()
         chain = self.plan()
         return [self._ready(hop) for hop in chain.stages[1:]], chain
 
@@ -172,14 +176,8 @@ class ChainKeeper:
         in_chain = {r.peer_id for r in self.remotes}
         for remote in list(self.remotes):
             try:
-                chain = assemble_chain(
-                    self.head_node,
-                    self.view.nodes,
-                    exclude_peers=self._exclusions() | {remote.peer_id},
-                    rtt_s=self.view.rtt_s(),
-                    loaded=self._loaded(),
-                )
-            except Exception:  # noqa: BLE001  # no alternative for this stage (yet)
+                chain = self.plan(without=remote.peer_id)
+            except ChainError:  # no alternative for this stage (yet)
                 continue
             for hop in chain.stages[1:]:
                 held = self._loaded().get(hop.peer_id)
@@ -198,9 +196,6 @@ class ChainKeeper:
                     continue
                 self._standby[hop.peer_id] = standby
                 logger.info("Standby for %s: %s", remote, standby)
-
-    def standbys(self) -> list[RemoteStage]:
-        return list(self._standby.values())
 
     def shutdown(self) -> None:
         for remote in [*self.remotes, *self._standby.values()]:

@@ -402,6 +402,7 @@ class PipelineExecutor(Executor):
         """A node of the chain is leaving: switch to a chain without it, if the swarm has one."""
         leaving = self.chain.leaving_in_chain()
         try:
+            self.chain.view.refresh()
             self.chain.plan()
         except ChainError as e:
             logger.warning(
