@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import pickle
 from collections.abc import Iterator
@@ -144,6 +145,25 @@ def test_replicas_prefer_online_and_lower_rtt() -> None:
     assert assemble_chain(HEAD, [b1, b2, b3]).peer_ids == ["QmHead", "QmB2"]
     rtt = {"QmB2": 0.080, "QmB3": 0.010}
     assert assemble_chain(HEAD, [b1, b2, b3], rtt_s=rtt).peer_ids == ["QmHead", "QmB3"]
+
+
+def test_replicas_prefer_higher_announced_throughput() -> None:
+    slow = dataclasses.replace(ann("QmB1", 15, 29), throughput=50.0)
+    fast = dataclasses.replace(ann("QmB2", 15, 29), throughput=500.0)
+    unknown = ann("QmB3", 15, 29)  # counts the median of the measured ones
+    assert assemble_chain(HEAD, [slow, fast, unknown]).peer_ids == ["QmHead", "QmB2"]
+    # Fewer hops still come first.
+    quick_pair = [
+        dataclasses.replace(ann("QmC1", 15, 20), throughput=1e6),
+        dataclasses.replace(ann("QmC2", 21, 29), throughput=1e6),
+    ]
+    assert assemble_chain(HEAD, [slow, *quick_pair]).peer_ids == ["QmHead", "QmB1"]
+
+
+def test_announcements_of_older_nodes_without_throughput_are_read() -> None:
+    d = ann("QmB", 15, 29).to_dict()
+    del d["throughput"]
+    assert NodeAnnouncement.from_dict(d).throughput == 0.0
 
 
 def test_other_heads_are_not_stages() -> None:
@@ -321,6 +341,11 @@ BAD_FIELDS = [
     ("kv_capacity_bytes", 1.5),
     ("is_head", 1),
     ("is_head", "true"),
+    ("throughput", -1.0),
+    ("throughput", float("inf")),
+    ("throughput", float("nan")),
+    ("throughput", "fast"),
+    ("throughput", True),
 ]
 
 

@@ -5,13 +5,16 @@ Pure logic: :func:`assemble_chain` looks only at the announcements it is given;
 
 Any number of nodes may announce the same or overlapping spans, and a node may serve any
 contiguous sub-span of the layers it holds. The chain is the cover of the layers after the head's
-with the fewest hops; among those, the one with the lowest cost (measured round-trip time, plus a
-penalty for making a node rebuild a different span than the one it already has loaded), then the
-lowest peer ids, so every head picks the same chain from the same view.
+with the fewest hops; among those, the one with the lowest cost, then the lowest peer ids, so
+every head picks the same chain from the same view. A hop costs (as in Petals' routing) its
+measured round-trip time plus the seconds per token its node's announced throughput implies for
+the layers it serves, plus a penalty for making a node rebuild a different span than the one it
+already has loaded.
 """
 
 from __future__ import annotations
 
+import statistics
 import threading
 import time
 from collections.abc import Container, Iterable, Mapping, Sequence
@@ -206,9 +209,11 @@ def assemble_chain(
     * Only "online" nodes with the head's ``model_hash`` and ``num_layers`` count, other than the
       head itself and ``exclude_peers`` (see :func:`mismatched`). The head is always stage 0; it
       must start at layer 0.
-    * Fewest hops first; then the lowest sum of ``rtt_s`` (seconds; unmeasured nodes count
-      :data:`DEFAULT_RTT_S`), with :data:`RELOAD_PENALTY_S` for a node whose ``loaded`` span
-      differs from the one it would serve; then the lowest peer ids.
+    * Fewest hops first; then the lowest cost: for each hop its ``rtt_s`` (seconds; unmeasured
+      nodes count :data:`DEFAULT_RTT_S`), the seconds per token its node's announced
+      ``throughput`` implies for the hop's layers (unmeasured nodes count the median), and
+      :data:`RELOAD_PENALTY_S` for a node whose ``loaded`` span differs from the one it would
+      serve; then the lowest peer ids.
     * Uncovered layers raise :class:`ChainIncomplete` listing every missing range, with the
       joining nodes and the nodes of other models that could have served them.
     """
@@ -231,8 +236,17 @@ def assemble_chain(
     )
     total, first = head.num_layers, head.end_layer + 1
 
+    # Seconds per token per layer of each node; unmeasured nodes count the median of the others.
+    per_layer = {
+        n.peer_id: 1.0 / (n.throughput * (n.end_layer - n.start_layer + 1))
+        for n in usable
+        if n.throughput > 0
+    }
+    typical = statistics.median(per_layer.values()) if per_layer else 0.0
+
     def hop_cost(node: NodeAnnouncement, start: int, end: int) -> float:
         cost = rtt_s.get(node.peer_id, DEFAULT_RTT_S)
+        cost += (end - start + 1) * per_layer.get(node.peer_id, typical)
         cost += TRUNCATION_PENALTY_S * (node.end_layer - end + start - node.start_layer)
         held = loaded.get(node.peer_id)
         if held is not None and held != (start, end):

@@ -100,6 +100,8 @@ class NodeAnnouncement:
     version: str  # molink version
     kv_capacity_bytes: int
     is_head: bool
+    # Tokens per second this node computed through its span lately (0: not measured yet).
+    throughput: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("peer_id", "model_name", "model_hash", "grpc_address", "state", "version"):
@@ -117,6 +119,12 @@ class NodeAnnouncement:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise InvalidAnnouncement(f"{name} must be an integer, got {type(value).__name__}")
+        if (
+            isinstance(self.throughput, bool)
+            or not isinstance(self.throughput, (int, float))
+            or not 0 <= self.throughput < float("inf")
+        ):
+            raise InvalidAnnouncement(f"throughput={self.throughput!r} is not a finite rate >= 0")
         if not isinstance(self.is_head, bool):
             raise InvalidAnnouncement(f"is_head must be a bool, got {type(self.is_head).__name__}")
         if not 1 <= self.num_layers <= _MAX_LAYERS:
@@ -147,16 +155,18 @@ class NodeAnnouncement:
     def from_dict(cls, d: Any) -> NodeAnnouncement:
         """Build from a dict received from an (untrusted) peer.
 
-        Every field must be present with the right type and a valid value; unknown keys are
-        ignored so that newer versions may add fields. Raises ``ValueError`` on anything malformed.
+        Every field without a default must be present, with the right type and a valid value;
+        unknown keys are ignored so that newer versions may add fields. Raises ``ValueError`` on
+        anything malformed.
         """
         if not isinstance(d, Mapping):
             raise InvalidAnnouncement(f"announcement must be a mapping, got {type(d).__name__}")
-        names = [f.name for f in dataclasses.fields(cls)]
-        missing = [name for name in names if name not in d]
+        fields = dataclasses.fields(cls)
+        required = [f.name for f in fields if f.default is dataclasses.MISSING]
+        missing = [name for name in required if name not in d]
         if missing:
             raise InvalidAnnouncement(f"announcement lacks fields: {', '.join(missing)}")
-        return cls(**{name: d[name] for name in names})
+        return cls(**{f.name: d[f.name] for f in fields if f.name in d})
 
 
 def _maddr(host: str, port: int) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import random
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -40,6 +41,10 @@ logger = init_logger(__name__)
 SPAN_SETTLE_S = 2.0
 # Memory kept free when sizing a span: the runtime, activations, the OS.
 MEMORY_RESERVE_BYTES = 2 * 2**30
+# A follower re-measures the throughput it announces this often (seconds) ...
+THROUGHPUT_PERIOD_S = 10.0
+# ... and announces a new value when it moved by more than this fraction.
+THROUGHPUT_CHANGE = 0.1
 
 
 def _ask_dht_maddrs(peer: str) -> tuple[list[str], str]:
@@ -184,6 +189,8 @@ class Node:
         self.grpc_server: grpc.Server | None = None
         self.grpc_port = config.grpc_port
         self.state = "joining"
+        self.throughput = 0.0
+        self._stopped = threading.Event()
 
     @property
     def layers(self) -> tuple[int, int]:
@@ -210,6 +217,10 @@ class Node:
             self._choose_span()
         self.state = "online"
         self.membership.announce(self.announcement())
+        if self.host is not None:
+            threading.Thread(
+                target=self._measure_throughput, name="molink-throughput", daemon=True
+            ).start()
         logger.info(
             "MoLink %s serving layers %d-%d of %s (%d layers); gRPC %s; DHT %s",
             "head" if self.is_head else "stage",
@@ -241,6 +252,32 @@ class Node:
             "" if self.config.layers_to_serve else ", as many as fit in memory",
         )
 
+    def _measure_throughput(self) -> None:
+        """Announce the tokens per second this stage computes (heads route by it)."""
+        assert self.host is not None
+        last_tokens, last_busy = 0, 0.0
+        while not self._stopped.wait(THROUGHPUT_PERIOD_S):
+            engine = self.host.engine
+            if engine is None:
+                continue
+            tokens, busy = engine.tokens_done, engine.busy_seconds
+            if tokens < last_tokens:  # the stage was rebuilt
+                last_tokens, last_busy = 0, 0.0
+            if tokens - last_tokens < 64 or busy <= last_busy:
+                continue  # too little work to measure
+            rate = (tokens - last_tokens) / (busy - last_busy)
+            last_tokens, last_busy = tokens, busy
+            old = self.throughput
+            if old and abs(rate - old) <= THROUGHPUT_CHANGE * old:
+                continue
+            self.throughput = rate
+            membership = self.membership
+            if membership is not None and self.state == "online":
+                try:
+                    membership.update(throughput=round(rate, 1))
+                except Exception as e:  # noqa: BLE001  # try again next period
+                    logger.debug("could not announce throughput: %s", e)
+
     def announcement(self) -> NodeAnnouncement:
         assert self.membership is not None
         kv_bytes = int(float(os.environ.get("VLLM_CPU_KVCACHE_SPACE", "0") or 0) * 2**30)
@@ -256,6 +293,7 @@ class Node:
             version=molink.__version__,
             kv_capacity_bytes=kv_bytes,
             is_head=self.is_head,
+            throughput=round(self.throughput, 1),
         )
 
     def node_info(self) -> molink_pb2.NodeInfo:
@@ -354,6 +392,7 @@ class Node:
 
     def shutdown(self) -> None:
         """Leave the swarm and stop serving (idempotent)."""
+        self._stopped.set()
         if self.host is not None:
             self.host.shutdown()
         if self.membership is not None:

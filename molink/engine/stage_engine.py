@@ -80,6 +80,7 @@ class StageEngine:
         self.epoch = 0
         self.sink: StepSink | None = None
         self.steps_done = 0
+        self.tokens_done = 0
         self.busy_seconds = 0.0
         self._queue: queue.Queue[Any] = queue.Queue()
         self._stopped = False
@@ -145,4 +146,5 @@ class StageEngine:
         work.timings.append(StageTiming(wait_s=start - work.received_at, compute_s=compute))
         self.busy_seconds += compute
         self.steps_done += 1
+        self.tokens_done += work.scheduler_output.total_num_scheduled_tokens
         sink.emit(work, output)

@@ -72,6 +72,7 @@ def build_status_app(node: Node) -> FastAPI:
                 "state": "leaving" if node.state == "leaving" else host.state if host else "head",
                 "steps_done": engine.steps_done if engine else 0,
                 "busy_seconds": round(engine.busy_seconds, 3) if engine else 0.0,
+                "throughput_tokens_per_s": round(node.throughput, 1),
                 "next_hop": host.next_link.stats() if host and host.next_link else None,
             }
         )
