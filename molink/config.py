@@ -9,6 +9,9 @@ import socket
 from dataclasses import dataclass
 
 DEFAULT_GRPC_PORT = 50051
+#: dtypes activations may travel in between stages (``--wire-dtype``), and compressions.
+WIRE_DTYPE_NAMES = ("float32", "float16", "bfloat16")
+WIRE_COMPRESSIONS = ("none", "zlib")
 #: A step unanswered this long counts as a lost stage (``--step-timeout``).
 DEFAULT_STEP_TIMEOUT_S = 30.0
 #: How long requests wait for a full chain to come back before failing (``--outage-timeout``).
@@ -130,13 +133,13 @@ def add_molink_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )
     group.add_argument(
         "--wire-dtype",
-        choices=["float32", "float16", "bfloat16"],
+        choices=WIRE_DTYPE_NAMES,
         default=None,
         help="dtype of activations between stages (default: the model dtype).",
     )
     group.add_argument(
         "--wire-compression",
-        choices=["none", "zlib"],
+        choices=WIRE_COMPRESSIONS,
         default="none",
         help="Lossless compression of activations between stages (default none; zlib saves "
         "little on float activations and costs CPU; only for very slow links).",

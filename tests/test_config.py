@@ -8,7 +8,7 @@ import json
 import pytest
 
 from molink.config import MoLinkConfig, add_molink_args, parse_serving_layers
-from molink.engine.stage_config import StageConfig, StagePlacement
+from molink.stage_spec import StageConfig, StagePlacement
 
 
 @pytest.mark.parametrize("value", ["5", "3,1", "a,b", "-1,2"])

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from molink.comm.proto import molink_pb2
+from molink.config import WIRE_COMPRESSIONS, WIRE_DTYPE_NAMES
 
 # Tensor dtypes allowed on the wire, by name.
 _TORCH_DTYPES: dict[str, torch.dtype] = {
@@ -36,11 +37,7 @@ _TORCH_DTYPES: dict[str, torch.dtype] = {
     "bool": torch.bool,
 }
 # dtypes allowed for activations between stages (--wire_dtype).
-WIRE_DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-}
+WIRE_DTYPES: dict[str, torch.dtype] = {name: _TORCH_DTYPES[name] for name in WIRE_DTYPE_NAMES}
 # Element types numpy can't hold are moved through a same-width integer view.
 _VIEW_AS = {torch.bfloat16: torch.int16}
 
@@ -302,7 +299,7 @@ class WireFormat:
     def from_names(cls, dtype: str | None, compression: str | None) -> WireFormat:
         if dtype is not None and dtype not in WIRE_DTYPES:
             raise ValueError(f"unsupported wire dtype {dtype!r}")
-        if compression not in (None, "none", "zlib"):
+        if compression is not None and compression not in WIRE_COMPRESSIONS:
             raise ValueError(f"unsupported wire compression {compression!r}")
         return cls(WIRE_DTYPES[dtype] if dtype else None, compression == "zlib")
 

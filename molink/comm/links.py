@@ -3,8 +3,8 @@
 * :class:`NextHopLink` is a :class:`~molink.engine.stage_engine.StepSink` that encodes each step's
   output and sends it on one client-streaming ``Steps`` call, so steps arrive in order and a send
   never waits for the receiver's compute.
-* :class:`ResultStream` is the sink of the last stage (sampled tokens) and the error channel of
-  every remote stage: the head subscribes to it with ``Results``.
+* :class:`ResultStream` is the sink of the last stage (sampled tokens) and the channel of every
+  remote stage for errors and its leave notice: the head subscribes to it with ``Results``.
 A broken stream is reported through the ``on_broken`` callback, never raised into compute code.
 """
 

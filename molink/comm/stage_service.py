@@ -18,8 +18,8 @@ from vllm.logger import init_logger
 from molink.comm import codec
 from molink.comm.links import SERVER_OPTIONS
 from molink.comm.proto import molink_pb2, molink_pb2_grpc
-from molink.engine.stage_config import StageConfig
 from molink.engine.stage_host import StageHost, StageNotReady
+from molink.stage_spec import StageConfig
 
 logger = init_logger(__name__)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from vllm.config import VllmConfig
 
-from molink.engine.stage_config import ADDITIONAL_CONFIG_KEY
+from molink.stage_spec import ADDITIONAL_CONFIG_KEY
 
 _VLLM_MAX_CONCURRENT_BATCHES = VllmConfig.max_concurrent_batches
 

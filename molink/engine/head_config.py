@@ -14,7 +14,7 @@ from vllm.config import VllmConfig
 
 from molink.comm.dht import NodeAnnouncement
 from molink.config import DEFAULT_OUTAGE_TIMEOUT_S, DEFAULT_STEP_TIMEOUT_S
-from molink.engine.stage_config import ADDITIONAL_CONFIG_KEY, StagePlacement, placement_dict
+from molink.stage_spec import ADDITIONAL_CONFIG_KEY, StagePlacement, placement_dict
 
 
 @dataclass(frozen=True)

@@ -24,8 +24,9 @@ from vllm.v1.kv_cache_interface import KVCacheConfig
 from molink.comm import codec
 from molink.comm.links import NextHopLink, ResultStream, timings_from_proto
 from molink.comm.proto import molink_pb2
-from molink.engine.stage_config import StageConfig, stage_engine_config
+from molink.engine.stage_config import stage_engine_config
 from molink.engine.stage_engine import StageEngine, StepWork
+from molink.stage_spec import StageConfig
 
 logger = init_logger(__name__)
 
@@ -137,7 +138,9 @@ class StageHost:
                 results = self.results
                 self.next_link = NextHopLink(
                     next_address,
-                    self.config.wire_format,
+                    codec.WireFormat.from_names(
+                        self.config.wire_dtype, self.config.wire_compression
+                    ),
                     on_broken=lambda reason: results.report(
                         f"lost the next stage {next_address} ({reason})"
                     ),

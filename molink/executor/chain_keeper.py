@@ -22,8 +22,8 @@ from molink.comm.chain import Chain, ChainError, Hop, assemble_chain
 from molink.comm.dht import NodeAnnouncement
 from molink.comm.swarm_view import SwarmView
 from molink.engine.head_config import HeadConfig, RemoteStageSpec
-from molink.engine.stage_config import StageConfig
 from molink.executor.remote_stage import RemoteStage
+from molink.stage_spec import StageConfig
 
 logger = init_logger(__name__)
 

@@ -45,10 +45,11 @@ from molink.core.pipeline_state import PIPELINE_STATE, epoch_of, lost_output
 from molink.core.request_snapshot import snapshots_of
 from molink.engine import batch_queue_bound
 from molink.engine.head_config import HeadConfig
-from molink.engine.stage_config import StageConfig, StagePlacement, head_engine_overrides
+from molink.engine.stage_config import head_engine_overrides
 from molink.engine.stage_engine import StageEngine, StageOutput, StepWork
 from molink.executor.chain_keeper import ChainKeeper, StageRefused
 from molink.executor.remote_stage import RemoteStage
+from molink.stage_spec import StageConfig, StagePlacement
 from molink.worker.stage_worker import create_stage_worker
 
 logger = init_logger(__name__)

@@ -11,7 +11,7 @@ from molink.comm import codec
 from molink.comm.links import connect
 from molink.comm.proto import molink_pb2
 from molink.engine.head_config import RemoteStageSpec
-from molink.engine.stage_config import StageConfig
+from molink.stage_spec import StageConfig
 
 #: Seconds a liveness probe (``GetNodeInfo``) may take.
 PROBE_TIMEOUT_S = 3.0
