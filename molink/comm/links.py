@@ -21,7 +21,7 @@ from vllm.sequence import IntermediateTensors
 from molink.comm import codec
 from molink.comm.proto import molink_pb2, molink_pb2_grpc
 from molink.core.micro_batching import StageTiming
-from molink.engine.stage_engine import StageOutput, StepWork
+from molink.core.step import StageOutput, StepWork
 
 logger = init_logger(__name__)
 

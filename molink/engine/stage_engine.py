@@ -13,59 +13,14 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
-import torch
 from vllm.logger import init_logger
-from vllm.sequence import IntermediateTensors
-from vllm.v1.core.sched.output import GrammarOutput, SchedulerOutput
-from vllm.v1.outputs import ModelRunnerOutput
 
 from molink.core.micro_batching import StageTiming
-from molink.core.request_snapshot import RequestSnapshot
+from molink.core.step import StepSink, StepWork
 
 logger = init_logger(__name__)
-
-GrammarSource = Callable[[], "GrammarOutput | None"]
-
-
-@dataclass
-class StepWork:
-    """One scheduler output on its way through a stage."""
-
-    step_id: int
-    epoch: int
-    scheduler_output: SchedulerOutput
-    # Restricted-pickle bytes of scheduler_output, forwarded as received (never re-encoded).
-    scheduler_output_bytes: bytes
-    # Requests this step resumes, for stages that don't hold them (after a pipeline failure).
-    snapshots: dict[str, RequestSnapshot] = field(default_factory=dict)
-    # Activations from the previous stage, each [num_tokens, hidden_size]; None on stage 0.
-    tensors: dict[str, torch.Tensor] | None = None
-    # The head asked for sampled tokens (tokens were scheduled).
-    sample: bool = False
-    # Returns the grammar bitmask for sampling; may block until the head's engine provides it.
-    grammar: GrammarSource = field(default=lambda: None)
-    # Set when an earlier stage failed this step: it is passed on, not computed.
-    error: str = ""
-    # What each stage so far reported about this step (this stage appends its own).
-    timings: list[StageTiming] = field(default_factory=list)
-    received_at: float = field(default_factory=time.monotonic)
-
-
-StageOutput = IntermediateTensors | ModelRunnerOutput | None
-
-
-class StepSink(Protocol):
-    """Where a stage puts what it computed."""
-
-    def emit(self, work: StepWork, output: StageOutput) -> None:
-        """Pass on the output of ``work`` (activations, or sampled tokens on the last stage)."""
-
-    def fail(self, work: StepWork, error: str) -> None:
-        """Report that ``work`` could not be computed."""
 
 
 class StageEngine:

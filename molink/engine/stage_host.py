@@ -24,8 +24,9 @@ from vllm.v1.kv_cache_interface import KVCacheConfig
 from molink.comm import codec
 from molink.comm.links import NextHopLink, ResultStream, timings_from_proto
 from molink.comm.proto import molink_pb2
+from molink.core.step import StepWork
 from molink.engine.stage_config import stage_engine_config
-from molink.engine.stage_engine import StageEngine, StepWork
+from molink.engine.stage_engine import StageEngine
 from molink.stage_spec import StageConfig
 
 logger = init_logger(__name__)

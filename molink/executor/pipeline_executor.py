@@ -43,10 +43,11 @@ from molink.comm.links import NextHopLink, timings_from_proto
 from molink.core.micro_batching import StageTiming
 from molink.core.pipeline_state import PIPELINE_STATE, epoch_of, lost_output
 from molink.core.request_snapshot import snapshots_of
+from molink.core.step import StageOutput, StepWork
 from molink.engine import batch_queue_bound
 from molink.engine.head_config import HeadConfig
 from molink.engine.stage_config import head_engine_overrides
-from molink.engine.stage_engine import StageEngine, StageOutput, StepWork
+from molink.engine.stage_engine import StageEngine
 from molink.executor.chain_keeper import ChainKeeper, StageRefused
 from molink.executor.remote_stage import RemoteStage
 from molink.stage_spec import StageConfig, StagePlacement
