@@ -30,6 +30,14 @@ NODE_ENV = {
     "HF_HUB_OFFLINE": "1",
 }
 QWEN3_LAYERS = 6
+# Engine limits for pipelines of the tiny Qwen3 checkpoint: small batches chunk prefills.
+QWEN3_ENGINE_FLAGS = [
+    "--max-model-len", "512",
+    "--max-num-seqs", "8",
+    "--max-num-batched-tokens", "64",
+    "--block-size", "32",
+    "--seed", "0",
+]  # fmt: skip
 
 
 def free_port() -> int:

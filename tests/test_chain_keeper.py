@@ -18,20 +18,9 @@ import urllib.request
 
 import openai
 import pytest
-from conftest import NodeProcess, Swarm
+from conftest import QWEN3_ENGINE_FLAGS, NodeProcess, Swarm
 
-FLAGS = [
-    "--max-model-len",
-    "512",
-    "--max-num-seqs",
-    "8",
-    "--max-num-batched-tokens",
-    "64",
-    "--block-size",
-    "32",
-    "--seed",
-    "0",
-]
+FLAGS = QWEN3_ENGINE_FLAGS
 PROMPTS = [
     " ".join(["the quick brown fox jumps over the lazy dog"] * (1 + i % 3)) + f" {i}"
     for i in range(6)

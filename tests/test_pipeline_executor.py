@@ -22,7 +22,7 @@ from pathlib import Path
 
 import openai
 import pytest
-from conftest import NODE_ENV
+from conftest import NODE_ENV, QWEN3_ENGINE_FLAGS
 
 ENGINE = {
     "dtype": "float32",
@@ -34,20 +34,8 @@ ENGINE = {
     "num_gpu_blocks_override": 20,
     "seed": 0,
 }
-ENGINE_FLAGS = [
-    "--max-model-len",
-    "512",
-    "--max-num-seqs",
-    "8",
-    "--max-num-batched-tokens",
-    "64",
-    "--block-size",
-    "32",
-    "--num-gpu-blocks-override",
-    "20",
-    "--seed",
-    "0",
-]
+# A KV cache of few blocks on top of the shared limits: requests get preempted.
+ENGINE_FLAGS = [*QWEN3_ENGINE_FLAGS, "--num-gpu-blocks-override", "20"]
 WORDS = (
     "the quick brown fox jumps over the lazy dog while a small bird sings in the old tree "
     "and people walk along the river to see the boats and the bright sun above the hills"

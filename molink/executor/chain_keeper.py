@@ -4,9 +4,9 @@ The :class:`ChainKeeper` owns the head's remote stages. It watches the swarm thr
 :class:`~molink.comm.swarm_view.SwarmView`, prepares nodes that could replace a stage of the
 current chain (they load their span's weights and KV cache ahead of need, *standby*), and when a
 stage is lost or leaving, plans the next chain from what the swarm announces
-(:func:`~molink.comm.chain.assemble_chain`: fewest hops, then RTT, preferring nodes that already
-hold the span) and gets its stages ready. Wiring the chain for a new epoch and moving steps
-through it stays with the executor.
+(:func:`~molink.comm.chain.assemble_chain`: fewest hops, then RTT plus announced compute time,
+preferring nodes that already hold the span) and gets its stages ready. Wiring the chain for a
+new epoch and moving steps through it stays with the executor.
 """
 
 from __future__ import annotations
@@ -92,9 +92,13 @@ class ChainKeeper:
             logger.warning("Leaving node %s out of chains for %.0f s: %s", peer_id, EXCLUDE_S, why)
         self._excluded[peer_id] = time.monotonic() + EXCLUDE_S
 
+    def _held(self) -> list[RemoteStage]:
+        """Every stage that holds a span for this head: the chain's, then the standbys'."""
+        return [*self.remotes, *self._standby.values()]
+
     def _loaded(self) -> dict[str, tuple[int, int]]:
-        """Spans nodes hold for this head: the chain's and the standbys'."""
-        return {r.peer_id: r.span for r in [*self._standby.values(), *self.remotes]}
+        """Spans nodes hold for this head, by peer (the chain's win over standbys')."""
+        return {r.peer_id: r.span for r in reversed(self._held())}
 
     # ------------------------------------------------------------------ planning
     def plan(self, without: str | None = None) -> Chain:
@@ -118,7 +122,7 @@ class ChainKeeper:
         the swarm can't cover the layers, or another error when a chosen node fails to start
         (it is then left out, and the next call plans around it).
         """
-        for remote in [*self.remotes, *self._standby.values()]:
+        for remote in self._held():
             dead = remote.probe()
             if dead is not None:
                 self.exclude(remote.peer_id, dead)
@@ -128,7 +132,7 @@ class ChainKeeper:
 
     def _ready(self, hop: Hop) -> RemoteStage:
         """A stage for ``hop``: the one already serving or on standby, else a new one."""
-        for remote in [*self.remotes, *self._standby.values()]:
+        for remote in self._held():
             if remote.peer_id == hop.peer_id and remote.span == hop.span:
                 return remote
         remote = RemoteStage(
@@ -149,7 +153,7 @@ class ChainKeeper:
         peers = {r.peer_id for r in remotes}
         excluded = self._exclusions()
         standby: dict[str, RemoteStage] = {}
-        for remote in [*self.remotes, *self._standby.values()]:
+        for remote in self._held():
             if id(remote) in chosen:
                 continue
             if remote.peer_id in peers or remote.peer_id in excluded:
@@ -198,7 +202,7 @@ class ChainKeeper:
                 logger.info("Standby for %s: %s", remote, standby)
 
     def shutdown(self) -> None:
-        for remote in [*self.remotes, *self._standby.values()]:
+        for remote in self._held():
             remote.close()
         if self._view is not None:
             self._view.shutdown()

@@ -426,9 +426,9 @@ class PipelineExecutor(Executor):
             try:
                 remotes, chain = self.chain.prepare_next_chain()
                 with self._lock:
-                    if epoch != self.state.failed_epoch:
-                        continue  # failed again meanwhile
                     self.chain.commit(remotes)
+                    if epoch != self.state.failed_epoch:
+                        continue  # failed again meanwhile: wire it for the newer epoch
                 self._start_epoch(epoch)
             except Exception as e:
                 message = str(e) or type(e).__name__
