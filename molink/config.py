@@ -5,8 +5,11 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import socket
 from dataclasses import dataclass
+
+from molink.security.settings import SecurityFiles
 
 DEFAULT_GRPC_PORT = 50051
 #: dtypes activations may travel in between stages (``--wire-dtype``), and compressions.
@@ -152,6 +155,33 @@ def add_molink_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "measured stage and link times; 1 turns micro-batching off "
         f"(default {DEFAULT_MAX_MICRO_BATCHES}).",
     )
+    security = parser.add_argument_group(
+        "MoLink security", "Who may join the swarm and drive this node (see SECURITY.md)"
+    )
+    security.add_argument(
+        "--swarm-key-file",
+        default=os.environ.get("MOLINK_SWARM_KEY_FILE"),
+        help="The swarm's shared key (make one with `python -m molink.keygen PATH`; mode 0600). "
+        "Every gRPC call then uses mutual TLS and only key holders are admitted to the DHT. "
+        "Required to listen beyond loopback, unless --insecure. Env: MOLINK_SWARM_KEY_FILE.",
+    )
+    security.add_argument(
+        "--node-key-file",
+        default=None,
+        help="This node's own signing key (created if absent). Keeps the node id stable across "
+        "restarts; default: a new key at every start.",
+    )
+    security.add_argument(
+        "--allowed-nodes-file",
+        default=None,
+        help="Only route through, and count, nodes whose id is listed here (one per line; "
+        "`python -m molink.keygen --node KEYFILE` shows a node's id).",
+    )
+    security.add_argument(
+        "--insecure",
+        action="store_true",
+        help="Allow listening beyond loopback without a swarm key (a trusted network only).",
+    )
     return parser
 
 
@@ -174,6 +204,7 @@ class MoLinkConfig:
     wire_dtype: str | None = None
     wire_compression: str = "none"
     max_micro_batches: int = DEFAULT_MAX_MICRO_BATCHES
+    security_files: SecurityFiles = SecurityFiles()
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> MoLinkConfig:
@@ -193,6 +224,13 @@ class MoLinkConfig:
             wire_dtype=args.wire_dtype,
             wire_compression=args.wire_compression,
             max_micro_batches=args.max_micro_batches,
+            # Absolute: the head's engine process reads them too.
+            security_files=SecurityFiles(
+                swarm_key_file=_absolute(args.swarm_key_file),
+                node_key_file=_absolute(args.node_key_file),
+                allowed_nodes_file=_absolute(args.allowed_nodes_file),
+                insecure=args.insecure,
+            ),
         )
 
     @property
@@ -212,6 +250,10 @@ class MoLinkConfig:
                 f"(0..{num_layers - 1})"
             )
         return start, end
+
+
+def _absolute(path: str | None) -> str | None:
+    return os.path.abspath(path) if path else None
 
 
 def default_announce_host() -> str:

@@ -3,8 +3,15 @@
 Every MoLink node runs one :class:`Membership`: a hivemind DHT peer (a forked process that drives
 the bundled ``p2pd`` binary) plus a daemon thread that re-announces the node's
 :class:`NodeAnnouncement` every few seconds. All announcements live under one DHT key, one subkey
-per node (its PeerID), with an expiration of about twice the refresh period, so a node that dies
-disappears from everyone's view on its own.
+per node, with an expiration of about twice the refresh period, so a node that dies disappears
+from everyone's view on its own.
+
+Announcements are signed: the subkey is hivemind's owner marker for the node's key
+(:mod:`molink.security.node_key`), so every DHT peer refuses a store under it that the key did not
+sign (expiration included: an old record can't be replayed past its end), and readers skip
+entries without an owner marker, entries whose ``node_key`` is not the owner, and (with an
+allowlist) nodes not on it. With a swarm key, DHT requests also need admission tokens
+(:mod:`molink.security.dht_admission`).
 
 hivemind is imported lazily: importing this module (e.g. for :class:`NodeAnnouncement`) stays cheap.
 """
@@ -29,6 +36,8 @@ from typing import TYPE_CHECKING, Any
 
 from vllm.logger import init_logger
 
+from molink.security.swarm_security import SwarmSecurity
+
 if TYPE_CHECKING:
     import hivemind
 
@@ -46,6 +55,7 @@ EXPIRATION_MARGIN = 1.0
 _MAX_STR_LEN = 1024
 _MAX_LAYERS = 1 << 20
 _BASE58_RE = re.compile(r"[1-9A-HJ-NP-Za-km-z]{1,128}")
+_OWNER_RE = re.compile(rb"\[owner:(ssh-rsa [A-Za-z0-9+/=]{1,1000})\]")
 # How long a single DHT get/store may take before we give up on it.
 _DHT_CALL_TIMEOUT = 30.0
 # How long shutdown waits for the p2pd child to disappear before killing it.
@@ -102,9 +112,19 @@ class NodeAnnouncement:
     is_head: bool
     # Tokens per second this node computed through its span lately (0: not measured yet).
     throughput: float = 0.0
+    # The node's public key (OpenSSH form); readers require it to be the record's signer.
+    node_key: str = ""
 
     def __post_init__(self) -> None:
-        for name in ("peer_id", "model_name", "model_hash", "grpc_address", "state", "version"):
+        for name in (
+            "peer_id",
+            "model_name",
+            "model_hash",
+            "grpc_address",
+            "state",
+            "version",
+            "node_key",
+        ):
             value = getattr(self, name)
             if not isinstance(value, str):
                 raise InvalidAnnouncement(f"{name} must be a string, got {type(value).__name__}")
@@ -235,6 +255,35 @@ async def _install_parent_watchdog(
     _WATCHDOG_TASKS.add(asyncio.get_running_loop().create_task(watch()))
 
 
+def _start_dht(dht_args: dict[str, Any], startup_timeout: float) -> hivemind.DHT:
+    """Start hivemind's DHT process and wait until it is ready, noticing if it dies.
+
+    ``hivemind.DHT(start=True)`` waits for readiness without a bound, so a DHT process that
+    crashes while starting (a forked child of a process with gRPC threads, rarely) would hang
+    the node forever; here that is retried once, then raised.
+    """
+    import hivemind
+
+    for attempt in (1, 2):
+        dht = hivemind.DHT(**dht_args)
+        dht.run_in_background(await_ready=False)
+        deadline = time.monotonic() + startup_timeout + 10.0
+        while True:
+            try:
+                dht.wait_until_ready(timeout=0.5)
+                return dht
+            except TimeoutError:
+                if time.monotonic() > deadline:
+                    dht.shutdown()
+                    raise TimeoutError(f"no DHT after {startup_timeout:.0f} s") from None
+                if not dht.is_alive():
+                    break
+        logger.warning("The DHT process died while starting (exit code %s)", dht.exitcode)
+        if attempt == 2:
+            raise RuntimeError("the DHT process died while starting, twice")
+    raise AssertionError("unreachable")
+
+
 class Membership:
     """One node's membership in the swarm: a hivemind DHT peer plus a refresh thread."""
 
@@ -245,19 +294,23 @@ class Membership:
         port: int = 0,
         announce_host: str | None = None,
         startup_timeout: float = 60.0,
+        security: SwarmSecurity | None = None,
         **dht_kwargs: Any,
     ) -> None:
         """Start a DHT peer listening on ``host:port`` and join the swarm via ``initial_peers``.
 
         ``initial_peers`` are full multiaddrs (``/ip4/…/tcp/…/p2p/<PeerID>``). With
         ``announce_host`` the peer advertises ``announce_host:<port>`` to others (a free port is
-        picked first when ``port`` is 0, because p2pd needs the real port up front). Extra keyword
-        arguments go to ``hivemind.DHT`` (e.g. ``wait_timeout``, ``identity_path``).
+        picked first when ``port`` is 0, because p2pd needs the real port up front). ``security``
+        signs this node's announcements, filters others' and, with a swarm key, admits only its
+        holders (default: a new node key, no swarm key). Extra keyword arguments go to
+        ``hivemind.DHT`` (e.g. ``wait_timeout``, ``identity_path``).
         Raises hivemind's ``P2PDaemonError`` if p2pd cannot start or reach the initial peers.
         """
-        import hivemind
-
         self._owner_pid = os.getpid()
+        self._security = security or SwarmSecurity.open()
+        self._node_key = self._security.node_key.public_key
+        self._subkey = f"[owner:{self._node_key}]".encode()  # hivemind's owner marker
         self._lock = threading.RLock()  # guards the fields below
         self._dht_lock = threading.Lock()  # serializes sends on hivemind's command pipe
         self._current: NodeAnnouncement | None = None
@@ -273,13 +326,14 @@ class Membership:
         dht_args: dict[str, Any] = {
             "initial_peers": list(initial_peers),
             "host_maddrs": [_maddr(host, port)],
-            "start": True,
+            "start": False,
             "startup_timeout": startup_timeout,
         }
         if announce_host is not None:
             dht_args["announce_maddrs"] = [_maddr(announce_host, port)]
+        dht_args.update(self._security.dht_kwargs())
         dht_args.update(dht_kwargs)
-        self._dht: hivemind.DHT = hivemind.DHT(**dht_args)
+        self._dht: hivemind.DHT = _start_dht(dht_args, startup_timeout)
         self._p2pd = _proc_children(self._dht.pid, "p2pd") if self._dht.pid else []
         atexit.register(self._atexit)
         try:
@@ -316,12 +370,14 @@ class Membership:
         """Publish ``ann`` now and re-publish it every ``period`` seconds until withdrawn.
 
         Each store expires ``2 * period`` (+ a small margin) seconds later, so the entry vanishes
-        on its own if this node dies. ``ann.peer_id`` must be this node's :attr:`peer_id`.
+        on its own if this node dies. ``ann.peer_id`` must be this node's :attr:`peer_id`; its
+        ``node_key`` is set to this node's key, which signs every store.
         """
         if ann.peer_id != self._peer_id:
             raise ValueError(
                 f"announcement is for peer {ann.peer_id}, this node is {self._peer_id}"
             )
+        ann = dataclasses.replace(ann, node_key=self._node_key)
         if not period > 0:
             raise ValueError(f"period must be positive, got {period}")
         with self._lock:
@@ -343,21 +399,24 @@ class Membership:
         with self._lock:
             if self._current is None:
                 raise RuntimeError("nothing announced yet: call announce() first")
-            if "peer_id" in changes and changes["peer_id"] != self._peer_id:
-                raise ValueError("peer_id of an announcement cannot change")
+            for name, mine in (("peer_id", self._peer_id), ("node_key", self._node_key)):
+                if name in changes and changes[name] != mine:
+                    raise ValueError(f"{name} of an announcement cannot change")
             self._current = dataclasses.replace(self._current, **changes)
             future = self._send_store(self._current.to_dict())
         self._finish_store(future)
 
     def nodes(self) -> list[NodeAnnouncement]:
-        """Unexpired announcements of every node in the swarm (including this one).
+        """Unexpired, signed announcements of every node in the swarm (including this one).
 
-        Malformed entries are logged at debug level and skipped. Sorted by (start_layer, peer_id).
+        Unsigned, malformed and disallowed entries are logged at debug level and skipped; so are
+        peer ids that several keys claim. Sorted by (start_layer, peer_id).
         """
         from hivemind.utils import get_dht_time
 
         found = self._call(self._dht.get, NODES_KEY, latest=True)
         by_peer: dict[str, NodeAnnouncement] = {}
+        claimed_twice: set[str] = set()
         entries = getattr(found, "value", None)
         if found is not None and not isinstance(entries, dict):
             logger.debug("ignoring non-dictionary DHT value under %s", NODES_KEY)
@@ -367,15 +426,13 @@ class Membership:
             expiration = getattr(item, "expiration_time", None)
             if value is None or not isinstance(expiration, (int, float)) or expiration < now:
                 continue  # withdrawn (tombstone) or expired
-            try:
-                ann = NodeAnnouncement.from_dict(value)
-            except ValueError as e:
-                logger.debug("skipping malformed announcement under subkey %r: %s", subkey, e)
+            ann = self._read_entry(subkey, value)
+            if ann is None:
                 continue
-            if ann.peer_id != subkey:
-                logger.debug(
-                    "skipping announcement of %s stored under subkey %r", ann.peer_id, subkey
-                )
+            if ann.peer_id in by_peer or ann.peer_id in claimed_twice:
+                logger.debug("skipping peer %s: several node keys claim it", ann.peer_id)
+                by_peer.pop(ann.peer_id, None)
+                claimed_twice.add(ann.peer_id)
                 continue
             by_peer[ann.peer_id] = ann
         with self._lock:
@@ -384,6 +441,25 @@ class Membership:
             else:
                 by_peer.pop(self._peer_id, None)
         return sorted(by_peer.values(), key=lambda a: (a.start_layer, a.peer_id))
+
+    def _read_entry(self, subkey: Any, value: Any) -> NodeAnnouncement | None:
+        """The announcement in one DHT entry, if it is signed, well formed and allowed."""
+        owner = _OWNER_RE.fullmatch(subkey) if isinstance(subkey, bytes) else None
+        if owner is None:
+            logger.debug("skipping an unsigned entry under %s", NODES_KEY)
+            return None
+        try:
+            ann = NodeAnnouncement.from_dict(value)
+        except ValueError as e:
+            logger.debug("skipping a malformed announcement: %s", e)
+            return None
+        if ann.node_key.encode() != owner.group(1):
+            logger.debug("skipping announcement of %s: not signed by its own key", ann.peer_id)
+            return None
+        if not self._security.allows(ann.node_key):
+            logger.debug("skipping announcement of %s: not on the allowlist", ann.peer_id)
+            return None
+        return ann
 
     def withdraw(self) -> None:
         """Stop refreshing and remove this node's entry from the swarm as soon as possible.
@@ -474,7 +550,7 @@ class Membership:
     def _send_store(self, value: Any, short: bool = False) -> Any:
         """Send a store of our subkey (caller holds ``_lock``, which keeps expirations ordered)."""
         expiration = self._next_expiration(short)
-        return self._send(self._dht.store, NODES_KEY, value, expiration, subkey=self._peer_id)
+        return self._send(self._dht.store, NODES_KEY, value, expiration, subkey=self._subkey)
 
     def _finish_store(self, future: Any) -> bool:
         ok = bool(self._wait(future))

@@ -22,6 +22,7 @@ from molink.comm import codec
 from molink.comm.proto import molink_pb2, molink_pb2_grpc
 from molink.core.micro_batching import StageTiming
 from molink.core.step import StageOutput, StepWork
+from molink.security.swarm_security import SwarmSecurity
 
 logger = init_logger(__name__)
 
@@ -54,9 +55,11 @@ SERVER_OPTIONS = [
 _CLOSE = object()
 
 
-def connect(address: str) -> tuple[grpc.Channel, molink_pb2_grpc.MoLinkNodeStub]:
-    """Open a channel to a node's gRPC service."""
-    channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+def connect(
+    address: str, security: SwarmSecurity
+) -> tuple[grpc.Channel, molink_pb2_grpc.MoLinkNodeStub]:
+    """Open a channel to a node's gRPC service (mutual TLS when the swarm has a key)."""
+    channel = security.channel(address, CHANNEL_OPTIONS)
     return channel, molink_pb2_grpc.MoLinkNodeStub(channel)
 
 
@@ -98,6 +101,7 @@ class NextHopLink:
         address: str,
         wire: codec.WireFormat,
         on_broken: Callable[[str], None],
+        security: SwarmSecurity,
     ) -> None:
         self.address = address
         self.wire = wire
@@ -107,7 +111,7 @@ class NextHopLink:
         self._on_broken = on_broken
         self._queue: queue.Queue[object] = queue.Queue()
         self._closed = False
-        self._channel, stub = connect(address)
+        self._channel, stub = connect(address, security)
         self._call = stub.Steps.future(self._requests())
         self._call.add_done_callback(self._done)
 

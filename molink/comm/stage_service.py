@@ -1,7 +1,8 @@
 """The gRPC service every MoLink node runs.
 
-* ``GetNodeInfo``: who this node is (model, layers, DHT addresses). A new node given
-  ``--initial_peer HOST:PORT`` asks this to learn the swarm's DHT multiaddrs.
+* ``GetNodeInfo``: who this node is (model, layers, DHT addresses), and with a nonce, proof that
+  it holds the node key of its announcement. A new node given ``--initial_peer HOST:PORT`` asks
+  this to learn the swarm's DHT multiaddrs.
 * ``InitStage`` / ``StartStage`` / ``Steps`` / ``Results``: the head driving this node's stage
   (followers only; the head answers them with FAILED_PRECONDITION).
 Requests are validated here; payloads from peers only ever go through ``molink.comm.codec``.
@@ -19,22 +20,36 @@ from molink.comm import codec
 from molink.comm.links import SERVER_OPTIONS
 from molink.comm.proto import molink_pb2, molink_pb2_grpc
 from molink.engine.stage_host import StageHost, StageNotReady
+from molink.security.swarm_security import SwarmSecurity
 from molink.stage_spec import StageConfig
 
 logger = init_logger(__name__)
+
+#: Longest identity-proof nonce a node signs.
+MAX_NONCE_BYTES = 64
 
 
 class StageService(molink_pb2_grpc.MoLinkNodeServicer):
     """gRPC front of a node: node info for everyone, stage control for the head."""
 
     def __init__(
-        self, node_info: Callable[[], molink_pb2.NodeInfo], host: StageHost | None
+        self,
+        node_info: Callable[[], molink_pb2.NodeInfo],
+        host: StageHost | None,
+        security: SwarmSecurity,
     ) -> None:
         self._node_info = node_info
         self._host = host
+        self._security = security
 
     def GetNodeInfo(self, request, context) -> molink_pb2.NodeInfo:  # noqa: N802
-        return self._node_info()
+        info = self._node_info()
+        info.node_key = self._security.node_key.public_key
+        if request.nonce:
+            if len(request.nonce) > MAX_NONCE_BYTES:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, "nonce too long")
+            info.proof = self._security.node_key.prove(request.nonce)
+        return info
 
     def _require_host(self, context) -> StageHost:
         if self._host is None:
@@ -100,14 +115,17 @@ class StageService(molink_pb2_grpc.MoLinkNodeServicer):
 
 
 def start_grpc_server(
-    service: StageService, host: str, port: int, max_workers: int = 16
+    service: StageService, host: str, port: int, security: SwarmSecurity, max_workers: int = 16
 ) -> tuple[grpc.Server, int]:
-    """Serve ``service`` on ``host:port`` (port 0 picks a free one); returns (server, port)."""
+    """Serve ``service`` on ``host:port`` (port 0 picks a free one); returns (server, port).
+
+    With a swarm key every call needs a client certificate derived from it (mutual TLS).
+    """
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers), options=SERVER_OPTIONS
     )
     molink_pb2_grpc.add_MoLinkNodeServicer_to_server(service, server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    bound = security.add_port(server, f"{host}:{port}")
     if bound == 0:
         raise OSError(f"can't listen for gRPC on {host}:{port}")
     server.start()

@@ -15,6 +15,7 @@ from vllm.logger import init_logger
 from molink.comm.dht import Membership, NodeAnnouncement
 from molink.comm.links import connect
 from molink.comm.proto import molink_pb2
+from molink.security.swarm_security import SwarmSecurity
 
 logger = init_logger(__name__)
 
@@ -23,13 +24,13 @@ RTT_MAX_AGE_S = 60.0
 _PING_TIMEOUT_S = 2.0
 
 
-def measure_rtt(address: str) -> float | None:
+def measure_rtt(address: str, security: SwarmSecurity) -> float | None:
     """Seconds for one ``GetNodeInfo`` round trip on an open channel (None if unreachable)."""
-    channel, stub = connect(address)
+    channel, stub = connect(address, security)
     try:
-        stub.GetNodeInfo(molink_pb2.Empty(), timeout=_PING_TIMEOUT_S)  # connects
+        stub.GetNodeInfo(molink_pb2.NodeInfoRequest(), timeout=_PING_TIMEOUT_S)  # connects
         started = time.monotonic()
-        stub.GetNodeInfo(molink_pb2.Empty(), timeout=_PING_TIMEOUT_S)
+        stub.GetNodeInfo(molink_pb2.NodeInfoRequest(), timeout=_PING_TIMEOUT_S)
         return time.monotonic() - started
     except grpc.RpcError:
         return None
@@ -40,9 +41,10 @@ def measure_rtt(address: str) -> float | None:
 class SwarmView:
     """Nodes announced in the DHT (read through a client-mode peer) with measured RTTs."""
 
-    def __init__(self, initial_peers: Sequence[str]) -> None:
+    def __init__(self, initial_peers: Sequence[str], security: SwarmSecurity) -> None:
+        self._security = security
         self._membership = Membership(
-            initial_peers=initial_peers, host="127.0.0.1", client_mode=True
+            initial_peers=initial_peers, host="127.0.0.1", client_mode=True, security=security
         )
         self._nodes: list[NodeAnnouncement] = []
         self._rtt: dict[str, tuple[float, float]] = {}  # peer -> (seconds, measured at)
@@ -60,7 +62,7 @@ class SwarmView:
             seen = self._rtt.get(node.peer_id)
             if node.state != "online" or node.is_head or (seen and now - seen[1] < RTT_MAX_AGE_S):
                 continue
-            rtt = measure_rtt(node.grpc_address)
+            rtt = measure_rtt(node.grpc_address, self._security)
             if rtt is not None:
                 self._rtt[node.peer_id] = (rtt, now)
         live = {n.peer_id for n in self._nodes}

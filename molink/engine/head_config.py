@@ -12,8 +12,10 @@ from typing import Any
 
 from vllm.config import VllmConfig
 
+from molink.comm.chain import Hop
 from molink.comm.dht import NodeAnnouncement
 from molink.config import DEFAULT_OUTAGE_TIMEOUT_S, DEFAULT_STEP_TIMEOUT_S
+from molink.security.settings import SecurityFiles
 from molink.stage_spec import ADDITIONAL_CONFIG_KEY, StagePlacement, placement_dict
 
 
@@ -25,6 +27,12 @@ class RemoteStageSpec:
     peer_id: str
     start_layer: int
     end_layer: int
+    node_key: str = ""  # the announced public key the node must prove it holds ("": no check)
+
+    @classmethod
+    def from_hop(cls, hop: Hop) -> RemoteStageSpec:
+        """The stage a hop of an assembled chain asks for."""
+        return cls(hop.grpc_address, hop.peer_id, hop.start_layer, hop.end_layer, hop.node.node_key)
 
 
 @dataclass(frozen=True)
@@ -42,6 +50,7 @@ class HeadConfig:
     outage_timeout: float = DEFAULT_OUTAGE_TIMEOUT_S
     recovery_poll_interval: float = 1.0
     swarm_refresh_interval: float = 2.0
+    security: SecurityFiles = SecurityFiles()  # key file paths (never the keys themselves)
 
     @property
     def head_node(self) -> NodeAnnouncement:
@@ -78,4 +87,5 @@ class HeadConfig:
         raw.pop("placement", None)
         raw["stages"] = tuple(RemoteStageSpec(**s) for s in raw["stages"])
         raw["dht_maddrs"] = tuple(raw.get("dht_maddrs", ()))
+        raw["security"] = SecurityFiles(**raw.get("security", {}))
         return cls(**raw)

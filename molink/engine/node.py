@@ -33,6 +33,8 @@ from molink.core.scheduler import SCHEDULER_CLS
 from molink.core.span_choice import choose_span, coverage, needs_move
 from molink.engine.head_config import HeadConfig, RemoteStageSpec
 from molink.engine.stage_host import StageHost
+from molink.security.settings import check_exposure
+from molink.security.swarm_security import SwarmSecurity
 from molink.worker.stage_worker import WORKER_CLS
 
 logger = init_logger(__name__)
@@ -47,12 +49,18 @@ THROUGHPUT_PERIOD_S = 10.0
 THROUGHPUT_CHANGE = 0.1
 
 
-def _ask_dht_maddrs(peer: str) -> tuple[list[str], str]:
+def _ask_dht_maddrs(peer: str, security: SwarmSecurity) -> tuple[list[str], str]:
     """(DHT multiaddrs, "") from a node's gRPC service, or ([], why not)."""
-    channel, stub = connect(peer)
+    channel, stub = connect(peer, security)
     try:
-        info = stub.GetNodeInfo(molink_pb2.Empty(), timeout=5.0)
+        info = stub.GetNodeInfo(molink_pb2.NodeInfoRequest(), timeout=5.0)
     except grpc.RpcError as e:
+        if e.code() == grpc.StatusCode.UNAVAILABLE:
+            return [], (
+                "UNAVAILABLE: not up yet, or it has another swarm key"
+                if security.secured
+                else "UNAVAILABLE: not up yet, or it requires a swarm key"
+            )
         return [], e.code().name
     finally:
         channel.close()
@@ -61,7 +69,9 @@ def _ask_dht_maddrs(peer: str) -> tuple[list[str], str]:
     return list(info.dht_maddrs), ""
 
 
-def resolve_initial_peers(peers: tuple[str, ...], timeout: float) -> list[str]:
+def resolve_initial_peers(
+    peers: tuple[str, ...], timeout: float, security: SwarmSecurity
+) -> list[str]:
     """DHT multiaddrs for ``--initial_peer`` values (multiaddrs pass through; HOST:PORT is asked).
 
     Retries until ``timeout``, so a node may start before the peer it names.
@@ -74,7 +84,7 @@ def resolve_initial_peers(peers: tuple[str, ...], timeout: float) -> list[str]:
         deadline = time.monotonic() + timeout
         next_log = 0.0
         while True:
-            found, error = _ask_dht_maddrs(peer)
+            found, error = _ask_dht_maddrs(peer, security)
             if found:
                 maddrs.extend(found)
                 break
@@ -175,6 +185,8 @@ class Node:
     def __init__(self, engine_args: EngineArgs, config: MoLinkConfig) -> None:
         self.engine_args = engine_args
         self.config = config
+        check_exposure(config.listen_host, config.security_files)
+        self.security = SwarmSecurity.from_files(config.security_files)
         self.identity = model_identity(engine_args.model, engine_args.trust_remote_code)
         if config.chooses_span:
             # Decided once the swarm is visible (start()); never the head's layer 0.
@@ -183,7 +195,9 @@ class Node:
             self.start_layer, self.end_layer = config.layers_for(self.identity.num_layers)
         self.is_head = self.start_layer == 0
         self.host = (
-            None if self.is_head else StageHost(engine_args, self.identity.config_hash, self.layers)
+            None
+            if self.is_head
+            else StageHost(engine_args, self.identity.config_hash, self.layers, self.security)
         )
         self.membership: Membership | None = None
         self.grpc_server: grpc.Server | None = None
@@ -202,16 +216,18 @@ class Node:
 
     def start(self, join_timeout: float = 600.0) -> None:
         """Open the gRPC service, join the DHT and announce this node."""
-        service = StageService(self.node_info, self.host)
+        logger.info("Security: %s", self.security.describe())
+        service = StageService(self.node_info, self.host, self.security)
         self.grpc_server, self.grpc_port = start_grpc_server(
-            service, self.config.listen_host, self.config.grpc_port
+            service, self.config.listen_host, self.config.grpc_port, self.security
         )
-        initial = resolve_initial_peers(self.config.initial_peers, join_timeout)
+        initial = resolve_initial_peers(self.config.initial_peers, join_timeout, self.security)
         self.membership = Membership(
             initial_peers=initial,
             host=self.config.listen_host,
             port=self.config.dht_port,
             announce_host=self.config.announce_host,
+            security=self.security,
         )
         if self.config.chooses_span:
             self._choose_span()
@@ -294,6 +310,7 @@ class Node:
             kv_capacity_bytes=kv_bytes,
             is_head=self.is_head,
             throughput=round(self.throughput, 1),
+            node_key=self.security.node_key.public_key,
         )
 
     def node_info(self) -> molink_pb2.NodeInfo:
@@ -335,21 +352,14 @@ class Node:
         assert self.membership is not None
         head = HeadConfig(
             head=self.announcement().to_dict(),
-            stages=tuple(
-                RemoteStageSpec(
-                    address=s.grpc_address,
-                    peer_id=s.peer_id,
-                    start_layer=s.start_layer,
-                    end_layer=s.end_layer,
-                )
-                for s in chain.stages[1:]
-            ),
+            stages=tuple(RemoteStageSpec.from_hop(hop) for hop in chain.stages[1:]),
             dht_maddrs=tuple(self.membership.visible_maddrs()),
             wire_dtype=self.config.wire_dtype,
             wire_compression=self.config.wire_compression,
             max_micro_batches=self.config.max_micro_batches,
             step_timeout=self.config.step_timeout,
             outage_timeout=self.config.outage_timeout,
+            security=self.config.security_files,
         )
         return dataclasses.replace(
             self.engine_args,  # type: ignore[arg-type]

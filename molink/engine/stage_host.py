@@ -27,6 +27,7 @@ from molink.comm.proto import molink_pb2
 from molink.core.step import StepWork
 from molink.engine.stage_config import stage_engine_config
 from molink.engine.stage_engine import StageEngine
+from molink.security.swarm_security import SwarmSecurity
 from molink.stage_spec import StageConfig
 
 logger = init_logger(__name__)
@@ -39,11 +40,18 @@ class StageNotReady(RuntimeError):
 class StageHost:
     """The stage a follower serves for the current head."""
 
-    def __init__(self, engine_args: EngineArgs, model_hash: str, layers: tuple[int, int]) -> None:
+    def __init__(
+        self,
+        engine_args: EngineArgs,
+        model_hash: str,
+        layers: tuple[int, int],
+        security: SwarmSecurity,
+    ) -> None:
         """``layers``: the (start, end) span this node holds; it serves any part of it."""
         self.engine_args = engine_args
         self.model_hash = model_hash
         self.layers = layers
+        self.security = security
         self.config: StageConfig | None = None
         self.worker: Any = None
         self.engine: StageEngine | None = None
@@ -145,6 +153,7 @@ class StageHost:
                     on_broken=lambda reason: results.report(
                         f"lost the next stage {next_address} ({reason})"
                     ),
+                    security=self.security,
                 )
                 sink: Any = self.next_link
             else:

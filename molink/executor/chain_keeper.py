@@ -23,6 +23,7 @@ from molink.comm.dht import NodeAnnouncement
 from molink.comm.swarm_view import SwarmView
 from molink.engine.head_config import HeadConfig, RemoteStageSpec
 from molink.executor.remote_stage import RemoteStage
+from molink.security.swarm_security import SwarmSecurity
 from molink.stage_spec import StageConfig
 
 logger = init_logger(__name__)
@@ -48,7 +49,8 @@ class ChainKeeper:
         self.head_node: NodeAnnouncement = head.head_node
         self._stage_config = stage_config
         self._plan_kv = plan_kv
-        self.remotes = [RemoteStage(spec) for spec in head.stages]
+        self.security = SwarmSecurity.from_files(head.security)
+        self.remotes = [RemoteStage(spec, self.security) for spec in head.stages]
         self._standby: dict[str, RemoteStage] = {}  # peer -> prepared stage not in the chain
         self._excluded: dict[str, float] = {}  # peer -> until (monotonic)
         self._leaving: set[str] = set()
@@ -70,7 +72,7 @@ class ChainKeeper:
     @property
     def view(self) -> SwarmView:
         if self._view is None:
-            self._view = SwarmView(self.head.dht_maddrs)
+            self._view = SwarmView(self.head.dht_maddrs, self.security)
         return self._view
 
     # ------------------------------------------------------------------ state
@@ -135,9 +137,7 @@ class ChainKeeper:
         for remote in self._held():
             if remote.peer_id == hop.peer_id and remote.span == hop.span:
                 return remote
-        remote = RemoteStage(
-            RemoteStageSpec(hop.grpc_address, hop.peer_id, hop.start_layer, hop.end_layer)
-        )
+        remote = RemoteStage(RemoteStageSpec.from_hop(hop), self.security)
         try:
             self._init(remote)
             remote.kv_cache_config = self._plan_kv(remote, self.remotes)

@@ -239,6 +239,7 @@ class PipelineExecutor(Executor):
                 first.address,
                 self.wire,
                 on_broken=lambda reason: self._on_failure(f"lost stage {first} ({reason})", epoch),
+                security=self.chain.security,
             )
             self._link = sink
         else:

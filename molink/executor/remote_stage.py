@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from typing import Any
 
 import grpc
@@ -11,22 +12,28 @@ from molink.comm import codec
 from molink.comm.links import connect
 from molink.comm.proto import molink_pb2
 from molink.engine.head_config import RemoteStageSpec
+from molink.security.node_key import verify_proof
+from molink.security.swarm_security import SwarmSecurity
 from molink.stage_spec import StageConfig
 
 #: Seconds a liveness probe (``GetNodeInfo``) may take.
 PROBE_TIMEOUT_S = 3.0
 
 
+class StageImpostor(RuntimeError):
+    """The process at a stage's address is not the node that announced it."""
+
+
 class RemoteStage:
     """gRPC handle on a node serving ``spec``'s layers, and what the head planned for it."""
 
-    def __init__(self, spec: RemoteStageSpec) -> None:
+    def __init__(self, spec: RemoteStageSpec, security: SwarmSecurity) -> None:
         self.spec = spec
         self.kv_cache_spec: dict[str, KVCacheSpec] | None = None
         self.available_kv_bytes = 0
         self.kv_cache_config: KVCacheConfig | None = None
         self.results_call: Any = None
-        self._channel, self.stub = connect(spec.address)
+        self._channel, self.stub = connect(spec.address, security)
 
     @property
     def address(self) -> str:
@@ -44,7 +51,14 @@ class RemoteStage:
         return f"{self.address} [{self.spec.start_layer}-{self.spec.end_layer}]"
 
     def init(self, config: StageConfig, timeout: float) -> None:
-        """Have the node build this span's worker (loads weights unless already built)."""
+        """Have the node build this span's worker (loads weights unless already built).
+
+        Raises ``StageImpostor`` if the process at the address can't prove it is the node that
+        announced it.
+        """
+        why = self.probe()
+        if why is not None and "is leaving" not in why:
+            raise StageImpostor(why)
         reply = self.stub.InitStage(
             molink_pb2.InitStageRequest(stage_config_json=config.to_json()), timeout=timeout
         )
@@ -72,13 +86,24 @@ class RemoteStage:
         return self.results_call
 
     def probe(self) -> str | None:
-        """None if the node answers as itself and isn't leaving; else why it can't serve."""
+        """None if the node answers as itself and isn't leaving; else why it can't serve.
+
+        "As itself": same peer id, and a fresh nonce signed with the key it announced.
+        """
+        nonce = secrets.token_bytes(16)
         try:
-            info = self.stub.GetNodeInfo(molink_pb2.Empty(), timeout=PROBE_TIMEOUT_S)
+            info = self.stub.GetNodeInfo(
+                molink_pb2.NodeInfoRequest(nonce=nonce), timeout=PROBE_TIMEOUT_S
+            )
         except grpc.RpcError as e:
             return f"{self.address} is unreachable ({e.code().name})"
         if info.peer_id != self.peer_id:
             return f"{self.address} is now another node ({info.peer_id})"
+        if self.spec.node_key and not (
+            info.node_key == self.spec.node_key
+            and verify_proof(self.spec.node_key, nonce, info.proof)
+        ):
+            return f"{self.address} can't prove it holds the key {self.peer_id} announced"
         if info.state == "leaving":
             return f"{self.address} is leaving"
         return None

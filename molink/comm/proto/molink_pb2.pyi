@@ -33,7 +33,7 @@ class Empty(_message.Message):
     def __init__(self) -> None: ...
 
 class NodeInfo(_message.Message):
-    __slots__ = ("peer_id", "dht_maddrs", "model_name", "model_hash", "start_layer", "end_layer", "num_layers", "state", "version", "is_head")
+    __slots__ = ("peer_id", "dht_maddrs", "model_name", "model_hash", "start_layer", "end_layer", "num_layers", "state", "version", "is_head", "node_key", "proof")
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     DHT_MADDRS_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
@@ -44,6 +44,8 @@ class NodeInfo(_message.Message):
     STATE_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     IS_HEAD_FIELD_NUMBER: _ClassVar[int]
+    NODE_KEY_FIELD_NUMBER: _ClassVar[int]
+    PROOF_FIELD_NUMBER: _ClassVar[int]
     peer_id: str
     dht_maddrs: _containers.RepeatedScalarFieldContainer[str]
     model_name: str
@@ -54,7 +56,15 @@ class NodeInfo(_message.Message):
     state: str
     version: str
     is_head: bool
-    def __init__(self, peer_id: _Optional[str] = ..., dht_maddrs: _Optional[_Iterable[str]] = ..., model_name: _Optional[str] = ..., model_hash: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., num_layers: _Optional[int] = ..., state: _Optional[str] = ..., version: _Optional[str] = ..., is_head: _Optional[bool] = ...) -> None: ...
+    node_key: str
+    proof: bytes
+    def __init__(self, peer_id: _Optional[str] = ..., dht_maddrs: _Optional[_Iterable[str]] = ..., model_name: _Optional[str] = ..., model_hash: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., num_layers: _Optional[int] = ..., state: _Optional[str] = ..., version: _Optional[str] = ..., is_head: _Optional[bool] = ..., node_key: _Optional[str] = ..., proof: _Optional[bytes] = ...) -> None: ...
+
+class NodeInfoRequest(_message.Message):
+    __slots__ = ("nonce",)
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    nonce: bytes
+    def __init__(self, nonce: _Optional[bytes] = ...) -> None: ...
 
 class InitStageRequest(_message.Message):
     __slots__ = ("stage_config_json",)

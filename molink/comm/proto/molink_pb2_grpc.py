@@ -36,7 +36,7 @@ class MoLinkNodeStub:
         """
         self.GetNodeInfo = channel.unary_unary(
                 '/molink.MoLinkNode/GetNodeInfo',
-                request_serializer=molink_dot_comm_dot_proto_dot_molink__pb2.Empty.SerializeToString,
+                request_serializer=molink_dot_comm_dot_proto_dot_molink__pb2.NodeInfoRequest.SerializeToString,
                 response_deserializer=molink_dot_comm_dot_proto_dot_molink__pb2.NodeInfo.FromString,
                 _registered_method=True)
         self.InitStage = channel.unary_unary(
@@ -102,7 +102,7 @@ def add_MoLinkNodeServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'GetNodeInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetNodeInfo,
-                    request_deserializer=molink_dot_comm_dot_proto_dot_molink__pb2.Empty.FromString,
+                    request_deserializer=molink_dot_comm_dot_proto_dot_molink__pb2.NodeInfoRequest.FromString,
                     response_serializer=molink_dot_comm_dot_proto_dot_molink__pb2.NodeInfo.SerializeToString,
             ),
             'InitStage': grpc.unary_unary_rpc_method_handler(
@@ -151,7 +151,7 @@ class MoLinkNode:
             request,
             target,
             '/molink.MoLinkNode/GetNodeInfo',
-            molink_dot_comm_dot_proto_dot_molink__pb2.Empty.SerializeToString,
+            molink_dot_comm_dot_proto_dot_molink__pb2.NodeInfoRequest.SerializeToString,
             molink_dot_comm_dot_proto_dot_molink__pb2.NodeInfo.FromString,
             options,
             channel_credentials,
