@@ -16,7 +16,7 @@ import uuid
 from collections.abc import AsyncGenerator
 
 import uvicorn
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.engine.protocol import EngineClient
@@ -32,13 +32,15 @@ from vllm.utils.argparse_utils import FlexibleArgumentParser
 from molink.comm.chain import ChainError
 from molink.config import add_molink_args
 from molink.entrypoints.failure_reasons import failure_cause
+from molink.entrypoints.http_auth import api_key_guard, api_keys
 from molink.entrypoints.launch import run_node
 
 logger = init_logger("molink.entrypoints.api_server")
 
 
-def build_generate_app(engine: EngineClient) -> FastAPI:
-    """The ``/generate`` and ``/health`` routes over ``engine``."""
+def build_generate_app(engine: EngineClient, keys: list[str] | None = None) -> FastAPI:
+    """The ``/generate`` and ``/health`` routes over ``engine`` (``/generate`` needs one of
+    ``keys`` as a bearer token when given)."""
     app = FastAPI(title="MoLink /generate")
 
     @app.get("/health")
@@ -46,7 +48,7 @@ def build_generate_app(engine: EngineClient) -> FastAPI:
         await engine.check_health()
         return Response(status_code=200)
 
-    @app.post("/generate")
+    @app.post("/generate", dependencies=[Depends(api_key_guard(keys or []))])
     async def generate(request: Request) -> Response:
         try:
             body = await request.json()
@@ -103,7 +105,10 @@ async def run(args: argparse.Namespace) -> None:
             engine_args, usage_context=UsageContext.API_SERVER
         ) as engine:
             config = uvicorn.Config(
-                build_generate_app(engine), host=args.host, port=args.port, log_level="info"
+                build_generate_app(engine, api_keys(args)),
+                host=args.host,
+                port=args.port,
+                log_level="info",
             )
             await uvicorn.Server(config).serve()
 
@@ -114,6 +119,12 @@ def main() -> None:
     parser = FlexibleArgumentParser(description="MoLink /generate server")
     parser.add_argument("--host", type=str, default=None)
     parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument(
+        "--api-key",
+        action="append",
+        default=None,
+        help="Require this bearer token on /generate and /status (repeatable; env VLLM_API_KEY).",
+    )
     AsyncEngineArgs.add_cli_args(parser)
     add_molink_args(parser)
     args = parser.parse_args()

@@ -13,13 +13,15 @@ import signal
 from collections.abc import Awaitable, Callable
 
 import uvicorn
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi.responses import JSONResponse
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.logger import init_logger
 
 from molink.config import MoLinkConfig
 from molink.engine.node import Node
+from molink.entrypoints.http_auth import api_key_guard, api_keys, status_bind_host
+from molink.security.settings import is_loopback
 
 logger = init_logger(__name__)
 
@@ -28,11 +30,22 @@ async def run_node(
     args: argparse.Namespace, serve_head: Callable[[AsyncEngineArgs], Awaitable[None]]
 ) -> None:
     """Start this node from parsed flags and serve until shut down; always leaves the swarm."""
-    node = Node(AsyncEngineArgs.from_cli_args(args), MoLinkConfig.from_args(args))
+    config = MoLinkConfig.from_args(args)
+    keys = api_keys(args)
+    node = Node(AsyncEngineArgs.from_cli_args(args), config)
+    status_host = (
+        None if node.is_head else status_bind_host(args.host, keys, config.security_files.insecure)
+    )
+    if node.is_head and not keys and not is_loopback(args.host or "0.0.0.0"):
+        logger.warning(
+            "The API on port %d is open to anyone who reaches it; pass --api-key KEY to require "
+            "a key",
+            args.port,
+        )
     try:
         await asyncio.to_thread(node.start)
-        if not node.is_head:
-            await serve_stage_status(node, args.host, args.port)
+        if status_host is not None:
+            await serve_stage_status(node, status_host, args.port, keys)
             await asyncio.to_thread(node.leave)  # told to stop: let the head move off first
             return
         chain = await asyncio.to_thread(node.wait_for_chain)
@@ -45,15 +58,16 @@ async def run_node(
         node.shutdown()
 
 
-def build_status_app(node: Node) -> FastAPI:
-    """A small app reporting this stage's identity and state."""
+def build_status_app(node: Node, keys: list[str]) -> FastAPI:
+    """A small app reporting this stage's identity and state (``/status`` needs an API key
+    when ``keys`` is not empty; ``/health`` is open, as on vLLM's server)."""
     app = FastAPI(title="MoLink stage")
 
     @app.get("/health")
     async def health() -> JSONResponse:
         return JSONResponse({"status": "ok"})
 
-    @app.get("/status")
+    @app.get("/status", dependencies=[Depends(api_key_guard(keys))])
     async def status() -> JSONResponse:
         host = node.host
         engine = host.engine if host else None
@@ -69,6 +83,10 @@ def build_status_app(node: Node) -> FastAPI:
                 "num_layers": node.identity.num_layers,
                 "grpc_address": node.grpc_address,
                 "peer_id": node.membership.peer_id if node.membership else None,
+                "node_id": node.security.node_key.node_id,
+                "swarm_key": node.security.swarm_key.fingerprint
+                if node.security.swarm_key
+                else None,
                 "state": "leaving" if node.state == "leaving" else host.state if host else "head",
                 "steps_done": engine.steps_done if engine else 0,
                 "busy_seconds": round(engine.busy_seconds, 3) if engine else 0.0,
@@ -80,7 +98,7 @@ def build_status_app(node: Node) -> FastAPI:
     return app
 
 
-async def serve_stage_status(node: Node, host: str | None, port: int) -> None:
+async def serve_stage_status(node: Node, host: str, port: int, keys: list[str]) -> None:
     """Serve the status app until the process is told to stop (SIGTERM or SIGINT).
 
     uvicorn re-raises the stop signal once it has shut down; the handlers installed here take
@@ -97,8 +115,6 @@ async def serve_stage_status(node: Node, host: str | None, port: int) -> None:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_signal)
-    config = uvicorn.Config(
-        build_status_app(node), host=host or "0.0.0.0", port=port, log_level="warning"
-    )
+    config = uvicorn.Config(build_status_app(node, keys), host=host, port=port, log_level="warning")
     await uvicorn.Server(config).serve()
     stopping = True
