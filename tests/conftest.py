@@ -210,12 +210,24 @@ def session_swarm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Swarm]:
 
 
 DEMO_ENGINE_FLAGS = ["--max-model-len", "1024", "--max-num-seqs", "8"]
+#: The demo pipeline's HTTP API key (a test value, not a secret).
+DEMO_API_KEY = "molink-test-api-key"
 
 
 @pytest.fixture(scope="session")
-def demo_pipeline(session_swarm: Swarm, demo_model: str) -> NodeProcess:
-    """The demo model on two nodes (layers 0-14 on the head, 15-29 on a follower)."""
-    head = session_swarm.start("demo-head", demo_model, "0,14", DEMO_ENGINE_FLAGS)
-    session_swarm.start("demo-stage1", demo_model, "15,29", DEMO_ENGINE_FLAGS, peers=[head])
+def swarm_key_file(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A swarm key made with ``python -m molink.keygen`` (mode 0600)."""
+    path = tmp_path_factory.mktemp("keys") / "swarm.key"
+    subprocess.run([sys.executable, "-m", "molink.keygen", str(path)], check=True, timeout=120)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def demo_pipeline(session_swarm: Swarm, demo_model: str, swarm_key_file: str) -> NodeProcess:
+    """The demo model on two nodes (layers 0-14 on the head, 15-29 on a follower), secured:
+    mutual TLS and DHT admission from a swarm key, and an HTTP API key on both nodes."""
+    flags = [*DEMO_ENGINE_FLAGS, "--swarm-key-file", swarm_key_file, "--api-key", DEMO_API_KEY]
+    head = session_swarm.start("demo-head", demo_model, "0,14", flags)
+    session_swarm.start("demo-stage1", demo_model, "15,29", flags, peers=[head])
     head.wait_healthy()
     return head

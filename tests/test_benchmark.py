@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import DEMO_API_KEY
 
 BENCH = Path(__file__).parent.parent / "benchmark"
 SMALL = ["--input-len", "16", "--output-len", "8", "--vocab-range", "100", "1000"]
@@ -22,6 +23,7 @@ def run_script(name: str, args: list[str], tmp_path: Path) -> dict:
     out = tmp_path / f"{name}.json"
     subprocess.run(
         [sys.executable, str(BENCH / name), *args, "--result-json", str(out)],
+        env={**os.environ, "OPENAI_API_KEY": DEMO_API_KEY},
         check=True,
         timeout=600,
         capture_output=True,
@@ -141,5 +143,8 @@ def _free_port() -> int:
 def _model(node) -> list[str]:
     import urllib.request
 
-    with urllib.request.urlopen(node.base_url + "/v1/models", timeout=10) as r:
+    request = urllib.request.Request(
+        node.base_url + "/v1/models", headers={"Authorization": f"Bearer {DEMO_API_KEY}"}
+    )
+    with urllib.request.urlopen(request, timeout=10) as r:
         return [json.load(r)["data"][0]["id"]]
