@@ -1,5 +1,7 @@
 """Load generator for any OpenAI-compatible completions endpoint (MoLink, vLLM, ...).
 
+A server started with ``--api-key`` gets the key from the ``OPENAI_API_KEY`` environment variable.
+
 Closed loop (``--concurrency N``: N requests always in flight) or open loop (``--request-rate R``:
 Poisson arrivals at R requests/s). Prompts are random token ids of an exact length and outputs are
 forced to an exact length (``ignore_eos``), so runs are comparable. Reports output throughput and
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import statistics
 import sys
@@ -158,7 +161,7 @@ async def run_load(
     semaphore = asyncio.Semaphore(concurrency or len(prompts))
     bar = tqdm(total=len(prompts), disable=not progress, desc="requests", file=sys.stderr)
     connector = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(connector=connector) as session:
+    async with aiohttp.ClientSession(connector=connector, headers=auth_headers()) as session:
 
         async def one(prompt: list[int] | str) -> RequestResult:
             async with semaphore:
@@ -178,6 +181,12 @@ async def run_load(
         duration = time.perf_counter() - start
     bar.close()
     return summarize(list(results), duration)
+
+
+def auth_headers() -> dict[str, str]:
+    """The bearer token for a server started with ``--api-key`` (from ``OPENAI_API_KEY``)."""
+    key = os.environ.get("OPENAI_API_KEY")
+    return {"Authorization": f"Bearer {key}"} if key else {}
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> None:

@@ -51,6 +51,7 @@ class SwarmSpec:
     env: dict[str, str] = field(default_factory=dict)
     log_dir: Path = Path("/tmp/molink-swarm")
     ready_timeout: float = 900.0
+    swarm_key: Path | None = None  # every node gets --swarm-key-file (mutual TLS, DHT admission)
 
 
 def even_split(num_layers: int, stages: int) -> list[tuple[int, int]]:
@@ -124,7 +125,8 @@ class Swarm:
     def describe(self) -> str:
         stages = " | ".join(f"{a}-{b}" for a, b in self.layers)
         link = "loopback" if self.spec.link.is_ideal else self.spec.link.describe()
-        return f"{len(self.layers)} stages [{stages}], {link}{', netns' if self.spec.netns else ''}"
+        extras = (", netns" if self.spec.netns else "") + (", TLS" if self.spec.swarm_key else "")
+        return f"{len(self.layers)} stages [{stages}], {link}{extras}"
 
     # ------------------------------------------------------------ lifecycle
     def __enter__(self) -> Swarm:
@@ -163,6 +165,10 @@ class Swarm:
             *announce,
             *spec.node_args,
         ]  # fmt: skip
+        if spec.swarm_key is not None:
+            args += ["--swarm-key-file", str(spec.swarm_key)]
+        elif spec.netns:  # bridge addresses are not loopback: say that plaintext is intended
+            args += ["--insecure"]
         if i == 0:
             args += spec.head_args
         else:
@@ -247,6 +253,12 @@ def main() -> None:
     parser.add_argument("--jitter-ms", type=float, default=0.0, help="± uniform jitter per hop")
     parser.add_argument("--rate-mbit", type=float, default=0.0, help="bandwidth per hop, 0=∞")
     parser.add_argument("--netns", action="store_true", help="one network namespace per node")
+    parser.add_argument(
+        "--swarm-key",
+        type=Path,
+        default=None,
+        help="swarm key file for every node (mutual TLS); make one with python -m molink.keygen",
+    )
     parser.add_argument("--port", type=int, default=8000, help="head HTTP port (default 8000)")
     parser.add_argument("--grpc-base-port", type=int, default=50051)
     parser.add_argument("--log-dir", type=Path, default=Path("/tmp/molink-swarm"))
@@ -267,6 +279,7 @@ def main() -> None:
         node_args=node_args,
         env={"VLLM_CPU_OMP_THREADS_BIND": "nobind", "VLLM_CPU_KVCACHE_SPACE": "1"},
         log_dir=args.log_dir,
+        swarm_key=args.swarm_key,
     )
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     s = Swarm(spec)
