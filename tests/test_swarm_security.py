@@ -15,8 +15,10 @@ from pathlib import Path
 
 import grpc
 import pytest
+from test_dht import eventually
+from test_dht import make_ann as ann
 
-from molink.comm.dht import NODES_KEY, Membership, NodeAnnouncement
+from molink.comm.dht import NODES_KEY, Membership
 from molink.comm.links import connect
 from molink.comm.proto import molink_pb2
 from molink.comm.stage_service import StageService, start_grpc_server
@@ -31,31 +33,6 @@ KEY_B = SwarmKey(b"b" * 32)
 
 def keyed(key: SwarmKey | None, allowed: frozenset[str] | None = None) -> SwarmSecurity:
     return SwarmSecurity(key, NodeKey.generate(), allowed)
-
-
-def ann(m: Membership, start: int, end: int, state: str = "online") -> NodeAnnouncement:
-    return NodeAnnouncement(
-        peer_id=m.peer_id,
-        model_name="m",
-        model_hash="h",
-        num_layers=10,
-        start_layer=start,
-        end_layer=end,
-        grpc_address="127.0.0.1:1",
-        state=state,
-        version="0",
-        kv_capacity_bytes=0,
-        is_head=start == 0,
-    )
-
-
-def wait_for(check, timeout: float = 15.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.2)
-    pytest.fail(f"timed out waiting for {what}")
 
 
 # ------------------------------------------------------------------------------------- gRPC
@@ -138,14 +115,14 @@ def peers_seen(m: Membership) -> set[str]:
 
 def test_key_holders_see_each_other(keyed_swarm):
     a, b = keyed_swarm
-    wait_for(lambda: peers_seen(a) == {a.peer_id, b.peer_id}, what="a to see b")
-    wait_for(lambda: peers_seen(b) == {a.peer_id, b.peer_id}, what="b to see a")
+    eventually(lambda: peers_seen(a) == {a.peer_id, b.peer_id}, what="a to see b")
+    eventually(lambda: peers_seen(b) == {a.peer_id, b.peer_id}, what="b to see a")
 
 
 @pytest.mark.parametrize("key", [KEY_B, None], ids=["wrong-key", "no-key"])
 def test_a_node_without_the_key_cannot_join_or_announce(keyed_swarm, key):
     a, b = keyed_swarm
-    wait_for(lambda: peers_seen(a) == {a.peer_id, b.peer_id}, what="the swarm")
+    eventually(lambda: peers_seen(a) == {a.peer_id, b.peer_id}, what="the swarm")
     try:
         intruder = start(keyed(key), a.visible_maddrs())
     except Exception as e:  # noqa: BLE001  # hivemind: no initial peer answered its ping
@@ -193,7 +170,7 @@ def test_forged_announcements_are_ignored(keyed_swarm):
     from hivemind.utils import MSGPackSerializer, get_dht_time
 
     a, b = keyed_swarm
-    wait_for(lambda: peers_seen(a) == {a.peer_id, b.peer_id}, what="the swarm")
+    eventually(lambda: peers_seen(a) == {a.peer_id, b.peer_id}, what="the swarm")
     forged = ann(a, 5, 9).to_dict() | {"peer_id": "QmForged1", "node_key": a._node_key}
     value = MSGPackSerializer.dumps(forged)
     expiration = get_dht_time() + 30
@@ -215,11 +192,11 @@ def test_forged_announcements_are_ignored(keyed_swarm):
 
 def test_a_replayed_announcement_is_ignored(keyed_swarm):
     a, b = keyed_swarm
-    wait_for(lambda: peers_seen(a) == {a.peer_id, b.peer_id}, what="the swarm")
+    eventually(lambda: peers_seen(a) == {a.peer_id, b.peer_id}, what="the swarm")
     stored = run_in_dht(a, partial(_raw_entries, key=NODES_KEY))
     old_value, old_expiration = next(v for k, v in stored.items() if b._subkey in k)
     b.update(state="leaving")
-    wait_for(
+    eventually(
         lambda: any(n.peer_id == b.peer_id and n.state == "leaving" for n in a.nodes()),
         what="a to see b leaving",
     )
@@ -245,7 +222,7 @@ def test_a_replayed_announcement_is_ignored(keyed_swarm):
 
 def test_allowlist_hides_unlisted_nodes(keyed_swarm):
     a, b = keyed_swarm
-    wait_for(lambda: peers_seen(a) == {a.peer_id, b.peer_id}, what="the swarm")
+    eventually(lambda: peers_seen(a) == {a.peer_id, b.peer_id}, what="the swarm")
     reader = start(keyed(KEY_A, allowed=frozenset({"0" * 32})), a.visible_maddrs())
     try:
         time.sleep(1)
