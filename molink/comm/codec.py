@@ -6,20 +6,36 @@ output, the KV cache plan and the model runner output are vLLM dataclasses; they
 that are read by :class:`RestrictedUnpickler`, which resolves only the classes in
 :data:`ALLOWED_GLOBALS` and rebuilds tensors and arrays from raw bytes (never through
 ``torch.load`` or numpy's object reconstruction).
+
+Every decoder here reads peer data: it either returns or raises :class:`PeerDataError` (a
+``pickle.UnpicklingError`` and a ``ValueError``). Before the unpickler sees a pickle,
+:func:`~molink.comm.pickle_scan.check_pickle_stream` bounds every size, index and nesting
+level in it and what building its objects may allocate; tensors are checked against their
+declared shape and dtype, and compressed data never inflates past :data:`MAX_MESSAGE_BYTES`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import enum
 import io
 import pickle
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
+from molink.comm.pickle_scan import (
+    COPIED_STRUCT_FIELDS,
+    PICKLE_ALLOC_PER_BYTE,
+    PICKLE_ALLOC_SLACK,
+    PeerDataError,
+    check_pickle_stream,
+    clip,
+)
 from molink.comm.proto import molink_pb2
 from molink.config import WIRE_COMPRESSIONS, WIRE_DTYPE_NAMES
 
@@ -41,8 +57,22 @@ WIRE_DTYPES: dict[str, torch.dtype] = {name: _TORCH_DTYPES[name] for name in WIR
 # Element types numpy can't hold are moved through a same-width integer view.
 _VIEW_AS = {torch.bfloat16: torch.int16}
 
+# Array dtypes allowed in a pickle (numpy's dtype.str): plain little-endian numbers, never a
+# structured, sub-array, void or object dtype.
+_NUMPY_DTYPES: dict[str, np.dtype] = {
+    s: np.dtype(s)
+    for s in ("|b1", "|i1", "|u1", "<i2", "<u2", "<i4", "<u4", "<i8", "<u8", "<f2", "<f4", "<f8")
+}
+
+# The largest gRPC message between nodes: the same value as ``molink.comm.links.MAX_MESSAGE_BYTES``
+# (links imports this module, so it can't be imported from there). Nothing a peer sends may
+# decode into a tensor larger than this, however well it compresses.
+MAX_MESSAGE_BYTES = 512 * 1024 * 1024
+_MAX_TENSOR_DIMS = 32
+
+# No builtins: protocol 5 writes sets, frozensets, tuples, lists and dicts with their own
+# opcodes, and a callable builtin is a gadget (``set(range(10**12))`` allocates terabytes).
 _ALLOWED_BY_MODULE: dict[str, tuple[str, ...]] = {
-    "builtins": ("set", "frozenset", "slice", "range"),
     "collections": ("OrderedDict", "defaultdict"),
     # scheduler side
     "vllm.v1.core.sched.output": (
@@ -111,26 +141,31 @@ ALLOWED_GLOBALS: frozenset[tuple[str, str]] = frozenset(
 
 
 class RestrictedUnpickler(pickle.Unpickler):
-    """Unpickler that only resolves :data:`ALLOWED_GLOBALS` and raw-byte tensors/arrays."""
+    """Unpickler that only resolves :data:`ALLOWED_GLOBALS` and raw-byte tensors/arrays.
+
+    Use it through :func:`loads`, which first checks the stream (:mod:`molink.comm.pickle_scan`).
+    """
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) not in ALLOWED_GLOBALS:
-            raise pickle.UnpicklingError(f"refusing to unpickle global {module}.{name}")
+            raise PeerDataError(f"refusing to unpickle global {clip(module)}.{clip(name)}")
         return super().find_class(module, name)
 
     def persistent_load(self, pid: Any) -> Any:
         if not (isinstance(pid, tuple) and len(pid) == 4 and pid[0] in ("tensor", "ndarray")):
-            raise pickle.UnpicklingError(f"unknown persistent id {type(pid).__name__}")
+            raise PeerDataError(f"unknown persistent id {type(pid).__name__}")
         kind, dtype, shape, data = pid
-        if not isinstance(shape, tuple) or not all(isinstance(d, int) and d >= 0 for d in shape):
-            raise pickle.UnpicklingError("malformed tensor shape")
-        if not isinstance(data, bytes):
-            raise pickle.UnpicklingError("malformed tensor data")
+        if not (isinstance(shape, tuple) and all(type(d) is int for d in shape)):
+            raise PeerDataError("malformed tensor shape")
+        if not (isinstance(dtype, str) and isinstance(data, bytes)):
+            raise PeerDataError("malformed tensor data")
         if kind == "tensor":
-            return bytes_to_tensor(dtype, list(shape), data)
-        np_dtype = np.dtype(dtype)
-        if np_dtype.hasobject:
-            raise pickle.UnpicklingError("object arrays are not accepted")
+            return bytes_to_tensor(dtype, shape, data)
+        np_dtype = _NUMPY_DTYPES.get(dtype)
+        if np_dtype is None:
+            raise PeerDataError(f"array dtype {clip(dtype)} is not accepted")
+        if _checked_numel(shape) * np_dtype.itemsize != len(data):
+            raise PeerDataError(f"array of shape {shape} {dtype} doesn't match {len(data)} bytes")
         return np.frombuffer(data, dtype=np_dtype).reshape(shape).copy()
 
 
@@ -141,10 +176,10 @@ def rebuild_dataclass(cls: type, values: tuple) -> Any:
     like plain unpickling, this sets attributes without running ``__init__``.
     """
     if not dataclasses.is_dataclass(cls) or not isinstance(values, tuple):
-        raise pickle.UnpicklingError("malformed dataclass payload")
+        raise PeerDataError("malformed dataclass payload")
     names = [f.name for f in dataclasses.fields(cls)]
     if len(names) != len(values):
-        raise pickle.UnpicklingError(f"{cls.__name__}: {len(values)} values, {len(names)} fields")
+        raise PeerDataError(f"{cls.__name__}: {len(values)} values, {len(names)} fields")
     obj = cls.__new__(cls)
     for name, value in zip(names, values, strict=True):
         object.__setattr__(obj, name, value)
@@ -202,8 +237,47 @@ def dumps(obj: Any) -> bytes:
     return buf.getvalue()
 
 
-# Bound on an inflated step payload (a zlib bomb is refused, not allocated).
+def _global_calls() -> dict[tuple[str, str], tuple[str, Any]]:
+    """How each allowlisted global may be used by REDUCE/NEWOBJ (as _TensorPickler does).
+
+    ``rebuild``: :func:`rebuild_dataclass` of a compact dataclass and as many values as it has
+    fields (no ``__init__`` runs); ``enum``: looked up by one scalar value; ``namedtuple``: built
+    from its fields; ``dict``: an empty (Ordered/default)dict, filled by SETITEMS; ``struct``: a
+    msgspec struct, whose ``__init__`` runs on its field values (with the positions of the
+    fields it copies); ``value``: not callable (dataclasses, dtypes).
+    """
+    import collections
+    import importlib
+
+    calls = {}
+    for module, name in ALLOWED_GLOBALS:
+        obj = getattr(importlib.import_module(module), name)
+        if obj is rebuild_dataclass:
+            calls[module, name] = ("rebuild", 0)
+        elif obj in _COMPACT_DATACLASSES:
+            calls[module, name] = ("dataclass", len(dataclasses.fields(obj)))
+        elif isinstance(obj, type) and issubclass(obj, enum.Enum):
+            calls[module, name] = ("enum", 1)
+        elif isinstance(obj, type) and issubclass(obj, tuple) and hasattr(obj, "_fields"):
+            calls[module, name] = ("namedtuple", len(obj._fields))
+        elif obj in (collections.OrderedDict, collections.defaultdict):
+            calls[module, name] = ("dict", 0)
+        elif hasattr(obj, "__struct_fields__"):
+            fields = obj.__struct_fields__
+            copied = tuple(fields.index(f) for f in COPIED_STRUCT_FIELDS if f in fields)
+            calls[module, name] = ("struct", copied)
+        else:
+            calls[module, name] = ("value", 0)
+    return calls
+
+
+_GLOBAL_CALLS = _global_calls()
+
+
+# Bound on an inflated step payload (a zlib bomb is refused, not allocated); what unpickling it may
+# allocate is bounded by PICKLE_ALLOC_PER_BYTE times its inflated size.
 MAX_STEP_DATA_BYTES = 256 * 1024 * 1024
+_INFLATE_CHUNK = 1024 * 1024
 
 
 def dumps_step_data(obj: Any) -> bytes:
@@ -216,7 +290,7 @@ def loads_step_data(data: bytes) -> Any:
     """Inverse of :func:`dumps_step_data`, refusing payloads that inflate past the bound."""
     raw = inflate_bounded(data, MAX_STEP_DATA_BYTES)
     if raw is None:
-        raise pickle.UnpicklingError("step payload too large or truncated")
+        raise PeerDataError("step payload too large, truncated or not zlib data")
     return loads(raw)
 
 
@@ -233,27 +307,56 @@ def loads_step(data: bytes) -> tuple[Any, dict[str, Any]]:
 
     step = loads_step_data(data)
     if not (isinstance(step, tuple) and len(step) == 2):
-        raise pickle.UnpicklingError("malformed step payload")
+        raise PeerDataError("malformed step payload")
     scheduler_output, snapshots = step
     if not isinstance(scheduler_output, SchedulerOutput) or not isinstance(snapshots, dict):
-        raise pickle.UnpicklingError("malformed step payload")
+        raise PeerDataError("malformed step payload")
     if not all(isinstance(k, str) and isinstance(v, RequestSnapshot) for k, v in snapshots.items()):
-        raise pickle.UnpicklingError("malformed request snapshots")
+        raise PeerDataError("malformed request snapshots")
     return scheduler_output, snapshots
 
 
 def inflate_bounded(data: bytes, limit: int) -> bytes | None:
-    """zlib-decompress ``data`` into at most ``limit`` bytes; None if it is larger or truncated."""
+    """zlib-decompress ``data`` into at most ``limit`` bytes; None if it is larger, truncated,
+    followed by other data or not zlib data at all. Inflates a chunk at a time, so a zlib bomb
+    costs ``limit`` bytes, not twice that."""
     inflater = zlib.decompressobj()
-    out = inflater.decompress(data, max(limit, 1))  # a limit of 0 would mean "no limit"
-    if inflater.unconsumed_tail or not inflater.eof:
+    chunks = []
+    size = 0
+    pending = data
+    try:
+        while not inflater.eof:
+            chunk = inflater.decompress(pending, min(_INFLATE_CHUNK, limit - size + 1))
+            pending = inflater.unconsumed_tail
+            size += len(chunk)
+            if size > limit:
+                return None
+            if not (chunk or pending or inflater.eof):
+                return None  # truncated
+            chunks.append(chunk)
+    except zlib.error:
         return None
-    return out
+    if inflater.unused_data:
+        return None
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def loads(data: bytes) -> Any:
-    """Deserialize bytes from a peer; raises ``pickle.UnpicklingError`` on anything not allowed."""
-    return RestrictedUnpickler(io.BytesIO(data)).load()
+    """Deserialize a pickle from a peer; raises :class:`PeerDataError` on anything not allowed.
+
+    The stream is checked by :mod:`molink.comm.pickle_scan` first; whatever else goes wrong while
+    building the objects (a vLLM class refusing its fields, a dict key that isn't hashable...)
+    is raised as a :class:`PeerDataError` too.
+    """
+    try:
+        check_pickle_stream(
+            data, PICKLE_ALLOC_PER_BYTE * len(data) + PICKLE_ALLOC_SLACK, _GLOBAL_CALLS
+        )
+        return RestrictedUnpickler(io.BytesIO(data)).load()
+    except PeerDataError:
+        raise
+    except Exception as e:  # MemoryError and RecursionError included: one thing to catch
+        raise PeerDataError(f"malformed pickle: {type(e).__name__}: {clip(str(e))}") from e
 
 
 def tensor_to_bytes(t: torch.Tensor) -> tuple[str, list[int], bytes]:
@@ -266,22 +369,48 @@ def tensor_to_bytes(t: torch.Tensor) -> tuple[str, list[int], bytes]:
     return dtype_name, list(t.shape), view.numpy().tobytes()
 
 
-def bytes_to_tensor(dtype_name: str, shape: list[int], data: bytes) -> torch.Tensor:
-    """Rebuild a tensor from :func:`tensor_to_bytes` output, checking size and dtype."""
-    dtype = _TORCH_DTYPES.get(dtype_name)
-    if dtype is None:
-        raise ValueError(f"dtype {dtype_name!r} is not accepted")
-    numel = 1
+def _checked_numel(shape: Sequence[int]) -> int:
+    """The number of elements of a tensor of ``shape``, refusing shapes no message could carry:
+    more than ``_MAX_TENSOR_DIMS`` dimensions, a negative one, or non-zero dimensions whose
+    product exceeds :data:`MAX_MESSAGE_BYTES` (checked as it grows, so huge values cost nothing).
+    """
+    if len(shape) > _MAX_TENSOR_DIMS:
+        raise PeerDataError(f"tensor of {len(shape)} dimensions")
+    nonzero = 1
+    empty = False
     for d in shape:
         if d < 0:
-            raise ValueError("negative dimension")
-        numel *= d
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    if numel * itemsize != len(data):
-        raise ValueError(
-            f"tensor of shape {shape} {dtype_name} needs {numel * itemsize} bytes, got {len(data)}"
+            raise PeerDataError("negative dimension")
+        if d == 0:
+            empty = True
+            continue
+        nonzero *= d
+        if nonzero > MAX_MESSAGE_BYTES:
+            raise PeerDataError("tensor shape larger than a message")
+    return 0 if empty else nonzero
+
+
+def _torch_dtype(dtype_name: str) -> torch.dtype:
+    dtype = _TORCH_DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None
+    if dtype is None:
+        raise PeerDataError(f"dtype {clip(dtype_name)} is not accepted")
+    return dtype
+
+
+def bytes_to_tensor(dtype_name: str, shape: Sequence[int], data: bytes) -> torch.Tensor:
+    """Rebuild a tensor from :func:`tensor_to_bytes` output, checking size and dtype.
+
+    Raises :class:`PeerDataError` (a ``ValueError``) unless ``data`` holds exactly the bytes of
+    ``shape`` elements of a wire dtype; nothing larger than ``data`` is allocated.
+    """
+    dtype = _torch_dtype(dtype_name)
+    shape = list(shape)
+    needed = _checked_numel(shape) * dtype.itemsize
+    if needed != len(data):
+        raise PeerDataError(
+            f"tensor of shape {shape} {dtype_name} needs {needed} bytes, got {len(data)}"
         )
-    if numel == 0:
+    if needed == 0:
         return torch.empty(shape, dtype=dtype)
     raw_dtype = _VIEW_AS.get(dtype, dtype)
     t = torch.frombuffer(bytearray(data), dtype=raw_dtype).reshape(shape)
@@ -324,26 +453,35 @@ def encode_tensors(
 def decode_tensors(
     msgs: list[molink_pb2.Tensor], dtype: torch.dtype | None = None
 ) -> dict[str, torch.Tensor]:
-    """Protobuf -> intermediate tensors, cast back to the model ``dtype``."""
+    """Protobuf -> intermediate tensors, cast back to the model ``dtype``.
+
+    Raises :class:`PeerDataError` (a ``ValueError``) on a tensor whose data doesn't match its
+    dtype and shape; compressed tensors of one message inflate to :data:`MAX_MESSAGE_BYTES` at
+    most, together.
+    """
     out = {}
+    room = MAX_MESSAGE_BYTES
     for m in msgs:
-        data = _inflate(m) if m.zlib else m.data
-        t = bytes_to_tensor(m.dtype, list(m.shape), data)
+        if m.zlib:
+            data = _inflate(m, room)
+            room -= len(data)
+        else:
+            data = m.data
+        t = bytes_to_tensor(m.dtype, m.shape, data)
         if dtype is not None and t.is_floating_point() and t.dtype != dtype:
             t = t.to(dtype)
         out[m.name] = t
     return out
 
 
-def _inflate(m: molink_pb2.Tensor) -> bytes:
-    """Decompress a tensor's data, never past the size its shape and dtype imply."""
-    dtype = _TORCH_DTYPES.get(m.dtype)
-    if dtype is None:
-        raise ValueError(f"dtype {m.dtype!r} is not accepted")
-    expected = torch.empty((), dtype=dtype).element_size()
-    for d in m.shape:
-        expected *= max(int(d), 0)
+def _inflate(m: molink_pb2.Tensor, limit: int) -> bytes:
+    """Decompress a tensor's data, never past the size its shape and dtype imply, nor ``limit``."""
+    expected = _checked_numel(m.shape) * _torch_dtype(m.dtype).itemsize
+    if expected > limit:
+        raise PeerDataError(
+            f"compressed tensors of a message inflate past {MAX_MESSAGE_BYTES} bytes"
+        )
     data = inflate_bounded(m.data, expected)
     if data is None:
-        raise ValueError("compressed tensor data is larger than its shape")
+        raise PeerDataError("compressed tensor data is larger than its shape, or corrupt")
     return data
