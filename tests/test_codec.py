@@ -203,3 +203,125 @@ class _Exploit:
 def test_restricted_unpickler_refuses_code(payload):
     with pytest.raises(pickle.UnpicklingError):
         codec.loads(payload)
+
+
+def _peak_during(func, *args) -> int:
+    """Peak traced allocation (bytes) while ``func(*args)`` runs; its exception is swallowed."""
+    import contextlib
+    import tracemalloc
+
+    tracemalloc.start()
+    with contextlib.suppress(Exception):  # the callers check what is raised separately
+        func(*args)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    return peak
+
+
+def test_memo_index_bomb_is_refused_before_allocating():
+    """A 9 KB message whose LONG_BINPUT index of 2e9 made the C unpickler ask for 32 GB."""
+    import struct
+
+    payload = codec.dumps(("x" * 8000, SamplingParams()))
+    bomb = payload[:2] + pickle.NONE + pickle.LONG_BINPUT + struct.pack("<I", 2_000_000_000)
+    bomb += pickle.POP + payload[2:]
+    with pytest.raises(pickle.UnpicklingError, match="LONG_BINPUT"):
+        codec.loads(bomb)
+    assert _peak_during(codec.loads, bomb) < 1 << 20
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        pickle.BINBYTES8 + (2**62).to_bytes(8, "little") + b"x" * 16,
+        pickle.BINBYTES + (2**32 - 1).to_bytes(4, "little") + b"x" * 16,
+        pickle.BINUNICODE + (2**31).to_bytes(4, "little") + b"x" * 16,
+        pickle.FRAME + (2**62).to_bytes(8, "little") + pickle.NONE,
+        pickle.NONE + pickle.MEMOIZE + pickle.LONG_BINGET + (2**31).to_bytes(4, "little"),
+    ],
+)
+def test_lying_sizes_and_indices_are_refused_before_allocating(body):
+    data = pickle.PROTO + b"\x05" + body + pickle.STOP
+    with pytest.raises(pickle.UnpicklingError):
+        codec.loads(data)
+    assert _peak_during(codec.loads, data) < 1 << 20
+
+
+def test_deep_nesting_is_refused():
+    """Hashing a tuple nested a million deep overflowed the C stack (a segfault)."""
+    data = pickle.PROTO + b"\x05}" + pickle.EMPTY_TUPLE + pickle.TUPLE1 * 1_000_000
+    with pytest.raises(pickle.UnpicklingError, match="nested too deep"):
+        codec.loads(data + pickle.NONE + pickle.SETITEM + pickle.STOP)
+
+
+def test_builtins_are_not_callable_from_a_pickle():
+    class SetOfRange:
+        def __reduce__(self):
+            return set, (range(10**12),)
+
+    with pytest.raises(pickle.UnpicklingError, match="builtins"):
+        codec.loads(pickle.dumps(SetOfRange(), protocol=5))
+
+
+def test_every_refusal_is_one_exception():
+    """A dict keyed by a list (TypeError in the unpickler) is a PeerDataError like the rest."""
+    data = pickle.PROTO + b"\x05" + pickle.EMPTY_DICT + pickle.EMPTY_LIST + pickle.NONE
+    with pytest.raises(codec.PeerDataError) as refused:
+        codec.loads(data + pickle.SETITEM + pickle.STOP)
+    assert isinstance(refused.value.__cause__, TypeError)
+    assert issubclass(codec.PeerDataError, pickle.UnpicklingError)
+    assert issubclass(codec.PeerDataError, ValueError)
+    with pytest.raises(codec.PeerDataError):
+        codec.loads_step_data(b"not zlib")
+    with pytest.raises(codec.PeerDataError):
+        codec.decode_tensors([molink_pb2.Tensor(dtype="float32", shape=[2**40], data=b"")])
+
+
+@pytest.mark.parametrize("dtype", [np.bool_, np.int8, np.uint8, np.int32, np.int64, np.float16])
+def test_arrays_of_plain_dtypes_round_trip(dtype):
+    a = np.arange(12).reshape(3, 4).astype(dtype)
+    back = codec.loads(codec.dumps(a))
+    assert back.dtype == a.dtype and np.array_equal(back, a)
+
+
+@pytest.mark.parametrize("dtype", ["|O", "V16", "(4,)f8", "i4,i4", ">f4"])
+def test_arrays_of_other_dtypes_are_refused(dtype):
+    import struct
+
+    data = b"\x00" * 16
+    pid = (
+        pickle.MARK
+        + bytes([0x8C, 7]) + b"ndarray"
+        + bytes([0x8C, len(dtype)]) + dtype.encode()
+        + pickle.BININT1 + b"\x01" + pickle.TUPLE1
+        + pickle.BINBYTES + struct.pack("<I", len(data)) + data
+        + pickle.TUPLE
+    )  # fmt: skip
+    with pytest.raises(pickle.UnpicklingError, match="not accepted"):
+        codec.loads(pickle.PROTO + b"\x05" + pid + pickle.BINPERSID + pickle.STOP)
+
+
+def test_inflate_bounded():
+    data = zlib.compress(b"abc" * 100)
+    assert codec.inflate_bounded(data, 300) == b"abc" * 100
+    assert codec.inflate_bounded(data, 299) is None
+    assert codec.inflate_bounded(data[:-2], 300) is None  # truncated
+    assert codec.inflate_bounded(data + b"x", 300) is None  # data after the stream
+    assert codec.inflate_bounded(b"garbage", 300) is None
+    big = bytes(3 * 1024 * 1024 + 5)
+    assert codec.inflate_bounded(zlib.compress(big), len(big)) == big
+    assert codec.inflate_bounded(zlib.compress(b""), 0) == b""
+
+
+def test_empty_tensors_travel():
+    tensors = {"hidden_states": torch.zeros(0, 576), "residual": torch.zeros(2, 0)}
+    for compression in (None, "zlib"):
+        msgs = codec.encode_tensors(tensors, codec.WireFormat.from_names(None, compression))
+        back = codec.decode_tensors(msgs)
+        assert {k: t.shape for k, t in back.items()} == {k: t.shape for k, t in tensors.items()}
+
+
+def test_max_message_bytes_matches_the_grpc_limit():
+    from molink.comm import links
+
+    assert codec.MAX_MESSAGE_BYTES == links.MAX_MESSAGE_BYTES
