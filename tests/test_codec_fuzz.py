@@ -262,3 +262,55 @@ def test_prescan_charges_cover_allocation(name):
         finally:
             tracemalloc.stop()
         assert peak <= charged, f"{peak} > {charged}"
+
+
+# ------------------------------------------------------------------------ announcements
+_JSONISH = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats()
+    | st.text(max_size=40)
+    | st.binary(max_size=40),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+_VALID_ANNOUNCEMENT = {
+    "peer_id": "12D3KooWCMEMThjBZ9EQ69Aa6spGBqrmCzNtcpFXk6wXZSYPfrrG",
+    "model_name": "m",
+    "model_hash": "h",
+    "num_layers": 30,
+    "start_layer": 15,
+    "end_layer": 29,
+    "grpc_address": "10.0.0.2:50051",
+    "state": "online",
+    "version": "0.2.0",
+    "kv_capacity_bytes": 1 << 30,
+    "is_head": False,
+    "throughput": 12.5,
+    "node_key": "ssh-rsa AAAA",
+}
+
+
+@FUZZ
+@given(
+    st.one_of(
+        _JSONISH,
+        st.dictionaries(st.sampled_from(sorted(_VALID_ANNOUNCEMENT)), _JSONISH).map(
+            lambda changes: {**_VALID_ANNOUNCEMENT, **changes}
+        ),
+    )
+)
+def test_announcement_decoder_accepts_or_refuses_cleanly(value):
+    """``NodeAnnouncement.from_dict`` (what a DHT entry from a peer goes through)."""
+    from molink.comm.dht import InvalidAnnouncement, NodeAnnouncement
+
+    try:
+        ann = NodeAnnouncement.from_dict(value)
+    except InvalidAnnouncement:
+        return
+    except ValueError:  # the address parser's own errors
+        return
+    assert 0 <= ann.start_layer <= ann.end_layer < ann.num_layers
