@@ -6,7 +6,8 @@
 1. **Soak.** Starts ``--stages`` nodes on this machine with a fresh swarm key (mutual TLS on
    every hop, DHT admission), records the resident memory of every node (all processes of its
    process group: API server, EngineCore, p2pd), sends ``--requests`` streamed completions at
-   ``--concurrency``, and records memory again. A request is lost if it failed or never came back.
+   ``--concurrency`` in two halves, and records memory after each. A request is lost if it
+   failed or never came back.
 2. **TLS cost.** The same closed-loop load (``--cost-requests`` at ``--concurrency``) on the same
    pipeline with and without a swarm key, on loopback and over an emulated link
    (``--delay-ms``/``--rate-mbit`` per hop, ``benchmark/link_emulator.py``); reports output tok/s
@@ -102,23 +103,31 @@ def spec(args: argparse.Namespace, key: Path | None, link: LinkSpec, log_dir: Pa
 
 
 def soak(args: argparse.Namespace, key: Path, log_dir: Path) -> dict:
+    """``--requests`` in two halves, memory measured before, between and after them: growth in
+    the second half (once buffers for ``--concurrency`` exist) is what a leak would show."""
     with Swarm(spec(args, key, LinkSpec(), log_dir / "soak")) as swarm:
         sys.stderr.write(f"soak: {swarm.describe()}\n")
         load(swarm, args, 8, seed=1)  # warm-up
-        before = swarm_rss(swarm)
-        result = load(swarm, args, args.requests, seed=2)
-        after = swarm_rss(swarm)
+        rss = [swarm_rss(swarm)]
+        results = []
+        for half, n in enumerate((args.requests // 2, args.requests - args.requests // 2)):
+            results.append(load(swarm, args, n, seed=2 + half))
+            rss.append(swarm_rss(swarm))
+    completed = sum(r["completed"] for r in results)
+    duration = sum(r["duration_s"] for r in results)
+    tokens = sum(r["output_throughput_tok_s"] * r["duration_s"] for r in results)
     return {
         "setup": swarm.describe(),
         "requests": args.requests,
         "concurrency": args.concurrency,
-        "completed": result["completed"],
-        "lost": args.requests - result["completed"],
-        "errors": result["errors"],
-        "output_throughput_tok_s": round(result["output_throughput_tok_s"], 1),
-        "rss_mib_before": before,
-        "rss_mib_after": after,
-        "duration_s": round(result["duration_s"], 1),
+        "completed": completed,
+        "lost": args.requests - completed,
+        "errors": sorted({e for r in results for e in r["errors"]}),
+        "output_throughput_tok_s": round(tokens / duration, 1) if duration else 0.0,
+        "rss_mib_before": rss[0],
+        "rss_mib_half": rss[1],
+        "rss_mib_after": rss[2],
+        "duration_s": round(duration, 1),
     }
 
 
@@ -179,7 +188,8 @@ def main() -> None:
     lines = [
         f"Soak ({s['setup']}): {s['requests']} requests at concurrency {s['concurrency']}: "
         f"{s['lost']} lost, {s['output_throughput_tok_s']} tok/s, {s['duration_s']} s",
-        f"RSS per node (MiB) before {s['rss_mib_before']} after {s['rss_mib_after']}",
+        f"RSS per node (MiB): before {s['rss_mib_before']}, after half the requests "
+        f"{s['rss_mib_half']}, after all {s['rss_mib_after']}",
     ]
     if "tls_cost" in report:
         lines += [
