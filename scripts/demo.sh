@@ -26,7 +26,7 @@ MODEL=$(python -m molink.demo_model)
 # Two stages share this machine's cores: no thread pinning, 1 GiB of KV cache each.
 export VLLM_CPU_OMP_THREADS_BIND=nobind VLLM_CPU_KVCACHE_SPACE=1
 COMMON=(--model "$MODEL" --served-model-name smollm2 --dtype float32 --enforce-eager --max-model-len 2048
-        --listen_host 127.0.0.1 --announce_host 127.0.0.1)
+        --host 127.0.0.1 --listen_host 127.0.0.1 --announce_host 127.0.0.1)
 
 start_node() {  # name, args...
   local name=$1; shift
