@@ -42,7 +42,7 @@ def server() -> Iterator[tuple[str, SwarmSecurity]]:
     service = StageService(
         lambda: molink_pb2.NodeInfo(peer_id="QmServer", model_name="m"), None, security
     )
-    srv, port = start_grpc_server(service, "127.0.0.1", 0, security)
+    srv, port = start_grpc_server(service, "127.0.0.1", 0)
     yield f"127.0.0.1:{port}", security
     srv.stop(grace=0)
 

@@ -40,15 +40,15 @@ class StageService(molink_pb2_grpc.MoLinkNodeServicer):
     ) -> None:
         self._node_info = node_info
         self._host = host
-        self._security = security
+        self.security = security
 
     def GetNodeInfo(self, request, context) -> molink_pb2.NodeInfo:  # noqa: N802
         info = self._node_info()
-        info.node_key = self._security.node_key.public_key
+        info.node_key = self.security.node_key.public_key
         if request.nonce:
             if len(request.nonce) > MAX_NONCE_BYTES:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, "nonce too long")
-            info.proof = self._security.node_key.prove(request.nonce)
+            info.proof = self.security.node_key.prove(request.nonce)
         return info
 
     def _require_host(self, context) -> StageHost:
@@ -115,17 +115,18 @@ class StageService(molink_pb2_grpc.MoLinkNodeServicer):
 
 
 def start_grpc_server(
-    service: StageService, host: str, port: int, security: SwarmSecurity, max_workers: int = 16
+    service: StageService, host: str, port: int, max_workers: int = 16
 ) -> tuple[grpc.Server, int]:
     """Serve ``service`` on ``host:port`` (port 0 picks a free one); returns (server, port).
 
-    With a swarm key every call needs a client certificate derived from it (mutual TLS).
+    With a swarm key (``service.security``) every call needs a client certificate derived from
+    it (mutual TLS).
     """
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers), options=SERVER_OPTIONS
     )
     molink_pb2_grpc.add_MoLinkNodeServicer_to_server(service, server)
-    bound = security.add_port(server, f"{host}:{port}")
+    bound = service.security.add_port(server, f"{host}:{port}")
     if bound == 0:
         raise OSError(f"can't listen for gRPC on {host}:{port}")
     server.start()

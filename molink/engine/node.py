@@ -219,7 +219,7 @@ class Node:
         logger.info("Security: %s", self.security.describe())
         service = StageService(self.node_info, self.host, self.security)
         self.grpc_server, self.grpc_port = start_grpc_server(
-            service, self.config.listen_host, self.config.grpc_port, self.security
+            service, self.config.listen_host, self.config.grpc_port
         )
         initial = resolve_initial_peers(self.config.initial_peers, join_timeout, self.security)
         self.membership = Membership(

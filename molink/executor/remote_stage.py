@@ -56,8 +56,8 @@ class RemoteStage:
         Raises ``StageImpostor`` if the process at the address can't prove it is the node that
         announced it.
         """
-        why = self.probe()
-        if why is not None and "is leaving" not in why:
+        info, why = self._identify()
+        if info is not None and why is not None:
             raise StageImpostor(why)
         reply = self.stub.InitStage(
             molink_pb2.InitStageRequest(stage_config_json=config.to_json()), timeout=timeout
@@ -86,9 +86,16 @@ class RemoteStage:
         return self.results_call
 
     def probe(self) -> str | None:
-        """None if the node answers as itself and isn't leaving; else why it can't serve.
+        """None if the node answers as itself and isn't leaving; else why it can't serve."""
+        info, why = self._identify()
+        if why is None and info is not None and info.state == "leaving":
+            return f"{self.address} is leaving"
+        return why
 
-        "As itself": same peer id, and a fresh nonce signed with the key it announced.
+    def _identify(self) -> tuple[molink_pb2.NodeInfo | None, str | None]:
+        """The node's info and, if it isn't the announced node, why (info None: unreachable).
+
+        "The announced node": same peer id, and a fresh nonce signed with the key it announced.
         """
         nonce = secrets.token_bytes(16)
         try:
@@ -96,17 +103,15 @@ class RemoteStage:
                 molink_pb2.NodeInfoRequest(nonce=nonce), timeout=PROBE_TIMEOUT_S
             )
         except grpc.RpcError as e:
-            return f"{self.address} is unreachable ({e.code().name})"
+            return None, f"{self.address} is unreachable ({e.code().name})"
         if info.peer_id != self.peer_id:
-            return f"{self.address} is now another node ({info.peer_id})"
+            return info, f"{self.address} is now another node ({info.peer_id})"
         if self.spec.node_key and not (
             info.node_key == self.spec.node_key
             and verify_proof(self.spec.node_key, nonce, info.proof)
         ):
-            return f"{self.address} can't prove it holds the key {self.peer_id} announced"
-        if info.state == "leaving":
-            return f"{self.address} is leaving"
-        return None
+            return info, f"{self.address} can't prove it holds the key {self.peer_id} announced"
+        return info, None
 
     def release(self) -> None:
         """Stop listening to this stage (it learns that this head no longer uses it)."""
