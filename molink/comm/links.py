@@ -23,6 +23,7 @@ from molink.comm.proto import molink_pb2, molink_pb2_grpc
 from molink.core.micro_batching import StageTiming
 from molink.core.step import StageOutput, StepWork
 from molink.security.swarm_security import SwarmSecurity
+from molink.telemetry import metrics
 
 logger = init_logger(__name__)
 
@@ -151,7 +152,9 @@ class NextHopLink:
                 msg = encode_step(work, output, self.wire)
                 self.tokens_sent += work.scheduler_output.total_num_scheduled_tokens
                 self.activation_bytes_sent += sum(len(t.data) for t in msg.tensors)
-            self.bytes_sent += msg.ByteSize()
+            size = msg.ByteSize()
+            self.bytes_sent += size
+            metrics.BYTES_SENT.labels("steps").inc(size)
             yield msg
 
     def _done(self, call: grpc.Future) -> None:
@@ -211,4 +214,5 @@ class ResultStream:
             item = self._queue.get()
             if item is _CLOSE:
                 return
+            metrics.BYTES_SENT.labels("results").inc(item.ByteSize())  # type: ignore[attr-defined]
             yield item  # type: ignore[misc]

@@ -22,6 +22,7 @@ from molink.comm.proto import molink_pb2, molink_pb2_grpc
 from molink.engine.stage_host import StageHost, StageNotReady
 from molink.security.swarm_security import SwarmSecurity
 from molink.stage_spec import StageConfig
+from molink.telemetry import metrics
 
 logger = init_logger(__name__)
 
@@ -88,7 +89,9 @@ class StageService(molink_pb2_grpc.MoLinkNodeServicer):
     def Steps(self, request_iterator, context) -> molink_pb2.Empty:  # noqa: N802
         host = self._require_host(context)
         try:
+            received = metrics.BYTES_RECEIVED.labels("steps")
             for step in request_iterator:
+                received.inc(step.ByteSize())
                 host.submit(step)
         except StageNotReady as e:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))

@@ -72,7 +72,7 @@ class SwarmView:
 
     def rtt_s(self) -> dict[str, float]:
         """Measured round-trip times by peer id."""
-        return {peer: rtt for peer, (rtt, _) in self._rtt.items()}
+        return {peer: rtt for peer, (rtt, _) in list(self._rtt.items())}
 
     def shutdown(self) -> None:
         self._membership.shutdown()

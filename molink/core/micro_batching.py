@@ -84,6 +84,11 @@ class CostEstimator:
         self._xy = self._xy * d + tokens * seconds
         self.samples += 1
 
+    @property
+    def mean_seconds(self) -> float | None:
+        """The (decayed) mean of the observed seconds, or None before any observation."""
+        return self._y / self._w if self.samples else None
+
     def cost(self) -> LinearCost | None:
         """The current fit, or None before any observation."""
         if self.samples == 0:
@@ -247,6 +252,11 @@ class PipelineCostModel:
         """The head engine spent ``seconds`` on a step of ``tokens`` tokens."""
         with self._lock:
             self._head.observe(tokens, seconds)
+
+    def mean_compute_s(self) -> list[float | None]:
+        """Each stage's recent mean compute seconds per step (None: not measured yet)."""
+        with self._lock:
+            return [e.mean_seconds for e in self._stages]
 
     def costs(self) -> PipelineCosts | None:
         """The current estimates, or None until every stage has reported."""

@@ -38,8 +38,11 @@ from vllm.v1.request import Request, RequestStatus
 from molink.core.micro_batching import MicroBatchPlan, plan_micro_batch
 from molink.core.pipeline_state import EPOCH_ATTR, PIPELINE_STATE, StageLostOutput
 from molink.core.request_snapshot import SNAPSHOTS_ATTR, RequestSnapshot
+from molink.telemetry import metrics
 
 logger = init_logger(__name__)
+# One line per request event (admitted, preempted, finished or failed), apart from the rest.
+request_logger = init_logger("molink.requests")
 
 SCHEDULER_CLS = "molink.core.scheduler.PipelineScheduler"
 
@@ -69,6 +72,8 @@ class PipelineScheduler(Scheduler):
         # Requests every stage of the current epoch holds (no snapshot needed to resume them).
         self._known: set[str] = set()
         self._stage_losses: dict[str, int] = {}
+        self._in_barrier = False
+        self._failure_causes: dict[str, str] = {}
 
     def _barrier(self, epoch: int) -> None:
         """First sight of failure ``epoch``: send what the broken chain held back to waiting."""
@@ -87,15 +92,28 @@ class PipelineScheduler(Scheduler):
             elif self._stage_losses[rid] >= MAX_STAGE_LOSSES:
                 too_often.append(rid)
         last = self.pipeline.last_error
-        self._fail(too_often, f"the request was on {MAX_STAGE_LOSSES} lost pipelines; last: {last}")
-        self._fail(multimodal, f"multimodal requests can't be recomputed after a loss: {last}")
+        self._fail(
+            too_often,
+            f"the request was on {MAX_STAGE_LOSSES} lost pipelines; last: {last}",
+            "repeated_losses",
+        )
+        self._fail(
+            multimodal,
+            f"multimodal requests can't be recomputed after a loss: {last}",
+            "multimodal",
+        )
         num_running = len(self.running)
+        self._in_barrier = True
         try:
             self.reset_prefix_cache(reset_running_requests=True)
         except RuntimeError as e:  # blocks held outside the running set (KV connectors)
             logger.error("Can't recompute after the pipeline failure (%s): failing requests", e)
-            self._fail(list(self.requests), f"{self.pipeline.last_error} ({e})")
+            self._fail(
+                list(self.requests), f"{self.pipeline.last_error} ({e})", "recompute_impossible"
+            )
             self.reset_prefix_cache()
+        finally:
+            self._in_barrier = False
         self._known.clear()
         logger.warning(
             "Pipeline failure (%s): %d running request(s) preempted; they resume on the rebuilt "
@@ -104,14 +122,61 @@ class PipelineScheduler(Scheduler):
             num_running,
         )
 
-    def _fail(self, request_ids: list[str], cause: str) -> None:
-        """Finish requests with an error whose message (the client's) is ``cause``."""
+    def _fail(self, request_ids: list[str], cause: str, kind: str) -> None:
+        """Finish requests with an error whose message (the client's) is ``cause``; ``kind``
+        labels the failure metric."""
         if not request_ids:
             return
-        for request in self.finish_requests(request_ids, RequestStatus.FINISHED_ERROR):
-            logger.error("Request %s failed: %s", request.request_id, cause)
+        for rid in request_ids:
+            self._failure_causes[rid] = cause
+        failed = self.finish_requests(request_ids, RequestStatus.FINISHED_ERROR)
+        for request in failed:
             self._pending_errors.append((request, cause))
             self._stage_losses.pop(request.request_id, None)
+        metrics.REQUESTS_FAILED.labels(kind).inc(len(failed))
+
+    # ------------------------------------------------------------ request events
+    def add_request(self, request: Request) -> None:
+        new = request.request_id not in self.requests
+        super().add_request(request)
+        if new:
+            request_logger.info(
+                "Request %s admitted: %d prompt tokens, up to %s new",
+                request.request_id,
+                request.num_prompt_tokens,
+                request.max_tokens,
+            )
+
+    def _preempt_request(self, request: Request, *args: Any, **kwargs: Any) -> None:
+        recomputed = request.num_computed_tokens
+        super()._preempt_request(request, *args, **kwargs)
+        cause = "stage_loss" if self._in_barrier else "kv_cache_full"
+        metrics.RECOMPUTED_TOKENS.labels(cause).inc(recomputed)
+        request_logger.info(
+            "Request %s preempted (%s): its %d computed tokens will be recomputed",
+            request.request_id,
+            "its pipeline broke" if self._in_barrier else "KV cache full",
+            recomputed,
+        )
+
+    def _free_request(self, request: Request, *args: Any, **kwargs: Any) -> Any:
+        result = super()._free_request(request, *args, **kwargs)
+        elapsed = time.time() - request.arrival_time
+        cause = self._failure_causes.pop(request.request_id, None)
+        if cause is not None:
+            request_logger.error(
+                "Request %s failed after %.2f s: %s", request.request_id, elapsed, cause
+            )
+        else:
+            request_logger.info(
+                "Request %s finished (%s): %d prompt + %d generated tokens in %.2f s",
+                request.request_id,
+                request.get_finished_reason() or request.status.name.lower(),
+                request.num_prompt_tokens,
+                request.num_output_tokens,
+                elapsed,
+            )
+        return result
 
     def _attach_snapshots(self, output: SchedulerOutput) -> None:
         """Ship what stages need to resume requests they don't hold (after a reset)."""
@@ -143,6 +208,7 @@ class PipelineScheduler(Scheduler):
             self._schedule_seconds[id(output)] = time.monotonic() - started
             if output.total_num_scheduled_tokens:
                 self._in_flight.add(id(output))
+                metrics.MICRO_BATCHES_IN_FLIGHT.set(len(self._in_flight))
             self._attach_snapshots(output)
         setattr(output, EPOCH_ATTR, self._epoch)
         return output
@@ -165,7 +231,10 @@ class PipelineScheduler(Scheduler):
             min_prefill_chunk=self.block_size,
         )
         if plan is None:
+            metrics.MICRO_BATCHES_PLANNED.set(1)
             return super().schedule(throttle_prefills)
+        metrics.MICRO_BATCHES_PLANNED.set(plan.num_batches)
+        metrics.MICRO_BATCH_PREFILL_TOKENS.set(plan.prefill_tokens)
         if len(self._in_flight) >= plan.num_batches:
             return self._schedule_nothing(throttle_prefills)
         now = time.monotonic()
@@ -220,7 +289,7 @@ class PipelineScheduler(Scheduler):
                 len(expired),
                 cause,
             )
-            self._fail(expired, cause)
+            self._fail(expired, cause, "outage")
         return self._schedule_nothing(throttle_prefills)
 
     def _schedule_nothing(self, throttle_prefills: bool) -> SchedulerOutput:
@@ -241,6 +310,7 @@ class PipelineScheduler(Scheduler):
             self._barrier(model_runner_output.epoch)
         started = time.monotonic()
         self._in_flight.discard(id(scheduler_output))
+        metrics.MICRO_BATCHES_IN_FLIGHT.set(len(self._in_flight))
         outputs = super().update_from_output(scheduler_output, model_runner_output)
         scheduled = self._schedule_seconds.pop(id(scheduler_output), None)
         if scheduled is not None and scheduler_output.total_num_scheduled_tokens:

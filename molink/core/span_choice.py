@@ -21,6 +21,19 @@ def coverage(num_layers: int, spans: Iterable[tuple[int, int, float]]) -> list[f
     return served
 
 
+def uncovered(served: list[float]) -> list[tuple[int, int]]:
+    """The inclusive ``(start, end)`` ranges of layers whose coverage is zero."""
+    gaps: list[tuple[int, int]] = []
+    for layer, count in enumerate(served):
+        if count:
+            continue
+        if gaps and gaps[-1][1] == layer - 1:
+            gaps[-1] = (gaps[-1][0], layer)
+        else:
+            gaps.append((layer, layer))
+    return gaps
+
+
 def choose_span(served: list[float], size: int, first: int) -> tuple[int, int]:
     """The window of ``size`` layers within ``first..len(served)-1`` that the swarm needs most.
 

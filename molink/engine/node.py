@@ -35,6 +35,7 @@ from molink.engine.head_config import HeadConfig, RemoteStageSpec
 from molink.engine.stage_host import StageHost
 from molink.security.settings import check_exposure
 from molink.security.swarm_security import SwarmSecurity
+from molink.telemetry import metrics
 from molink.worker.stage_worker import WORKER_CLS
 
 logger = init_logger(__name__)
@@ -287,6 +288,7 @@ class Node:
             if old and abs(rate - old) <= THROUGHPUT_CHANGE * old:
                 continue
             self.throughput = rate
+            metrics.STAGE_THROUGHPUT.set(rate)
             membership = self.membership
             if membership is not None and self.state == "online":
                 try:

@@ -19,6 +19,7 @@ from vllm.logger import init_logger
 
 from molink.core.micro_batching import StageTiming
 from molink.core.step import StepSink, StepWork
+from molink.telemetry import metrics
 
 logger = init_logger(__name__)
 
@@ -28,10 +29,16 @@ class StageEngine:
 
     _RESET = object()
 
-    def __init__(self, worker: Any, name: str) -> None:
-        """``worker`` is a ``WorkerWrapperBase`` around a :class:`StageWorker`."""
+    def __init__(self, worker: Any, layers: tuple[int, int]) -> None:
+        """``worker`` is a ``WorkerWrapperBase`` around a :class:`StageWorker` serving the
+        (inclusive) span ``layers``."""
         self.worker = worker
-        self.name = name
+        self.name = f"layers {layers[0]}-{layers[1]}"
+        label = f"{layers[0]}-{layers[1]}"
+        self._step_seconds = metrics.STEP_SECONDS.labels(label)
+        self._queue_wait = metrics.QUEUE_WAIT_SECONDS.labels(label)
+        self._tokens = metrics.STAGE_TOKENS.labels(label)
+        metrics.track_kv_blocks(self.kv_blocks)
         self.epoch = 0
         self.sink: StepSink | None = None
         self.steps_done = 0
@@ -39,7 +46,9 @@ class StageEngine:
         self.busy_seconds = 0.0
         self._queue: queue.Queue[Any] = queue.Queue()
         self._stopped = False
-        self._thread = threading.Thread(target=self._loop, name=f"molink-{name}", daemon=True)
+        self._thread = threading.Thread(
+            target=self._loop, name=f"molink-stage-{label}", daemon=True
+        )
         self._thread.start()
 
     def submit(self, work: StepWork) -> None:
@@ -54,6 +63,15 @@ class StageEngine:
         done = threading.Event()
         self._queue.put((self._RESET, epoch, sink, done))
         done.wait()
+
+    def kv_blocks(self) -> tuple[int, int]:
+        """(KV blocks its requests hold, KV blocks allocated); (0, 0) when it can't tell."""
+        if self._stopped:
+            return 0, 0
+        try:
+            return self.worker.kv_blocks()
+        except Exception:  # noqa: BLE001  # a scrape must never fail on a stage being rebuilt
+            return 0, 0
 
     def shutdown(self) -> None:
         self._stopped = True
@@ -98,8 +116,13 @@ class StageEngine:
             sink.fail(work, f"{self.name}: {type(e).__name__}: {e}")
             return
         compute = time.monotonic() - start
-        work.timings.append(StageTiming(wait_s=start - work.received_at, compute_s=compute))
+        wait = start - work.received_at
+        tokens = work.scheduler_output.total_num_scheduled_tokens
+        work.timings.append(StageTiming(wait_s=wait, compute_s=compute))
         self.busy_seconds += compute
         self.steps_done += 1
-        self.tokens_done += work.scheduler_output.total_num_scheduled_tokens
+        self.tokens_done += tokens
+        self._step_seconds.observe(compute)
+        self._queue_wait.observe(wait)
+        self._tokens.inc(tokens)
         sink.emit(work, output)

@@ -110,9 +110,7 @@ class StageHost:
         )
         self.worker = create_stage_worker(vllm_config, placement.rank)
         self.model_dtype = vllm_config.model_config.dtype
-        self.engine = StageEngine(
-            self.worker, f"layers {placement.start_layer}-{placement.end_layer}"
-        )
+        self.engine = StageEngine(self.worker, (placement.start_layer, placement.end_layer))
         self.config = config
         self.kv_cache_config = None
 

@@ -2,8 +2,9 @@
 
 Kept from MoLink for scripts that predate the OpenAI API. ``POST /generate`` takes
 ``{"prompt": str, "stream": bool, ...SamplingParams fields}`` and returns ``{"text": [str]}``
-(streaming: one JSON object per line as the text grows). Node flags are the same as the OpenAI
-server's; followers serve only ``/health`` and ``/status``.
+(streaming: one JSON object per line as the text grows); the head also serves ``/ready``,
+``/swarm`` and ``/swarm/ui`` (:mod:`molink.entrypoints.head_routes`). Node flags are the same as
+the OpenAI server's; followers serve only ``/health``, ``/ready``, ``/status`` and ``/metrics``.
 """
 
 from __future__ import annotations
@@ -31,7 +32,9 @@ from vllm.utils.argparse_utils import FlexibleArgumentParser
 
 from molink.comm.chain import ChainError
 from molink.config import add_molink_args
+from molink.engine.node import Node
 from molink.entrypoints.failure_reasons import failure_cause
+from molink.entrypoints.head_routes import install_head_routes
 from molink.entrypoints.http_auth import api_key_guard, api_keys
 from molink.entrypoints.launch import run_node
 
@@ -100,12 +103,14 @@ def build_generate_app(engine: EngineClient, keys: list[str] | None = None) -> F
 async def run(args: argparse.Namespace) -> None:
     """Start this node; on the head, serve ``/generate`` until shut down."""
 
-    async def serve_head(engine_args: AsyncEngineArgs) -> None:
+    async def serve_head(engine_args: AsyncEngineArgs, node: Node) -> None:
         async with build_async_engine_client_from_engine_args(
             engine_args, usage_context=UsageContext.API_SERVER
         ) as engine:
+            app = build_generate_app(engine, api_keys(args))
+            install_head_routes(app, node, engine, api_keys(args))
             config = uvicorn.Config(
-                build_generate_app(engine, api_keys(args)),
+                app,
                 host=args.host,
                 port=args.port,
                 log_level="info",

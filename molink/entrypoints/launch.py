@@ -1,8 +1,9 @@
 """Running a node from the command line, shared by both servers.
 
-:func:`run_node` starts the node; on a follower it serves only ``/health`` and ``/status`` over
-HTTP (the head serves the API); on the head it waits for the chain and hands vLLM engine
-arguments that drive it to the server's own ``serve_head``.
+:func:`run_node` starts the node; on a follower it serves only ``/health``, ``/ready``,
+``/status`` and ``/metrics`` over HTTP (the head serves the API); on the head it waits for the
+chain and hands vLLM engine arguments that drive it, and the node, to the server's own
+``serve_head``.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ from collections.abc import Awaitable, Callable
 
 import uvicorn
 from fastapi import Depends, FastAPI
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import REGISTRY as PROCESS_REGISTRY
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.logger import init_logger
 
@@ -22,12 +25,13 @@ from molink.config import MoLinkConfig
 from molink.engine.node import Node
 from molink.entrypoints.http_auth import api_key_guard, api_keys, status_bind_host
 from molink.security.settings import is_loopback
+from molink.telemetry import metrics
 
 logger = init_logger(__name__)
 
 
 async def run_node(
-    args: argparse.Namespace, serve_head: Callable[[AsyncEngineArgs], Awaitable[None]]
+    args: argparse.Namespace, serve_head: Callable[[AsyncEngineArgs, Node], Awaitable[None]]
 ) -> None:
     """Start this node from parsed flags and serve until shut down; always leaves the swarm."""
     config = MoLinkConfig.from_args(args)
@@ -53,19 +57,35 @@ async def run_node(
             "Pipeline assembled: %s",
             " -> ".join(f"{s.grpc_address} [{s.start_layer}-{s.end_layer}]" for s in chain.stages),
         )
-        await serve_head(node.head_engine_args(chain))
+        await serve_head(node.head_engine_args(chain), node)
     finally:
         node.shutdown()
 
 
 def build_status_app(node: Node, keys: list[str]) -> FastAPI:
     """A small app reporting this stage's identity and state (``/status`` needs an API key
-    when ``keys`` is not empty; ``/health`` is open, as on vLLM's server)."""
+    when ``keys`` is not empty; ``/health``, ``/ready`` and ``/metrics`` are open, as on
+    vLLM's server)."""
     app = FastAPI(title="MoLink stage")
 
     @app.get("/health")
     async def health() -> JSONResponse:
         return JSONResponse({"status": "ok"})
+
+    @app.get("/ready")
+    async def ready() -> JSONResponse:
+        """200 once the node is announced online (a head may use it), else 503."""
+        if node.state == "online":
+            return JSONResponse({"ready": True, "state": "online"})
+        return JSONResponse(
+            {"ready": False, "state": node.state, "cause": f"the node is {node.state}"},
+            status_code=503,
+        )
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        body = generate_latest(PROCESS_REGISTRY) + generate_latest(metrics.STAGE_REGISTRY)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/status", dependencies=[Depends(api_key_guard(keys))])
     async def status() -> JSONResponse:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 from vllm.logger import init_logger
 from vllm.v1.kv_cache_interface import KVCacheConfig
@@ -30,6 +31,10 @@ logger = init_logger(__name__)
 
 #: A node found dead is left out of chains this long (its DHT entry may outlive it).
 EXCLUDE_S = 30.0
+
+
+def _describe(remote: RemoteStage) -> dict[str, Any]:
+    return {"peer_id": remote.peer_id, "address": remote.address, "layers": list(remote.span)}
 
 
 class StageRefused(RuntimeError):
@@ -101,6 +106,26 @@ class ChainKeeper:
     def _loaded(self) -> dict[str, tuple[int, int]]:
         """Spans nodes hold for this head, by peer (the chain's win over standbys')."""
         return {r.peer_id: r.span for r in reversed(self._held())}
+
+    # ------------------------------------------------------------------ reporting
+    def describe_remotes(self) -> list[dict[str, Any]]:
+        """The chain's remote stages, in order, as plain data."""
+        return [_describe(r) for r in list(self.remotes)]
+
+    def describe_standbys(self) -> list[dict[str, Any]]:
+        """Nodes holding a span for this head outside the chain, ready to replace a stage."""
+        return [_describe(r) for r in list(self._standby.values())]
+
+    def describe_exclusions(self) -> dict[str, str]:
+        """Peers left out of chains now, and why (dead, refused, or leaving)."""
+        now = time.monotonic()
+        found = {p: "unreachable or refused" for p, t in list(self._excluded.items()) if t > now}
+        found.update(dict.fromkeys(list(self._leaving), "leaving"))
+        return found
+
+    def view_rtt_s(self) -> dict[str, float]:
+        """Measured round-trip times by peer id (empty before the swarm was first read)."""
+        return self._view.rtt_s() if self._view is not None else {}
 
     # ------------------------------------------------------------------ planning
     def plan(self, without: str | None = None) -> Chain:

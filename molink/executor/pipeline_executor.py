@@ -49,8 +49,11 @@ from molink.engine.head_config import HeadConfig
 from molink.engine.stage_config import head_engine_overrides
 from molink.engine.stage_engine import StageEngine
 from molink.executor.chain_keeper import ChainKeeper, StageRefused
+from molink.executor.outages import OutageRecord
 from molink.executor.remote_stage import RemoteStage
 from molink.stage_spec import StageConfig, StagePlacement
+from molink.telemetry import metrics
+from molink.telemetry.engine_metrics import PIPELINE_SNAPSHOT_RPC, export_metrics
 from molink.worker.stage_worker import create_stage_worker
 
 logger = init_logger(__name__)
@@ -96,7 +99,7 @@ class _LocalResults:
             self.executor._resolve(work.step_id, work.epoch, output, work.timings)
 
     def fail(self, work: StepWork, error: str) -> None:
-        self.executor._on_failure(error, work.epoch)
+        self.executor._on_failure(error, work.epoch, stage=self.executor.engine.name)
 
 
 class PipelineExecutor(Executor):
@@ -128,7 +131,7 @@ class PipelineExecutor(Executor):
         self._num_blocks = 0
         self._stopped = False
         self._wakeup = threading.Event()
-        self._lost_at: float | None = None
+        self.outages = OutageRecord()
 
         logger.info(
             "MoLink pipeline: head serves layers 0-%d of %d; remote stages %s",
@@ -144,7 +147,7 @@ class PipelineExecutor(Executor):
         init.join()
         if self._init_error is not None:
             raise self._init_error
-        self.engine = StageEngine(self.worker, "stage0")
+        self.engine = StageEngine(self.worker, (0, self.head.placement.end_layer))
         self._watchdog = threading.Thread(target=self._watch, name="molink-watchdog", daemon=True)
         self._maintainer = threading.Thread(target=self._maintain, name="molink-chain", daemon=True)
 
@@ -208,6 +211,7 @@ class PipelineExecutor(Executor):
         self._num_blocks = kv_cache_configs[0].num_blocks
         logger.info("KV cache: %d blocks on every stage", self._num_blocks)
         self._start_epoch(0)
+        self.outages.restored(0, self.describe_chain(), len(self.chain.remotes) + 1)
         self._watchdog.start()
         self._maintainer.start()
 
@@ -238,7 +242,9 @@ class PipelineExecutor(Executor):
             sink: Any = NextHopLink(
                 first.address,
                 self.wire,
-                on_broken=lambda reason: self._on_failure(f"lost stage {first} ({reason})", epoch),
+                on_broken=lambda reason: self._on_failure(
+                    f"the link to it broke ({reason})", epoch, stage=str(first)
+                ),
                 security=self.chain.security,
             )
             self._link = sink
@@ -252,31 +258,33 @@ class PipelineExecutor(Executor):
         self.state.mark_ready(epoch)
 
     def _read_results(self, remote: RemoteStage, call: Any, epoch: int, is_last: bool) -> None:
+        received = metrics.BYTES_RECEIVED.labels("results")
         try:
             for result in call:
+                received.inc(result.ByteSize())
                 if result.leaving:
                     logger.info("Stage %s says it is leaving", remote)
                     self.chain.mark_leaving(remote.peer_id)
                     self._wakeup.set()
                     continue
                 if result.error:
-                    self._on_failure(f"stage {remote}: {result.error}", epoch)
+                    self._on_failure(result.error, epoch, stage=str(remote))
                     return
                 if is_last:
                     output = codec.loads(result.model_runner_output)
                     timings = timings_from_proto(result.timings)
                     self._resolve(result.step_id, result.epoch, output, timings)
-            reason = f"stage {remote} closed its result stream"
+            reason = "it closed its result stream"
         except grpc.RpcError as e:
             if e.code() == grpc.StatusCode.CANCELLED and (
                 epoch != self._serving_epoch or self._stopped
             ):
                 return  # we cancelled it while rewiring
-            reason = f"lost stage {remote} ({e.code().name})"
+            reason = f"its result stream broke ({e.code().name})"
         except Exception as e:
-            reason = f"bad result from stage {remote}: {type(e).__name__}: {e}"
+            reason = f"it sent a bad result: {type(e).__name__}: {e}"
         if not self._stopped:
-            self._on_failure(reason, epoch)
+            self._on_failure(reason, epoch, stage=str(remote))
 
     # ---------------------------------------------------------------- steps
     def execute_model(  # type: ignore[override]
@@ -355,21 +363,23 @@ class PipelineExecutor(Executor):
         )
 
     # ---------------------------------------------------------------- failures
-    def _on_failure(self, reason: str, epoch: int) -> None:
-        """A stage or link failed while serving ``epoch``: answer everything, start recovery."""
+    def _on_failure(self, reason: str, epoch: int, stage: str = "", cause: str = "lost") -> None:
+        """A stage (``stage``, if known) or link failed while serving ``epoch``: answer every
+        pending step and start recovery. ``cause`` is ``lost``, ``timeout`` or ``leaving``."""
         with self._lock:
             if self._stopped or epoch != self.state.failed_epoch or not self.state.chain_ready:
                 return
-            new_epoch = self.state.mark_lost(reason, epoch)
-            self._lost_at = time.monotonic()
-            logger.error("Pipeline failure (epoch %d -> %d): %s", epoch, new_epoch, reason)
+            full_reason = f"stage {stage}: {reason}" if stage else reason
+            new_epoch = self.state.mark_lost(full_reason, epoch)
+            oldest = min((p.submitted_at for p in self._pending.values()), default=None)
+            self.outages.lost(stage, reason, cause, new_epoch, oldest)
             pending, self._pending = self._pending, {}
             for step_id in sorted(pending):
                 p = pending[step_id]
                 if not p.grammar.done():
                     p.grammar.set_result(None)
                 if not p.future.done():
-                    p.future.set_result(lost_output(p.scheduler_output, new_epoch, reason))
+                    p.future.set_result(lost_output(p.scheduler_output, new_epoch, full_reason))
         self._wakeup.set()
 
     def _watch(self) -> None:
@@ -381,7 +391,9 @@ class PipelineExecutor(Executor):
                 epoch = self.state.failed_epoch
             if oldest is not None and time.monotonic() - oldest > self.head.step_timeout:
                 self._on_failure(
-                    f"no result within {self.head.step_timeout:g} s (stage unresponsive)", epoch
+                    f"no result within {self.head.step_timeout:g} s (stage unresponsive)",
+                    epoch,
+                    cause="timeout",
                 )
 
     def _maintain(self) -> None:
@@ -415,7 +427,10 @@ class PipelineExecutor(Executor):
             )
             return
         self._on_failure(
-            f"{', '.join(str(r) for r in leaving)} left the swarm", self.state.failed_epoch
+            "it announced that it is leaving",
+            self.state.failed_epoch,
+            stage=", ".join(str(r) for r in leaving),
+            cause="leaving",
         )
         self._restore()
 
@@ -425,7 +440,7 @@ class PipelineExecutor(Executor):
         while not self._stopped and not self.state.chain_ready:
             epoch = self.state.failed_epoch
             try:
-                remotes, chain = self.chain.prepare_next_chain()
+                remotes, _ = self.chain.prepare_next_chain()
                 with self._lock:
                     self.chain.commit(remotes)
                     if epoch != self.state.failed_epoch:
@@ -441,10 +456,43 @@ class PipelineExecutor(Executor):
                 self._wakeup.clear()
                 continue
             self.state.waiting_for = ""
-            took = time.monotonic() - (self._lost_at or time.monotonic())
-            logger.info(
-                "Pipeline restored (epoch %d) %.1f s after the loss: %s", epoch, took, chain
-            )
+            self.outages.restored(epoch, self.describe_chain(), len(self.chain.remotes) + 1)
+
+    # ---------------------------------------------------------------- reporting
+    def describe_chain(self) -> str:
+        """The chain in use, e.g. ``head [0-5] -> 10.0.0.2:50052 [6-11]``."""
+        head = f"head [0-{self.head.placement.end_layer}]"
+        return " -> ".join([head, *(str(r) for r in self.chain.remotes)])
+
+    def pipeline_snapshot(self) -> dict[str, Any]:
+        """What the head's API server reports about this pipeline (``/swarm``, ``/ready``,
+        ``/metrics``): plain data, as it crosses from the engine process."""
+        with self._lock:
+            ready = self.state.chain_ready
+            in_flight = len(self._pending)
+        step_s = self.state.costs.mean_compute_s()
+        chain = [
+            {
+                "peer_id": self.chain.head_node.peer_id,
+                "address": self.chain.head_node.grpc_address,
+                "layers": [0, self.head.placement.end_layer],
+            },
+            *self.chain.describe_remotes(),
+        ]
+        for hop, seconds in zip(chain, step_s, strict=False):
+            hop["step_s"] = seconds
+        return {
+            "ready": ready,
+            "cause": None if ready else self.state.outage_cause(),
+            "epoch": self.state.failed_epoch,
+            "steps_in_flight": in_flight,
+            "chain": chain,
+            "standbys": self.chain.describe_standbys(),
+            "excluded": self.chain.describe_exclusions(),
+            "rtt_s": self.chain.view_rtt_s(),
+            "events": self.outages.recent(),
+            "metrics": export_metrics(),
+        }
 
     # ---------------------------------------------------------------- misc
     def collective_rpc(  # type: ignore[override]
@@ -455,9 +503,15 @@ class PipelineExecutor(Executor):
         kwargs: dict | None = None,
         non_block: bool = False,
     ) -> Any:
-        """Runs on the local stage only; remote stages are driven through their own RPCs."""
+        """Runs on the local stage only; remote stages are driven through their own RPCs.
+
+        ``PIPELINE_SNAPSHOT_RPC`` is answered by the executor itself (:meth:`pipeline_snapshot`):
+        it is how the API server process learns the pipeline's state.
+        """
         kwargs = kwargs or {}
-        if isinstance(method, str):
+        if method == PIPELINE_SNAPSHOT_RPC:
+            result = self.pipeline_snapshot()
+        elif isinstance(method, str):
             result = getattr(self.worker, method)(*args, **kwargs)
         else:
             result = method(self.worker.worker, *args, **kwargs)

@@ -124,6 +124,27 @@ class StageWorker(CPUWorker):
             if runner.uses_mrope:
                 runner._init_mrope_positions(state)
 
+    def kv_blocks(self) -> tuple[int, int]:
+        """(KV blocks held by the requests this stage knows, KV blocks allocated).
+
+        Read from another thread than the one computing (a metrics scrape): a dict that changes
+        while it is copied is read again.
+        """
+        runner = self.model_runner
+        config = getattr(runner, "kv_cache_config", None)
+        if config is None:
+            return 0, 0
+        for _ in range(3):
+            try:
+                states = list(runner.requests.values())
+                break
+            except RuntimeError:  # changed size during iteration
+                continue
+        else:
+            return 0, config.num_blocks
+        used = {block for state in states for group in state.block_ids for block in group}
+        return len(used), config.num_blocks
+
     @torch.inference_mode()
     def reset_stage(self) -> None:
         """Forget every request (after a pipeline failure), keeping weights and KV memory."""

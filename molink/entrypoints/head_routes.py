@@ -1,0 +1,152 @@
+"""The head's own HTTP routes, beside vLLM's API.
+
+* ``GET /ready``: readiness. 200 while a full chain serves; 503 with the cause in the body while
+  it does not (``/health`` stays vLLM's liveness check: the process and engine are up).
+* ``GET /swarm``: the swarm as JSON (:mod:`molink.telemetry.swarm_report`); needs an API key
+  when the server has one.
+* ``GET /swarm/ui``: a live page drawing that JSON (``static/swarm.html``, no external assets).
+* ``/metrics``: vLLM's registry gets MoLink's metrics from the engine process, refreshed just
+  before each scrape (:mod:`molink.telemetry.engine_metrics`).
+
+The pipeline's state lives in the engine process; :class:`PipelineView` fetches it through the
+executor's ``collective_rpc`` (:data:`~molink.telemetry.engine_metrics.PIPELINE_SNAPSHOT_RPC`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from importlib import resources
+from typing import TYPE_CHECKING, Any
+
+from fastapi import Depends, FastAPI
+from fastapi.responses import HTMLResponse, JSONResponse
+from starlette.routing import Mount, Route
+from vllm.engine.protocol import EngineClient
+from vllm.logger import init_logger
+from vllm.v1.metrics.prometheus import get_prometheus_registry
+
+from molink.entrypoints.http_auth import api_key_guard
+from molink.telemetry.engine_metrics import PIPELINE_SNAPSHOT_RPC, EngineMetrics
+from molink.telemetry.swarm_report import build_swarm_report
+
+if TYPE_CHECKING:
+    from molink.engine.node import Node
+
+logger = init_logger(__name__)
+
+#: Seconds the API server waits for the engine's snapshot before answering with what it has.
+SNAPSHOT_TIMEOUT_S = 3.0
+#: A snapshot this recent is reused (several scrapes or page refreshes at once).
+SNAPSHOT_MAX_AGE_S = 0.25
+
+_engine_metrics: EngineMetrics | None = None
+
+
+def _metrics_collector() -> EngineMetrics:
+    """The one collector per process that re-exports the engine's metrics in vLLM's registry."""
+    global _engine_metrics
+    if _engine_metrics is None:
+        _engine_metrics = EngineMetrics()
+        get_prometheus_registry().register(_engine_metrics)  # type: ignore[arg-type]
+    return _engine_metrics
+
+
+class PipelineView:
+    """The engine process's pipeline snapshot, as last fetched by the API server process."""
+
+    def __init__(self, engine: EngineClient) -> None:
+        self.engine = engine
+        self.metrics = _metrics_collector()
+        self._snapshot: dict[str, Any] | None = None
+        self._fetched_at = float("-inf")
+        self._lock = asyncio.Lock()
+
+    async def snapshot(self) -> dict[str, Any] | None:
+        """A fresh snapshot, or None when the engine did not answer in time."""
+        async with self._lock:
+            if time.monotonic() - self._fetched_at < SNAPSHOT_MAX_AGE_S:
+                return self._snapshot
+            try:
+                results = await asyncio.wait_for(
+                    self.engine.collective_rpc(PIPELINE_SNAPSHOT_RPC), SNAPSHOT_TIMEOUT_S
+                )
+                self._snapshot = results[0]
+            except Exception as e:  # noqa: BLE001  # a dead or busy engine: report, don't fail
+                logger.warning("The engine did not report its pipeline state: %r", e)
+                self._snapshot = None
+            self._fetched_at = time.monotonic()
+            if self._snapshot is not None:
+                self.metrics.update(self._snapshot["metrics"])
+            return self._snapshot
+
+
+def swarm_page() -> str:
+    """The status page's HTML (shipped in the package)."""
+    return resources.files("molink.entrypoints").joinpath("static/swarm.html").read_text()
+
+
+def _refresh_before_metrics(app: FastAPI, view: PipelineView) -> None:
+    """Make vLLM's ``/metrics`` routes fetch the engine's MoLink metrics before each scrape.
+
+    vLLM serves ``/metrics`` twice (a route from prometheus-fastapi-instrumentator, and a mount
+    behind it); each one's ASGI app is wrapped. A middleware can't be added instead: the app's
+    middleware stack is built by now (vLLM's SageMaker bootstrap).
+    """
+    wrapped = 0
+    for route in app.router.routes:
+        if isinstance(route, (Route, Mount)) and route.path == "/metrics":
+
+            async def refreshing(
+                scope: Any, receive: Any, send: Any, inner: Any = route.app
+            ) -> None:
+                if scope["type"] == "http":
+                    await view.snapshot()
+                await inner(scope, receive, send)
+
+            route.app = refreshing
+            wrapped += 1
+    if not wrapped:
+        logger.warning("vLLM serves no /metrics here: MoLink's metrics are not exported")
+
+
+def install_head_routes(
+    app: FastAPI, node: Node, engine: EngineClient, keys: list[str]
+) -> PipelineView:
+    """Add ``/ready``, ``/swarm``, ``/swarm/ui`` and MoLink's metrics to the head's app."""
+    view = PipelineView(engine)
+    page = swarm_page()
+
+    _refresh_before_metrics(app, view)
+
+    @app.get("/ready")
+    async def ready() -> JSONResponse:
+        snapshot = await view.snapshot()
+        if snapshot is None:
+            return JSONResponse(
+                {"ready": False, "cause": "the engine did not answer"}, status_code=503
+            )
+        if not snapshot["ready"]:
+            return JSONResponse({"ready": False, "cause": snapshot["cause"]}, status_code=503)
+        chain = " -> ".join(f"{h['address']} {h['layers']}" for h in snapshot["chain"])
+        return JSONResponse({"ready": True, "chain": chain})
+
+    @app.get("/swarm", dependencies=[Depends(api_key_guard(keys))])
+    async def swarm() -> JSONResponse:
+        membership = node.membership
+        nodes, seen, dht_error = [], {}, None
+        if membership is not None:
+            try:
+                nodes = await asyncio.to_thread(membership.nodes)
+                seen = membership.seconds_since_stored()
+            except Exception as e:  # noqa: BLE001  # report the pipeline even without the DHT
+                dht_error = f"{type(e).__name__}: {e}"
+        report = build_swarm_report(node.announcement(), nodes, await view.snapshot(), seen)
+        report["dht_error"] = dht_error
+        return JSONResponse(report)
+
+    @app.get("/swarm/ui")
+    async def swarm_ui() -> HTMLResponse:
+        return HTMLResponse(page)
+
+    return view
