@@ -1,0 +1,212 @@
+"""The head's operator surface on a real 2-stage swarm: ``/ready``, ``/swarm``, the ``/swarm/ui``
+page in headless Chromium, MoLink's metrics on both nodes, and the head's log lines.
+
+The swarm is the tiny Qwen3 checkpoint: a head (layers 0-2) and a follower (3-5). The last test
+kills the follower (the layers 3-5 are then missing) and starts another one in its place.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import openai
+import pytest
+from conftest import DEMO_API_KEY, QWEN3_ENGINE_FLAGS, NodeProcess, Swarm
+from prometheus_client.parser import text_string_to_metric_families
+
+FLAGS = QWEN3_ENGINE_FLAGS
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def get(url: str, key: str | None = None) -> tuple[int, str]:
+    request = urllib.request.Request(url)
+    if key:
+        request.add_header("Authorization", f"Bearer {key}")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def scrape(node: NodeProcess) -> dict[tuple[str, tuple], float]:
+    """Every sample of ``node``'s ``/metrics``, by (name, sorted labels)."""
+    status, body = get(node.base_url + "/metrics")
+    assert status == 200, body
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(body)
+        for s in family.samples
+    }
+
+
+def value(samples: dict, name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def swarm_doc(head: NodeProcess) -> dict:
+    status, body = get(head.base_url + "/swarm")
+    assert status == 200, body
+    return json.loads(body)
+
+
+def wait_for(check, timeout: float = 120.0, what: str = ""):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = check()
+        if found:
+            return found
+        time.sleep(0.5)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def pipeline(module_swarm: Swarm, qwen3_model: str) -> tuple[NodeProcess, NodeProcess]:
+    head = module_swarm.start("head", qwen3_model, "0,2", FLAGS)
+    stage = module_swarm.start("stage", qwen3_model, "3,5", FLAGS, peers=[head])
+    head.wait_healthy()
+    return head, stage
+
+
+@pytest.fixture(scope="module")
+def client(pipeline) -> openai.OpenAI:
+    return openai.OpenAI(base_url=pipeline[0].base_url + "/v1", api_key="none", max_retries=0)
+
+
+def peer_of(node: NodeProcess) -> str:
+    with urllib.request.urlopen(node.base_url + "/status", timeout=10) as r:
+        return json.load(r)["peer_id"]
+
+
+def test_ready_and_swarm_show_both_nodes_and_the_chain(pipeline):
+    head, stage = pipeline
+    status, body = get(head.base_url + "/ready")
+    assert status == 200, body
+    assert json.loads(body)["ready"] is True
+    doc = swarm_doc(head)
+    assert doc["ready"] and doc["gaps"] == [] and doc["num_layers"] == 6
+    by_address = {n["address"]: n for n in doc["nodes"]}
+    assert by_address[head.grpc_address]["role"] == "head"
+    assert by_address[stage.grpc_address]["layers"] == [3, 5]
+    assert all(n["in_chain"] and n["state"] == "online" for n in by_address.values())
+    assert [hop["address"] for hop in doc["chain"]] == [head.grpc_address, stage.grpc_address]
+    assert [hop["layers"] for hop in doc["chain"]] == [[0, 2], [3, 5]]
+    assert by_address[stage.grpc_address]["peer_id"] == peer_of(stage)
+    assert by_address[stage.grpc_address]["last_seen_s"] < 15
+
+
+def test_metrics_move_under_load(pipeline, client, qwen3_model):
+    head, stage = pipeline
+    head_before, stage_before = scrape(head), scrape(stage)
+    stream = client.completions.create(
+        model=qwen3_model, prompt="hello " * 40, max_tokens=64, stream=True,
+        extra_body={"ignore_eos": True},
+    )  # fmt: skip
+    used_mid_request = 0.0
+    for i, _ in enumerate(stream):
+        if i == 8:  # the request holds KV blocks on every stage now
+            used_mid_request = value(scrape(stage), "molink_stage_kv_blocks_used")
+    for _ in range(3):
+        client.completions.create(model=qwen3_model, prompt="the quick brown fox", max_tokens=16)
+    head_after, stage_after = scrape(head), scrape(stage)
+
+    def grew(before: dict, after: dict, name: str, **labels: str) -> bool:
+        return value(after, name, **labels) > value(before, name, **labels)
+
+    # The head: its stage 0 and its pipeline, in the same scrape as vLLM's own metrics.
+    assert any(name.startswith("vllm:") for name, _ in head_after)
+    assert grew(head_before, head_after, "molink_stage_tokens_total", layers="0-2")
+    assert grew(head_before, head_after, "molink_stage_step_seconds_count", layers="0-2")
+    assert grew(head_before, head_after, "molink_hop_bytes_sent_total", stream="steps")
+    assert grew(head_before, head_after, "molink_hop_bytes_received_total", stream="results")
+    assert value(head_after, "molink_chain_ready") == 1
+    assert value(head_after, "molink_chain_stages") == 2
+    assert value(head_after, "molink_micro_batches_planned") >= 1
+    # The follower: its own stage.
+    assert grew(stage_before, stage_after, "molink_stage_tokens_total", layers="3-5")
+    assert grew(stage_before, stage_after, "molink_stage_queue_wait_seconds_count", layers="3-5")
+    assert grew(stage_before, stage_after, "molink_hop_bytes_received_total", stream="steps")
+    assert grew(stage_before, stage_after, "molink_hop_bytes_sent_total", stream="results")
+    assert 0 < used_mid_request <= value(stage_after, "molink_stage_kv_blocks_total")
+    assert not any(name.startswith("molink_chain") for name, _ in stage_after)  # head only
+
+
+def test_the_head_logs_every_request_event(pipeline):
+    head, _ = pipeline
+    log = head.log()
+    ids = re.findall(r"Request (cmpl-\S+) admitted: \d+ prompt tokens, up to 16 new", log)
+    assert ids
+    assert re.search(
+        rf"Request {re.escape(ids[-1])} finished \(length\): \d+ prompt \+ 16 generated tokens", log
+    )
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Chromium (scripts/install.sh --dev)")
+def test_status_page_in_headless_chromium(pipeline, tmp_path: Path):
+    head, stage = pipeline
+    url = head.base_url + "/swarm/ui"
+    common = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+              "--virtual-time-budget=5000"]  # fmt: skip
+    dom = subprocess.run(
+        [*common, "--dump-dom", url], capture_output=True, text=True, timeout=120
+    ).stdout
+    bars = re.findall(r'<div class="bar node-bar ([^"]*)"[^>]*data-peer="([^"]+)"', dom)
+    assert len(bars) == 2, dom[-3000:]
+    assert all("in-chain" in classes for classes, _ in bars)
+    assert {peer for _, peer in bars} >= {peer_of(stage)}
+    assert 'class="badge ok">serving<' in dom
+    assert stage.grpc_address in dom and "chain-hop" in dom
+    shot = tmp_path / "swarm-ui.png"
+    subprocess.run(
+        [*common, "--window-size=1100,700", f"--screenshot={shot}", url],
+        capture_output=True,
+        timeout=120,
+    )
+    assert shot.stat().st_size > 10_000
+
+
+def test_a_lost_stage_shows_in_ready_swarm_metrics_and_log(
+    pipeline, module_swarm: Swarm, qwen3_model: str
+):
+    head, stage = pipeline
+    stage.kill()
+
+    def not_ready() -> dict | None:
+        status, body = get(head.base_url + "/ready")
+        return json.loads(body) if status == 503 else None
+
+    cause = wait_for(not_ready, what="/ready to turn 503")["cause"]
+    assert "layers 3-5" in cause
+    doc = wait_for(lambda: (d := swarm_doc(head))["gaps"] and d, what="a gap in /swarm")
+    assert doc["gaps"] == [[3, 5]] and not doc["ready"]
+    assert [n["address"] for n in doc["nodes"]] == [head.grpc_address]
+    assert doc["events"][-1]["kind"] == "loss"
+    assert re.search(rf"Lost stage 127\.0\.0\.1:{stage.grpc_port} \[3-5\]: ", head.log())
+    samples = scrape(head)
+    assert value(samples, "molink_stage_losses_total", cause="lost") == 1
+    assert value(samples, "molink_chain_ready") == 0
+
+    module_swarm.start("replacement", qwen3_model, "3,5", FLAGS, peers=[head])
+    wait_for(lambda: get(head.base_url + "/ready")[0] == 200, timeout=240, what="/ready again")
+    assert re.search(
+        r"Pipeline restored \(epoch 1\) [0-9.]+ s after the loss was detected", head.log()
+    )
+    samples = scrape(head)
+    assert value(samples, "molink_recoveries_total") == 1
+    assert value(samples, "molink_recovery_seconds_count") == 1
+    assert swarm_doc(head)["events"][-1]["kind"] == "restore"
+
+
+def test_swarm_needs_the_api_key_and_ready_does_not(demo_pipeline):
+    assert get(demo_pipeline.base_url + "/swarm")[0] == 401
+    status, body = get(demo_pipeline.base_url + "/swarm", key=DEMO_API_KEY)
+    assert status == 200 and json.loads(body)["ready"]
+    assert get(demo_pipeline.base_url + "/ready")[0] == 200
+    assert get(demo_pipeline.base_url + "/swarm/ui")[0] == 200
