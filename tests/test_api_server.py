@@ -84,3 +84,11 @@ def test_generate_rejects_bad_input(generate_server):
     assert status == 400 and b"prompt" in body
     status, _ = post(generate_server.base_url + "/generate", {"prompt": "x", "top_p": 7})
     assert status == 400
+
+
+def test_head_routes_on_the_generate_server(generate_server):
+    with urllib.request.urlopen(generate_server.base_url + "/ready", timeout=30) as r:
+        assert json.load(r)["ready"] is True
+    with urllib.request.urlopen(generate_server.base_url + "/swarm", timeout=30) as r:
+        doc = json.load(r)
+    assert doc["ready"] and doc["gaps"] == [] and [h["layers"] for h in doc["chain"]] == [[0, 5]]

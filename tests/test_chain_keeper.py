@@ -19,6 +19,7 @@ import urllib.request
 import openai
 import pytest
 from conftest import QWEN3_ENGINE_FLAGS, NodeProcess, Swarm
+from test_head_routes import scrape, value
 
 FLAGS = QWEN3_ENGINE_FLAGS
 PROMPTS = [
@@ -111,6 +112,12 @@ def test_kill_9_of_a_serving_stage_loses_no_request(churn, qwen3_model):
     log = head.log()
     assert "running request(s) preempted; they resume on the rebuilt chain" in log
     assert "Pipeline restored (epoch 1)" in log
+    # Each request's loss is logged and counted, with the tokens it recomputes.
+    assert re.search(r"Request cmpl-\S+ preempted \(its pipeline broke\): its \d+ computed", log)
+    samples = scrape(head)
+    assert value(samples, "molink_recomputed_tokens_total", cause="stage_loss") > 0
+    assert value(samples, "molink_recoveries_total") == 1
+    assert value(samples, "molink_requests_failed_total", cause="outage") == 0
     followers.remove(victim)
     assert status(followers[0])["state"] == "serving"
 
