@@ -11,7 +11,6 @@ import json
 import re
 import shutil
 import subprocess
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -20,6 +19,7 @@ import openai
 import pytest
 from conftest import DEMO_API_KEY, QWEN3_ENGINE_FLAGS, NodeProcess, Swarm
 from prometheus_client.parser import text_string_to_metric_families
+from test_dht import eventually
 
 FLAGS = QWEN3_ENGINE_FLAGS
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -55,16 +55,6 @@ def swarm_doc(head: NodeProcess) -> dict:
     status, body = get(head.base_url + "/swarm")
     assert status == 200, body
     return json.loads(body)
-
-
-def wait_for(check, timeout: float = 120.0, what: str = ""):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = check()
-        if found:
-            return found
-        time.sleep(0.5)
-    pytest.fail(f"timed out waiting for {what}")
 
 
 @pytest.fixture(scope="module")
@@ -182,9 +172,11 @@ def test_a_lost_stage_shows_in_ready_swarm_metrics_and_log(
         status, body = get(head.base_url + "/ready")
         return json.loads(body) if status == 503 else None
 
-    cause = wait_for(not_ready, what="/ready to turn 503")["cause"]
+    cause = eventually(not_ready, timeout=120, what="/ready to turn 503")["cause"]
     assert "layers 3-5" in cause
-    doc = wait_for(lambda: (d := swarm_doc(head))["gaps"] and d, what="a gap in /swarm")
+    doc = eventually(
+        lambda: (d := swarm_doc(head))["gaps"] and d, timeout=120, what="a gap in /swarm"
+    )
     assert doc["gaps"] == [[3, 5]] and not doc["ready"]
     assert [n["address"] for n in doc["nodes"]] == [head.grpc_address]
     assert doc["events"][-1]["kind"] == "loss"
@@ -194,7 +186,7 @@ def test_a_lost_stage_shows_in_ready_swarm_metrics_and_log(
     assert value(samples, "molink_chain_ready") == 0
 
     module_swarm.start("replacement", qwen3_model, "3,5", FLAGS, peers=[head])
-    wait_for(lambda: get(head.base_url + "/ready")[0] == 200, timeout=240, what="/ready again")
+    eventually(lambda: get(head.base_url + "/ready")[0] == 200, timeout=240, what="/ready again")
     assert re.search(
         r"Pipeline restored \(epoch 1\) [0-9.]+ s after the loss was detected", head.log()
     )

@@ -73,7 +73,8 @@ class PipelineView:
                 )
                 self._snapshot = results[0]
             except Exception as e:  # noqa: BLE001  # a dead or busy engine: report, don't fail
-                logger.warning("The engine did not report its pipeline state: %r", e)
+                if self._snapshot is not None or self._fetched_at == float("-inf"):
+                    logger.warning("The engine did not report its pipeline state: %r", e)
                 self._snapshot = None
             self._fetched_at = time.monotonic()
             if self._snapshot is not None:
