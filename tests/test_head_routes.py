@@ -168,12 +168,13 @@ def test_a_lost_stage_shows_in_ready_swarm_metrics_and_log(
     head, stage = pipeline
     stage.kill()
 
-    def not_ready() -> dict | None:
+    def missing_layers_named() -> str | None:
         status, body = get(head.base_url + "/ready")
-        return json.loads(body) if status == 503 else None
+        cause = json.loads(body).get("cause", "") if status == 503 else ""
+        return cause if "layers 3-5 are not served by any node" in cause else None
 
-    cause = eventually(not_ready, timeout=120, what="/ready to turn 503")["cause"]
-    assert "layers 3-5" in cause
+    cause = eventually(missing_layers_named, timeout=120, what="/ready 503 naming the gap")
+    assert f"lost stage 127.0.0.1:{stage.grpc_port} [3-5]" in cause
     doc = eventually(
         lambda: (d := swarm_doc(head))["gaps"] and d, timeout=120, what="a gap in /swarm"
     )

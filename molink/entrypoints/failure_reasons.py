@@ -2,8 +2,8 @@
 
 MoLink fails a request only when no full pipeline came back within ``--outage-timeout`` (or the
 request was on several lost chains); its scheduler puts the cause ("no node serves layers 15-29;
-lost stage 10.0.0.2:50052 [15-29] (UNAVAILABLE)") in the finished output's ``stop_reason``. vLLM's
-OpenAI serving layer turns every ``finish_reason == "error"`` into
+lost stage 10.0.0.2:50052 [15-29]: its result stream broke (UNAVAILABLE)") in the finished
+output's ``stop_reason``. vLLM's OpenAI serving layer turns every ``finish_reason == "error"`` into
 ``GenerationError("Internal server error")`` in ``GenerateBaseServing._raise_if_error``, which
 sees only the finish reason and the request id, and offers no plug-in point for a message.
 

@@ -369,7 +369,8 @@ class PipelineExecutor(Executor):
         with self._lock:
             if self._stopped or epoch != self.state.failed_epoch or not self.state.chain_ready:
                 return
-            full_reason = f"stage {stage}: {reason}" if stage else reason
+            # What clients and /ready are told, e.g. "lost stage 10.0.0.2:50051 [15-29]: ...".
+            full_reason = f"lost stage {stage}: {reason}" if stage else reason
             new_epoch = self.state.mark_lost(full_reason, epoch)
             oldest = min((p.submitted_at for p in self._pending.values()), default=None)
             self.outages.lost(stage, reason, cause, new_epoch, oldest)
