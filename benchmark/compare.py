@@ -6,7 +6,9 @@
 Setups (one at a time, same model, same flags, same cores): plain vLLM; MoLink with 2 and 3
 stages on loopback; 3 stages with every hop behind an emulated link (``--delay-ms``,
 ``--rate-mbit``); each MoLink setup with micro-batching on (``--max-micro-batches`` default) and
-off (``--max-micro-batches 1``). For each: a warm-up burst (not counted), then ``--rounds`` bursts
+off (``--max-micro-batches 1``). MoLink nodes are separate machines: each node's threads are
+bound to its own cores (``benchmark/swarm.py``); one labelled setup runs 2 stages on one
+machine (shared cores). For each: a warm-up burst (not counted), then ``--rounds`` bursts
 of ``--num-requests`` concurrent requests; the median round is reported. On the emulated 3-stage
 pipeline it also measures the TTFT of a long prompt on an idle pipeline and while decode streams
 run, and those streams' TPOT with and without it.
@@ -50,6 +52,7 @@ class Setup:
     stages: int = 0  # 0: plain vLLM
     link: LinkSpec = field(default_factory=LinkSpec)
     micro_batching: bool = True
+    shared_cores: bool = False  # every node on every core (one machine), not its own cores
 
 
 def setups(link: LinkSpec) -> list[Setup]:
@@ -58,6 +61,12 @@ def setups(link: LinkSpec) -> list[Setup]:
         Setup("vllm", "vLLM, one node"),
         Setup("molink2", "MoLink 2 stages, loopback", 2),
         Setup("molink2_off", "MoLink 2 stages, loopback, 1 batch in flight", 2, LinkSpec(), False),
+        Setup(
+            "molink2_shared",
+            "MoLink 2 stages, loopback, one machine (shared cores)",
+            2,
+            shared_cores=True,
+        ),
         Setup("molink3", "MoLink 3 stages, loopback", 3),
         Setup("molink3_wan", f"MoLink 3 stages, {wan}", 3, link),
         Setup("molink3_wan_off", f"MoLink 3 stages, {wan}, 1 batch in flight", 3, link, False),
@@ -101,8 +110,9 @@ def server(setup: Setup, args: argparse.Namespace) -> Iterator[str]:
         link=setup.link,
         port=args.port,
         node_args=node_args,
-        env={"VLLM_CPU_OMP_THREADS_BIND": "nobind", "VLLM_CPU_KVCACHE_SPACE": "1"},
+        env={"VLLM_CPU_KVCACHE_SPACE": "1"},
         log_dir=log_dir / setup.key,
+        shared_cores=setup.shared_cores,
     )
     with Swarm(spec) as s:
         yield s.base_url

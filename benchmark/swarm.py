@@ -7,9 +7,16 @@ Every node is a separate ``molink.entrypoints.openai.api_server`` process in its
 group; the layers are split evenly unless ``--layers`` says otherwise. With ``--delay-ms``,
 ``--jitter-ms`` or ``--rate-mbit``, each follower's gRPC port sits behind a link emulator
 (``benchmark/link_emulator.py``), so every hop of the pipeline (head -> stage 1 -> ... -> head)
-crosses one emulated link. With ``--netns`` (root only) each node also gets its own network
-namespace and address on a bridge, so nodes talk through real network stacks. The link emulator
-is a user-space relay because the sandbox kernels here have no ``netem`` qdisc. Everything
+crosses one emulated link; each follower's relay has its own address (``127.0.1.N``, or one per
+follower on the bridge), so the head sees every follower as a separate host. With ``--netns``
+(root only) each node also gets its own network namespace and address on a bridge, so nodes talk
+through real network stacks. The link emulator is a user-space relay because the sandbox kernels
+here have no ``netem`` qdisc.
+
+Nodes are separate machines by default: each one's OpenMP threads are bound to its own cores
+(``VLLM_CPU_OMP_THREADS_BIND``; the machine's cores are dealt out round-robin, so with more nodes
+than cores some share one, which ``describe()`` says). ``--shared-cores`` models one machine
+running every stage instead: no binding, every node's threads on every core. Everything
 started is stopped on exit, Ctrl-C and errors included. ``Swarm`` is also used as a library by
 ``benchmark/compare.py``.
 """
@@ -52,6 +59,8 @@ class SwarmSpec:
     log_dir: Path = Path("/tmp/molink-swarm")
     ready_timeout: float = 900.0
     swarm_key: Path | None = None  # every node gets --swarm-key-file (mutual TLS, DHT admission)
+    shared_cores: bool = False  # True: one machine, every node on every core (no binding)
+    num_cores: int = field(default_factory=lambda: os.cpu_count() or 1)
 
 
 def even_split(num_layers: int, stages: int) -> list[tuple[int, int]]:
@@ -118,6 +127,29 @@ class Swarm:
     def node_host(self, i: int) -> str:
         return f"{SUBNET}.{i + 1}" if self.spec.netns else "127.0.0.1"
 
+    def relay_host(self, i: int) -> str:
+        """The address of the link emulator in front of follower ``i`` (one host per node)."""
+        return f"{SUBNET}.{100 + i}" if self.spec.netns else f"127.0.1.{i}"
+
+    def node_cores(self, i: int) -> list[int] | None:
+        """The cores node ``i`` computes on (None: unbound, on every core)."""
+        if self.spec.shared_cores:
+            return None
+        n, cores = len(self.layers), self.spec.num_cores
+        mine = [c for c in range(cores) if c % n == i % n] if n <= cores else [i % cores]
+        return mine
+
+    def node_env(self, i: int) -> dict[str, str]:
+        """Environment of node ``i``: its thread binding on top of ``spec.env``."""
+        cores = self.node_cores(i)
+        if cores is None:
+            return {**self.spec.env, "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
+        return {
+            **self.spec.env,
+            "VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, cores)),
+            "OMP_NUM_THREADS": str(len(cores)),
+        }
+
     @property
     def base_url(self) -> str:
         return f"http://{self.node_host(0)}:{self.spec.port}"
@@ -126,7 +158,14 @@ class Swarm:
         stages = " | ".join(f"{a}-{b}" for a, b in self.layers)
         link = "loopback" if self.spec.link.is_ideal else self.spec.link.describe()
         extras = (", netns" if self.spec.netns else "") + (", TLS" if self.spec.swarm_key else "")
-        return f"{len(self.layers)} stages [{stages}], {link}{extras}"
+        if self.spec.shared_cores:
+            cores = "one machine (shared cores)"
+        else:
+            per_node = [self.node_cores(i) or [] for i in range(len(self.layers))]
+            shared = len({c for cs in per_node for c in cs}) < sum(map(len, per_node))
+            cores = "cores " + " | ".join(",".join(map(str, cs)) for cs in per_node)
+            cores += " (more nodes than cores: some share one)" if shared else ""
+        return f"{len(self.layers)} stages [{stages}], {link}, {cores}{extras}"
 
     # ------------------------------------------------------------ lifecycle
     def __enter__(self) -> Swarm:
@@ -153,7 +192,7 @@ class Swarm:
         grpc_port = spec.grpc_base_port + i
         announce = ["--announce_host", host]
         if i > 0 and not spec.link.is_ideal:  # others reach this node through an emulated link
-            relay = (HOST_ADDRESS if spec.netns else "127.0.0.1", grpc_port + 1000)
+            relay = (self.relay_host(i), grpc_port + 1000)
             self.emulators.append(LinkEmulator(relay, (host, grpc_port), spec.link).start())
             announce = ["--announce_host", relay[0], "--announce_port", str(relay[1])]
         args = [
@@ -177,7 +216,7 @@ class Swarm:
         if spec.netns:
             cmd = ["ip", "netns", "exec", self.namespaces[i], *cmd]
         log = open(spec.log_dir / f"node{i}.log", "w")  # noqa: SIM115 (closed with the process)
-        env = {**os.environ, **spec.env}
+        env = {**os.environ, **self.node_env(i)}
         self.procs.append(
             subprocess.Popen(
                 cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
@@ -226,6 +265,8 @@ class Swarm:
             _run("ip", "-n", ns, "link", "set", inside, "up")
             _run("ip", "-n", ns, "link", "set", "lo", "up")
             _run("ip", "-n", ns, "route", "add", "default", "via", HOST_ADDRESS)
+            if i > 0:  # this follower's link emulator listens here
+                _run("ip", "addr", "add", f"{self.relay_host(i)}/24", "dev", BRIDGE)
 
     def _remove_namespaces(self) -> None:
         if not self.spec.netns:
@@ -254,6 +295,12 @@ def main() -> None:
     parser.add_argument("--rate-mbit", type=float, default=0.0, help="bandwidth per hop, 0=∞")
     parser.add_argument("--netns", action="store_true", help="one network namespace per node")
     parser.add_argument(
+        "--shared-cores",
+        action="store_true",
+        help="one machine running every stage: no thread binding (default: each node its own "
+        "cores, as separate machines)",
+    )
+    parser.add_argument(
         "--swarm-key",
         type=Path,
         default=None,
@@ -277,9 +324,10 @@ def main() -> None:
         port=args.port,
         grpc_base_port=args.grpc_base_port,
         node_args=node_args,
-        env={"VLLM_CPU_OMP_THREADS_BIND": "nobind", "VLLM_CPU_KVCACHE_SPACE": "1"},
+        env={"VLLM_CPU_KVCACHE_SPACE": "1"},
         log_dir=args.log_dir,
         swarm_key=args.swarm_key,
+        shared_cores=args.shared_cores,
     )
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     s = Swarm(spec)

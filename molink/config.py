@@ -155,6 +155,14 @@ def add_molink_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "measured stage and link times; 1 turns micro-batching off "
         f"(default {DEFAULT_MAX_MICRO_BATCHES}).",
     )
+    group.add_argument(
+        "--min-micro-batches",
+        type=_positive_int,
+        default=1,
+        help="Head: fewest batches in flight once decoding requests are measured (at most one "
+        "per decoding request). Above 1 it overrides the policy: for tests and experiments "
+        "(default 1).",
+    )
     security = parser.add_argument_group(
         "MoLink security", "Who may join the swarm and drive this node (see SECURITY.md)"
     )
@@ -204,6 +212,7 @@ class MoLinkConfig:
     wire_dtype: str | None = None
     wire_compression: str = "none"
     max_micro_batches: int = DEFAULT_MAX_MICRO_BATCHES
+    min_micro_batches: int = 1
     security_files: SecurityFiles = SecurityFiles()
 
     @classmethod
@@ -224,6 +233,7 @@ class MoLinkConfig:
             wire_dtype=args.wire_dtype,
             wire_compression=args.wire_compression,
             max_micro_batches=args.max_micro_batches,
+            min_micro_batches=args.min_micro_batches,
             # Absolute: the head's engine process reads them too.
             security_files=SecurityFiles(
                 swarm_key_file=_absolute(args.swarm_key_file),

@@ -148,3 +148,26 @@ def _model(node) -> list[str]:
     )
     with urllib.request.urlopen(request, timeout=10) as r:
         return [json.load(r)["data"][0]["id"]]
+
+
+def test_benchmark_swarm_nodes_are_separate_machines(tmp_path):
+    sys.path.insert(0, str(BENCH))
+    from link_emulator import LinkSpec
+    from swarm import Swarm, SwarmSpec
+
+    def swarm(stages: int, **kw) -> Swarm:
+        layers = [(i * 2, i * 2 + 1) for i in range(stages)]
+        return Swarm(SwarmSpec(model="m", layers=layers, log_dir=tmp_path, num_cores=2, **kw))
+
+    two = swarm(2, link=LinkSpec(delay_ms=20))
+    assert [two.node_env(i)["VLLM_CPU_OMP_THREADS_BIND"] for i in range(2)] == ["0", "1"]
+    assert "cores 0 | 1" in two.describe()
+    three = swarm(3)
+    assert [three.node_cores(i) for i in range(3)] == [[0], [1], [0]]
+    assert "some share one" in three.describe()
+    shared = swarm(2, shared_cores=True)
+    assert shared.node_env(1)["VLLM_CPU_OMP_THREADS_BIND"] == "nobind"
+    assert "one machine (shared cores)" in shared.describe()
+    # Each follower's link emulator has its own address: the head sees separate hosts.
+    assert len({three.relay_host(i) for i in (1, 2)}) == 2
+    assert all(h.startswith("127.") for h in (three.relay_host(1), three.relay_host(2)))

@@ -111,6 +111,15 @@ def test_batch_count_respects_the_bound() -> None:
     assert choose_num_batches(wan, num_decodes=64, max_batches=1) == 1
 
 
+def test_min_batches_overrides_the_policy_within_the_decodes() -> None:
+    local = costs([(5 * MS, 1 * MS)] * 2, transfer=(0.2 * MS, 0.0), machines=(0, 0))
+    assert choose_num_batches(local, num_decodes=32, max_batches=8, min_batches=3) == 3
+    assert choose_num_batches(local, num_decodes=2, max_batches=8, min_batches=3) == 2
+    assert choose_num_batches(local, num_decodes=32, max_batches=2, min_batches=3) == 2
+    plan = plan_micro_batch(local, 32, 8, 64, 32, min_batches=4)
+    assert plan is not None and plan.num_batches == 4 and plan.decode_slots == 8
+
+
 def test_head_overhead_limits_the_split() -> None:
     # The head pays 20 ms per step: splitting 16 requests finely would be all overhead.
     busy_head = costs([(0.1 * MS, 0.1 * MS)] * 2, transfer=(10 * MS, 0.0), head=(20 * MS, 0.0))

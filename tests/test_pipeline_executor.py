@@ -220,3 +220,19 @@ def test_three_uneven_stages_match_single_process(swarm, qwen3_model, qwen3_refe
     assert status["serving_layers"] == [1, 3] and status["state"] == "serving"
     # hidden_states + residual, 128 fp32 values each, per token on the hop to stage 2
     assert status["next_hop"]["bytes_per_token"] > 2 * 128 * 4
+
+
+def test_forced_micro_batches_match_single_process(swarm, qwen3_model, qwen3_reference):
+    """The policy's split path, end to end: on one machine it would keep one batch in flight;
+    ``--min-micro-batches 3`` makes the head split the decoding requests into 3 micro-batches
+    (a batch queue deeper than the 2 stages) while long prompts are chunked into the same steps
+    and the small KV cache forces preemptions."""
+    stage = swarm.start("stage1", qwen3_model, "3,5", ENGINE_FLAGS)
+    head = swarm.start(
+        "head", qwen3_model, "0,2", [*ENGINE_FLAGS, "--min-micro-batches", "3"], [stage]
+    )
+    head.wait_healthy()
+    got = asyncio.run(pipeline_outputs(head.base_url, qwen3_model))
+    assert_same(qwen3_reference, got)
+    assert metric(head.base_url, 'molink_micro_batch_steps_total{batches="3"}') > 0
+    assert metric(head.base_url, "vllm:num_preemptions") > 0, "KV cache should force preemption"

@@ -150,14 +150,21 @@ class PipelineCosts:
         return max(self.latency(n), num_batches * self.bottleneck(n))
 
 
-def choose_num_batches(costs: PipelineCosts, num_decodes: int, max_batches: int) -> int:
+def choose_num_batches(
+    costs: PipelineCosts, num_decodes: int, max_batches: int, min_batches: int = 1
+) -> int:
     """The number of micro-batches that maximizes the predicted decode rate.
 
     The smallest count within ``MIN_GAIN`` of the best wins: every extra batch costs real
     overhead that the linear model only approximates. Leaving one batch needs ``MIN_GAIN_SHARED``
-    when stages share a machine.
+    when stages share a machine. ``min_batches`` (at most one per decoding request) overrides.
     """
     upper = max(1, min(max_batches, num_decodes))
+    floor = min(max(1, min_batches), upper)
+    return max(floor, _best_num_batches(costs, num_decodes, upper))
+
+
+def _best_num_batches(costs: PipelineCosts, num_decodes: int, upper: int) -> int:
     cycles = {k: costs.cycle(num_decodes, k) for k in range(1, upper + 1)}
     best = min(cycles.values())
     k = min(k for k, c in cycles.items() if c <= best * (1.0 + MIN_GAIN))
@@ -181,6 +188,7 @@ def plan_micro_batch(
     max_batches: int,
     max_batch_tokens: int,
     min_prefill_chunk: int,
+    min_batches: int = 1,
 ) -> MicroBatchPlan | None:
     """The plan for the next micro-batch, or None to schedule as plain vLLM would.
 
@@ -196,7 +204,7 @@ def plan_micro_batch(
             decode_slots=0,
             prefill_tokens=max_batch_tokens,
         )
-    k = choose_num_batches(costs, num_decodes, max_batches)
+    k = choose_num_batches(costs, num_decodes, max_batches, min_batches)
     decode_slots = math.ceil(num_decodes / k)
     cycle = costs.cycle(num_decodes, k)
     # Machine time a decode-only cycle leaves idle, plus the allowed stretch, buys prefill tokens.

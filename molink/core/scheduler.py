@@ -38,6 +38,7 @@ from vllm.v1.request import Request, RequestStatus
 from molink.core.micro_batching import MicroBatchPlan, plan_micro_batch
 from molink.core.pipeline_state import EPOCH_ATTR, PIPELINE_STATE, StageLostOutput
 from molink.core.request_snapshot import SNAPSHOTS_ATTR, RequestSnapshot
+from molink.stage_spec import ADDITIONAL_CONFIG_KEY
 from molink.telemetry import metrics
 
 logger = init_logger(__name__)
@@ -60,6 +61,8 @@ class PipelineScheduler(Scheduler):
         super().__init__(*args, **kwargs)
         self.pipeline = PIPELINE_STATE
         self.max_micro_batches = self.vllm_config.max_concurrent_batches
+        head = (self.vllm_config.additional_config or {}).get(ADDITIONAL_CONFIG_KEY) or {}
+        self.min_micro_batches = int(head.get("min_micro_batches", 1))  # HeadConfig's field
         self.last_plan: MicroBatchPlan | None = None
         self._schedule_seconds: dict[int, float] = {}
         self._in_flight: set[int] = set()  # ids of outputs with tokens, not yet back
@@ -227,6 +230,7 @@ class PipelineScheduler(Scheduler):
             self.pipeline.costs.costs() if self.max_micro_batches > 1 else None,
             num_decodes=len(decoding),
             max_batches=self.max_micro_batches,
+            min_batches=self.min_micro_batches,
             max_batch_tokens=self.max_num_scheduled_tokens,
             min_prefill_chunk=self.block_size,
         )
@@ -259,7 +263,10 @@ class PipelineScheduler(Scheduler):
         )
         self.max_num_running_reqs = saved_running_cap - len(hidden_reqs)
         try:
-            return super().schedule(throttle_prefills)
+            output = super().schedule(throttle_prefills)
+            if output.total_num_scheduled_tokens:
+                metrics.MICRO_BATCH_STEPS.labels(str(plan.num_batches)).inc()
+            return output
         finally:
             self.max_num_scheduled_tokens = saved_budget
             self.max_num_running_reqs = saved_running_cap

@@ -45,6 +45,7 @@ class HeadConfig:
     wire_dtype: str | None = None
     wire_compression: str | None = None
     max_micro_batches: int = 1
+    min_micro_batches: int = 1
     step_timeout: float = DEFAULT_STEP_TIMEOUT_S
     stage_init_timeout: float = 600.0
     outage_timeout: float = DEFAULT_OUTAGE_TIMEOUT_S

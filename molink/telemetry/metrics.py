@@ -90,6 +90,13 @@ MICRO_BATCH_PREFILL_TOKENS = Gauge(
     "Prefill tokens the policy lets each micro-batch carry now.",
     registry=HEAD_REGISTRY,
 )
+MICRO_BATCH_STEPS = Counter(
+    "molink_micro_batch_steps",
+    "Steps the head scheduled under a plan of `batches` micro-batches in flight (the policy's "
+    "choices over time).",
+    ["batches"],
+    registry=HEAD_REGISTRY,
+)
 CHAIN_READY = Gauge(
     "molink_chain_ready",
     "1 while a full chain of stages serves, 0 during an outage.",
