@@ -104,18 +104,33 @@ def server(setup: Setup, args: argparse.Namespace) -> Iterator[str]:
     node_args = [*common, "--wire_dtype", args.wire_dtype]
     if not setup.micro_batching:
         node_args += ["--max-micro-batches", "1"]
+    head_args = ["--step-trace", str(trace_path(setup, args))] if args.trace else []
     spec = SwarmSpec(
         model=args.model,
         stages=setup.stages,
         link=setup.link,
         port=args.port,
         node_args=node_args,
+        head_args=head_args,
         env={"VLLM_CPU_KVCACHE_SPACE": "1"},
         log_dir=log_dir / setup.key,
         shared_cores=setup.shared_cores,
     )
     with Swarm(spec) as s:
         yield s.base_url
+
+
+def trace_path(setup: Setup, args: argparse.Namespace) -> Path:
+    return args.output_dir / "logs" / f"{setup.key}.trace.jsonl"
+
+
+def trace_breakdown(setup: Setup, args: argparse.Namespace) -> dict[str, float]:
+    """Mean ms per step phase over the run's decode-sized steps (at most one token per
+    stream: the steps TPOT is made of)."""
+    from molink.telemetry.step_trace import breakdown, read
+
+    records = [r for r in read(trace_path(setup, args)) if r["tokens"] <= args.num_requests]
+    return breakdown(records) if records else {}
 
 
 # ---------------------------------------------------------------- loads
@@ -206,15 +221,22 @@ def write_report(results: dict, args: argparse.Namespace) -> None:
     base = rows.get("vllm", {}).get("output_throughput_tok_s")
     lines = [
         "| Setup | Output tok/s | vs vLLM | TTFT p50 (ms) | TPOT p50 (ms) | TPOT p99 (ms) "
-        "| Failed |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| Failed | Bound TPOT (ms) | TPOT bound/measured |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows.values():
         tput = row["output_throughput_tok_s"]
         ratio = f"{tput / base:.2f}×" if base else "–"
+        bound = row.get("bound_tpot_ms")
+        bound_cells = (
+            f"{bound:.0f} (k={row['bound_batches']}) | {bound / row['tpot_p50_ms']:.2f}"
+            if bound and row["tpot_p50_ms"]
+            else "– | –"
+        )
         lines.append(
             f"| {row['label']} | {tput:.1f} | {ratio} | {row['ttft_p50_ms']:.0f} | "
-            f"{row['tpot_p50_ms']:.0f} | {row['tpot_p99_ms']:.0f} | {row['failed']} |"
+            f"{row['tpot_p50_ms']:.0f} | {row['tpot_p99_ms']:.0f} | {row['failed']} | "
+            f"{bound_cells} |"
         )
     ratios = []
     t = {k: r["output_throughput_tok_s"] for k, r in rows.items()}
@@ -236,6 +258,9 @@ def write_report(results: dict, args: argparse.Namespace) -> None:
             f"{lp['stream_tpot_p99_alone_ms']:.0f} ms without it (**{lp['tpot_p99_ratio']:.2f}×**, "
             "target ≤ 2)"
         )
+    for row in (r for r in rows.values() if r.get("step_breakdown_ms")):
+        parts = ", ".join(f"{name} {ms:.1f}" for name, ms in row["step_breakdown_ms"].items())
+        ratios.append(f"* Where a decode step's time goes ({row['label']}), ms: {parts}")
     wire = results.get("wire_bytes_per_token_per_hop")
     if wire:
         ratios.append(f"* Bytes on the wire per token per hop ({args.wire_dtype}): {wire}")
@@ -256,6 +281,12 @@ def write_report(results: dict, args: argparse.Namespace) -> None:
         *lines,
         "",
         *ratios,
+        "",
+        "The bound: the head fits, during each run, `fixed + per_token × tokens` to every "
+        "stage's compute, to its own per-step work and to the rest of the round trip (links, "
+        "codec); the bound TPOT is the fastest decode cycle any even split of the "
+        f"{args.num_requests} streams into k ≤ `--max-micro-batches` micro-batches reaches "
+        "under those fits (`molink.core.micro_batching.decode_bound`).",
         "",
         "![throughput](benchmark.png)",
         "",
@@ -299,6 +330,25 @@ def wire_stats(url: str) -> str:
     )
 
 
+def pipeline_bound(url: str, num_decodes: int) -> dict:
+    """The best decode rate any micro-batch split could reach for ``num_decodes`` streams,
+    from the stage, head and transfer costs the head fitted during the run (its ``/swarm``)."""
+    from molink.core.micro_batching import PipelineCosts, decode_bound
+
+    with urllib.request.urlopen(url + "/swarm", timeout=30) as r:
+        doc = json.load(r)
+    if not doc.get("costs"):
+        return {}
+    costs = PipelineCosts.from_dict(doc["costs"])
+    batches, seconds = decode_bound(costs, num_decodes, doc["max_micro_batches"] or 1)
+    return {
+        "bound_tok_s": num_decodes / seconds,
+        "bound_tpot_ms": seconds * 1e3,
+        "bound_batches": batches,
+        "fitted_costs": doc["costs"],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -319,6 +369,11 @@ def main() -> None:
     parser.add_argument("--prompt-delay", type=float, default=4.0, help="s before the prompt")
     parser.add_argument("--port", type=int, default=8100)
     parser.add_argument("--quick", action="store_true", help="tiny loads: a smoke test")
+    parser.add_argument(
+        "--trace",
+        action="store_true",
+        help="heads write a step trace (--step-trace); the report breaks a step's time down",
+    )
     parser.add_argument(
         "--engine-args",
         nargs="*",
@@ -346,6 +401,10 @@ def main() -> None:
         log(f"== {setup.label}")
         with server(setup, args) as url:
             row = measure_throughput(url, args)
+            if setup.stages:
+                row.update(pipeline_bound(url, args.num_requests))
+        if setup.stages and args.trace:
+            row["step_breakdown_ms"] = trace_breakdown(setup, args)
             if setup.stages >= 3 and "wire_bytes_per_token_per_hop" not in results:
                 results["wire_bytes_per_token_per_hop"] = wire_stats(url)
             if setup.key == "molink3_wan":

@@ -163,6 +163,14 @@ def add_molink_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "per decoding request). Above 1 it overrides the policy: for tests and experiments "
         "(default 1).",
     )
+    group.add_argument(
+        "--step-trace",
+        default=None,
+        metavar="PATH",
+        help="Head: append one JSON line per pipeline step to PATH, with where its time went "
+        "(schedule, encode, each hop, each stage's queue and compute, update); summarize with "
+        "`python -m molink.telemetry.step_trace PATH`.",
+    )
     security = parser.add_argument_group(
         "MoLink security", "Who may join the swarm and drive this node (see SECURITY.md)"
     )
@@ -213,6 +221,7 @@ class MoLinkConfig:
     wire_compression: str = "none"
     max_micro_batches: int = DEFAULT_MAX_MICRO_BATCHES
     min_micro_batches: int = 1
+    step_trace: str | None = None  # absolute path of the head's step trace, if any
     security_files: SecurityFiles = SecurityFiles()
 
     @classmethod
@@ -234,6 +243,7 @@ class MoLinkConfig:
             wire_compression=args.wire_compression,
             max_micro_batches=args.max_micro_batches,
             min_micro_batches=args.min_micro_batches,
+            step_trace=os.path.abspath(args.step_trace) if args.step_trace else None,
             # Absolute: the head's engine process reads them too.
             security_files=SecurityFiles(
                 swarm_key_file=_absolute(args.swarm_key_file),

@@ -14,6 +14,7 @@ from molink.core.micro_batching import (
     PipelineCosts,
     StageTiming,
     choose_num_batches,
+    decode_bound,
     plan_micro_batch,
 )
 
@@ -109,6 +110,14 @@ def test_batch_count_respects_the_bound() -> None:
     wan = costs([(0.1 * MS, 2 * MS)] * 3, transfer=(100 * MS, 0.0))
     assert choose_num_batches(wan, num_decodes=64, max_batches=4) == 4
     assert choose_num_batches(wan, num_decodes=64, max_batches=1) == 1
+
+
+def test_decode_bound_is_the_best_split_and_survives_a_round_trip() -> None:
+    wan = costs([(1 * MS, 2 * MS)] * 3, transfer=(100 * MS, 0.01 * MS))
+    assert PipelineCosts.from_dict(wan.to_dict()) == wan
+    k, seconds = decode_bound(wan, num_decodes=32, max_batches=8)
+    assert seconds == min(wan.cycle(32, j) for j in range(1, 9)) == wan.cycle(32, k)
+    assert decode_bound(wan, num_decodes=32, max_batches=1) == (1, wan.cycle(32, 1))
 
 
 def test_min_batches_overrides_the_policy_within_the_decodes() -> None:

@@ -10,6 +10,7 @@ A broken stream is reported through the ``on_broken`` callback, never raised int
 
 from __future__ import annotations
 
+import math
 import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -65,17 +66,34 @@ def connect(
 
 
 def timings_to_proto(timings: list[StageTiming]) -> list[molink_pb2.StageTiming]:
-    return [molink_pb2.StageTiming(wait_s=t.wait_s, compute_s=t.compute_s) for t in timings]
+    return [
+        molink_pb2.StageTiming(
+            wait_s=t.wait_s,
+            compute_s=t.compute_s,
+            arrived_unix=t.arrived_unix,
+            decode_s=t.decode_s,
+            done_unix=t.done_unix,
+        )
+        for t in timings
+    ]
 
 
 def timings_from_proto(msgs: Iterable[molink_pb2.StageTiming]) -> list[StageTiming]:
     """Stage timings from a peer, clamped to sane values (they only feed estimates)."""
     return [
         StageTiming(
-            wait_s=min(max(m.wait_s, 0.0), 3600.0), compute_s=min(max(m.compute_s, 0.0), 3600.0)
+            wait_s=_clamp(m.wait_s),
+            compute_s=_clamp(m.compute_s),
+            arrived_unix=m.arrived_unix if math.isfinite(m.arrived_unix) else 0.0,
+            decode_s=_clamp(m.decode_s),
+            done_unix=m.done_unix if math.isfinite(m.done_unix) else 0.0,
         )
         for m in msgs
     ]
+
+
+def _clamp(seconds: float) -> float:
+    return min(max(seconds, 0.0), 3600.0) if math.isfinite(seconds) else 0.0
 
 
 def encode_step(work: StepWork, output: StageOutput, wire: codec.WireFormat) -> molink_pb2.Step:

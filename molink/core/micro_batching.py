@@ -149,6 +149,32 @@ class PipelineCosts:
         n = math.ceil(num_decodes / num_batches)
         return max(self.latency(n), num_batches * self.bottleneck(n))
 
+    def to_dict(self) -> dict[str, list]:
+        """Plain data (``[fixed_s, per_token_s]`` pairs), e.g. for the head's ``/swarm``."""
+        return {
+            "stages": [[s.fixed_s, s.per_token_s] for s in self.stages],
+            "transfer": [self.transfer.fixed_s, self.transfer.per_token_s],
+            "head": [self.head.fixed_s, self.head.per_token_s],
+            "machines": list(self.machines),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, list]) -> PipelineCosts:
+        return cls(
+            stages=tuple(LinearCost(*s) for s in d["stages"]),
+            transfer=LinearCost(*d["transfer"]),
+            head=LinearCost(*d["head"]),
+            machines=tuple(d.get("machines", ())),
+        )
+
+
+def decode_bound(costs: PipelineCosts, num_decodes: int, max_batches: int) -> tuple[int, float]:
+    """(batches, seconds per token) of the fastest decode cycle any split into at most
+    ``max_batches`` micro-batches reaches under ``costs``: the bound a schedule is measured
+    against (``num_decodes / seconds`` is the throughput bound)."""
+    upper = max(1, min(max_batches, num_decodes))
+    return min(((k, costs.cycle(num_decodes, k)) for k in range(1, upper + 1)), key=lambda x: x[1])
+
 
 def choose_num_batches(
     costs: PipelineCosts, num_decodes: int, max_batches: int, min_batches: int = 1
@@ -223,6 +249,9 @@ class StageTiming:
 
     wait_s: float  # queued behind earlier steps on this stage
     compute_s: float
+    arrived_unix: float = 0.0  # wall clock: the step reached this stage (before decoding)
+    decode_s: float = 0.0  # decoding the step message
+    done_unix: float = 0.0  # wall clock: compute finished
 
 
 class PipelineCostModel:

@@ -40,6 +40,7 @@ from molink.core.pipeline_state import EPOCH_ATTR, PIPELINE_STATE, StageLostOutp
 from molink.core.request_snapshot import SNAPSHOTS_ATTR, RequestSnapshot
 from molink.stage_spec import ADDITIONAL_CONFIG_KEY
 from molink.telemetry import metrics
+from molink.telemetry.step_trace import TRACE_ATTR, StepTraceWriter
 
 logger = init_logger(__name__)
 # One line per request event (admitted, preempted, finished or failed), apart from the rest.
@@ -62,7 +63,9 @@ class PipelineScheduler(Scheduler):
         self.pipeline = PIPELINE_STATE
         self.max_micro_batches = self.vllm_config.max_concurrent_batches
         head = (self.vllm_config.additional_config or {}).get(ADDITIONAL_CONFIG_KEY) or {}
-        self.min_micro_batches = int(head.get("min_micro_batches", 1))  # HeadConfig's field
+        self.min_micro_batches = int(head.get("min_micro_batches", 1))  # HeadConfig's fields
+        trace = head.get("step_trace")
+        self.step_trace = StepTraceWriter(trace) if trace else None
         self.last_plan: MicroBatchPlan | None = None
         self._schedule_seconds: dict[int, float] = {}
         self._in_flight: set[int] = set()  # ids of outputs with tokens, not yet back
@@ -321,10 +324,15 @@ class PipelineScheduler(Scheduler):
         outputs = super().update_from_output(scheduler_output, model_runner_output)
         scheduled = self._schedule_seconds.pop(id(scheduler_output), None)
         if scheduled is not None and scheduler_output.total_num_scheduled_tokens:
+            updated = time.monotonic() - started
             self.pipeline.costs.observe_head(
-                scheduler_output.total_num_scheduled_tokens,
-                scheduled + time.monotonic() - started,
+                scheduler_output.total_num_scheduled_tokens, scheduled + updated
             )
+            trace = getattr(model_runner_output, TRACE_ATTR, None)
+            if self.step_trace is not None and trace is not None:
+                self.step_trace.write(
+                    {**trace, "schedule_ms": scheduled * 1e3, "update_ms": updated * 1e3}
+                )
         for request, cause in self._pending_errors:
             engine_outputs = outputs.get(request.client_index)
             if engine_outputs is None:

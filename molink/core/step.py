@@ -43,7 +43,9 @@ class StepWork:
     error: str = ""
     # What each stage so far reported about this step (this stage appends its own).
     timings: list[StageTiming] = field(default_factory=list)
-    received_at: float = field(default_factory=time.monotonic)
+    received_at: float = field(default_factory=time.monotonic)  # decoded, ready to compute
+    arrived_unix: float = field(default_factory=time.time)  # wall clock, before decoding
+    decode_s: float = 0.0
 
 
 StageOutput = IntermediateTensors | ModelRunnerOutput | None

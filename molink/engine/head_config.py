@@ -46,6 +46,7 @@ class HeadConfig:
     wire_compression: str | None = None
     max_micro_batches: int = 1
     min_micro_batches: int = 1
+    step_trace: str | None = None  # write a step trace here (scheduler + executor)
     step_timeout: float = DEFAULT_STEP_TIMEOUT_S
     stage_init_timeout: float = 600.0
     outage_timeout: float = DEFAULT_OUTAGE_TIMEOUT_S

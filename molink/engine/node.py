@@ -360,6 +360,7 @@ class Node:
             wire_compression=self.config.wire_compression,
             max_micro_batches=self.config.max_micro_batches,
             min_micro_batches=self.config.min_micro_batches,
+            step_trace=self.config.step_trace,
             step_timeout=self.config.step_timeout,
             outage_timeout=self.config.outage_timeout,
             security=self.config.security_files,

@@ -118,7 +118,15 @@ class StageEngine:
         compute = time.monotonic() - start
         wait = start - work.received_at
         tokens = work.scheduler_output.total_num_scheduled_tokens
-        work.timings.append(StageTiming(wait_s=wait, compute_s=compute))
+        work.timings.append(
+            StageTiming(
+                wait_s=wait,
+                compute_s=compute,
+                arrived_unix=work.arrived_unix,
+                decode_s=work.decode_s,
+                done_unix=time.time(),
+            )
+        )
         self.busy_seconds += compute
         self.steps_done += 1
         self.tokens_done += tokens

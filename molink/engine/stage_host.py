@@ -166,6 +166,7 @@ class StageHost:
 
     def submit(self, msg: molink_pb2.Step) -> None:
         """Decode a step from the previous stage and queue it for compute."""
+        arrived_unix, started = time.time(), time.monotonic()
         engine = self.engine
         if engine is None:
             raise StageNotReady("steps before InitStage")
@@ -189,6 +190,8 @@ class StageHost:
                 grammar=lambda: grammar,
                 error=msg.error,
                 timings=timings_from_proto(msg.timings),
+                arrived_unix=arrived_unix,
+                decode_s=time.monotonic() - started,
             )
         )
 

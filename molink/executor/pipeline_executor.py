@@ -54,6 +54,7 @@ from molink.executor.remote_stage import RemoteStage
 from molink.stage_spec import StageConfig, StagePlacement
 from molink.telemetry import metrics
 from molink.telemetry.engine_metrics import PIPELINE_SNAPSHOT_RPC, export_metrics
+from molink.telemetry.step_trace import TRACE_ATTR
 from molink.worker.stage_worker import create_stage_worker
 
 logger = init_logger(__name__)
@@ -66,12 +67,36 @@ class _PendingStep:
     grammar: Future
     epoch: int
     submitted_at: float
+    encode_s: float = 0.0
 
 
 def _done(result: Any) -> Future:
     future: Future = Future()
     future.set_result(result)
     return future
+
+
+def _trace(
+    step_id: int, pending: _PendingStep, timings: list[StageTiming], round_trip_s: float
+) -> dict[str, Any]:
+    """The executor's part of a step's trace record (:mod:`molink.telemetry.step_trace`)."""
+    return {
+        "step": step_id,
+        "tokens": pending.scheduler_output.total_num_scheduled_tokens,
+        "encode_ms": pending.encode_s * 1e3,
+        "stages": [
+            {
+                "arrived": t.arrived_unix,
+                "done": t.done_unix,
+                "decode_ms": t.decode_s * 1e3,
+                "wait_ms": t.wait_s * 1e3,
+                "compute_ms": t.compute_s * 1e3,
+            }
+            for t in timings
+        ],
+        "result": time.time(),
+        "round_trip_ms": round_trip_s * 1e3,
+    }
 
 
 def _changes_stage_state(scheduler_output: SchedulerOutput) -> bool:
@@ -298,7 +323,9 @@ class PipelineExecutor(Executor):
             return _done(EMPTY_MODEL_RUNNER_OUTPUT) if non_block else EMPTY_MODEL_RUNNER_OUTPUT
         # Encoded now, on the engine thread: the scheduler may reuse the object after we return.
         snapshots = snapshots_of(scheduler_output)
+        encode_started = time.monotonic()
         encoded = codec.dumps_step(scheduler_output, snapshots) if self.chain.remotes else b""
+        encode_s = time.monotonic() - encode_started
         with self._lock:
             live = epoch == self.state.failed_epoch and self.state.chain_ready
             step_id = self._next_step_id
@@ -309,7 +336,7 @@ class PipelineExecutor(Executor):
                 self._awaiting_sample.append((future, grammar))
                 if live:
                     self._pending[step_id] = _PendingStep(
-                        scheduler_output, future, grammar, epoch, time.monotonic()
+                        scheduler_output, future, grammar, epoch, time.monotonic(), encode_s
                     )
                 else:  # a batch of a broken chain: answer at once, run nowhere
                     future.set_result(
@@ -354,12 +381,13 @@ class PipelineExecutor(Executor):
             pending = self._pending.pop(step_id, None)
         if pending is None or pending.epoch != epoch:
             return
+        round_trip = time.monotonic() - pending.submitted_at
+        if self.head.step_trace and output is not None:
+            setattr(output, TRACE_ATTR, _trace(step_id, pending, timings, round_trip))
         if not pending.future.done():
             pending.future.set_result(output)
         self.state.costs.observe_step(
-            pending.scheduler_output.total_num_scheduled_tokens,
-            timings,
-            time.monotonic() - pending.submitted_at,
+            pending.scheduler_output.total_num_scheduled_tokens, timings, round_trip
         )
 
     # ---------------------------------------------------------------- failures
@@ -492,6 +520,8 @@ class PipelineExecutor(Executor):
             "excluded": self.chain.describe_exclusions(),
             "rtt_s": self.chain.view_rtt_s(),
             "events": self.outages.recent(),
+            "costs": costs.to_dict() if (costs := self.state.costs.costs()) else None,
+            "max_micro_batches": self.head.max_micro_batches,
             "metrics": export_metrics(),
         }
 

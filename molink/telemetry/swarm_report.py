@@ -97,4 +97,7 @@ def build_swarm_report(
             for n in nodes
         ],
         "events": list(pipeline.get("events", [])),
+        # The head's fitted step costs (micro-batching's model; None before any measurement).
+        "costs": pipeline.get("costs"),
+        "max_micro_batches": pipeline.get("max_micro_batches"),
     }

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1emolink/comm/proto/molink.proto\x12\x06molink\"P\n\x06Tensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\x0c\n\x04zlib\x18\x05 \x01(\x08\"0\n\x0bStageTiming\x12\x0e\n\x06wait_s\x18\x01 \x01(\x02\x12\x11\n\tcompute_s\x18\x02 \x01(\x02\"\x07\n\x05\x45mpty\"\xe5\x01\n\x08NodeInfo\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x12\n\ndht_maddrs\x18\x02 \x03(\t\x12\x12\n\nmodel_name\x18\x03 \x01(\t\x12\x12\n\nmodel_hash\x18\x04 \x01(\t\x12\x13\n\x0bstart_layer\x18\x05 \x01(\x05\x12\x11\n\tend_layer\x18\x06 \x01(\x05\x12\x12\n\nnum_layers\x18\x07 \x01(\x05\x12\r\n\x05state\x18\x08 \x01(\t\x12\x0f\n\x07version\x18\t \x01(\t\x12\x0f\n\x07is_head\x18\n \x01(\x08\x12\x10\n\x08node_key\x18\x0b \x01(\t\x12\r\n\x05proof\x18\x0c \x01(\x0c\" \n\x0fNodeInfoRequest\x12\r\n\x05nonce\x18\x01 \x01(\x0c\"-\n\x10InitStageRequest\x12\x19\n\x11stage_config_json\x18\x01 \x01(\t\"C\n\x0eInitStageReply\x12\x15\n\rkv_cache_spec\x18\x01 \x01(\x0c\x12\x1a\n\x12\x61vailable_kv_bytes\x18\x02 \x01(\x03\"b\n\x11StartStageRequest\x12\x17\n\x0fkv_cache_config\x18\x01 \x01(\x0c\x12\x14\n\x0cnext_address\x18\x02 \x01(\t\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12\x0f\n\x07standby\x18\x04 \x01(\x08\"\xbe\x01\n\x04Step\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x18\n\x10scheduler_output\x18\x03 \x01(\x0c\x12\x0e\n\x06sample\x18\x04 \x01(\x08\x12\x16\n\x0egrammar_output\x18\x05 \x01(\x0c\x12\x1f\n\x07tensors\x18\x06 \x03(\x0b\x32\x0e.molink.Tensor\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12$\n\x07timings\x18\x08 \x03(\x0b\x32\x13.molink.StageTiming\"\x8f\x01\n\nStepResult\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x1b\n\x13model_runner_output\x18\x03 \x01(\x0c\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12$\n\x07timings\x18\x05 \x03(\x0b\x32\x13.molink.StageTiming\x12\x0f\n\x07leaving\x18\x06 \x01(\x08\"\x1f\n\x0eResultsRequest\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x32\x9e\x02\n\nMoLinkNode\x12\x38\n\x0bGetNodeInfo\x12\x17.molink.NodeInfoRequest\x1a\x10.molink.NodeInfo\x12=\n\tInitStage\x12\x18.molink.InitStageRequest\x1a\x16.molink.InitStageReply\x12\x36\n\nStartStage\x12\x19.molink.StartStageRequest\x1a\r.molink.Empty\x12&\n\x05Steps\x12\x0c.molink.Step\x1a\r.molink.Empty(\x01\x12\x37\n\x07Results\x12\x16.molink.ResultsRequest\x1a\x12.molink.StepResult0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1emolink/comm/proto/molink.proto\x12\x06molink\"P\n\x06Tensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\x0c\n\x04zlib\x18\x05 \x01(\x08\"k\n\x0bStageTiming\x12\x0e\n\x06wait_s\x18\x01 \x01(\x02\x12\x11\n\tcompute_s\x18\x02 \x01(\x02\x12\x14\n\x0c\x61rrived_unix\x18\x03 \x01(\x01\x12\x10\n\x08\x64\x65\x63ode_s\x18\x04 \x01(\x02\x12\x11\n\tdone_unix\x18\x05 \x01(\x01\"\x07\n\x05\x45mpty\"\xe5\x01\n\x08NodeInfo\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x12\n\ndht_maddrs\x18\x02 \x03(\t\x12\x12\n\nmodel_name\x18\x03 \x01(\t\x12\x12\n\nmodel_hash\x18\x04 \x01(\t\x12\x13\n\x0bstart_layer\x18\x05 \x01(\x05\x12\x11\n\tend_layer\x18\x06 \x01(\x05\x12\x12\n\nnum_layers\x18\x07 \x01(\x05\x12\r\n\x05state\x18\x08 \x01(\t\x12\x0f\n\x07version\x18\t \x01(\t\x12\x0f\n\x07is_head\x18\n \x01(\x08\x12\x10\n\x08node_key\x18\x0b \x01(\t\x12\r\n\x05proof\x18\x0c \x01(\x0c\" \n\x0fNodeInfoRequest\x12\r\n\x05nonce\x18\x01 \x01(\x0c\"-\n\x10InitStageRequest\x12\x19\n\x11stage_config_json\x18\x01 \x01(\t\"C\n\x0eInitStageReply\x12\x15\n\rkv_cache_spec\x18\x01 \x01(\x0c\x12\x1a\n\x12\x61vailable_kv_bytes\x18\x02 \x01(\x03\"b\n\x11StartStageRequest\x12\x17\n\x0fkv_cache_config\x18\x01 \x01(\x0c\x12\x14\n\x0cnext_address\x18\x02 \x01(\t\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12\x0f\n\x07standby\x18\x04 \x01(\x08\"\xbe\x01\n\x04Step\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x18\n\x10scheduler_output\x18\x03 \x01(\x0c\x12\x0e\n\x06sample\x18\x04 \x01(\x08\x12\x16\n\x0egrammar_output\x18\x05 \x01(\x0c\x12\x1f\n\x07tensors\x18\x06 \x03(\x0b\x32\x0e.molink.Tensor\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12$\n\x07timings\x18\x08 \x03(\x0b\x32\x13.molink.StageTiming\"\x8f\x01\n\nStepResult\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x1b\n\x13model_runner_output\x18\x03 \x01(\x0c\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12$\n\x07timings\x18\x05 \x03(\x0b\x32\x13.molink.StageTiming\x12\x0f\n\x07leaving\x18\x06 \x01(\x08\"\x1f\n\x0eResultsRequest\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x32\x9e\x02\n\nMoLinkNode\x12\x38\n\x0bGetNodeInfo\x12\x17.molink.NodeInfoRequest\x1a\x10.molink.NodeInfo\x12=\n\tInitStage\x12\x18.molink.InitStageRequest\x1a\x16.molink.InitStageReply\x12\x36\n\nStartStage\x12\x19.molink.StartStageRequest\x1a\r.molink.Empty\x12&\n\x05Steps\x12\x0c.molink.Step\x1a\r.molink.Empty(\x01\x12\x37\n\x07Results\x12\x16.molink.ResultsRequest\x1a\x12.molink.StepResult0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,25 +34,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TENSOR']._serialized_start=42
   _globals['_TENSOR']._serialized_end=122
   _globals['_STAGETIMING']._serialized_start=124
-  _globals['_STAGETIMING']._serialized_end=172
-  _globals['_EMPTY']._serialized_start=174
-  _globals['_EMPTY']._serialized_end=181
-  _globals['_NODEINFO']._serialized_start=184
-  _globals['_NODEINFO']._serialized_end=413
-  _globals['_NODEINFOREQUEST']._serialized_start=415
-  _globals['_NODEINFOREQUEST']._serialized_end=447
-  _globals['_INITSTAGEREQUEST']._serialized_start=449
-  _globals['_INITSTAGEREQUEST']._serialized_end=494
-  _globals['_INITSTAGEREPLY']._serialized_start=496
-  _globals['_INITSTAGEREPLY']._serialized_end=563
-  _globals['_STARTSTAGEREQUEST']._serialized_start=565
-  _globals['_STARTSTAGEREQUEST']._serialized_end=663
-  _globals['_STEP']._serialized_start=666
-  _globals['_STEP']._serialized_end=856
-  _globals['_STEPRESULT']._serialized_start=859
-  _globals['_STEPRESULT']._serialized_end=1002
-  _globals['_RESULTSREQUEST']._serialized_start=1004
-  _globals['_RESULTSREQUEST']._serialized_end=1035
-  _globals['_MOLINKNODE']._serialized_start=1038
-  _globals['_MOLINKNODE']._serialized_end=1324
+  _globals['_STAGETIMING']._serialized_end=231
+  _globals['_EMPTY']._serialized_start=233
+  _globals['_EMPTY']._serialized_end=240
+  _globals['_NODEINFO']._serialized_start=243
+  _globals['_NODEINFO']._serialized_end=472
+  _globals['_NODEINFOREQUEST']._serialized_start=474
+  _globals['_NODEINFOREQUEST']._serialized_end=506
+  _globals['_INITSTAGEREQUEST']._serialized_start=508
+  _globals['_INITSTAGEREQUEST']._serialized_end=553
+  _globals['_INITSTAGEREPLY']._serialized_start=555
+  _globals['_INITSTAGEREPLY']._serialized_end=622
+  _globals['_STARTSTAGEREQUEST']._serialized_start=624
+  _globals['_STARTSTAGEREQUEST']._serialized_end=722
+  _globals['_STEP']._serialized_start=725
+  _globals['_STEP']._serialized_end=915
+  _globals['_STEPRESULT']._serialized_start=918
+  _globals['_STEPRESULT']._serialized_end=1061
+  _globals['_RESULTSREQUEST']._serialized_start=1063
+  _globals['_RESULTSREQUEST']._serialized_end=1094
+  _globals['_MOLINKNODE']._serialized_start=1097
+  _globals['_MOLINKNODE']._serialized_end=1383
 # @@protoc_insertion_point(module_scope)

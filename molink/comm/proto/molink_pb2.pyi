@@ -21,12 +21,18 @@ class Tensor(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., zlib: _Optional[bool] = ...) -> None: ...
 
 class StageTiming(_message.Message):
-    __slots__ = ("wait_s", "compute_s")
+    __slots__ = ("wait_s", "compute_s", "arrived_unix", "decode_s", "done_unix")
     WAIT_S_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_S_FIELD_NUMBER: _ClassVar[int]
+    ARRIVED_UNIX_FIELD_NUMBER: _ClassVar[int]
+    DECODE_S_FIELD_NUMBER: _ClassVar[int]
+    DONE_UNIX_FIELD_NUMBER: _ClassVar[int]
     wait_s: float
     compute_s: float
-    def __init__(self, wait_s: _Optional[float] = ..., compute_s: _Optional[float] = ...) -> None: ...
+    arrived_unix: float
+    decode_s: float
+    done_unix: float
+    def __init__(self, wait_s: _Optional[float] = ..., compute_s: _Optional[float] = ..., arrived_unix: _Optional[float] = ..., decode_s: _Optional[float] = ..., done_unix: _Optional[float] = ...) -> None: ...
 
 class Empty(_message.Message):
     __slots__ = ()
