@@ -267,7 +267,9 @@ def write_report(results: dict, args: argparse.Namespace) -> None:
     md = [
         f"# MoLink benchmark ({results['date']})",
         "",
-        f"* Hardware: {results['hardware']}; every node on this one machine.",
+        f"* Hardware: {results['hardware']}; every node on this one machine. MoLink nodes are "
+        "separate machines: each one's threads bound to its own cores, and each follower behind "
+        "its own address (unless the setup says shared cores); vLLM gets every core.",
         f"* Model: {results['model_name']} ({args.wire_dtype} activations on the wire), "
         f"engine flags `{' '.join(args.engine_args)}`.",
         f"* Load: bursts of {args.num_requests} concurrent requests, {args.input_len} prompt / "
@@ -403,13 +405,13 @@ def main() -> None:
             row = measure_throughput(url, args)
             if setup.stages:
                 row.update(pipeline_bound(url, args.num_requests))
-        if setup.stages and args.trace:
-            row["step_breakdown_ms"] = trace_breakdown(setup, args)
             if setup.stages >= 3 and "wire_bytes_per_token_per_hop" not in results:
                 results["wire_bytes_per_token_per_hop"] = wire_stats(url)
             if setup.key == "molink3_wan":
                 log("    long prompt during decode streams")
                 results["long_prompt"] = measure_long_prompt(url, args)
+        if setup.stages and args.trace:
+            row["step_breakdown_ms"] = trace_breakdown(setup, args)
         results["setups"][setup.key] = {"label": setup.label, **row}
         log(f"    {row['output_throughput_tok_s']:.1f} tok/s")
         write_report(results, args)
