@@ -7,8 +7,9 @@ Every node is a separate ``molink.entrypoints.openai.api_server`` process in its
 group; the layers are split evenly unless ``--layers`` says otherwise. With ``--delay-ms``,
 ``--jitter-ms`` or ``--rate-mbit``, each follower's gRPC port sits behind a link emulator
 (``benchmark/link_emulator.py``), so every hop of the pipeline (head -> stage 1 -> ... -> head)
-crosses one emulated link; each follower's relay has its own address (``127.0.1.N``, or one per
-follower on the bridge), so the head sees every follower as a separate host. With ``--netns``
+crosses one emulated link. Each node has its own address (``127.0.N.1`` on loopback, or its
+namespace's), and each follower's relay listens on its node's host (one bridge address per
+follower with ``--netns``), so the head sees every follower as a separate host. With ``--netns``
 (root only) each node also gets its own network namespace and address on a bridge, so nodes talk
 through real network stacks. The link emulator is a user-space relay because the sandbox kernels
 here have no ``netem`` qdisc.
@@ -16,7 +17,8 @@ here have no ``netem`` qdisc.
 Nodes are separate machines by default: each one's OpenMP threads are bound to its own cores
 (``VLLM_CPU_OMP_THREADS_BIND``; the machine's cores are dealt out round-robin, so with more nodes
 than cores some share one, which ``describe()`` says). ``--shared-cores`` models one machine
-running every stage instead: no binding, every node's threads on every core. Everything
+running every stage instead: no binding, every node's threads on every core, every node on
+127.0.0.1. Everything
 started is stopped on exit, Ctrl-C and errors included. ``Swarm`` is also used as a library by
 ``benchmark/compare.py``.
 """
@@ -125,11 +127,15 @@ class Swarm:
 
     # ------------------------------------------------------------ addresses
     def node_host(self, i: int) -> str:
-        return f"{SUBNET}.{i + 1}" if self.spec.netns else "127.0.0.1"
+        """Node ``i``'s address: its own (``127.0.i.1`` on loopback) unless the nodes share one
+        machine, so heads see separate hosts."""
+        if self.spec.netns:
+            return f"{SUBNET}.{i + 1}"
+        return "127.0.0.1" if self.spec.shared_cores else f"127.0.{i}.1"
 
     def relay_host(self, i: int) -> str:
-        """The address of the link emulator in front of follower ``i`` (one host per node)."""
-        return f"{SUBNET}.{100 + i}" if self.spec.netns else f"127.0.1.{i}"
+        """The address of the link emulator in front of follower ``i`` (its node's host)."""
+        return f"{SUBNET}.{100 + i}" if self.spec.netns else self.node_host(i)
 
     def node_cores(self, i: int) -> list[int] | None:
         """The cores node ``i`` computes on (None: unbound, on every core)."""

@@ -174,6 +174,7 @@ def test_benchmark_swarm_nodes_are_separate_machines(tmp_path):
     shared = swarm(2, shared_cores=True)
     assert shared.node_env(1)["VLLM_CPU_OMP_THREADS_BIND"] == "nobind"
     assert "one machine (shared cores)" in shared.describe()
-    # Each follower's link emulator has its own address: the head sees separate hosts.
-    assert len({three.relay_host(i) for i in (1, 2)}) == 2
-    assert all(h.startswith("127.") for h in (three.relay_host(1), three.relay_host(2)))
+    # Each node, and the link emulator in front of it, has its own address: separate hosts.
+    assert [three.node_host(i) for i in range(3)] == ["127.0.0.1", "127.0.1.1", "127.0.2.1"]
+    assert three.relay_host(2) == "127.0.2.1"
+    assert {shared.node_host(i) for i in range(2)} == {"127.0.0.1"}
