@@ -15,24 +15,14 @@ from collections.abc import Sequence
 
 from vllm.logger import configure_logging_from_args, init_logger
 
+from molink.comm.chain import uncovered_layers
 from molink.comm.dht import Membership, NodeAnnouncement
-from molink.core.span_choice import coverage, uncovered
 from molink.security.settings import SecurityFiles
 from molink.security.swarm_security import SwarmSecurity
 
 logger = init_logger("molink.status")
 
 _COLUMNS = ("node", "role", "layers", "state", "address", "tok/s", "version")
-
-
-def missing_layers(nodes: Sequence[NodeAnnouncement]) -> list[tuple[int, int]]:
-    """Ranges (inclusive) of the model's layers that no online node serves."""
-    return uncovered(
-        coverage(
-            nodes[0].num_layers,
-            ((n.start_layer, n.end_layer, 1.0) for n in nodes if n.state == "online"),
-        )
-    )
 
 
 def render(nodes: Sequence[NodeAnnouncement]) -> tuple[str, bool]:
@@ -59,7 +49,9 @@ def render(nodes: Sequence[NodeAnnouncement]) -> tuple[str, bool]:
         out.append(f"{name} ({group[0].num_layers} layers, config {digest})")
         for row in (_COLUMNS, *rows):
             out.append("  " + "  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)))
-        gaps = missing_layers(group)
+        gaps = uncovered_layers(
+            0, group[0].num_layers - 1, [n for n in group if n.state == "online"]
+        )
         complete &= not gaps
         missing = ", ".join(f"{a}-{b}" for a, b in gaps)
         out.append(f"  missing layers: {missing}" if gaps else "  every layer is served")

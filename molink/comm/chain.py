@@ -181,7 +181,9 @@ def mismatched(head: NodeAnnouncement, nodes: Iterable[NodeAnnouncement]) -> lis
     return out
 
 
-def _uncovered(first: int, last: int, nodes: Iterable[NodeAnnouncement]) -> list[tuple[int, int]]:
+def uncovered_layers(
+    first: int, last: int, nodes: Iterable[NodeAnnouncement]
+) -> list[tuple[int, int]]:
     """Inclusive ranges within ``first..last`` that none of ``nodes`` holds."""
     served = coverage(last + 1, ((n.start_layer, n.end_layer, 1.0) for n in nodes))
     return [(max(start, first), end) for start, end in uncovered(served) if end >= first]
@@ -272,7 +274,7 @@ def assemble_chain(
     if route is not None:
         return Chain((Hop(head, 0, head.end_layer), *route[3]))
 
-    missing = _uncovered(first, total - 1, usable)
+    missing = uncovered_layers(first, total - 1, usable)
     notes: list[str] = []
     for start, end in missing:
         waiting = [

@@ -136,6 +136,8 @@ class PipelineScheduler(Scheduler):
         for rid in request_ids:
             self._failure_causes[rid] = cause
         failed = self.finish_requests(request_ids, RequestStatus.FINISHED_ERROR)
+        for rid in request_ids:  # ids that were no longer there (freed ones took theirs)
+            self._failure_causes.pop(rid, None)
         for request in failed:
             self._pending_errors.append((request, cause))
             self._stage_losses.pop(request.request_id, None)

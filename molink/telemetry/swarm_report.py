@@ -11,8 +11,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import molink
+from molink.comm.chain import uncovered_layers
 from molink.comm.dht import NodeAnnouncement
-from molink.core.span_choice import coverage, uncovered
 
 
 def _same_model(node: NodeAnnouncement, head: NodeAnnouncement) -> bool:
@@ -59,9 +59,6 @@ def build_swarm_report(
             {"layers": [start, end], "peers": peers, "standby": [p for p in peers if p in standbys]}
         )
 
-    served = coverage(
-        head.num_layers, ((n.start_layer, n.end_layer, 1.0) for n in ours if n.state == "online")
-    )
     return {
         "generated_at": time.time(),
         "version": molink.__version__,
@@ -75,7 +72,12 @@ def build_swarm_report(
         "steps_in_flight": pipeline.get("steps_in_flight"),
         "chain": chain,
         "alternatives": alternatives,
-        "gaps": [list(g) for g in uncovered(served)],
+        "gaps": [
+            list(g)
+            for g in uncovered_layers(
+                0, head.num_layers - 1, [n for n in ours if n.state == "online"]
+            )
+        ],
         "nodes": [
             {
                 "peer_id": n.peer_id,
