@@ -10,12 +10,22 @@ PORT="${MOLINK_DEMO_PORT:-8000}"
 mkdir -p "$RUN_DIR"
 
 stop() {  # the head first: a follower still in use would wait for it to move off (--leave_timeout)
+  local groups=()
   for pidfile in "$RUN_DIR"/head.pid "$RUN_DIR"/*.pid; do
     [[ -f "$pidfile" ]] || continue
     pid=$(cat "$pidfile")
-    kill -TERM -- "-$pid" 2>/dev/null || true   # each node runs in its own process group
+    kill -TERM -- "-$pid" 2>/dev/null && groups+=("$pid")   # each node: its own process group
     rm -f "$pidfile"
   done
+  # vLLM's API server can hang in its engine shutdown once EngineCore is gone: give every node
+  # 30 s to exit cleanly, then kill what is left of its group.
+  for _ in $(seq 30); do
+    local alive=0
+    for pid in "${groups[@]}"; do kill -0 -- "-$pid" 2>/dev/null && alive=1; done
+    [[ $alive == 0 ]] && return 0
+    sleep 1
+  done
+  for pid in "${groups[@]}"; do kill -KILL -- "-$pid" 2>/dev/null || true; done
 }
 if [[ "${1:-}" == "stop" ]]; then stop; echo "demo stopped"; exit 0; fi
 stop
