@@ -13,9 +13,11 @@ from molink.core.micro_batching import (
     PipelineCostModel,
     PipelineCosts,
     StageTiming,
+    batches_to_fill,
     choose_num_batches,
     decode_bound,
     plan_micro_batch,
+    prefill_chunk,
 )
 
 MS = 1e-3
@@ -147,11 +149,53 @@ def test_no_plan_before_measurements() -> None:
     assert plan_micro_batch(None, 10, 8, 2048, 32) is None
 
 
-def test_prompts_alone_go_in_full_batches() -> None:
-    separate = costs([(1 * MS, 1 * MS)] * 2)
-    shared = costs([(1 * MS, 1 * MS)] * 2, machines=(0, 0))
-    assert plan_micro_batch(separate, 0, 8, 2048, 32) == MicroBatchPlan(8, 0, 2048)
-    assert plan_micro_batch(shared, 0, 8, 2048, 32) == MicroBatchPlan(1, 0, 2048)
+def test_a_burst_of_prompts_is_pipelined_across_separate_machines() -> None:
+    # 2 stages on their own machines, ~2 ms per prompt token each: one 4096-token batch keeps
+    # each machine busy while the other waits; chunks let both work at once.
+    separate = costs([(75 * MS, 1.8 * MS), (90 * MS, 1.9 * MS)], transfer=(5 * MS, 0.05 * MS))
+    plan = plan_micro_batch(separate, 0, 8, 8192, 32, pending_prefill=4096)
+    assert plan is not None
+    assert 32 <= plan.prefill_tokens < 4096 and plan.num_batches == 2
+
+    def burst_seconds(chunk: int) -> float:
+        steps = math.ceil(4096 / chunk)
+        return (
+            steps * separate.bottleneck(chunk)
+            + separate.latency(chunk)
+            - separate.bottleneck(chunk)
+        )
+
+    assert burst_seconds(plan.prefill_tokens) < 0.7 * burst_seconds(4096)
+    assert plan.prefill_tokens == prefill_chunk(separate, 4096, 8192, 32)
+    for other in (32, 64, 256, 1024, 2048):  # no chunk is clearly faster
+        assert burst_seconds(plan.prefill_tokens) <= 1.05 * burst_seconds(other)
+    # Decodes that ride along keep every machine busy while more than one chunk waits.
+    plan = plan_micro_batch(separate, 4, 8, 8192, 32, pending_prefill=4096)
+    assert plan is not None and plan.num_batches == 2 and plan.decode_slots == 2
+
+
+def test_prompts_on_one_machine_go_in_one_full_batch() -> None:
+    shared = costs([(75 * MS, 1.8 * MS)] * 2, transfer=(5 * MS, 0.05 * MS), machines=(0, 0))
+    assert plan_micro_batch(shared, 0, 8, 2048, 32, pending_prefill=4096) == MicroBatchPlan(
+        1, 0, 2048
+    )
+    assert plan_micro_batch(shared, 0, 8, 2048, 32, pending_prefill=100) == MicroBatchPlan(
+        1, 0, 100
+    )
+
+
+def test_small_prompts_are_not_split() -> None:
+    separate = costs([(75 * MS, 1.8 * MS)] * 2, transfer=(5 * MS, 0.05 * MS))
+    assert prefill_chunk(separate, 20, 2048, 32) == 32
+    plan = plan_micro_batch(separate, 0, 8, 2048, 32, pending_prefill=40)
+    assert plan is not None and plan.prefill_tokens == 40 and plan.num_batches == 1
+
+
+def test_more_batches_fill_a_long_ring() -> None:
+    wan = costs([(10 * MS, 1 * MS)] * 2, transfer=(200 * MS, 0.0))
+    # A 100-token batch keeps a machine busy 110 ms of its 420 ms trip: 4 fill the ring.
+    assert batches_to_fill(wan, 100, 8) == 4
+    assert batches_to_fill(wan, 100, 3) == 3
 
 
 def test_plan_splits_decodes_evenly() -> None:
@@ -166,29 +210,23 @@ def test_plan_splits_decodes_evenly() -> None:
 
 def test_prefill_allowance_uses_idle_ring_time() -> None:
     # Separate machines, long link: with k batches the machines idle for part of each cycle,
-    # and prompt tokens may fill it beyond vLLM's budget share.
+    # and prompt tokens may fill it beyond the pipelined chunk.
     wan = costs([(1 * MS, 0.05 * MS)] * 3, transfer=(100 * MS, 0.0))
-    plan = plan_micro_batch(wan, 64, 8, 512, 32)
+    plan = plan_micro_batch(wan, 64, 8, 512, 32, pending_prefill=100)
     assert plan is not None
     k = plan.num_batches
     cycle = wan.cycle(64, k)
     idle = cycle - k * wan.bottleneck(plan.decode_slots)
     assert idle > 0
     expected = int((idle + 0.5 * cycle) / (0.05 * MS) / k)
-    assert plan.prefill_tokens == min(
-        max(32, expected, 512 // k - plan.decode_slots), 512 - plan.decode_slots
-    )
+    assert plan.prefill_tokens == min(expected, 512 - plan.decode_slots)
 
 
-def test_prefill_allowance_never_below_vllms_budget_share() -> None:
+def test_prefill_allowance_on_one_machine_is_vllms_budget() -> None:
     compute_bound = costs([(0.0, 10 * MS)] * 2, machines=(0, 0))
-    plan = plan_micro_batch(compute_bound, 4, 8, 2048, 32)
+    plan = plan_micro_batch(compute_bound, 4, 8, 2048, 32, pending_prefill=5000)
     assert plan is not None and plan.num_batches == 1
     assert plan.decode_slots + plan.prefill_tokens == 2048  # plain vLLM's budget
-    cluster = costs([(0.1 * MS, 1 * MS)] * 3, transfer=(0.5 * MS, 0.0))
-    plan = plan_micro_batch(cluster, 30, 8, 2048, 32)
-    assert plan is not None and plan.num_batches == 3
-    assert plan.prefill_tokens >= 2048 // 3 - plan.decode_slots
 
 
 def test_shared_machine_needs_a_clear_gain_to_split() -> None:

@@ -21,9 +21,15 @@ Stages on the same machine share its cores, so their compute is summed: on one m
 batches in flight only help to hide transfer time. Even that overlap costs more than the sum says
 (two stages' OpenMP threads spinning on the same cores slow each other down: 2 stages on 2 cores
 decoded 2.5x slower with 2 batches than with 1), so a split that puts stages of one machine to
-work at once must promise ``MIN_GAIN_SHARED``. Prefill chunks ride in the micro-batches: each
-may carry its share of vLLM's token budget, or more when the model says a cycle has idle time,
-so a long prompt is chunked across micro-batches instead of stalling decodes.
+work at once must promise ``MIN_GAIN_SHARED``.
+
+Prompts are chunked across micro-batches too. One batch carrying every waiting prompt (what
+vLLM's scheduler does with its whole token budget) keeps one machine busy while the others wait
+for it: a burst of 32 prompts on 2 stages took both stages' time in turn. Chunks of ``c`` tokens
+pipeline instead; ``P`` pending prompt tokens then take about ``P / c`` times ``bottleneck(c)``
+plus one fill and drain, ``latency(c) - bottleneck(c)``, and :func:`prefill_chunk` picks the
+``c`` that minimizes that (small chunks pay every stage's fixed cost more often). While more than
+one chunk waits, enough batches stay in flight to keep every machine busy.
 
 Everything here is pure Python over numbers; the scheduler applies the :class:`MicroBatchPlan`.
 """
@@ -41,6 +47,8 @@ PREFILL_STRETCH = 0.5
 MIN_GAIN = 0.05
 # ... or this much, when several stages share a machine (contention the model doesn't see).
 MIN_GAIN_SHARED = 0.25
+# A batch in flight that would keep machines busy for less than this share of a trip isn't sent.
+FILL_SLACK = 0.1
 # Estimators forget old samples with this half-life (in observations).
 HALF_LIFE = 64
 
@@ -203,9 +211,51 @@ def _best_num_batches(costs: PipelineCosts, num_decodes: int, upper: int) -> int
 class MicroBatchPlan:
     """What the scheduler may put into the next micro-batch."""
 
-    num_batches: int  # micro-batches per decode cycle
+    num_batches: int  # micro-batches to keep in flight
     decode_slots: int  # decoding requests in this micro-batch
     prefill_tokens: int  # prompt tokens (new or chunked prefills) in this micro-batch
+
+
+def prefill_chunk(
+    costs: PipelineCosts, pending: int, max_chunk: int, min_chunk: int, riders: int = 0
+) -> int:
+    """Prompt tokens per micro-batch that finish ``pending`` prompt tokens soonest.
+
+    ``pending`` is split into full batches or into ``m`` even chunks, which keep the busiest
+    machine busy ``m * bottleneck(chunk)``, plus one fill and drain; the largest chunk within
+    ``MIN_GAIN`` of the best wins. ``riders`` decode
+    tokens travel in every batch. On one machine the fill and drain cost nothing and the answer
+    is the largest chunk, as plain vLLM would schedule.
+    """
+    max_chunk = max(max_chunk, min_chunk)
+    if pending <= min_chunk:
+        return min_chunk
+    seconds: dict[int, float] = {}
+    m = math.ceil(pending / max_chunk)
+    chunk = min(max_chunk, pending)  # full batches first, as plain vLLM
+    while True:
+        full, last = divmod(pending, chunk)
+        busy = full * costs.bottleneck(chunk + riders)
+        if last:
+            busy += costs.bottleneck(last + riders)
+        n = chunk + riders  # the other machines' share of a (first or last) batch
+        seconds[chunk] = busy + costs.latency(n) - costs.bottleneck(n)
+        if chunk == min_chunk:
+            break
+        m = max(m + 1, int(m * 1.25))
+        chunk = max(min_chunk, math.ceil(pending / m))
+    best = min(seconds.values())
+    return max(c for c, s in seconds.items() if s <= best * (1.0 + MIN_GAIN))
+
+
+def batches_to_fill(costs: PipelineCosts, tokens: float, max_batches: int) -> int:
+    """Batches of ``tokens`` tokens in flight that keep every machine busy (at most
+    ``max_batches``): one batch's trip around the ring over the busiest machine's share, where
+    a batch more than that would only cover the last ``FILL_SLACK`` of a trip."""
+    bottleneck = costs.bottleneck(tokens)
+    if bottleneck <= 0:
+        return 1
+    return max(1, min(max_batches, math.ceil(costs.latency(tokens) / bottleneck - FILL_SLACK)))
 
 
 def plan_micro_batch(
@@ -215,31 +265,32 @@ def plan_micro_batch(
     max_batch_tokens: int,
     min_prefill_chunk: int,
     min_batches: int = 1,
+    pending_prefill: int = 0,
 ) -> MicroBatchPlan | None:
     """The plan for the next micro-batch, or None to schedule as plain vLLM would.
 
-    ``num_decodes`` counts every request past its prompt, in flight or not. Plain vLLM scheduling
-    applies until something is measured. With only prompts to process, they go in full batches:
-    one at a time on a shared machine, pipelined (up to ``max_batches``) otherwise.
+    ``num_decodes`` counts every request past its prompt, in flight or not; ``pending_prefill``
+    the prompt tokens not yet scheduled. Plain vLLM scheduling applies until something is
+    measured.
     """
     if costs is None:
         return None
-    if num_decodes == 0:
-        return MicroBatchPlan(
-            num_batches=1 if costs.shares_machines else max_batches,
-            decode_slots=0,
-            prefill_tokens=max_batch_tokens,
-        )
-    k = choose_num_batches(costs, num_decodes, max_batches, min_batches)
+    k = choose_num_batches(costs, num_decodes, max_batches, min_batches) if num_decodes else 1
     decode_slots = math.ceil(num_decodes / k)
+    chunk = prefill_chunk(
+        costs, pending_prefill, max_batch_tokens - decode_slots, min_prefill_chunk, decode_slots
+    )
+    if pending_prefill > chunk:  # several chunks to pipeline: keep every machine busy
+        k = max(k, batches_to_fill(costs, chunk + decode_slots, max_batches))
+        decode_slots = math.ceil(num_decodes / k)
+    if num_decodes == 0:
+        return MicroBatchPlan(num_batches=k, decode_slots=0, prefill_tokens=chunk)
     cycle = costs.cycle(num_decodes, k)
     # Machine time a decode-only cycle leaves idle, plus the allowed stretch, buys prefill tokens.
     idle = max(0.0, cycle - k * costs.bottleneck(decode_slots))
     per_token = costs.bottleneck_per_token()
     budget = (idle + PREFILL_STRETCH * cycle) / per_token if per_token > 0 else max_batch_tokens
-    # Never below vLLM's own prefill rate: its token budget per cycle, spread over the batches.
-    prefill = max(min_prefill_chunk, int(budget / k), max_batch_tokens // k - decode_slots)
-    prefill = min(prefill, max(0, max_batch_tokens - decode_slots))
+    prefill = min(max(chunk, int(budget / k)), max(0, max_batch_tokens - decode_slots))
     return MicroBatchPlan(num_batches=k, decode_slots=decode_slots, prefill_tokens=prefill)
 
 

@@ -17,8 +17,9 @@ When a stage is lost (the executor bumps the failure epoch), this scheduler
   of a broken chain on a rebuilt one.
 
 It also shapes micro-batches (:mod:`molink.core.micro_batching`): with ``k`` batches to keep in
-flight, each scheduled step takes at most ``ceil(decoding / k)`` decoding requests and a bounded
-allowance of prefill tokens, so every stage has work and a long prompt doesn't stall decodes.
+flight, each scheduled step takes at most ``ceil(decoding / k)`` decoding requests and a chunk of
+the waiting prompt tokens, so every stage has work, a burst of prompts is pipelined across the
+stages and a long prompt doesn't stall decodes.
 """
 
 from __future__ import annotations
@@ -231,6 +232,9 @@ class PipelineScheduler(Scheduler):
         if self.last_plan is not None and len(self._in_flight) >= self.last_plan.num_batches:
             return self._schedule_nothing(throttle_prefills)  # vLLM's batch queue may be deeper
         decoding = [r for r in self.running if r.num_computed_tokens >= r.num_prompt_tokens]
+        prefilling = [r for r in self.running if r.num_computed_tokens < r.num_prompt_tokens]
+        pending_prefill = sum(r.num_tokens - r.num_computed_tokens for r in prefilling)
+        pending_prefill += sum(r.num_tokens - r.num_computed_tokens for r in self.waiting)
         plan = self.last_plan = plan_micro_batch(
             self.pipeline.costs.costs() if self.max_micro_batches > 1 else None,
             num_decodes=len(decoding),
@@ -238,6 +242,7 @@ class PipelineScheduler(Scheduler):
             min_batches=self.min_micro_batches,
             max_batch_tokens=self.max_num_scheduled_tokens,
             min_prefill_chunk=self.block_size,
+            pending_prefill=pending_prefill,
         )
         if plan is None:
             metrics.MICRO_BATCHES_PLANNED.set(1)
