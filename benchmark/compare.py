@@ -1,17 +1,18 @@
 """Compare single-node vLLM with MoLink pipelines under the same load, in one run.
 
-    python benchmark/compare.py                     # full run (~40 min on 2 cores), -> resources/
+    python benchmark/compare.py                     # full run (~70 min on 2 cores), -> resources/
     python benchmark/compare.py --quick             # a few tiny requests per setup (smoke test)
 
 Setups (one at a time, same model, same flags, same cores): plain vLLM; MoLink with 2 and 3
-stages on loopback; 3 stages with every hop behind an emulated link (``--delay-ms``,
-``--rate-mbit``); each MoLink setup with micro-batching on (``--max-micro-batches`` default) and
-off (``--max-micro-batches 1``). MoLink nodes are separate machines: each node's threads are
-bound to its own cores (``benchmark/swarm.py``); one labelled setup runs 2 stages on one
-machine (shared cores). For each: a warm-up burst (not counted), then ``--rounds`` bursts
-of ``--num-requests`` concurrent requests; the median round is reported. On the emulated 3-stage
-pipeline it also measures the TTFT of a long prompt on an idle pipeline and while decode streams
-run, and those streams' TPOT with and without it.
+stages on loopback; 2 and 3 stages with every hop behind an emulated link (``--delay-ms``,
+``--rate-mbit``) and 2 stages behind a far one (``--far-delay-ms``); MoLink setups with
+micro-batching on (``--max-micro-batches`` default) and off (``--max-micro-batches 1``). vLLM and
+2-stage loopback are also loaded with ``--heavy-requests`` concurrent requests. MoLink nodes are
+separate machines: each node's threads are bound to its own cores (``benchmark/swarm.py``); one
+labelled setup runs 2 stages on one machine (shared cores). For each: a warm-up burst (not
+counted), then ``--rounds`` bursts of ``--num-requests`` concurrent requests; the median round is
+reported. On the emulated 3-stage pipeline it also measures the TTFT of a long prompt on an idle
+pipeline and while decode streams run, and those streams' TPOT with and without it.
 
 Writes ``benchmark.json`` (every round), ``benchmark.md`` (the table, with hardware, model, load
 and link settings) and ``benchmark.png`` into ``--output-dir``.
@@ -41,6 +42,7 @@ from loadgen import make_prompts, run_load  # noqa: E402
 from swarm import Swarm, SwarmSpec, demo_model, stop_process_group, wait_healthy  # noqa: E402
 
 SERVED_NAME = "bench"
+HEAVY_SETUPS = ("vllm", "molink2")  # also measured at --heavy-requests
 
 
 @dataclass(frozen=True)
@@ -55,12 +57,16 @@ class Setup:
     shared_cores: bool = False  # every node on every core (one machine), not its own cores
 
 
-def setups(link: LinkSpec) -> list[Setup]:
+def setups(link: LinkSpec, far: LinkSpec) -> list[Setup]:
     wan = f"{link.delay_ms:g} ms, {link.rate_mbit:g} Mbit/s"
+    far_wan = f"{far.delay_ms:g} ms, {far.rate_mbit:g} Mbit/s"
     return [
         Setup("vllm", "vLLM, one node"),
         Setup("molink2", "MoLink 2 stages, loopback", 2),
         Setup("molink2_off", "MoLink 2 stages, loopback, 1 batch in flight", 2, LinkSpec(), False),
+        Setup("molink2_wan", f"MoLink 2 stages, {wan}", 2, link),
+        Setup("molink2_far", f"MoLink 2 stages, {far_wan}", 2, far),
+        Setup("molink2_far_off", f"MoLink 2 stages, {far_wan}, 1 batch in flight", 2, far, False),
         Setup(
             "molink2_shared",
             "MoLink 2 stages, loopback, one machine (shared cores)",
@@ -79,7 +85,8 @@ def plain_vllm(model: str, args: list[str], port: int, log: Path) -> Iterator[st
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
            "--port", str(port), "--host", "127.0.0.1", *args]  # fmt: skip
     # Both cores to its OpenMP threads: vLLM's "auto" binding would keep one core in reserve.
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "0-1"}
+    # The KV cache of two 1-GiB stages: 128 streams of 256 tokens don't fit in one GiB.
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CPU_OMP_THREADS_BIND": "0-1"}
     with open(log, "w") as out:
         proc = subprocess.Popen(
             cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
@@ -138,14 +145,17 @@ def burst(url: str, prompts: list[list[int]], output_len: int) -> dict:
     return asyncio.run(run_load(url, SERVED_NAME, prompts, output_len, progress=False))
 
 
-def measure_throughput(url: str, args: argparse.Namespace) -> dict:
-    prompts = make_prompts(args.num_requests, args.input_len, (100, 20000), seed=1)
-    burst(url, prompts[: max(2, len(prompts) // 4)], 16)  # warm-up, not counted
+def measure_throughput(
+    url: str, args: argparse.Namespace, num_requests: int, num_rounds: int, warm_up: bool = True
+) -> dict:
+    prompts = make_prompts(num_requests, args.input_len, (100, 20000), seed=1)
+    if warm_up:
+        burst(url, prompts[: max(2, len(prompts) // 4)], 16)  # not counted
     rounds = []
-    for i in range(args.rounds):
+    for i in range(num_rounds):
         r = burst(url, prompts, args.output_len)
-        log(f"    round {i + 1}/{args.rounds}: {r['output_throughput_tok_s']:.1f} tok/s, "
-            f"{r['failed']} failed")  # fmt: skip
+        log(f"    {num_requests} concurrent, round {i + 1}/{num_rounds}: "
+            f"{r['output_throughput_tok_s']:.1f} tok/s, {r['failed']} failed")  # fmt: skip
         rounds.append(r)
     ordered = sorted(rounds, key=lambda r: r["output_throughput_tok_s"])
     median = ordered[len(ordered) // 2]
@@ -238,16 +248,45 @@ def write_report(results: dict, args: argparse.Namespace) -> None:
             f"{row['tpot_p50_ms']:.0f} | {row['tpot_p99_ms']:.0f} | {row['failed']} | "
             f"{bound_cells} |"
         )
+    heavy = {k: r["heavy"] for k, r in rows.items() if r.get("heavy")}
+    if heavy:
+        lines += [
+            "",
+            f"At {args.heavy_requests} concurrent requests (one round):",
+            "",
+            "| Setup | Output tok/s | vs vLLM | TTFT p50 (ms) | TPOT p50 (ms) | Failed |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        heavy_base = heavy.get("vllm", {}).get("output_throughput_tok_s")
+        for key, h in heavy.items():
+            tput = h["output_throughput_tok_s"]
+            ratio = f"{tput / heavy_base:.2f}×" if heavy_base else "–"
+            lines.append(
+                f"| {rows[key]['label']} | {tput:.1f} | {ratio} | {h['ttft_p50_ms']:.0f} | "
+                f"{h['tpot_p50_ms']:.0f} | {h['failed']} |"
+            )
     ratios = []
     t = {k: r["output_throughput_tok_s"] for k, r in rows.items()}
-    for a, b, what in [
-        ("molink2", "vllm", "2 stages loopback / vLLM (target ≥ 0.85)"),
-        ("molink3_wan", "molink3", "3 stages emulated WAN / loopback (target ≥ 0.8)"),
-        ("molink3_wan", "molink3_wan_off", "emulated WAN, micro-batching on / off (target ≥ 2)"),
-        ("molink2", "molink2_off", "2 stages loopback, micro-batching on / off"),
-    ]:
-        if a in t and b in t and t[b]:
-            ratios.append(f"* {what}: **{t[a] / t[b]:.2f}**")
+    tpot = {k: r["tpot_p50_ms"] for k, r in rows.items()}
+    for a, b, what, values in [
+        ("molink2", "vllm", "2 stages loopback / vLLM, tok/s (target ≥ 0.95)", t),
+        ("molink2_wan", "molink2", "2 stages emulated WAN / loopback, tok/s (target ≥ 0.9)", t),
+        ("molink2_wan", "molink2", "2 stages emulated WAN / loopback, TPOT p50 (target ≤ 1.15)",
+         tpot),
+        ("molink2_far", "molink2_far_off", "2 stages far WAN, micro-batching on / off, tok/s "
+         "(target ≥ 1.4)", t),
+        ("molink2", "molink2_off", "2 stages loopback, micro-batching on / off, tok/s", t),
+        ("molink3_wan", "molink3", "3 stages emulated WAN / loopback, tok/s", t),
+        ("molink3_wan", "molink3_wan_off", "3 stages emulated WAN, micro-batching on / off, tok/s",
+         t),
+    ]:  # fmt: skip
+        if a in values and b in values and values[b]:
+            ratios.append(f"* {what}: **{values[a] / values[b]:.2f}**")
+    if heavy.get("molink2") and heavy_base:
+        ratios.append(
+            f"* 2 stages loopback / vLLM at {args.heavy_requests} concurrent, tok/s (target ≥ "
+            f"0.95): **{heavy['molink2']['output_throughput_tok_s'] / heavy_base:.2f}**"
+        )
     lp = results.get("long_prompt")
     if lp:
         ratios.append(
@@ -275,9 +314,9 @@ def write_report(results: dict, args: argparse.Namespace) -> None:
         f"* Load: bursts of {args.num_requests} concurrent requests, {args.input_len} prompt / "
         f"{args.output_len} output tokens (random token ids, ignore_eos), one warm-up burst, "
         f"median of {args.rounds} rounds.",
-        f"* Emulated WAN: every hop (head → stage 1 → stage 2 → head) through a relay with "
-        f"{args.delay_ms:g} ms one-way delay and {args.rate_mbit:g} Mbit/s "
-        "(`benchmark/link_emulator.py`).",
+        f"* Emulated WAN: every hop (head → stage 1 → … → head) through a relay with "
+        f"{args.delay_ms:g} ms one-way delay (far: {args.far_delay_ms:g} ms) and "
+        f"{args.rate_mbit:g} Mbit/s (`benchmark/link_emulator.py`).",
         f"* Command: `{results['command']}`",
         "",
         *lines,
@@ -363,7 +402,14 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--delay-ms", type=float, default=20.0)
+    parser.add_argument("--far-delay-ms", type=float, default=50.0, help="the far WAN setups")
     parser.add_argument("--rate-mbit", type=float, default=100.0)
+    parser.add_argument(
+        "--heavy-requests",
+        type=int,
+        default=128,
+        help="also load vLLM and 2-stage loopback with this many concurrent requests (0: off)",
+    )
     parser.add_argument("--wire-dtype", default="float16")
     parser.add_argument("--long-prompt-len", type=int, default=1000)
     parser.add_argument("--streams", type=int, default=16)
@@ -386,12 +432,14 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # unwinds: every server is stopped
     if args.quick:
         args.num_requests, args.input_len, args.output_len, args.rounds = 3, 16, 8, 1
+        args.heavy_requests = 6
         args.long_prompt_len, args.streams, args.stream_output_len = 64, 2, 24
         args.prompt_delay = 0.5
     args.model = args.model or demo_model()
     args.output_dir.mkdir(parents=True, exist_ok=True)
     link = LinkSpec(args.delay_ms, 0.0, args.rate_mbit)
-    chosen = [s for s in setups(link) if args.only is None or s.key in args.only]
+    far = LinkSpec(args.far_delay_ms, 0.0, args.rate_mbit)
+    chosen = [s for s in setups(link, far) if args.only is None or s.key in args.only]
     results: dict = {
         "date": time.strftime("%Y-%m-%d"),
         "hardware": hardware(),
@@ -402,9 +450,11 @@ def main() -> None:
     for setup in chosen:
         log(f"== {setup.label}")
         with server(setup, args) as url:
-            row = measure_throughput(url, args)
+            row = measure_throughput(url, args, args.num_requests, args.rounds)
             if setup.stages:
                 row.update(pipeline_bound(url, args.num_requests))
+            if setup.key in HEAVY_SETUPS and args.heavy_requests:
+                row["heavy"] = measure_throughput(url, args, args.heavy_requests, 1, False)
             if setup.stages >= 3 and "wire_bytes_per_token_per_hop" not in results:
                 results["wire_bytes_per_token_per_hop"] = wire_stats(url)
             if setup.key == "molink3_wan":
