@@ -124,12 +124,14 @@ def test_compare_quick_run(demo_model, tmp_path):
     assert all(row["failed"] == 0 for row in results["setups"].values())
     assert results["long_prompt"]["ttft_idle_ms"] > 0
     wan = results["setups"]["molink3_wan"]
-    assert wan["bound_tpot_ms"] > 0 and 1 <= wan["bound_batches"] <= 8  # from the head's fits
+    assert wan["bound_cycle_ms"] > 0 and 1 <= wan["bound_batches"] <= 8  # from the head's fits
     assert len(wan["fitted_costs"]["stages"]) == 3
     steps = wan["step_breakdown_ms"]  # from the head's --step-trace
     assert steps["stage 2 compute"] > 0 and steps["hop 0->1"] > 20  # the 20 ms emulated link
     table = (tmp_path / "benchmark.md").read_text()
     assert "| MoLink 3 stages, 20 ms, 100 Mbit/s |" in table
+    assert results["setups"]["vllm"]["heavy"]["failed"] == 0  # --heavy-requests, quick: 6
+    assert "At 6 concurrent requests" in table
     assert (tmp_path / "benchmark.png").read_bytes()[:4] == b"\x89PNG"
 
 
