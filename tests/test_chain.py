@@ -21,6 +21,7 @@ from molink.comm.chain import (
     wait_for_chain,
 )
 from molink.comm.dht import NodeAnnouncement, split_host_port
+from molink.weight_digest import WeightDigests
 
 L = 30  # layers of the test model
 
@@ -260,7 +261,7 @@ def test_model_mismatch_is_ignored_named_and_warned_once(
     chain_logs: list[logging.LogRecord],
 ) -> None:
     other = ann("QmX", 15, 29, model_hash="h2")
-    assert mismatched(HEAD, [HEAD, other, ann("QmB", 15, 29)]) == [other]
+    assert [n for n, _ in mismatched(HEAD, [HEAD, other, ann("QmB", 15, 29)])] == [other]
     for _ in range(3):
         with pytest.raises(ChainIncomplete) as info:
             assemble_chain(HEAD, [other])
@@ -278,6 +279,28 @@ def test_layer_count_mismatch_is_a_different_model() -> None:
     other = ann("QmX", 15, 31, num_layers=32)
     with pytest.raises(ChainIncomplete, match="node QmX serves layers 15-31 of a different model"):
         assemble_chain(HEAD, [other])
+
+
+def test_a_node_with_other_weights_is_refused_by_its_digest(
+    chain_logs: list[logging.LogRecord],
+) -> None:
+    weights = WeightDigests(layers=tuple(f"d{i}" for i in range(L)), other="emb")
+    ours = dataclasses.replace(ann("QmB", 15, 29), weights_digest=weights.span(15, 29, L))
+    tuned = list(weights.layers)
+    tuned[20] = "fine-tuned"
+    theirs = WeightDigests(layers=tuple(tuned), other="emb").span(15, 29, L)
+    other = dataclasses.replace(ann("QmX", 15, 29), weights_digest=theirs)
+    unknown = ann("QmU", 15, 29)  # announces no digest (older node): accepted
+    assert assemble_chain(HEAD, [ours], weights=weights).peer_ids == ["QmHead", "QmB"]
+    assert assemble_chain(HEAD, [unknown], weights=weights).peer_ids == ["QmHead", "QmU"]
+    assert assemble_chain(HEAD, [other]).peer_ids == ["QmHead", "QmX"]  # head can't tell
+    with pytest.raises(ChainIncomplete) as info:
+        assemble_chain(HEAD, [other], weights=weights)
+    message = str(info.value)
+    assert "node QmX serves layers 15-29 with different weights" in message
+    assert f"digest {theirs}" in message and weights.span(15, 29, L) in message
+    assert assemble_chain(HEAD, [other, ours], weights=weights).peer_ids == ["QmHead", "QmB"]
+    assert any("different weights" in r.getMessage() for r in chain_logs)
 
 
 def test_mismatched_node_is_never_a_stage() -> None:

@@ -3,8 +3,11 @@ chosen by followers started without --serving_layers (over a real DHT)."""
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
+
+from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).parent))
 from checkpoints import build_qwen3_checkpoint  # noqa: E402
@@ -13,6 +16,7 @@ from test_dht import make_ann
 from molink.comm.dht import Membership
 from molink.config import ModelIdentity
 from molink.engine.node import choose_own_span
+from molink.weight_digest import CACHE_NAME
 
 FAST_FAIL = ["--chain_timeout", "6"]
 
@@ -30,6 +34,23 @@ def test_other_model_is_refused(swarm, qwen3_model, tmp_path_factory):
     head = swarm.start("head", qwen3_model, "0,2", FAST_FAIL, peers=[follower])
     assert head.wait_exit(timeout=180) == 2
     assert "different model" in head.log()
+
+
+def test_other_weights_in_one_layer_are_refused(swarm, qwen3_model, tmp_path_factory):
+    """Same config, one tensor of layer 4 changed (a fine-tune, a bad download): the head
+    compares the follower's announced weights digest with its own checkpoint's."""
+    tuned = tmp_path_factory.mktemp("tuned") / "qwen3-tuned"
+    shutil.copytree(qwen3_model, tuned, ignore=shutil.ignore_patterns(CACHE_NAME))
+    for shard in tuned.glob("*.safetensors"):
+        weights = load_file(shard)
+        name = next((n for n in sorted(weights) if ".layers.4." in n), None)
+        if name is not None:
+            weights[name] = weights[name] * 1.01
+            save_file(weights, shard, metadata={"format": "pt"})
+    follower = swarm.start("stage", str(tuned), "3,5")
+    head = swarm.start("head", qwen3_model, "0,2", FAST_FAIL, peers=[follower])
+    assert head.wait_exit(timeout=180) == 2
+    assert "serves layers 3-5 with different weights" in head.log()
 
 
 def test_bad_serving_layers_is_a_clear_error(swarm, qwen3_model):

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from test_chain import ann
 
 from molink.telemetry.swarm_report import build_swarm_report
+from molink.weight_digest import WeightDigests
 
 HEAD = ann("Head", 0, 9, port=1)
 A = ann("A", 10, 29, port=2)
@@ -65,3 +68,14 @@ def test_without_an_engine_answer():
     doc = report([HEAD, A], None)
     assert not doc["ready"] and doc["cause"] == "the engine did not answer"
     assert doc["chain"] == [] and doc["gaps"] == []
+
+
+def test_a_node_with_other_weights_is_no_alternative():
+    weights = WeightDigests(layers=tuple(f"d{i}" for i in range(30)), other="emb")
+    good = dataclasses.replace(C, weights_digest=weights.span(5, 29, 30))
+    bad = dataclasses.replace(B, weights_digest="0123456789abcdef")
+    doc = build_swarm_report(HEAD, [HEAD, A, bad, good], SNAPSHOT, {}, weights)
+    assert doc["alternatives"][0]["peers"] == ["C"]
+    nodes = {n["peer_id"]: n for n in doc["nodes"]}
+    assert not nodes["B"]["same_model"] and nodes["B"]["differs"].startswith("with different")
+    assert nodes["C"]["same_model"] and nodes["C"]["differs"] is None

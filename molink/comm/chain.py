@@ -25,6 +25,7 @@ from vllm.logger import init_logger
 
 from molink.comm.dht import NodeAnnouncement
 from molink.core.span_choice import coverage, uncovered
+from molink.weight_digest import WeightDigests
 
 if TYPE_CHECKING:
     from molink.comm.dht import Membership
@@ -33,8 +34,8 @@ logger = init_logger(__name__)
 
 # At most this many mismatched nodes are named in an error message.
 _MAX_MISMATCH_NOTES = 5
-# (peer_id, model_hash, num_layers) already warned about; bounded so it can't grow forever.
-_warned_mismatch: set[tuple[str, str, int]] = set()
+# (peer_id, model_hash, num_layers, weights_digest) already warned about; bounded.
+_warned_mismatch: set[tuple[str, str, int, str]] = set()
 _warned_lock = threading.Lock()
 _MAX_WARNED = 10_000
 
@@ -148,18 +149,46 @@ def _same_model(head: NodeAnnouncement, node: NodeAnnouncement) -> bool:
     return node.model_hash == head.model_hash and node.num_layers == head.num_layers
 
 
-def mismatched(head: NodeAnnouncement, nodes: Iterable[NodeAnnouncement]) -> list[NodeAnnouncement]:
-    """Nodes (other than the head) that serve a different model than ``head``.
+def difference(
+    head: NodeAnnouncement, node: NodeAnnouncement, weights: WeightDigests | None
+) -> str | None:
+    """How ``node`` differs from ``head`` ("of a different model (...)" or "with different
+    weights (...)"), or None when it may serve in the head's chain."""
+    if not _same_model(head, node):
+        return (
+            f"of a different model ({node.model_name}, hash {node.model_hash}, "
+            f"{node.num_layers} layers; this head has hash {head.model_hash}, "
+            f"{head.num_layers} layers)"
+        )
+    if weights is None or not node.weights_digest:
+        return None  # nothing to compare with
+    expected = weights.span(node.start_layer, node.end_layer, head.num_layers)
+    if node.weights_digest != expected:
+        return (
+            f"with different weights (digest {node.weights_digest}; this head's checkpoint "
+            f"gives {expected} for those layers)"
+        )
+    return None
 
-    A node differs if its ``model_hash`` or ``num_layers`` differ. Logs one warning per such peer
-    (and model) the first time it is seen.
-    """
+
+def mismatched(
+    head: NodeAnnouncement,
+    nodes: Iterable[NodeAnnouncement],
+    weights: WeightDigests | None = None,
+) -> list[tuple[NodeAnnouncement, str]]:
+    """Nodes (other than the head) that can't serve in ``head``'s chain, each with how it
+    differs: another ``model_hash`` or ``num_layers``, or (given the head's ``weights``) an
+    announced weights digest that isn't the head's for the same layers. Logs one warning per such
+    peer (and announcement) the first time it is seen."""
     out = []
     for node in nodes:
-        if node.peer_id == head.peer_id or _same_model(head, node):
+        if node.peer_id == head.peer_id:
             continue
-        out.append(node)
-        key = (node.peer_id, node.model_hash, node.num_layers)
+        why = difference(head, node, weights)
+        if why is None:
+            continue
+        out.append((node, why))
+        key = (node.peer_id, node.model_hash, node.num_layers, node.weights_digest)
         with _warned_lock:
             if key in _warned_mismatch:
                 continue
@@ -167,16 +196,10 @@ def mismatched(head: NodeAnnouncement, nodes: Iterable[NodeAnnouncement]) -> lis
                 _warned_mismatch.clear()
             _warned_mismatch.add(key)
         logger.warning(
-            "ignoring node %s: it serves %s of a different model (%s, hash %s, %d layers) than "
-            "this head (%s, hash %s, %d layers)",
+            "ignoring node %s: it serves %s %s",
             node.peer_id,
             _span(node.start_layer, node.end_layer),
-            node.model_name,
-            node.model_hash,
-            node.num_layers,
-            head.model_name,
-            head.model_hash,
-            head.num_layers,
+            why,
         )
     return out
 
@@ -195,12 +218,14 @@ def assemble_chain(
     exclude_peers: Container[str] = (),
     rtt_s: Mapping[str, float] | None = None,
     loaded: Mapping[str, tuple[int, int]] | None = None,
+    weights: WeightDigests | None = None,
 ) -> Chain:
     """The best chain that starts at ``head`` and covers every layer once.
 
-    * Only "online" nodes with the head's ``model_hash`` and ``num_layers`` count, other than the
-      head itself and ``exclude_peers`` (see :func:`mismatched`). The head is always stage 0; it
-      must start at layer 0.
+    * Only "online" nodes with the head's ``model_hash`` and ``num_layers`` count, and, given
+      the head's ``weights``, whose announced weights digest matches the head's for their span;
+      never the head itself or ``exclude_peers`` (see :func:`mismatched`). The head is always
+      stage 0; it must start at layer 0.
     * Fewest hops first; then the lowest cost: for each hop its ``rtt_s`` (seconds; unmeasured
       nodes count :data:`DEFAULT_RTT_S`), the seconds per token its node's announced
       ``throughput`` implies for the hop's layers (unmeasured nodes count the median), and
@@ -219,8 +244,8 @@ def assemble_chain(
     for node in nodes:
         if node.peer_id != head.peer_id and node.peer_id not in exclude_peers:
             others.setdefault(node.peer_id, node)
-    wrong_model = mismatched(head, sorted(others.values(), key=lambda a: a.peer_id))
-    wrong_ids = {node.peer_id for node in wrong_model}
+    wrong_model = mismatched(head, sorted(others.values(), key=lambda a: a.peer_id), weights)
+    wrong_ids = {node.peer_id for node, _ in wrong_model}
     candidates = [n for n in others.values() if n.peer_id not in wrong_ids]
     usable = sorted(
         (n for n in candidates if n.state == "online" and not n.is_head),
@@ -286,15 +311,12 @@ def assemble_chain(
         if waiting:
             note += " (" + ", ".join(f"node {n.peer_id} is {n.state}" for n in waiting) + ")"
         notes.append(note)
-    for node in wrong_model[:_MAX_MISMATCH_NOTES]:
-        notes.append(
-            f"node {node.peer_id} serves {_span(node.start_layer, node.end_layer)} of a "
-            f"different model ({node.model_name}, hash {node.model_hash}, "
-            f"{node.num_layers} layers; this head has hash {head.model_hash}, "
-            f"{head.num_layers} layers)"
-        )
+    for node, why in wrong_model[:_MAX_MISMATCH_NOTES]:
+        notes.append(f"node {node.peer_id} serves {_span(node.start_layer, node.end_layer)} {why}")
     if len(wrong_model) > _MAX_MISMATCH_NOTES:
-        notes.append(f"{len(wrong_model) - _MAX_MISMATCH_NOTES} more nodes of other models")
+        notes.append(
+            f"{len(wrong_model) - _MAX_MISMATCH_NOTES} more nodes of other models or weights"
+        )
     raise ChainIncomplete("; ".join(notes), missing)
 
 
@@ -305,6 +327,7 @@ def wait_for_chain(
     poll_interval: float = 1.0,
     log_interval: float = 10.0,
     exclude_peers: Container[str] = (),
+    weights: WeightDigests | None = None,
 ) -> Chain:
     """Poll ``membership.nodes()`` until :func:`assemble_chain` succeeds and return the chain.
 
@@ -322,7 +345,7 @@ def wait_for_chain(
             logger.warning("could not read swarm membership: %s", e)
             nodes = []
         try:
-            chain = assemble_chain(head, nodes, exclude_peers)
+            chain = assemble_chain(head, nodes, exclude_peers, weights=weights)
         except ChainIncomplete as e:
             last = e
         else:

@@ -117,6 +117,8 @@ class NodeAnnouncement:
     throughput: float = 0.0
     # The node's public key (OpenSSH form); readers require it to be the record's signer.
     node_key: str = ""
+    # Digest of the weights of its span (molink.weight_digest; empty: not computed).
+    weights_digest: str = ""
 
     def __post_init__(self) -> None:
         for name in (
@@ -127,6 +129,7 @@ class NodeAnnouncement:
             "state",
             "version",
             "node_key",
+            "weights_digest",
         ):
             value = getattr(self, name)
             if not isinstance(value, str):

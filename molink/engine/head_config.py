@@ -17,6 +17,7 @@ from molink.comm.dht import NodeAnnouncement
 from molink.config import DEFAULT_OUTAGE_TIMEOUT_S, DEFAULT_STEP_TIMEOUT_S
 from molink.security.settings import SecurityFiles
 from molink.stage_spec import ADDITIONAL_CONFIG_KEY, StagePlacement, placement_dict
+from molink.weight_digest import WeightDigests
 
 
 @dataclass(frozen=True)
@@ -53,10 +54,16 @@ class HeadConfig:
     recovery_poll_interval: float = 1.0
     swarm_refresh_interval: float = 2.0
     security: SecurityFiles = SecurityFiles()  # key file paths (never the keys themselves)
+    weights: dict[str, Any] | None = None  # the head's WeightDigests, as a dict (None: unknown)
 
     @property
     def head_node(self) -> NodeAnnouncement:
         return NodeAnnouncement.from_dict(self.head)
+
+    @property
+    def weight_digests(self) -> WeightDigests | None:
+        """The head's checkpoint digests, which nodes' announced digests must match."""
+        return WeightDigests.from_dict(self.weights) if self.weights else None
 
     @property
     def model_hash(self) -> str:

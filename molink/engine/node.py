@@ -36,6 +36,7 @@ from molink.engine.stage_host import StageHost
 from molink.security.settings import check_exposure
 from molink.security.swarm_security import SwarmSecurity
 from molink.telemetry import metrics
+from molink.weight_digest import weight_digests
 from molink.worker.stage_worker import WORKER_CLS
 
 logger = init_logger(__name__)
@@ -189,6 +190,7 @@ class Node:
         check_exposure(config.listen_host, config.security_files)
         self.security = SwarmSecurity.from_files(config.security_files)
         self.identity = model_identity(engine_args.model, engine_args.trust_remote_code)
+        self.weights = weight_digests(engine_args.model, self.identity.num_layers)
         if config.chooses_span:
             # Decided once the swarm is visible (start()); never the head's layer 0.
             self.start_layer, self.end_layer = 1, self.identity.num_layers - 1
@@ -313,6 +315,9 @@ class Node:
             is_head=self.is_head,
             throughput=round(self.throughput, 1),
             node_key=self.security.node_key.public_key,
+            weights_digest=self.weights.span(*self.layers, self.identity.num_layers)
+            if self.weights
+            else "",
         )
 
     def node_info(self) -> molink_pb2.NodeInfo:
@@ -345,7 +350,9 @@ class Node:
             self.end_layer + 1,
             self.identity.num_layers - 1,
         )
-        return wait_for_chain(self.membership, self.announcement(), self.config.chain_timeout)
+        return wait_for_chain(
+            self.membership, self.announcement(), self.config.chain_timeout, weights=self.weights
+        )
 
     def head_engine_args(self, chain: Chain) -> AsyncEngineArgs:
         """vLLM engine arguments that run this head's chain as a pipeline."""
@@ -364,6 +371,7 @@ class Node:
             step_timeout=self.config.step_timeout,
             outage_timeout=self.config.outage_timeout,
             security=self.config.security_files,
+            weights=self.weights.to_dict() if self.weights else None,
         )
         return dataclasses.replace(
             self.engine_args,  # type: ignore[arg-type]

@@ -142,7 +142,9 @@ def install_head_routes(
                 seen = membership.seconds_since_stored()
             except Exception as e:  # noqa: BLE001  # report the pipeline even without the DHT
                 dht_error = f"{type(e).__name__}: {e}"
-        report = build_swarm_report(node.announcement(), nodes, await view.snapshot(), seen)
+        report = build_swarm_report(
+            node.announcement(), nodes, await view.snapshot(), seen, node.weights
+        )
         report["dht_error"] = dht_error
         return JSONResponse(report)
 

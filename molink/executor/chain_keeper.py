@@ -52,6 +52,7 @@ class ChainKeeper:
     ) -> None:
         self.head = head
         self.head_node: NodeAnnouncement = head.head_node
+        self.weights = head.weight_digests
         self._stage_config = stage_config
         self._plan_kv = plan_kv
         self.security = SwarmSecurity.from_files(head.security)
@@ -140,6 +141,7 @@ class ChainKeeper:
             exclude_peers=excluded,
             rtt_s=self.view.rtt_s(),
             loaded=self._loaded(),
+            weights=self.weights,
         )
 
     def prepare_next_chain(self) -> tuple[list[RemoteStage], Chain]:

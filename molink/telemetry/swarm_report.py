@@ -11,12 +11,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import molink
-from molink.comm.chain import uncovered_layers
+from molink.comm.chain import difference, uncovered_layers
 from molink.comm.dht import NodeAnnouncement
-
-
-def _same_model(node: NodeAnnouncement, head: NodeAnnouncement) -> bool:
-    return node.model_hash == head.model_hash and node.num_layers == head.num_layers
+from molink.weight_digest import WeightDigests
 
 
 def build_swarm_report(
@@ -24,6 +21,7 @@ def build_swarm_report(
     nodes: Sequence[NodeAnnouncement],
     pipeline: Mapping[str, Any] | None,
     seconds_since_stored: Mapping[str, float],
+    weights: WeightDigests | None = None,
 ) -> dict[str, Any]:
     """The ``/swarm`` document.
 
@@ -32,6 +30,7 @@ def build_swarm_report(
         nodes: the announcements read from the DHT (this head's included).
         pipeline: the engine's pipeline snapshot, or None when the engine did not answer.
         seconds_since_stored: per peer id, seconds since it last refreshed its announcement.
+        weights: the head's weight digests, which nodes' announced digests must match.
     """
     pipeline = pipeline or {}
     chain: list[dict[str, Any]] = list(pipeline.get("chain", []))
@@ -40,7 +39,8 @@ def build_swarm_report(
     rtt: Mapping[str, float] = pipeline.get("rtt_s", {})
     step_s = {hop["peer_id"]: hop.get("step_s") for hop in chain}
     in_chain = {hop["peer_id"] for hop in chain}
-    ours = [n for n in nodes if _same_model(n, head)]
+    differs = {n.peer_id: difference(head, n, weights) for n in nodes if n.peer_id != head.peer_id}
+    ours = [n for n in nodes if differs.get(n.peer_id) is None]
 
     alternatives = []
     for hop in chain[1:]:
@@ -83,7 +83,8 @@ def build_swarm_report(
                 "peer_id": n.peer_id,
                 "role": "head" if n.is_head else "stage",
                 "model": n.model_name,
-                "same_model": _same_model(n, head),
+                "same_model": differs.get(n.peer_id) is None,
+                "differs": differs.get(n.peer_id),  # "of a different model (...)" / "with ..."
                 "layers": [n.start_layer, n.end_layer],
                 "state": n.state,
                 "address": n.grpc_address,
