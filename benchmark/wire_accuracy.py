@@ -1,0 +1,164 @@
+"""What a narrower wire dtype changes: greedy outputs and logprobs against a float32 wire.
+
+    python benchmark/wire_accuracy.py                      # demo model, 2 stages, -> resources/
+    python benchmark/wire_accuracy.py --quick              # 4 prompts, 16 tokens (smoke test)
+
+Activations cross each hop in ``--wire_dtype``. With the model's own dtype on the wire a pipeline
+computes exactly what one vLLM process computes (``tests/test_pipeline_executor.py`` checks it
+token for token); a narrower wire dtype rounds the hidden states and residual at every hop. For
+each wire dtype this starts a 2-stage swarm of the model (``benchmark/swarm.py``, one machine),
+sends the same greedy requests with logprobs, and compares them with the float32 wire:
+
+* greedy agreement: the share of requests whose generated tokens are all identical, and the mean
+  share of tokens generated before the first difference;
+* the largest difference of a chosen token's logprob while the outputs still agree.
+
+Writes ``wire_accuracy.json`` and ``wire_accuracy.md`` into ``--output-dir``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from swarm import Swarm, SwarmSpec, demo_model  # noqa: E402
+
+SERVED_NAME = "wire"
+PROMPTS = [
+    "The capital of France is",
+    "Water boils at a temperature of",
+    "The three primary colors are",
+    "In 1969, the first person to walk on the moon was",
+    "A simple recipe for pancakes needs",
+    "The largest planet in our solar system is",
+    "Photosynthesis is the process by which",
+    "The difference between a list and a tuple in Python is",
+    "To stay healthy, doctors recommend",
+    "The main causes of the French Revolution were",
+    "A haiku about autumn leaves:",
+    "The speed of light in a vacuum is about",
+    "Machine learning models learn from",
+    "The Great Wall of China was built to",
+    "When writing a cover letter, you should",
+    "The theory of evolution was proposed by",
+]
+
+
+def complete(url: str, prompt: str, max_tokens: int) -> dict:
+    body = {
+        "model": SERVED_NAME,
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0.0,
+        "logprobs": 1,
+        "ignore_eos": True,
+    }
+    req = urllib.request.Request(
+        url + "/v1/completions",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(req, timeout=600) as r:
+        choice = json.load(r)["choices"][0]
+    lp = choice["logprobs"]
+    return {"tokens": lp["tokens"], "logprobs": lp["token_logprobs"]}
+
+
+def run(model: str, wire_dtype: str, args: argparse.Namespace) -> list[dict]:
+    spec = SwarmSpec(
+        model=model,
+        stages=2,
+        port=args.port,
+        node_args=[
+            "--served-model-name",
+            SERVED_NAME,
+            "--wire_dtype",
+            wire_dtype,
+            *args.engine_args,
+        ],  # fmt: skip
+        env={"VLLM_CPU_KVCACHE_SPACE": "1"},
+        log_dir=args.output_dir / "logs" / f"wire-{wire_dtype}",
+        shared_cores=True,
+    )
+    prompts = PROMPTS[: args.num_prompts]
+    with Swarm(spec) as s, ThreadPoolExecutor(len(prompts)) as pool:
+        return list(pool.map(lambda p: complete(s.base_url, p, args.max_tokens), prompts))
+
+
+def compare(reference: list[dict], other: list[dict]) -> dict:
+    identical, agreed_share, max_diff = 0, [], 0.0
+    for ref, out in zip(reference, other, strict=True):
+        n = len(ref["tokens"])
+        agree = next((i for i in range(n) if ref["tokens"][i] != out["tokens"][i]), n)
+        identical += agree == n
+        agreed_share.append(agree / n)
+        for i in range(agree):
+            max_diff = max(max_diff, abs(ref["logprobs"][i] - out["logprobs"][i]))
+    return {
+        "identical_requests": identical,
+        "requests": len(reference),
+        "mean_agreeing_prefix": sum(agreed_share) / len(agreed_share),
+        "max_logprob_diff": max_diff,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default=None, help="model path (default: the demo model)")
+    parser.add_argument("--wire-dtypes", nargs="+", default=["float16", "bfloat16"])
+    parser.add_argument("--num-prompts", type=int, default=len(PROMPTS))
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--output-dir", type=Path, default=Path("resources"))
+    parser.add_argument("--port", type=int, default=8300)
+    parser.add_argument("--quick", action="store_true", help="4 prompts, 16 tokens")
+    parser.add_argument(
+        "--engine-args",
+        nargs="*",
+        default=["--dtype", "float32", "--enforce-eager", "--max-model-len", "1024"],
+    )
+    args = parser.parse_args()
+    if args.quick:
+        args.num_prompts, args.max_tokens = 4, 16
+    model = args.model or demo_model()
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    print("float32 wire (the reference)", file=sys.stderr, flush=True)
+    reference = run(model, "float32", args)
+    results = {
+        "date": time.strftime("%Y-%m-%d"),
+        "model": Path(model).name,
+        "command": "python benchmark/wire_accuracy.py " + " ".join(sys.argv[1:]),
+        "max_tokens": args.max_tokens,
+        "dtypes": {},
+    }
+    for dtype in args.wire_dtypes:
+        print(f"{dtype} wire", file=sys.stderr, flush=True)
+        results["dtypes"][dtype] = compare(reference, run(model, dtype, args))
+    (args.output_dir / "wire_accuracy.json").write_text(json.dumps(results, indent=2) + "\n")
+    lines = [
+        f"# Wire dtype vs float32 wire ({results['date']})",
+        "",
+        f"Model {results['model']} in float32, 2 stages, {args.num_prompts} greedy requests of "
+        f"{args.max_tokens} tokens. Command: `{results['command']}`",
+        "",
+        "| Wire dtype | Identical outputs | Mean agreeing prefix | Max logprob difference |",
+        "|---|---:|---:|---:|",
+    ]
+    for dtype, r in results["dtypes"].items():
+        lines.append(
+            f"| {dtype} | {r['identical_requests']}/{r['requests']} | "
+            f"{100 * r['mean_agreeing_prefix']:.0f}% | {r['max_logprob_diff']:.4f} |"
+        )
+    (args.output_dir / "wire_accuracy.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines), file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
