@@ -1,10 +1,12 @@
 """The vLLM worker of one pipeline stage: builds only its layers and runs one step at a time.
 
-It is vLLM's platform worker (CPU here) with three changes: a private one-process distributed
-world that describes "pipeline rank r of N" (no peers, see ``molink.distributed``), the
-intermediate-tensor buffer vLLM's CPU path forgets to allocate, and :meth:`execute_stage`, which
-takes the activations of the previous stage as an argument instead of receiving them through
-torch.distributed.
+It is the worker of vLLM's current platform (``CPUWorker`` on CPU, ``Worker`` on CUDA and ROCm,
+``XPUWorker``; :mod:`molink.worker.platform_worker`) with the few changes a stage needs, all in
+:class:`StageHooks`: a private one-process distributed world that describes "pipeline rank r of
+N" (no peers, see ``molink.distributed``), the intermediate-tensor buffer vLLM's CPU path forgets
+to allocate, and :meth:`~StageHooks.execute_stage`, which takes the activations of the previous
+stage as an argument (host tensors; the model runner copies them to its device) instead of
+receiving them through torch.distributed.
 """
 
 from __future__ import annotations
@@ -22,21 +24,24 @@ from vllm.sampling_params import SamplingType
 from vllm.sequence import IntermediateTensors
 from vllm.v1.core.sched.output import GrammarOutput, SchedulerOutput
 from vllm.v1.outputs import ModelRunnerOutput
-from vllm.v1.worker.cpu_worker import CPUWorker
 from vllm.v1.worker.gpu_input_batch import CachedRequestState
 from vllm.v1.worker.worker_base import WorkerWrapperBase
 
 from molink.core.request_snapshot import RequestSnapshot
 from molink.distributed.parallel_state import init_stage_parallel_state
 from molink.engine.stage_config import stage_placement
+from molink.worker.platform_worker import platform_worker_class
 
 logger = init_logger(__name__)
 
 WORKER_CLS = "molink.worker.stage_worker.StageWorker"
 
 
-class StageWorker(CPUWorker):
-    """CPU worker serving the layers of one pipeline stage."""
+class StageHooks:
+    """What a stage changes in vLLM's platform worker; mixed in before it (see StageWorker)."""
+
+    vllm_config: VllmConfig
+    model_runner: Any
 
     def init_device(self) -> None:
         placement = stage_placement(self.vllm_config)
@@ -154,6 +159,10 @@ class StageWorker(CPUWorker):
         reset.finished_req_ids = set(runner.requests)
         runner.execute_model(reset)
         logger.info("Stage %d reset", get_pp_group().rank_in_group)
+
+
+class StageWorker(StageHooks, platform_worker_class()):  # type: ignore[misc]
+    """vLLM's worker for this process's platform, serving the layers of one pipeline stage."""
 
 
 def create_stage_worker(vllm_config: VllmConfig, rank: int) -> WorkerWrapperBase:
