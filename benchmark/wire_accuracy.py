@@ -1,4 +1,4 @@
-"""What a narrower wire dtype changes: greedy outputs and logprobs against a float32 wire.
+"""What a narrower wire dtype, or a stage in another dtype, changes against a float32 pipeline.
 
     python benchmark/wire_accuracy.py                      # demo model, 2 stages, -> resources/
     python benchmark/wire_accuracy.py --quick              # 4 prompts, 16 tokens (smoke test)
@@ -12,6 +12,9 @@ sends the same greedy requests with logprobs, and compares them with the float32
 * greedy agreement: the share of requests whose generated tokens are all identical, and the mean
   share of tokens generated before the first difference;
 * the largest difference of a chosen token's logprob while the outputs still agree.
+
+It also runs mixed swarms (``--follower-dtypes``): the head in float32, the follower computing in
+float16 or bfloat16, activations crossing in float32 and cast by the follower.
 
 Writes ``wire_accuracy.json`` and ``wire_accuracy.md`` into ``--output-dir``.
 """
@@ -70,20 +73,24 @@ def complete(url: str, prompt: str, max_tokens: int) -> dict:
     return {"tokens": lp["tokens"], "logprobs": lp["token_logprobs"]}
 
 
-def run(model: str, wire_dtype: str, args: argparse.Namespace) -> list[dict]:
+def run(
+    model: str, wire_dtype: str, args: argparse.Namespace, follower_dtype: str | None = None
+) -> list[dict]:
+    """Greedy outputs of a 2-stage swarm; ``follower_dtype``: the follower computes in it (the
+    head keeps the dtype of ``--engine-args``)."""
+    node_args = ["--served-model-name", SERVED_NAME, "--wire_dtype", wire_dtype, *args.engine_args]
+    head_args = []
+    if follower_dtype:
+        node_args += ["--dtype", follower_dtype]
+        head_args = ["--dtype", args.engine_args[args.engine_args.index("--dtype") + 1]]
     spec = SwarmSpec(
         model=model,
         stages=2,
         port=args.port,
-        node_args=[
-            "--served-model-name",
-            SERVED_NAME,
-            "--wire_dtype",
-            wire_dtype,
-            *args.engine_args,
-        ],  # fmt: skip
+        node_args=node_args,
+        head_args=head_args,
         env={"VLLM_CPU_KVCACHE_SPACE": "1"},
-        log_dir=args.output_dir / "logs" / f"wire-{wire_dtype}",
+        log_dir=args.output_dir / "logs" / f"wire-{wire_dtype}-{follower_dtype or 'same'}",
         shared_cores=True,
     )
     prompts = PROMPTS[: args.num_prompts]
@@ -114,6 +121,12 @@ def main() -> None:
     )
     parser.add_argument("--model", default=None, help="model path (default: the demo model)")
     parser.add_argument("--wire-dtypes", nargs="+", default=["float16", "bfloat16"])
+    parser.add_argument(
+        "--follower-dtypes",
+        nargs="*",
+        default=["float16", "bfloat16"],
+        help="also run a mixed swarm per dtype: the follower computes in it, float32 wire",
+    )
     parser.add_argument("--num-prompts", type=int, default=len(PROMPTS))
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--output-dir", type=Path, default=Path("resources"))
@@ -140,7 +153,13 @@ def main() -> None:
     }
     for dtype in args.wire_dtypes:
         print(f"{dtype} wire", file=sys.stderr, flush=True)
-        results["dtypes"][dtype] = compare(reference, run(model, dtype, args))
+        results["dtypes"][f"{dtype} wire"] = compare(reference, run(model, dtype, args))
+    for dtype in args.follower_dtypes:
+        print(f"follower in {dtype}", file=sys.stderr, flush=True)
+        outputs = run(model, "float32", args, follower_dtype=dtype)
+        results["dtypes"][f"float32 wire, follower computing in {dtype}"] = compare(
+            reference, outputs
+        )
     (args.output_dir / "wire_accuracy.json").write_text(json.dumps(results, indent=2) + "\n")
     lines = [
         f"# Wire dtype vs float32 wire ({results['date']})",
@@ -148,7 +167,7 @@ def main() -> None:
         f"Model {results['model']} in float32, 2 stages, {args.num_prompts} greedy requests of "
         f"{args.max_tokens} tokens. Command: `{results['command']}`",
         "",
-        "| Wire dtype | Identical outputs | Mean agreeing prefix | Max logprob difference |",
+        "| Setup | Identical outputs | Mean agreeing prefix | Max logprob difference |",
         "|---|---:|---:|---:|",
     ]
     for dtype, r in results["dtypes"].items():

@@ -22,7 +22,7 @@ from molink.security.swarm_security import SwarmSecurity
 
 logger = init_logger("molink.status")
 
-_COLUMNS = ("node", "role", "layers", "state", "address", "tok/s", "version")
+_COLUMNS = ("node", "role", "layers", "state", "address", "device", "tok/s", "weights", "version")
 
 
 def render(nodes: Sequence[NodeAnnouncement]) -> tuple[str, bool]:
@@ -40,7 +40,9 @@ def render(nodes: Sequence[NodeAnnouncement]) -> tuple[str, bool]:
                 f"{n.start_layer}-{n.end_layer}",
                 n.state,
                 n.grpc_address,
+                n.device or "?",
                 f"{n.throughput:g}",
+                n.weights_digest or "?",
                 n.version,
             )
             for n in group

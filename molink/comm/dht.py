@@ -119,6 +119,8 @@ class NodeAnnouncement:
     node_key: str = ""
     # Digest of the weights of its span (molink.weight_digest; empty: not computed).
     weights_digest: str = ""
+    # What it computes on: "cpu", "cuda (NVIDIA H100 80GB HBM3)", ... (empty: not said).
+    device: str = ""
 
     def __post_init__(self) -> None:
         for name in (
@@ -130,6 +132,7 @@ class NodeAnnouncement:
             "version",
             "node_key",
             "weights_digest",
+            "device",
         ):
             value = getattr(self, name)
             if not isinstance(value, str):

@@ -37,6 +37,7 @@ from molink.security.settings import check_exposure
 from molink.security.swarm_security import SwarmSecurity
 from molink.telemetry import metrics
 from molink.weight_digest import weight_digests
+from molink.worker.platform_worker import describe_device, use_v1_model_runner
 from molink.worker.stage_worker import WORKER_CLS
 
 logger = init_logger(__name__)
@@ -189,6 +190,7 @@ class Node:
         self.config = config
         check_exposure(config.listen_host, config.security_files)
         self.security = SwarmSecurity.from_files(config.security_files)
+        use_v1_model_runner()
         self.identity = model_identity(engine_args.model, engine_args.trust_remote_code)
         self.weights = weight_digests(engine_args.model, self.identity.num_layers)
         if config.chooses_span:
@@ -318,6 +320,7 @@ class Node:
             weights_digest=self.weights.span(*self.layers, self.identity.num_layers)
             if self.weights
             else "",
+            device=describe_device(),
         )
 
     def node_info(self) -> molink_pb2.NodeInfo:

@@ -88,6 +88,7 @@ def build_swarm_report(
                 "layers": [n.start_layer, n.end_layer],
                 "state": n.state,
                 "address": n.grpc_address,
+                "device": n.device,
                 "version": n.version,
                 "last_seen_s": seconds_since_stored.get(n.peer_id),
                 "throughput_tokens_per_s": n.throughput,

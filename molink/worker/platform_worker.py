@@ -7,8 +7,13 @@ platform's device type, before any engine config exists.
 
 from __future__ import annotations
 
+import os
+
+from vllm.logger import init_logger
 from vllm.platforms import current_platform
 from vllm.utils.import_utils import resolve_obj_by_qualname
+
+logger = init_logger(__name__)
 
 # The worker each of vLLM's platforms uses (vllm/platforms/*.py, check_and_update_config).
 PLATFORM_WORKERS: dict[str, str] = {
@@ -44,3 +49,15 @@ def describe_device() -> str:
         return f"{kind} ({current_platform.get_device_name()})"
     except Exception:  # noqa: BLE001  # a name is nice to have, never worth failing a start
         return kind
+
+
+def use_v1_model_runner() -> None:
+    """Keep this process (and the engine processes it starts) on vLLM's V1 model runner.
+
+    With Triton present (GPUs) vLLM 0.32 defaults to the V2 runner, whose pipeline path broadcasts
+    sampled tokens over torch.distributed (``vllm/v1/worker/gpu/pp_utils.py``); MoLink stages
+    have no peers to broadcast to. On CPU vLLM already uses V1.
+    """
+    if os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "0").lower() in ("1", "true"):
+        logger.warning("VLLM_USE_V2_MODEL_RUNNER=1 ignored: MoLink stages need the V1 runner")
+    os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
