@@ -147,7 +147,7 @@ def main() -> None:
     results = {
         "date": time.strftime("%Y-%m-%d"),
         "model": Path(model).name,
-        "command": "python benchmark/wire_accuracy.py " + " ".join(sys.argv[1:]),
+        "command": " ".join(["python benchmark/wire_accuracy.py", *sys.argv[1:]]),
         "max_tokens": args.max_tokens,
         "dtypes": {},
     }

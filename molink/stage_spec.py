@@ -1,10 +1,10 @@
 """What the head tells a stage: its layers, the model, and the head's engine limits.
 
 The head owns the scheduler, so its limits (max_num_batched_tokens, max_num_seqs, block size,
-max_model_len, dtype, ...) must be the limits of every stage: the model runner sizes its buffers
-from them. :class:`StageConfig` carries them to a remote stage as JSON; the stage applies them on
-top of its own command-line engine arguments (``molink.engine.stage_config``). Plain data,
-validated when it comes from the network.
+max_model_len, ...) must be the limits of every stage: the model runner sizes its buffers from
+them. Its dtype applies to stages that don't set their own. :class:`StageConfig` carries them to a
+remote stage as JSON; the stage applies them on top of its own command-line engine arguments
+(``molink.engine.stage_config``). Plain data, validated when it comes from the network.
 """
 
 from __future__ import annotations

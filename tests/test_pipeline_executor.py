@@ -246,6 +246,7 @@ def test_a_stage_in_another_dtype_serves_in_the_same_pipeline(swarm, qwen3_model
     head = swarm.start("head", qwen3_model, "0,2", [*ENGINE_FLAGS, "--dtype", "float32"], [stage])
     head.wait_healthy()
     got = asyncio.run(pipeline_outputs(head.base_url, qwen3_model))
+    assert "layers 3-5 in torch.bfloat16" in stage.log()
     assert [len(out["token_ids"]) > 0 for out in got] == [True] * len(qwen3_reference)
     agreeing = [o["token_ids"] == r["token_ids"] for o, r in zip(got, qwen3_reference, strict=True)]
     # Rounding to bfloat16 changes logits a little: most greedy tokens still agree.

@@ -44,10 +44,18 @@ def head_engine_overrides(vllm_config: VllmConfig) -> dict[str, Any]:
 def stage_engine_config(
     engine_args: EngineArgs, stage: StageConfig, executor_cls: type
 ) -> VllmConfig:
-    """The VllmConfig of a remote stage: its own engine args with the head's limits on top."""
+    """The VllmConfig of a remote stage: its own engine args with the head's limits on top.
+
+    The head's ``dtype`` applies only to a stage started without ``--dtype``: a node may compute
+    in another dtype (bfloat16 on a GPU next to a float32 CPU head); activations are cast on
+    arrival and the head plans the KV cache per stage.
+    """
+    overrides = dict(stage.engine_overrides)
+    if engine_args.dtype != "auto":
+        overrides.pop("dtype", None)
     args = dataclasses.replace(
         engine_args,
-        **stage.engine_overrides,
+        **overrides,
         pipeline_parallel_size=len(stage.placement.partition),
         distributed_executor_backend=executor_cls,
         additional_config={ADDITIONAL_CONFIG_KEY: {"placement": placement_dict(stage.placement)}},

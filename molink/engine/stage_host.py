@@ -103,9 +103,10 @@ class StageHost:
         vllm_config = stage_engine_config(self.engine_args, config, PipelineExecutor)
         placement = config.placement
         logger.info(
-            "Building the stage for layers %d-%d (limits from the head: %s)",
+            "Building the stage for layers %d-%d in %s (limits from the head: %s)",
             placement.start_layer,
             placement.end_layer,
+            vllm_config.model_config.dtype,
             config.engine_overrides,
         )
         self.worker = create_stage_worker(vllm_config, placement.rank)
