@@ -30,6 +30,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from vllm.logger import init_logger
 
@@ -141,9 +142,11 @@ def _digest(files: list[Path], num_layers: int, total: int) -> WeightDigests:
     if not all(p.name.endswith(".safetensors") for p in files):
         h = hashlib.sha256()
         for path in files:
-            h.update(f"{path.name}:{path.stat().st_size}|".encode())
-            for chunk in _read_chunks(path, 0, path.stat().st_size, progress):
-                h.update(chunk)
+            size = path.stat().st_size
+            h.update(f"{path.name}:{size}|".encode())
+            with path.open("rb") as f:
+                for chunk in _read_chunks(f, 0, size, progress):
+                    h.update(chunk)
         return WeightDigests(layers=(), other=_short(h.hexdigest()))
     per_tensor: dict[str, str] = {}
     for path in files:
@@ -167,6 +170,7 @@ def _combine(digests: Iterable[str]) -> str:
 def _safetensors_digests(path: Path, progress: _Progress) -> dict[str, str]:
     """sha256 of each tensor's name, dtype, shape and bytes, read through the file's header."""
     size = path.stat().st_size
+    out = {}
     with path.open("rb") as f:
         raw = f.read(8)
         if len(raw) != 8:
@@ -175,34 +179,33 @@ def _safetensors_digests(path: Path, progress: _Progress) -> dict[str, str]:
         if not 0 < header_len <= min(_MAX_HEADER_BYTES, size - 8):
             raise ValueError(f"{path} has a bad safetensors header length {header_len}")
         header = json.loads(f.read(header_len))
-    base = 8 + header_len
-    tensors = sorted(
-        ((name, meta) for name, meta in header.items() if name != "__metadata__"),
-        key=lambda item: item[1]["data_offsets"][0],
-    )
-    out = {}
-    for name, meta in tensors:
-        begin, end = meta["data_offsets"]
-        if not 0 <= begin <= end <= size - base:
-            raise ValueError(f"{path}: tensor {name} lies outside the file")
-        h = hashlib.sha256(f"{name}|{meta['dtype']}|{meta['shape']}|".encode())
-        for chunk in _read_chunks(path, base + begin, end - begin, progress):
-            h.update(chunk)
-        out[name] = h.hexdigest()
+        base = 8 + header_len
+        tensors = sorted(
+            ((name, meta) for name, meta in header.items() if name != "__metadata__"),
+            key=lambda item: item[1]["data_offsets"][0],
+        )
+        for name, meta in tensors:
+            begin, end = meta["data_offsets"]
+            if not 0 <= begin <= end <= size - base:
+                raise ValueError(f"{path}: tensor {name} lies outside the file")
+            h = hashlib.sha256(f"{name}|{meta['dtype']}|{meta['shape']}|".encode())
+            for chunk in _read_chunks(f, base + begin, end - begin, progress):
+                h.update(chunk)
+            out[name] = h.hexdigest()
     return out
 
 
-def _read_chunks(path: Path, offset: int, length: int, progress: _Progress) -> Iterable[bytes]:
-    with path.open("rb") as f:
-        f.seek(offset)
-        left = length
-        while left > 0:
-            chunk = f.read(min(_CHUNK, left))
-            if not chunk:
-                raise ValueError(f"{path} ended early")
-            left -= len(chunk)
-            progress.add(len(chunk))
-            yield chunk
+def _read_chunks(f: BinaryIO, offset: int, length: int, progress: _Progress) -> Iterable[bytes]:
+    """``length`` bytes of the open file ``f`` from ``offset``, in chunks."""
+    f.seek(offset)
+    left = length
+    while left > 0:
+        chunk = f.read(min(_CHUNK, left))
+        if not chunk:
+            raise ValueError(f"{f.name} ended early")
+        left -= len(chunk)
+        progress.add(len(chunk))
+        yield chunk
 
 
 # ---------------------------------------------------------------- cache

@@ -223,9 +223,9 @@ def prefill_chunk(
 
     ``pending`` is split into full batches or into ``m`` even chunks, which keep the busiest
     machine busy ``m * bottleneck(chunk)``, plus one fill and drain; the largest chunk within
-    ``MIN_GAIN`` of the best wins. ``riders`` decode
-    tokens travel in every batch. On one machine the fill and drain cost nothing and the answer
-    is the largest chunk, as plain vLLM would schedule.
+    ``MIN_GAIN`` of the best wins. ``riders`` decode tokens travel in every batch. On one
+    machine the fill and drain cost nothing and the answer is the largest chunk, as plain vLLM
+    would schedule.
     """
     max_chunk = max(max_chunk, min_chunk)
     if pending <= min_chunk:
