@@ -26,9 +26,9 @@ import contextlib
 import json
 import os
 import platform
+import shlex
 import signal
 import statistics
-import subprocess
 import sys
 import time
 import urllib.request
@@ -39,7 +39,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from link_emulator import LinkSpec  # noqa: E402
 from loadgen import make_prompts, run_load  # noqa: E402
-from swarm import Swarm, SwarmSpec, demo_model, stop_process_group, wait_healthy  # noqa: E402
+from swarm import Swarm, SwarmSpec, demo_model, plain_vllm  # noqa: E402
 
 SERVED_NAME = "bench"
 HEAVY_SETUPS = ("vllm", "molink2")  # also measured at --heavy-requests
@@ -81,31 +81,16 @@ def setups(link: LinkSpec, far: LinkSpec) -> list[Setup]:
 
 # ---------------------------------------------------------------- servers
 @contextlib.contextmanager
-def plain_vllm(model: str, args: list[str], port: int, log: Path) -> Iterator[str]:
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
-           "--port", str(port), "--host", "127.0.0.1", *args]  # fmt: skip
-    # Both cores to its OpenMP threads: vLLM's "auto" binding would keep one core in reserve.
-    # The KV cache of two 1-GiB stages: 128 streams of 256 tokens don't fit in one GiB.
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CPU_OMP_THREADS_BIND": "0-1"}
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(url, [(proc, log)], timeout=900)
-        yield url
-    finally:
-        stop_process_group(proc)
-
-
-@contextlib.contextmanager
 def server(setup: Setup, args: argparse.Namespace) -> Iterator[str]:
     common = ["--served-model-name", SERVED_NAME, *args.engine_args]
     log_dir = args.output_dir / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     if setup.stages == 0:
-        with plain_vllm(args.model, common, args.port, log_dir / f"{setup.key}.log") as url:
+        # Both cores to its OpenMP threads: vLLM's "auto" binding would keep one core in reserve.
+        # The KV cache of two 1-GiB stages: 128 streams of 256 tokens don't fit in one GiB.
+        env = {"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CPU_OMP_THREADS_BIND": "0-1"}
+        log = log_dir / f"{setup.key}.log"
+        with plain_vllm(args.model, common, args.port, log, env) as url:
             yield url
         return
     node_args = [*common, "--wire_dtype", args.wire_dtype]
@@ -222,7 +207,12 @@ def hardware() -> str:
                 cpu = line.split(":", 1)[1].strip()
                 break
     mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{os.cpu_count()} cores ({cpu}), {mem_gib:.0f} GiB RAM, no GPU"
+    import torch
+
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return f"{os.cpu_count()} cores ({cpu}), {mem_gib:.0f} GiB RAM, " + (
+        ", ".join(gpus) if gpus else "no GPU"
+    )
 
 
 def write_report(results: dict, args: argparse.Namespace) -> None:
@@ -429,9 +419,10 @@ def main() -> None:
     )
     parser.add_argument(
         "--engine-args",
-        nargs="*",
-        default=["--dtype", "float32", "--enforce-eager", "--max-model-len", "2048"],
-        help="flags for every server (vLLM and MoLink nodes alike)",
+        type=shlex.split,
+        default=shlex.split("--dtype float32 --enforce-eager --max-model-len 2048"),
+        help="flags for every server (vLLM and MoLink nodes alike), as one string: "
+        '--engine-args="--dtype float16 --max-model-len 1024"',
     )
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # unwinds: every server is stopped

@@ -33,6 +33,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -108,6 +109,29 @@ def stop_process_group(proc: subprocess.Popen, grace: float = 30.0) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+@contextlib.contextmanager
+def plain_vllm(
+    model: str, args: list[str], port: int, log: Path, env: dict[str, str]
+) -> Iterator[str]:
+    """One plain vLLM OpenAI server on 127.0.0.1 (the single-node reference); yields its URL."""
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
+           "--port", str(port), "--host", "127.0.0.1", *args]  # fmt: skip
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            cmd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **env},
+            start_new_session=True,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, [(proc, log)], timeout=900)
+        yield url
+    finally:
+        stop_process_group(proc)
 
 
 def _run(*cmd: str) -> None:

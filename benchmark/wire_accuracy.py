@@ -1,20 +1,21 @@
-"""What a narrower wire dtype, or a stage in another dtype, changes against a float32 pipeline.
+"""What each wire dtype, or a stage in another dtype, changes against one vLLM process.
 
     python benchmark/wire_accuracy.py                      # demo model, 2 stages, -> resources/
     python benchmark/wire_accuracy.py --quick              # 4 prompts, 16 tokens (smoke test)
 
 Activations cross each hop in ``--wire_dtype``. With the model's own dtype on the wire a pipeline
-computes exactly what one vLLM process computes (``tests/test_pipeline_executor.py`` checks it
-token for token); a narrower wire dtype rounds the hidden states and residual at every hop. For
-each wire dtype this starts a 2-stage swarm of the model (``benchmark/swarm.py``, one machine),
-sends the same greedy requests with logprobs, and compares them with the float32 wire:
+computes exactly what one vLLM process computes; a narrower wire dtype rounds the hidden states
+and residual at every hop. This starts one plain vLLM server (the reference) and then, for each
+wire dtype, a 2-stage swarm of the model (``benchmark/swarm.py``, one machine), sends every one
+the same greedy requests with logprobs, and compares them with the reference:
 
 * greedy agreement: the share of requests whose generated tokens are all identical, and the mean
   share of tokens generated before the first difference;
 * the largest difference of a chosen token's logprob while the outputs still agree.
 
-It also runs mixed swarms (``--follower-dtypes``): the head in float32, the follower computing in
-float16 or bfloat16, activations crossing in float32 and cast by the follower.
+It also runs mixed swarms (``--follower-dtypes``): the head in the model dtype of
+``--engine-args``, the follower computing in float16 or bfloat16, activations crossing in the
+head's dtype and cast by the follower. ``scripts/gpu_check.sh`` runs it on a GPU.
 
 Writes ``wire_accuracy.json`` and ``wire_accuracy.md`` into ``--output-dir``.
 """
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 import urllib.request
@@ -30,7 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from swarm import Swarm, SwarmSpec, demo_model  # noqa: E402
+from swarm import Swarm, SwarmSpec, demo_model, plain_vllm  # noqa: E402
 
 SERVED_NAME = "wire"
 PROMPTS = [
@@ -73,6 +75,22 @@ def complete(url: str, prompt: str, max_tokens: int) -> dict:
     return {"tokens": lp["tokens"], "logprobs": lp["token_logprobs"]}
 
 
+def generate(url: str, args: argparse.Namespace) -> list[dict]:
+    """Greedy outputs of the server at ``url`` for the first ``--num-prompts`` prompts."""
+    prompts = PROMPTS[: args.num_prompts]
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        return list(pool.map(lambda p: complete(url, p, args.max_tokens), prompts))
+
+
+def run_vllm(model: str, args: argparse.Namespace) -> list[dict]:
+    """Greedy outputs of one plain vLLM process with the same engine arguments."""
+    log = args.output_dir / "logs" / "wire-vllm.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    vllm_args = ["--served-model-name", SERVED_NAME, *args.engine_args]
+    with plain_vllm(model, vllm_args, args.port, log, {"VLLM_CPU_KVCACHE_SPACE": "1"}) as url:
+        return generate(url, args)
+
+
 def run(
     model: str, wire_dtype: str, args: argparse.Namespace, follower_dtype: str | None = None
 ) -> list[dict]:
@@ -82,7 +100,7 @@ def run(
     head_args = []
     if follower_dtype:
         node_args += ["--dtype", follower_dtype]
-        head_args = ["--dtype", args.engine_args[args.engine_args.index("--dtype") + 1]]
+        head_args = ["--dtype", head_dtype(args)]
     spec = SwarmSpec(
         model=model,
         stages=2,
@@ -93,9 +111,13 @@ def run(
         log_dir=args.output_dir / "logs" / f"wire-{wire_dtype}-{follower_dtype or 'same'}",
         shared_cores=True,
     )
-    prompts = PROMPTS[: args.num_prompts]
-    with Swarm(spec) as s, ThreadPoolExecutor(len(prompts)) as pool:
-        return list(pool.map(lambda p: complete(s.base_url, p, args.max_tokens), prompts))
+    with Swarm(spec) as s:
+        return generate(s.base_url, args)
+
+
+def head_dtype(args: argparse.Namespace) -> str:
+    """The model dtype of ``--engine-args`` (the head's, and the reference's)."""
+    return args.engine_args[args.engine_args.index("--dtype") + 1]
 
 
 def compare(reference: list[dict], other: list[dict]) -> dict:
@@ -120,12 +142,17 @@ def main() -> None:
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", default=None, help="model path (default: the demo model)")
-    parser.add_argument("--wire-dtypes", nargs="+", default=["float16", "bfloat16"])
+    parser.add_argument(
+        "--wire-dtypes",
+        nargs="+",
+        default=["float32", "float16", "bfloat16"],
+        help="the model's own dtype first: the pipeline's exactness",
+    )
     parser.add_argument(
         "--follower-dtypes",
         nargs="*",
         default=["float16", "bfloat16"],
-        help="also run a mixed swarm per dtype: the follower computes in it, float32 wire",
+        help="also run a mixed swarm per dtype: the follower computes in it",
     )
     parser.add_argument("--num-prompts", type=int, default=len(PROMPTS))
     parser.add_argument("--max-tokens", type=int, default=64)
@@ -134,16 +161,18 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="4 prompts, 16 tokens")
     parser.add_argument(
         "--engine-args",
-        nargs="*",
-        default=["--dtype", "float32", "--enforce-eager", "--max-model-len", "1024"],
+        type=shlex.split,
+        default=shlex.split("--dtype float32 --enforce-eager --max-model-len 1024"),
+        help="flags for vLLM and every node, as one string: "
+        '--engine-args="--dtype float16 --max-model-len 1024"',
     )
     args = parser.parse_args()
     if args.quick:
         args.num_prompts, args.max_tokens = 4, 16
     model = args.model or demo_model()
     args.output_dir.mkdir(parents=True, exist_ok=True)
-    print("float32 wire (the reference)", file=sys.stderr, flush=True)
-    reference = run(model, "float32", args)
+    print("one vLLM process (the reference)", file=sys.stderr, flush=True)
+    reference = run_vllm(model, args)
     results = {
         "date": time.strftime("%Y-%m-%d"),
         "model": Path(model).name,
@@ -151,21 +180,23 @@ def main() -> None:
         "max_tokens": args.max_tokens,
         "dtypes": {},
     }
+    model_dtype = head_dtype(args)
     for dtype in args.wire_dtypes:
         print(f"{dtype} wire", file=sys.stderr, flush=True)
         results["dtypes"][f"{dtype} wire"] = compare(reference, run(model, dtype, args))
     for dtype in args.follower_dtypes:
         print(f"follower in {dtype}", file=sys.stderr, flush=True)
-        outputs = run(model, "float32", args, follower_dtype=dtype)
-        results["dtypes"][f"float32 wire, follower computing in {dtype}"] = compare(
+        outputs = run(model, model_dtype, args, follower_dtype=dtype)
+        results["dtypes"][f"{model_dtype} wire, follower computing in {dtype}"] = compare(
             reference, outputs
         )
     (args.output_dir / "wire_accuracy.json").write_text(json.dumps(results, indent=2) + "\n")
     lines = [
-        f"# Wire dtype vs float32 wire ({results['date']})",
+        f"# Wire and stage dtypes vs one vLLM process ({results['date']})",
         "",
-        f"Model {results['model']} in float32, 2 stages, {args.num_prompts} greedy requests of "
-        f"{args.max_tokens} tokens. Command: `{results['command']}`",
+        f"Model {results['model']} in {model_dtype}, 2 stages, {args.num_prompts} greedy "
+        f"requests of {args.max_tokens} tokens, compared with one vLLM process with the same "
+        f"engine arguments. Command: `{results['command']}`",
         "",
         "| Setup | Identical outputs | Mean agreeing prefix | Max logprob difference |",
         "|---|---:|---:|---:|",

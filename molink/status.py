@@ -22,7 +22,18 @@ from molink.security.swarm_security import SwarmSecurity
 
 logger = init_logger("molink.status")
 
-_COLUMNS = ("node", "role", "layers", "state", "address", "device", "tok/s", "weights", "version")
+_COLUMNS = (
+    "node",
+    "role",
+    "layers",
+    "state",
+    "address",
+    "device",
+    "KV GiB",
+    "tok/s",
+    "weights",
+    "version",
+)
 
 
 def render(nodes: Sequence[NodeAnnouncement]) -> tuple[str, bool]:
@@ -41,6 +52,7 @@ def render(nodes: Sequence[NodeAnnouncement]) -> tuple[str, bool]:
                 n.state,
                 n.grpc_address,
                 n.device or "?",
+                f"{n.kv_capacity_bytes / 2**30:.1f}",
                 f"{n.throughput:g}",
                 n.weights_digest or "?",
                 n.version,

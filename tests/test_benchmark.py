@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import DEMO_API_KEY
 
 BENCH = Path(__file__).parent.parent / "benchmark"
@@ -66,7 +67,9 @@ def test_burst_and_interval_scripts(demo_pipeline, tmp_path):
     assert interval["completed"] == 3 and interval["failed"] == 0
 
 
-@pytest.mark.parametrize("name", ["swarm.py", "compare.py", "link_emulator.py", "churn.py"])
+@pytest.mark.parametrize(
+    "name", ["swarm.py", "compare.py", "link_emulator.py", "churn.py", "wire_accuracy.py"]
+)
 def test_tool_help(name):
     out = subprocess.run(
         [sys.executable, str(BENCH / name), "--help"], check=True, capture_output=True, text=True
@@ -180,3 +183,14 @@ def test_benchmark_swarm_nodes_are_separate_machines(tmp_path):
     assert [three.node_host(i) for i in range(3)] == ["127.0.0.1", "127.0.1.1", "127.0.2.1"]
     assert three.relay_host(2) == "127.0.2.1"
     assert {shared.node_host(i) for i in range(2)} == {"127.0.0.1"}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without GPU")
+def test_gpu_check_fails_clearly_without_a_gpu(tmp_path: Path) -> None:
+    script = BENCH.parent / "scripts" / "gpu_check.sh"
+    done = subprocess.run(
+        ["bash", str(script), "--out", str(tmp_path)], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 1, done.stderr
+    assert "no CUDA GPU visible to torch" in done.stderr
+    assert "nothing checked" in done.stderr

@@ -6,26 +6,31 @@ from __future__ import annotations
 import os
 
 import pytest
+from vllm.platforms import current_platform
 from vllm.v1.worker.cpu_worker import CPUWorker
 from vllm.v1.worker.gpu_worker import Worker
 
+from molink.worker import platform_worker
 from molink.worker.platform_worker import (
     PLATFORM_WORKERS,
     describe_device,
     platform_worker_class,
     platform_worker_qualname,
+    stage_enforce_eager,
     use_v1_model_runner,
 )
 from molink.worker.stage_worker import StageHooks, StageWorker
 
 
 def test_stage_worker_extends_this_platforms_worker() -> None:
-    assert platform_worker_class() is CPUWorker  # this machine: vLLM's CPU platform
-    assert StageWorker.__mro__[1:3] == (StageHooks, CPUWorker)
+    # CPUWorker on these machines; vLLM's GPU Worker under scripts/gpu_check.sh.
+    worker = CPUWorker if current_platform.device_type == "cpu" else Worker
+    assert platform_worker_class() is worker
+    assert StageWorker.__mro__[1:3] == (StageHooks, worker)
     # The stage hooks come first; each calls on into the platform worker.
     assert StageWorker.init_device is StageHooks.init_device
     assert StageWorker.load_model is StageHooks.load_model
-    assert issubclass(StageWorker, Worker)  # vLLM's GPU worker, which CPUWorker extends
+    assert issubclass(CPUWorker, Worker)  # the CPU path is vLLM's GPU worker's, extended
 
 
 def test_a_gpu_stage_worker_is_the_same_hooks_on_vllms_gpu_worker() -> None:
@@ -47,7 +52,20 @@ def test_an_unsupported_platform_is_a_clear_error() -> None:
 def test_nodes_announce_their_device_and_use_the_v1_runner(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    assert describe_device() == "cpu"
+    assert describe_device().startswith(current_platform.device_type)
     monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
     use_v1_model_runner()
     assert os.environ["VLLM_USE_V2_MODEL_RUNNER"] == "0"
+
+
+def test_cuda_stages_run_eagerly_unless_graphs_are_asked_for(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(platform_worker.current_platform, "device_type", "cpu")
+    assert stage_enforce_eager(False) is False  # CPU: the node's own choice
+    monkeypatch.setattr(platform_worker.current_platform, "device_type", "cuda")
+    monkeypatch.delenv("MOLINK_CUDA_GRAPHS", raising=False)
+    assert stage_enforce_eager(False) is True
+    monkeypatch.setenv("MOLINK_CUDA_GRAPHS", "1")
+    assert stage_enforce_eager(False) is False
+    assert stage_enforce_eager(True) is True  # --enforce-eager always wins

@@ -397,11 +397,14 @@ def _torch_dtype(dtype_name: str) -> torch.dtype:
     return dtype
 
 
-def bytes_to_tensor(dtype_name: str, shape: Sequence[int], data: bytes) -> torch.Tensor:
+def bytes_to_tensor(
+    dtype_name: str, shape: Sequence[int], data: bytes, pin_memory: bool = False
+) -> torch.Tensor:
     """Rebuild a tensor from :func:`tensor_to_bytes` output, checking size and dtype.
 
     Raises :class:`PeerDataError` (a ``ValueError``) unless ``data`` holds exactly the bytes of
-    ``shape`` elements of a wire dtype; nothing larger than ``data`` is allocated.
+    ``shape`` elements of a wire dtype; nothing larger than ``data`` is allocated. The bytes are
+    copied once, into pinned (page-locked) memory if ``pin_memory``.
     """
     dtype = _torch_dtype(dtype_name)
     shape = list(shape)
@@ -410,11 +413,11 @@ def bytes_to_tensor(dtype_name: str, shape: Sequence[int], data: bytes) -> torch
         raise PeerDataError(
             f"tensor of shape {shape} {dtype_name} needs {needed} bytes, got {len(data)}"
         )
-    if needed == 0:
-        return torch.empty(shape, dtype=dtype)
-    raw_dtype = _VIEW_AS.get(dtype, dtype)
-    t = torch.frombuffer(bytearray(data), dtype=raw_dtype).reshape(shape)
-    return t.view(dtype) if raw_dtype is not dtype else t
+    t = torch.empty(shape, dtype=dtype, pin_memory=pin_memory)
+    if needed:
+        raw = t.view(_VIEW_AS.get(dtype, dtype)).numpy()
+        raw[...] = np.frombuffer(data, dtype=raw.dtype).reshape(raw.shape)
+    return t
 
 
 @dataclass(frozen=True)
@@ -451,13 +454,14 @@ def encode_tensors(
 
 
 def decode_tensors(
-    msgs: list[molink_pb2.Tensor], dtype: torch.dtype | None = None
+    msgs: list[molink_pb2.Tensor], dtype: torch.dtype | None = None, pin_memory: bool = False
 ) -> dict[str, torch.Tensor]:
     """Protobuf -> intermediate tensors, cast back to the model ``dtype``.
 
-    Raises :class:`PeerDataError` (a ``ValueError``) on a tensor whose data doesn't match its
-    dtype and shape; compressed tensors of one message inflate to :data:`MAX_MESSAGE_BYTES` at
-    most, together.
+    ``pin_memory``: put them in page-locked memory (for a GPU stage: the runner's copy to the
+    device is then asynchronous). Raises :class:`PeerDataError` (a ``ValueError``) on a tensor
+    whose data doesn't match its dtype and shape; compressed tensors of one message inflate to
+    :data:`MAX_MESSAGE_BYTES` at most, together.
     """
     out = {}
     room = MAX_MESSAGE_BYTES
@@ -467,9 +471,9 @@ def decode_tensors(
             room -= len(data)
         else:
             data = m.data
-        t = bytes_to_tensor(m.dtype, m.shape, data)
+        t = bytes_to_tensor(m.dtype, m.shape, data, pin_memory)
         if dtype is not None and t.is_floating_point() and t.dtype != dtype:
-            t = t.to(dtype)
+            t = torch.empty(t.shape, dtype=dtype, pin_memory=pin_memory).copy_(t)
         out[m.name] = t
     return out
 

@@ -17,12 +17,11 @@ from collections.abc import Callable, Iterable, Iterator
 
 import grpc
 from vllm.logger import init_logger
-from vllm.sequence import IntermediateTensors
 
 from molink.comm import codec
 from molink.comm.proto import molink_pb2, molink_pb2_grpc
 from molink.core.micro_batching import StageTiming
-from molink.core.step import StageOutput, StepWork
+from molink.core.step import HostActivations, StageOutput, StepWork
 from molink.security.swarm_security import SwarmSecurity
 from molink.telemetry import metrics
 
@@ -99,8 +98,8 @@ def _clamp(seconds: float) -> float:
 def encode_step(work: StepWork, output: StageOutput, wire: codec.WireFormat) -> molink_pb2.Step:
     """The ``Step`` message that carries ``work`` (and its activations) to the next stage."""
     tensors = []
-    if isinstance(output, IntermediateTensors):
-        tensors = codec.encode_tensors(output.tensors, wire)
+    if isinstance(output, HostActivations):
+        tensors = codec.encode_tensors(output.wait(), wire)
     return molink_pb2.Step(
         step_id=work.step_id,
         epoch=work.epoch,

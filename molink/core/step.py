@@ -9,10 +9,9 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
-from vllm.sequence import IntermediateTensors
 from vllm.v1.core.sched.output import GrammarOutput, SchedulerOutput
 from vllm.v1.outputs import ModelRunnerOutput
 
@@ -48,7 +47,29 @@ class StepWork:
     decode_s: float = 0.0
 
 
-StageOutput = IntermediateTensors | ModelRunnerOutput | None
+class HostActivations:
+    """A stage's output activations in host memory, where the wire takes them.
+
+    ``tensors`` are ``hidden_states``/``residual``, each [num_tokens, hidden_size]. On a GPU stage
+    the copy from the device may still be running when the stage hands them on (it overlaps the
+    next step, see :mod:`molink.worker.activation_staging`); :meth:`wait` returns them once they
+    hold the data.
+    """
+
+    def __init__(self, tensors: dict[str, torch.Tensor], ready: Any = None) -> None:
+        """``ready``: an event (``synchronize()``) the copy records when done; None: no copy."""
+        self._tensors = tensors
+        self._ready = ready
+
+    def wait(self) -> dict[str, torch.Tensor]:
+        """The host tensors, once the copy into them is complete."""
+        if self._ready is not None:
+            self._ready.synchronize()
+            self._ready = None
+        return self._tensors
+
+
+StageOutput = HostActivations | ModelRunnerOutput | None
 
 
 class StepSink(Protocol):

@@ -11,12 +11,11 @@ it is leaving and keeps serving until the head has moved off it (:meth:`Node.lea
 from __future__ import annotations
 
 import dataclasses
-import os
 import random
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
+from typing import Any
 
 import grpc
 from vllm.engine.arg_utils import AsyncEngineArgs, EngineArgs
@@ -37,7 +36,12 @@ from molink.security.settings import check_exposure
 from molink.security.swarm_security import SwarmSecurity
 from molink.telemetry import metrics
 from molink.weight_digest import weight_digests
-from molink.worker.platform_worker import describe_device, use_v1_model_runner
+from molink.worker.memory_budget import kv_capacity_estimate, layers_that_fit
+from molink.worker.platform_worker import (
+    describe_device,
+    stage_enforce_eager,
+    use_v1_model_runner,
+)
 from molink.worker.stage_worker import WORKER_CLS
 
 logger = init_logger(__name__)
@@ -45,7 +49,6 @@ logger = init_logger(__name__)
 # A node choosing its span waits this long for others' simultaneous choices to show in the DHT.
 SPAN_SETTLE_S = 2.0
 # Memory kept free when sizing a span: the runtime, activations, the OS.
-MEMORY_RESERVE_BYTES = 2 * 2**30
 # A follower re-measures the throughput it announces this often (seconds) ...
 THROUGHPUT_PERIOD_S = 10.0
 # ... and announces a new value when it moved by more than this fraction.
@@ -101,38 +104,6 @@ def resolve_initial_peers(
                 next_log = time.monotonic() + 10
             time.sleep(1.0)
     return maddrs
-
-
-def layers_that_fit(engine_args: EngineArgs, identity: ModelIdentity) -> int:
-    """How many layers' weights fit in this machine's free memory, beside its KV cache.
-
-    Per-layer size is estimated from the checkpoint files (embeddings included, so it errs
-    high), scaled to the serving dtype when it is wider than the checkpoint's.
-    """
-    files = [
-        f
-        for pattern in ("*.safetensors", "*.bin", "*.gguf")
-        for f in Path(engine_args.model).glob(pattern)
-    ]
-    checkpoint_bytes = sum(f.stat().st_size for f in files)
-    if not checkpoint_bytes:
-        return identity.num_layers
-    widen = 2 if str(engine_args.dtype) in ("float32", "float") else 1
-    per_layer = widen * checkpoint_bytes / identity.num_layers
-    kv_bytes = float(os.environ.get("VLLM_CPU_KVCACHE_SPACE", "4") or 4) * 2**30
-    budget = _available_memory() - kv_bytes - MEMORY_RESERVE_BYTES
-    return max(1, int(budget // per_layer))
-
-
-def _available_memory() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
 
 
 def swarm_coverage(membership: Membership, identity: ModelIdentity) -> tuple[list[float], int]:
@@ -256,7 +227,9 @@ class Node:
     def _choose_span(self) -> None:
         """Take the span the swarm needs most, sized by memory or ``--num_layers``."""
         assert self.membership is not None and self.host is not None
-        size = self.config.layers_to_serve or layers_that_fit(self.engine_args, self.identity)
+        size = self.config.layers_to_serve or layers_that_fit(
+            self.engine_args, self.identity.num_layers
+        )
 
         def announce_joining(span: tuple[int, int]) -> None:
             assert self.membership is not None and self.host is not None
@@ -274,10 +247,15 @@ class Node:
         )
 
     def _measure_throughput(self) -> None:
-        """Announce the tokens per second this stage computes (heads route by it)."""
+        """Announce the tokens per second this stage computes (heads route by it), and the KV
+        capacity its worker measured once a head had it built."""
         assert self.host is not None
         last_tokens, last_busy = 0, 0.0
         while not self._stopped.wait(THROUGHPUT_PERIOD_S):
+            current = self.membership.announcement() if self.membership else None
+            kv = self.kv_capacity_bytes()
+            if current is not None and current.kv_capacity_bytes != kv:
+                self._announce(kv_capacity_bytes=kv)
             engine = self.host.engine
             if engine is None:
                 continue
@@ -293,16 +271,27 @@ class Node:
                 continue
             self.throughput = rate
             metrics.STAGE_THROUGHPUT.set(rate)
-            membership = self.membership
-            if membership is not None and self.state == "online":
-                try:
-                    membership.update(throughput=round(rate, 1))
-                except Exception as e:  # noqa: BLE001  # try again next period
-                    logger.debug("could not announce throughput: %s", e)
+            self._announce(throughput=round(rate, 1))
+
+    def _announce(self, **changes: Any) -> None:
+        """Update fields of this online node's announcement (retried by the next change)."""
+        membership = self.membership
+        if membership is not None and self.state == "online":
+            try:
+                membership.update(**changes)
+            except Exception as e:  # noqa: BLE001  # try again next period
+                logger.debug("could not announce %s: %s", ", ".join(changes), e)
+
+    def kv_capacity_bytes(self) -> int:
+        """KV cache bytes for this node's layers: as the worker measured it once built, else
+        estimated from the node's memory and its vLLM flags (see memory_budget)."""
+        if self.host is not None and self.host.kv_capacity_bytes:
+            return self.host.kv_capacity_bytes
+        span = self.end_layer - self.start_layer + 1
+        return kv_capacity_estimate(self.engine_args, span, self.identity.num_layers)
 
     def announcement(self) -> NodeAnnouncement:
         assert self.membership is not None
-        kv_bytes = int(float(os.environ.get("VLLM_CPU_KVCACHE_SPACE", "0") or 0) * 2**30)
         return NodeAnnouncement(
             peer_id=self.membership.peer_id,
             model_name=self.identity.name,
@@ -313,7 +302,7 @@ class Node:
             grpc_address=self.grpc_address,
             state=self.state,
             version=molink.__version__,
-            kv_capacity_bytes=kv_bytes,
+            kv_capacity_bytes=self.kv_capacity_bytes(),
             is_head=self.is_head,
             throughput=round(self.throughput, 1),
             node_key=self.security.node_key.public_key,
@@ -382,6 +371,7 @@ class Node:
             # however many hops that takes now or after a loss (see PipelineExecutor).
             pipeline_parallel_size=len(head.placement.partition),
             distributed_executor_backend=PipelineExecutor,
+            enforce_eager=stage_enforce_eager(self.engine_args.enforce_eager),
             scheduler_cls=SCHEDULER_CLS,
             worker_cls=WORKER_CLS,
             additional_config={

@@ -16,6 +16,7 @@ from molink.stage_spec import (
     placement_dict,
     placement_from_dict,
 )
+from molink.worker.platform_worker import stage_enforce_eager
 
 
 def head_engine_overrides(vllm_config: VllmConfig) -> dict[str, Any]:
@@ -48,11 +49,13 @@ def stage_engine_config(
 
     The head's ``dtype`` applies only to a stage started without ``--dtype``: a node may compute
     in another dtype (bfloat16 on a GPU next to a float32 CPU head); activations are cast on
-    arrival and the head plans the KV cache per stage.
+    arrival and the head plans the KV cache per stage. CUDA graphs follow the platform's rule
+    (:func:`~molink.worker.platform_worker.stage_enforce_eager`).
     """
     overrides = dict(stage.engine_overrides)
     if engine_args.dtype != "auto":
         overrides.pop("dtype", None)
+    overrides["enforce_eager"] = stage_enforce_eager(overrides.get("enforce_eager", False))
     args = dataclasses.replace(
         engine_args,
         **overrides,

@@ -59,6 +59,8 @@ class StageHost:
         self.results: ResultStream | None = None
         self.next_link: NextHopLink | None = None
         self.model_dtype: torch.dtype | None = None
+        self.pin_activations = False  # decode arriving activations into pinned memory (GPUs)
+        self.kv_capacity_bytes = 0  # measured by the worker for the span a head asked for
         self._lock = threading.Lock()
 
     @property
@@ -90,8 +92,9 @@ class StageHost:
             if self.config != config:
                 self._build(config)
             spec = self.worker.get_kv_cache_spec()
-            available = self.worker.determine_available_memory()
-            return codec.dumps(spec), int(available)
+            available = int(self.worker.determine_available_memory())
+            self.kv_capacity_bytes = available
+            return codec.dumps(spec), available
 
     def _build(self, config: StageConfig) -> None:
         """(Re)build the worker for ``config``'s span and limits (caller holds the lock)."""
@@ -111,6 +114,7 @@ class StageHost:
         )
         self.worker = create_stage_worker(vllm_config, placement.rank)
         self.model_dtype = vllm_config.model_config.dtype
+        self.pin_activations = self.worker.staging.pin_memory
         self.engine = StageEngine(self.worker, (placement.start_layer, placement.end_layer))
         self.config = config
         self.kv_cache_config = None
@@ -177,7 +181,10 @@ class StageHost:
             tensors = None
         else:
             so, snapshots = codec.loads_step(msg.scheduler_output)
-            tensors = codec.decode_tensors(list(msg.tensors), self.model_dtype) or None
+            tensors = (
+                codec.decode_tensors(list(msg.tensors), self.model_dtype, self.pin_activations)
+                or None
+            )
         grammar = codec.loads(msg.grammar_output) if msg.grammar_output else None
         engine.submit(
             StepWork(

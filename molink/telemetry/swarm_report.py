@@ -89,6 +89,7 @@ def build_swarm_report(
                 "state": n.state,
                 "address": n.grpc_address,
                 "device": n.device,
+                "kv_capacity_bytes": n.kv_capacity_bytes,
                 "version": n.version,
                 "last_seen_s": seconds_since_stored.get(n.peer_id),
                 "throughput_tokens_per_s": n.throughput,

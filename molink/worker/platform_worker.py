@@ -61,3 +61,18 @@ def use_v1_model_runner() -> None:
     if os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "0").lower() in ("1", "true"):
         logger.warning("VLLM_USE_V2_MODEL_RUNNER=1 ignored: MoLink stages need the V1 runner")
     os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+
+
+def stage_enforce_eager(enforce_eager: bool) -> bool:
+    """Whether a MoLink stage on this platform runs eagerly (no CUDA graphs).
+
+    On CUDA, stages run eagerly unless ``MOLINK_CUDA_GRAPHS=1``: graph capture of a stage (static
+    output buffers, copied off by :mod:`molink.worker.activation_staging`) has not been run on a
+    GPU yet (README, "GPU nodes"). ``scripts/gpu_check.sh`` checks both ways.
+    """
+    if enforce_eager or current_platform.device_type != "cuda":
+        return enforce_eager
+    if os.environ.get("MOLINK_CUDA_GRAPHS", "0").lower() in ("1", "true"):
+        logger.warning("MOLINK_CUDA_GRAPHS=1: this stage captures CUDA graphs (not yet verified)")
+        return False
+    return True

@@ -6,7 +6,8 @@ It is the worker of vLLM's current platform (``CPUWorker`` on CPU, ``Worker`` on
 N" (no peers, see ``molink.distributed``), the intermediate-tensor buffer vLLM's CPU path forgets
 to allocate, and :meth:`~StageHooks.execute_stage`, which takes the activations of the previous
 stage as an argument (host tensors; the model runner copies them to its device) instead of
-receiving them through torch.distributed.
+receiving them through torch.distributed, and hands its own to the host
+(:mod:`molink.worker.activation_staging`) instead of sending them.
 """
 
 from __future__ import annotations
@@ -28,8 +29,10 @@ from vllm.v1.worker.gpu_input_batch import CachedRequestState
 from vllm.v1.worker.worker_base import WorkerWrapperBase
 
 from molink.core.request_snapshot import RequestSnapshot
+from molink.core.step import HostActivations
 from molink.distributed.parallel_state import init_stage_parallel_state
 from molink.engine.stage_config import stage_placement
+from molink.worker.activation_staging import ActivationStaging
 from molink.worker.platform_worker import platform_worker_class
 
 logger = init_logger(__name__)
@@ -42,6 +45,7 @@ class StageHooks:
 
     vllm_config: VllmConfig
     model_runner: Any
+    staging: ActivationStaging
 
     def init_device(self) -> None:
         placement = stage_placement(self.vllm_config)
@@ -53,6 +57,7 @@ class StageHooks:
     def load_model(self, *, load_dummy_weights: bool = False) -> None:
         super().load_model(load_dummy_weights=load_dummy_weights)
         runner = self.model_runner
+        self.staging = ActivationStaging(runner.device)
         # vLLM allocates this persistent buffer only in _dummy_run, which the CPU path skips
         # under enforce_eager; later stages copy received activations into it.
         if not get_pp_group().is_first_rank and runner.intermediate_tensors is None:
@@ -70,7 +75,7 @@ class StageHooks:
         sample: bool,
         grammar: Callable[[], GrammarOutput | None],
         snapshots: dict[str, RequestSnapshot] | None = None,
-    ) -> IntermediateTensors | ModelRunnerOutput | None:
+    ) -> HostActivations | ModelRunnerOutput | None:
         """Run one scheduler output on this stage's layers.
 
         Args:
@@ -82,13 +87,16 @@ class StageHooks:
             grammar: gives the structured-output bitmask for sampling (may wait for the head).
 
         Returns:
-            ``IntermediateTensors`` on non-last stages when tokens were scheduled; on the last
-            stage the sampled ``ModelRunnerOutput``; the empty output when nothing was scheduled.
+            The output activations on their way to host memory on non-last stages when tokens
+            were scheduled; on the last stage the sampled ``ModelRunnerOutput``; the empty output
+            when nothing was scheduled.
         """
         if snapshots:
             self._install(snapshots)
         intermediate = IntermediateTensors(tensors) if tensors is not None else None
         output = self.model_runner.execute_model(scheduler_output, intermediate)
+        if isinstance(output, IntermediateTensors):
+            return self.staging.to_host(output.tensors)
         if output is None and get_pp_group().is_last_rank:
             output = self.model_runner.sample_tokens(grammar() if sample else None)
         return output
