@@ -59,6 +59,7 @@ class SwarmSpec:
     node_args: list[str] = field(default_factory=list)  # MoLink/vLLM flags for every node
     head_args: list[str] = field(default_factory=list)  # flags for the head only
     env: dict[str, str] = field(default_factory=dict)
+    head_env: dict[str, str] = field(default_factory=dict)  # on top of env, for heads only
     log_dir: Path = Path("/tmp/molink-swarm")
     ready_timeout: float = 900.0
     swarm_key: Path | None = None  # every node gets --swarm-key-file (mutual TLS, DHT admission)
@@ -147,6 +148,7 @@ class Swarm:
         self.procs: list[subprocess.Popen] = []
         self.emulators: list[LinkEmulator] = []
         self.namespaces: list[str] = []
+        self.heads = [0]  # indexes of the nodes that are heads
         spec.log_dir.mkdir(parents=True, exist_ok=True)
 
     # ------------------------------------------------------------ addresses
@@ -162,20 +164,24 @@ class Swarm:
         return f"{SUBNET}.{100 + i}" if self.spec.netns else self.node_host(i)
 
     def node_cores(self, i: int) -> list[int] | None:
-        """The cores node ``i`` computes on (None: unbound, on every core)."""
+        """The cores node ``i`` computes on (None: unbound, on every core). Added heads share
+        the first head's."""
         if self.spec.shared_cores:
             return None
+        i = 0 if i in self.heads else i
         n, cores = len(self.layers), self.spec.num_cores
         mine = [c for c in range(cores) if c % n == i % n] if n <= cores else [i % cores]
         return mine
 
     def node_env(self, i: int) -> dict[str, str]:
-        """Environment of node ``i``: its thread binding on top of ``spec.env``."""
+        """Environment of node ``i``: its thread binding on top of ``spec.env`` (and
+        ``spec.head_env`` for heads)."""
+        env = {**self.spec.env, **(self.spec.head_env if i in self.heads else {})}
         cores = self.node_cores(i)
         if cores is None:
-            return {**self.spec.env, "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
+            return {**env, "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
         return {
-            **self.spec.env,
+            **env,
             "VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, cores)),
             "OMP_NUM_THREADS": str(len(cores)),
         }
@@ -260,6 +266,19 @@ class Swarm:
         self.layers.append((start, end))
         self._start_node(len(self.procs), start, end)
         return len(self.procs) - 1
+
+    def add_head(self) -> str:
+        """Start another head (the first span's layers), which joins through the first head and
+        shares its followers; wait until it serves, and return its base URL."""
+        if self.spec.netns:
+            raise NotImplementedError("adding heads to a --netns swarm")
+        i = len(self.procs)
+        self.heads.append(i)
+        self._start_node(i, *self.layers[0])
+        url = f"http://{self.node_host(i)}:{self.spec.port + i}"
+        log = self.spec.log_dir / f"node{i}.log"
+        wait_healthy(url, [(self.procs[-1], log)], self.spec.ready_timeout)
+        return url
 
     def wait_ready(self) -> None:
         logs = [self.spec.log_dir / f"node{i}.log" for i in range(len(self.procs))]

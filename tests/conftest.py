@@ -57,6 +57,7 @@ class NodeProcess:
         port: int,
         grpc_port: int,
         module: str = "molink.entrypoints.openai.api_server",
+        env: dict[str, str] | None = None,
     ):
         self.name = name
         self.is_head = False
@@ -64,7 +65,7 @@ class NodeProcess:
         self.grpc_port = grpc_port
         self.log_path = log_dir / f"{name}.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115 (closed in stop())
-        env = {**os.environ, **NODE_ENV}
+        env = {**os.environ, **NODE_ENV, **(env or {})}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", module, *args],
             stdout=self._log,
@@ -138,7 +139,9 @@ class Swarm:
         layers: str | None,
         extra: list[str] | None = None,
         peers: list[NodeProcess] | None = None,
+        env: dict[str, str] | None = None,
     ) -> NodeProcess:
+        """Start a node; ``env`` adds to NODE_ENV (e.g. a bigger VLLM_CPU_KVCACHE_SPACE)."""
         port, grpc_port = free_port(), free_port()
         args = [
             "--model",
@@ -162,7 +165,7 @@ class Swarm:
             args += ["--serving_layers", layers]
         for peer in peers or []:
             args += ["--initial_peer", peer.grpc_address]
-        node = NodeProcess(name, args + (extra or []), self.log_dir, port, grpc_port)
+        node = NodeProcess(name, args + (extra or []), self.log_dir, port, grpc_port, env=env)
         node.is_head = layers is not None and layers.startswith("0,")
         self.nodes.append(node)
         return node

@@ -68,7 +68,15 @@ def test_burst_and_interval_scripts(demo_pipeline, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "name", ["swarm.py", "compare.py", "link_emulator.py", "churn.py", "wire_accuracy.py"]
+    "name",
+    [
+        "swarm.py",
+        "compare.py",
+        "link_emulator.py",
+        "churn.py",
+        "wire_accuracy.py",
+        "shared_follower.py",
+    ],
 )
 def test_tool_help(name):
     out = subprocess.run(
@@ -183,6 +191,29 @@ def test_benchmark_swarm_nodes_are_separate_machines(tmp_path):
     assert [three.node_host(i) for i in range(3)] == ["127.0.0.1", "127.0.1.1", "127.0.2.1"]
     assert three.relay_host(2) == "127.0.2.1"
     assert {shared.node_host(i) for i in range(2)} == {"127.0.0.1"}
+
+
+def test_shared_follower_quick_run(demo_model, tmp_path):
+    subprocess.run(
+        [
+            sys.executable,
+            str(BENCH / "shared_follower.py"),
+            "--quick",
+            "--model",
+            demo_model,
+            "--output-dir",
+            str(tmp_path),
+            "--port",
+            "8650",
+        ],  # fmt: skip
+        check=True,
+        timeout=900,
+        capture_output=True,
+    )
+    results = json.loads((tmp_path / "shared_follower.json").read_text())
+    assert results["one_head"]["failed"] == 0 and results["two_heads"]["failed"] == 0
+    assert len(results["two_heads"]["tpot_p50_ms"]) == 2 and results["ratio"] > 0
+    assert "| two heads, 2 concurrent each |" in (tmp_path / "shared_follower.md").read_text()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without GPU")

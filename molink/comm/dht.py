@@ -121,6 +121,9 @@ class NodeAnnouncement:
     weights_digest: str = ""
     # What it computes on: "cpu", "cuda (NVIDIA H100 80GB HBM3)", ... (empty: not said).
     device: str = ""
+    # KV cache bytes no head holds on it (of kv_capacity_bytes), and how many heads it serves.
+    kv_free_bytes: int = 0
+    heads: int = 0
 
     def __post_init__(self) -> None:
         for name in (
@@ -144,10 +147,19 @@ class NodeAnnouncement:
                 raise InvalidAnnouncement(f"{name} must not be empty")
         if not _BASE58_RE.fullmatch(self.peer_id):
             raise InvalidAnnouncement(f"peer_id {self.peer_id!r} is not a base58 PeerID")
-        for name in ("num_layers", "start_layer", "end_layer", "kv_capacity_bytes"):
+        for name in (
+            "num_layers",
+            "start_layer",
+            "end_layer",
+            "kv_capacity_bytes",
+            "kv_free_bytes",
+            "heads",
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise InvalidAnnouncement(f"{name} must be an integer, got {type(value).__name__}")
+            if value < 0:
+                raise InvalidAnnouncement(f"{name}={value} is negative")
         if (
             isinstance(self.throughput, bool)
             or not isinstance(self.throughput, (int, float))
@@ -163,8 +175,6 @@ class NodeAnnouncement:
                 f"layers {self.start_layer}-{self.end_layer} are not a valid range of "
                 f"{self.num_layers} layers (need 0 <= start <= end < num_layers)"
             )
-        if self.kv_capacity_bytes < 0:
-            raise InvalidAnnouncement(f"kv_capacity_bytes={self.kv_capacity_bytes} is negative")
         if self.state not in NODE_STATES:
             raise InvalidAnnouncement(f"state {self.state!r} is not one of {sorted(NODE_STATES)}")
         if self.is_head and self.start_layer != 0:

@@ -108,6 +108,7 @@ def encode_step(work: StepWork, output: StageOutput, wire: codec.WireFormat) -> 
         grammar_output=codec.dumps(work.grammar()) if work.sample else b"",
         tensors=tensors,
         timings=timings_to_proto(work.timings),
+        session=work.session,
     )
 
 
@@ -164,7 +165,9 @@ class NextHopLink:
                 return
             work, output = item  # type: ignore[misc]
             if isinstance(output, str):
-                msg = molink_pb2.Step(step_id=work.step_id, epoch=work.epoch, error=output)
+                msg = molink_pb2.Step(
+                    step_id=work.step_id, epoch=work.epoch, error=output, session=work.session
+                )
             else:
                 msg = encode_step(work, output, self.wire)
                 self.tokens_sent += work.scheduler_output.total_num_scheduled_tokens

@@ -3,8 +3,8 @@
 * ``GetNodeInfo``: who this node is (model, layers, DHT addresses), and with a nonce, proof that
   it holds the node key of its announcement. A new node given ``--initial_peer HOST:PORT`` asks
   this to learn the swarm's DHT multiaddrs.
-* ``InitStage`` / ``StartStage`` / ``Steps`` / ``Results``: the head driving this node's stage
-  (followers only; the head answers them with FAILED_PRECONDITION).
+* ``InitStage`` / ``StartStage`` / ``Steps`` / ``Results``: heads driving this node's stage, each
+  in its own session (followers only; a head answers them with FAILED_PRECONDITION).
 Requests are validated here; payloads from peers only ever go through ``molink.comm.codec``.
 """
 
@@ -64,7 +64,7 @@ class StageService(molink_pb2_grpc.MoLinkNodeServicer):
         except (ValueError, KeyError, TypeError) as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad stage config: {e}")
         try:
-            spec, available = host.init_stage(config)
+            spec, available = host.init_stage(config, request.session, request.head_peer_id)
         except ValueError as e:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
         except Exception as e:
@@ -77,7 +77,11 @@ class StageService(molink_pb2_grpc.MoLinkNodeServicer):
         try:
             kv_cache_config = codec.loads(request.kv_cache_config)
             host.start_stage(
-                kv_cache_config, request.next_address, request.epoch, standby=request.standby
+                request.session,
+                kv_cache_config,
+                request.next_address,
+                request.epoch,
+                standby=request.standby,
             )
         except (StageNotReady, ValueError) as e:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
@@ -105,13 +109,13 @@ class StageService(molink_pb2_grpc.MoLinkNodeServicer):
     def Results(self, request, context) -> Iterator[molink_pb2.StepResult]:  # noqa: N802
         host = self._require_host(context)
         try:
-            stream = host.result_stream(request.epoch)
+            stream = host.result_stream(request.session, request.epoch)
         except StageNotReady as e:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
 
         def head_gone() -> None:
             stream.close()
-            host.release(stream)
+            host.release(request.session, stream)
 
         context.add_callback(head_gone)
         yield from stream

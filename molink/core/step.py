@@ -45,6 +45,8 @@ class StepWork:
     received_at: float = field(default_factory=time.monotonic)  # decoded, ready to compute
     arrived_unix: float = field(default_factory=time.time)  # wall clock, before decoding
     decode_s: float = 0.0
+    # The secret id of the head's session (molink.core.head_session), checked by every stage.
+    session: str = ""
 
 
 class HostActivations:

@@ -247,15 +247,16 @@ class Node:
         )
 
     def _measure_throughput(self) -> None:
-        """Announce the tokens per second this stage computes (heads route by it), and the KV
-        capacity its worker measured once a head had it built."""
+        """Announce the tokens per second this stage computes (heads route by it), the KV
+        capacity its worker measured once a head had it built, its free KV and its heads."""
         assert self.host is not None
         last_tokens, last_busy = 0, 0.0
         while not self._stopped.wait(THROUGHPUT_PERIOD_S):
-            current = self.membership.announcement() if self.membership else None
-            kv = self.kv_capacity_bytes()
-            if current is not None and current.kv_capacity_bytes != kv:
-                self._announce(kv_capacity_bytes=kv)
+            self.host.expire_claims()
+            current = self.membership.announcement if self.membership else None
+            load = self._kv_and_heads()
+            if current is not None and load != {k: getattr(current, k) for k in load}:
+                self._announce(**load)
             engine = self.host.engine
             if engine is None:
                 continue
@@ -282,6 +283,15 @@ class Node:
             except Exception as e:  # noqa: BLE001  # try again next period
                 logger.debug("could not announce %s: %s", ", ".join(changes), e)
 
+    def _kv_and_heads(self) -> dict[str, int]:
+        """The announcement's KV capacity, free KV and number of heads served."""
+        capacity = self.kv_capacity_bytes()
+        host = self.host
+        if host is None or not host.kv_capacity_bytes:
+            return {"kv_capacity_bytes": capacity, "kv_free_bytes": capacity, "heads": 0}
+        heads = len(host.heads())
+        return {"kv_capacity_bytes": capacity, "kv_free_bytes": host.kv_free_bytes, "heads": heads}
+
     def kv_capacity_bytes(self) -> int:
         """KV cache bytes for this node's layers: as the worker measured it once built, else
         estimated from the node's memory and its vLLM flags (see memory_budget)."""
@@ -302,7 +312,7 @@ class Node:
             grpc_address=self.grpc_address,
             state=self.state,
             version=molink.__version__,
-            kv_capacity_bytes=self.kv_capacity_bytes(),
+            **self._kv_and_heads(),
             is_head=self.is_head,
             throughput=round(self.throughput, 1),
             node_key=self.security.node_key.public_key,

@@ -1,11 +1,14 @@
 """The compute loop of one pipeline stage: steps in, strictly in order, outputs to a sink.
 
 Every node (the head's stage 0 and each remote stage) runs one :class:`StageEngine`. Steps arrive
-in the head's order; the engine applies each one to its worker on a single thread (the model
+in each head's order; the engine applies each one to its worker on a single thread (the model
 runner's persistent batch requires every scheduler output, empty ones included, in order) and hands
-the result to a :class:`StepSink`: the link to the next stage, or the result stream to the head.
-Receiving, decoding, computing and sending run on different threads, so a stage computes step k+1
-while step k is still on the wire.
+the result to the :class:`StepSink` of the step's head: the link to the next stage, or the result
+stream to the head. Receiving, decoding, computing and sending run on different threads, so a
+stage computes step k+1 while step k is still on the wire.
+
+A follower may serve several heads (:mod:`molink.core.head_session`): their steps interleave on
+the compute thread in arrival order, each checked and moved into its head's KV region first.
 """
 
 from __future__ import annotations
@@ -13,10 +16,12 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from vllm.logger import init_logger
 
+from molink.core.head_session import HeadSession, StepRefused
 from molink.core.micro_batching import StageTiming
 from molink.core.step import StepSink, StepWork
 from molink.telemetry import metrics
@@ -27,7 +32,7 @@ logger = init_logger(__name__)
 class StageEngine:
     """Runs steps on a stage worker in arrival order on one thread."""
 
-    _RESET = object()
+    _RESET = object()  # marks an action to run on the compute thread between steps
 
     def __init__(self, worker: Any, layers: tuple[int, int]) -> None:
         """``worker`` is a ``WorkerWrapperBase`` around a :class:`StageWorker` serving the
@@ -39,8 +44,8 @@ class StageEngine:
         self._queue_wait = metrics.QUEUE_WAIT_SECONDS.labels(label)
         self._tokens = metrics.STAGE_TOKENS.labels(label)
         metrics.track_kv_blocks(self.kv_blocks)
-        self.epoch = 0
-        self.sink: StepSink | None = None
+        # Every head's session by id (one on a head: its own).
+        self.sessions: dict[str, HeadSession] = {}
         self.steps_done = 0
         self.tokens_done = 0
         self.busy_seconds = 0.0
@@ -52,17 +57,26 @@ class StageEngine:
         self._thread.start()
 
     def submit(self, work: StepWork) -> None:
-        """Queue a step; steps of an older epoch than the engine's are dropped."""
+        """Queue a step; steps of an older epoch than their session's are dropped."""
         self._queue.put(work)
 
-    def start_epoch(self, epoch: int, sink: StepSink | None) -> None:
-        """Drop queued steps, forget every request and continue with ``epoch`` into ``sink``.
+    def start_epoch(self, session: HeadSession, epoch: int, sink: StepSink | None) -> None:
+        """Drop the session's queued steps, forget its requests, go on with ``epoch`` into
+        ``sink``.
 
         Runs on the compute thread, so it never interleaves with a step; returns when done.
         """
-        done = threading.Event()
-        self._queue.put((self._RESET, epoch, sink, done))
-        done.wait()
+        self._on_compute_thread(lambda: self._reset(session, epoch, sink))
+
+    def end_session(self, session: HeadSession) -> None:
+        """Forget a head: its requests, queued steps and sink (returns when done)."""
+
+        def end() -> None:
+            self._reset(session, session.epoch, None)
+            self.sessions.pop(session.id, None)
+            self.worker.forget_batch_of(session.id)
+
+        self._on_compute_thread(end)
 
     def kv_blocks(self) -> tuple[int, int]:
         """(KV blocks its requests hold, KV blocks allocated); (0, 0) when it can't tell."""
@@ -78,38 +92,56 @@ class StageEngine:
         self._queue.put(None)
         self._thread.join(timeout=10)
 
+    def _on_compute_thread(self, action: Callable[[], None]) -> None:
+        done = threading.Event()
+        self._queue.put((self._RESET, action, done))
+        done.wait()
+
     def _loop(self) -> None:
         while not self._stopped:
             item = self._queue.get()
             if item is None:
                 return
             if isinstance(item, tuple) and item[0] is self._RESET:
-                _, epoch, sink, done = item
-                self._reset(epoch, sink)
+                _, action, done = item
+                action()
                 done.set()
                 continue
             self._run(item)
 
-    def _reset(self, epoch: int, sink: StepSink | None) -> None:
-        self.epoch = epoch
-        self.sink = sink
+    def _reset(self, session: HeadSession, epoch: int, sink: StepSink | None) -> None:
+        session.epoch = epoch
+        session.sink = sink
+        self.sessions[session.id] = session
         try:
-            self.worker.reset_stage()
+            self.worker.reset_stage(session.id)
         except Exception:  # a reset must not kill the loop; the next step will report
             logger.exception("%s: reset failed", self.name)
 
     def _run(self, work: StepWork) -> None:
-        sink = self.sink
-        if work.epoch != self.epoch or sink is None:
+        session = self.sessions.get(work.session)
+        sink = session.sink if session else None
+        if session is None or work.epoch != session.epoch or sink is None:
             logger.debug("%s: dropping step %d of epoch %d", self.name, work.step_id, work.epoch)
             return
         if work.error:
             sink.fail(work, work.error)
             return
+        try:
+            session.admit(work.scheduler_output)
+        except StepRefused as e:
+            logger.warning("%s: refused step %d: %s", self.name, work.step_id, e)
+            sink.fail(work, f"{self.name}: {e}")
+            return
         start = time.monotonic()
         try:
             output = self.worker.execute_stage(
-                work.scheduler_output, work.tensors, work.sample, work.grammar, work.snapshots
+                work.scheduler_output,
+                work.tensors,
+                work.sample,
+                work.grammar,
+                work.snapshots,
+                work.session,
             )
         except Exception as e:
             logger.exception("%s: step %d failed", self.name, work.step_id)

@@ -1,17 +1,27 @@
-"""A follower node's stage: built on the head's request, fed by the previous stage.
+"""A follower node's stage: built on a head's request, fed by the previous stage, shared by every
+head that uses the node.
 
-The head drives a remote stage in two calls (see ``molink.comm.stage_service``):
-``InitStage`` builds the worker for a span of the layers this node holds, with the head's
-limits, loading only that span's weights, and reports the KV cache spec and memory;
-``StartStage`` allocates the KV cache the head planned, forgets all requests, and wires the
-output to the next stage (or to the head's result stream). After a pipeline failure the head
-calls ``StartStage`` again with a new epoch. A *standby* ``StartStage`` only allocates: the node
-is kept ready to replace a stage. When the head stops listening to the result stream, the node
-stops serving it; a node that is shutting down tells the head on that stream first.
+Each head drives its use of the stage in two calls (see ``molink.comm.stage_service``), each naming
+the head's secret session id (:mod:`molink.core.head_session`):
+
+* ``InitStage`` builds the worker for a span of the layers this node holds, with the head's
+  limits: it loads only that span's weights and allocates the KV cache for all the memory the
+  node has. It reports the KV cache spec and the KV bytes this head can claim. While other heads
+  use the stage, a head must ask for the same span and limits: the node holds one set of weights.
+* ``StartStage`` claims the head's region of the KV cache (the blocks it planned, or a clear
+  refusal when the node has no room), forgets the head's requests, and wires its output to the
+  next stage (or to the head's result stream). After a pipeline failure the head calls it again
+  with a new epoch. A *standby* ``StartStage`` claims nothing: the node is kept ready.
+
+Steps of every head run in arrival order on the one worker. A head's claim ends when it stops
+listening to its result stream (it moved off, left or died), or after ``CLAIM_LEASE_S`` if it
+never listened; either frees its region for other heads. A node that is shutting down tells every
+head on its stream first.
 """
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 from typing import Any
@@ -19,11 +29,14 @@ from typing import Any
 import torch
 from vllm.engine.arg_utils import EngineArgs
 from vllm.logger import init_logger
+from vllm.v1.core.kv_cache_utils import get_kv_cache_configs
 from vllm.v1.kv_cache_interface import KVCacheConfig
 
 from molink.comm import codec
 from molink.comm.links import NextHopLink, ResultStream, timings_from_proto
 from molink.comm.proto import molink_pb2
+from molink.core.head_session import HeadSession
+from molink.core.kv_regions import KVRegions
 from molink.core.step import StepWork
 from molink.engine.stage_config import stage_engine_config
 from molink.engine.stage_engine import StageEngine
@@ -32,13 +45,16 @@ from molink.stage_spec import StageConfig
 
 logger = init_logger(__name__)
 
+#: Seconds a head's KV claim lasts before it listens to its result stream.
+CLAIM_LEASE_S = 60.0
+
 
 class StageNotReady(RuntimeError):
     """A call arrived in the wrong order (e.g. steps before ``StartStage``)."""
 
 
 class StageHost:
-    """The stage a follower serves for the current head."""
+    """The stage a follower serves, for every head that uses it."""
 
     def __init__(
         self,
@@ -52,23 +68,29 @@ class StageHost:
         self.model_hash = model_hash
         self.layers = layers
         self.security = security
-        self.config: StageConfig | None = None
+        self.config: StageConfig | None = None  # what the worker was built for
         self.worker: Any = None
         self.engine: StageEngine | None = None
+        # The stage's own KV cache (all its KV memory), allocated at the first StartStage.
         self.kv_cache_config: KVCacheConfig | None = None
-        self.results: ResultStream | None = None
-        self.next_link: NextHopLink | None = None
+        self.regions = KVRegions(0)
+        self.block_bytes = 0  # KV bytes of one block, over this stage's layers
+        self.kv_capacity_bytes = 0  # measured by the worker once built
+        self.sessions: dict[str, HeadSession] = {}
         self.model_dtype: torch.dtype | None = None
         self.pin_activations = False  # decode arriving activations into pinned memory (GPUs)
-        self.kv_capacity_bytes = 0  # measured by the worker for the span a head asked for
-        self._lock = threading.Lock()
+        self._spec_payload = b""
+        self._vllm_config: Any = None
+        self._kv_spec: dict[str, Any] = {}
+        self._kv_available = 0
+        self._lock = threading.RLock()
 
     @property
     def state(self) -> str:
-        """ "idle" (no head yet), "loaded" (worker built, or on standby) or "serving"."""
+        """ "idle" (no head yet), "loaded" (built, on standby or between heads) or "serving"."""
         if self.engine is None:
             return "idle"
-        return "serving" if self.results is not None else "loaded"
+        return "serving" if self._serving() else "loaded"
 
     @property
     def serving_span(self) -> tuple[int, int] | None:
@@ -77,9 +99,42 @@ class StageHost:
             return None
         return self.config.placement.start_layer, self.config.placement.end_layer
 
-    def init_stage(self, config: StageConfig) -> tuple[bytes, int]:
-        """Build the worker (once per configuration); return (KV spec payload, KV bytes)."""
+    @property
+    def kv_free_bytes(self) -> int:
+        """KV cache bytes no head holds (0 before a head had the stage built)."""
+        return self.regions.free_blocks() * self.block_bytes
 
+    def heads(self) -> list[dict[str, Any]]:
+        """The heads this stage serves, as ``/status`` lists them (no session secrets).
+
+        Read without the lock (a build holds it for long); a head ending meanwhile is skipped.
+        """
+        heads = []
+        for s in self._serving():
+            region, link = s.region, s.next_link
+            if region is None:
+                continue
+            heads.append(
+                {
+                    "head": s.label,
+                    "session": hashlib.sha256(s.id.encode()).hexdigest()[:12],
+                    "epoch": s.epoch,
+                    "kv_blocks": region.blocks,
+                    "kv_bytes": region.blocks * self.block_bytes,
+                    "kv_first_block": region.offset,
+                    "requests": self.worker.requests_of(s.id) if self.worker else 0,
+                    "next_hop": link.stats() if link else None,
+                }
+            )
+        return heads
+
+    def init_stage(
+        self, config: StageConfig, session_id: str, label: str = ""
+    ) -> tuple[bytes, int]:
+        """Build the worker (once per span and limits); return (KV spec payload, KV bytes this
+        head can claim)."""
+        if not session_id:
+            raise ValueError("InitStage without a session id (the head runs an older MoLink)")
         if config.model_hash != self.model_hash:
             raise ValueError(f"head serves model {config.model_hash}, this node {self.model_hash}")
         placement = config.placement
@@ -89,19 +144,31 @@ class StageHost:
                 f"holds {self.layers[0]}-{self.layers[1]}"
             )
         with self._lock:
-            if self.config != config:
+            self.expire_claims()
+            if not _same_worker(self.config, config):
+                others = [s for s in self._serving() if s.id != session_id]
+                if others:
+                    assert self.config is not None
+                    raise ValueError(
+                        f"this node serves layers {self.config.placement.start_layer}-"
+                        f"{self.config.placement.end_layer} for {len(others)} other head(s) with "
+                        f"{_difference(self.config, config)}; heads sharing a node must ask for "
+                        "the same layers and limits"
+                    )
                 self._build(config)
-            spec = self.worker.get_kv_cache_spec()
-            available = int(self.worker.determine_available_memory())
-            self.kv_capacity_bytes = available
-            return codec.dumps(spec), available
+            session = self.sessions.setdefault(session_id, HeadSession(session_id))
+            session.label = label[:64]
+            session.config = config
+            return self._spec_payload, self.regions.room(session_id) * self.block_bytes
 
     def _build(self, config: StageConfig) -> None:
-        """(Re)build the worker for ``config``'s span and limits (caller holds the lock)."""
+        """(Re)build the worker for ``config``; its KV cache comes with the first StartStage
+        (caller holds the lock)."""
         from molink.executor.pipeline_executor import PipelineExecutor
         from molink.worker.stage_worker import create_stage_worker
 
-        self._close_links()
+        for session in list(self.sessions.values()):
+            self._end(session)
         self._shutdown_worker()
         vllm_config = stage_engine_config(self.engine_args, config, PipelineExecutor)
         placement = config.placement
@@ -112,61 +179,108 @@ class StageHost:
             vllm_config.model_config.dtype,
             config.engine_overrides,
         )
-        self.worker = create_stage_worker(vllm_config, placement.rank)
-        self.model_dtype = vllm_config.model_config.dtype
-        self.pin_activations = self.worker.staging.pin_memory
-        self.engine = StageEngine(self.worker, (placement.start_layer, placement.end_layer))
-        self.config = config
+        worker = create_stage_worker(vllm_config, placement.rank)
+        try:
+            spec = worker.get_kv_cache_spec()
+            available = int(worker.determine_available_memory())
+        except Exception:
+            worker.shutdown()
+            raise
+        self.worker = worker
+        self._vllm_config = vllm_config
+        self._kv_spec = spec
+        self._kv_available = available
+        # Until the first head's engine resolves the KV layout, the block count is estimated as
+        # vLLM counts it for a uniform model: the memory over every layer's page of a block
+        # (or this node's --num-gpu-blocks-override).
+        self.block_bytes = sum(s.page_size_bytes for s in spec.values())
+        blocks = vllm_config.cache_config.num_gpu_blocks_override
+        self.regions = KVRegions(blocks or available // max(self.block_bytes, 1))
+        self.kv_capacity_bytes = self.regions.total_blocks * self.block_bytes
         self.kv_cache_config = None
+        self._spec_payload = codec.dumps(spec)
+        self.model_dtype = vllm_config.model_config.dtype
+        self.pin_activations = worker.staging.pin_memory
+        self.engine = StageEngine(worker, (placement.start_layer, placement.end_layer))
+        self.config = config
+
+    def _allocate_kv(self, layout: str | None) -> None:
+        """Allocate the KV cache for every head, in the layout the first head's engine resolved
+        (caller holds the lock; no head holds blocks yet)."""
+        try:
+            if layout is not None:
+                self.worker.set_kv_cache_layout(layout)
+            own = get_kv_cache_configs(self._vllm_config, [self._kv_spec], [self._kv_available])[0]
+            own.kv_cache_layout = layout
+            self.worker.initialize_from_config([own])
+            self.worker.compile_or_warm_up_model()
+        except Exception:
+            assert self.config is not None
+            self._build(self.config)  # a half-initialized worker can't be retried
+            raise
+        self.kv_cache_config = own
+        self.regions = KVRegions(own.num_blocks)
+        self.block_bytes = sum(t.size for t in own.kv_cache_tensors) // max(own.num_blocks, 1)
+        self.kv_capacity_bytes = own.num_blocks * self.block_bytes
+        logger.info(
+            "KV cache: %d blocks (%.2f GiB) for the heads this node serves",
+            own.num_blocks,
+            self.kv_capacity_bytes / 2**30,
+        )
 
     def start_stage(
         self,
+        session_id: str,
         kv_cache_config: KVCacheConfig,
         next_address: str,
         epoch: int,
         standby: bool = False,
     ) -> None:
-        """Allocate the KV cache (first time); unless ``standby``, reset and wire ``epoch``."""
+        """Claim the head's KV blocks; unless ``standby``, reset and wire the head's ``epoch``.
+
+        Raises ``ValueError`` (:class:`~molink.core.kv_regions.NoRoom`) when the head's plan
+        doesn't fit.
+        """
         with self._lock:
-            if self.engine is None or self.config is None:
+            self.expire_claims()
+            session = self.sessions.get(session_id)
+            if self.engine is None or session is None or session.config is None:
                 raise StageNotReady("StartStage before InitStage")
-            if self.kv_cache_config is not None and self.kv_cache_config != kv_cache_config:
-                logger.info("The head planned another KV cache: rebuilding the stage")
-                self._build(self.config)
             if self.kv_cache_config is None:
-                try:
-                    self.worker.initialize_from_config([kv_cache_config])
-                    self.worker.compile_or_warm_up_model()
-                except Exception:
-                    self._build(self.config)  # a half-initialized worker can't be retried
-                    raise
-                self.kv_cache_config = kv_cache_config
+                self._allocate_kv(kv_cache_config.kv_cache_layout)
+            why = _incompatible(kv_cache_config, self.kv_cache_config)
+            if why:
+                raise ValueError(f"the head's KV cache plan doesn't fit this stage: {why}")
             if standby:
-                logger.info("Standing by for layers %d-%d", *self.serving_span)
+                logger.info("Standing by for layers %d-%d", *self.serving_span)  # type: ignore[str-format]
                 return
-            self._close_links()
-            self.results = ResultStream(epoch)
+            session.region = self.regions.claim(session_id, kv_cache_config.num_blocks)
+            self._close_links(session)
+            session.results = results = ResultStream(epoch)
+            session.listening = False
+            session.claimed_at = time.monotonic()
+            sink: Any = results
             if next_address:
-                results = self.results
-                self.next_link = NextHopLink(
+                wire = codec.WireFormat.from_names(
+                    session.config.wire_dtype, session.config.wire_compression
+                )
+                session.next_link = sink = NextHopLink(
                     next_address,
-                    codec.WireFormat.from_names(
-                        self.config.wire_dtype, self.config.wire_compression
-                    ),
+                    wire,
                     on_broken=lambda reason: results.report(
                         f"lost the next stage {next_address} ({reason})"
                     ),
                     security=self.security,
                 )
-                sink: Any = self.next_link
-            else:
-                sink = self.results
-            self.engine.start_epoch(epoch, sink)
+            self.engine.start_epoch(session, epoch, sink)
             logger.info(
-                "Serving layers %d-%d, epoch %d -> %s",
-                *self.serving_span,
+                "Serving layers %d-%d for head %s, epoch %d -> %s (KV blocks %d-%d)",
+                *self.serving_span,  # type: ignore[misc]
+                session.label or "?",
                 epoch,
-                next_address or "head (last stage)",
+                next_address or "the head (last stage)",
+                session.region.offset,
+                session.region.offset + session.region.blocks - 1,
             )
 
     def submit(self, msg: molink_pb2.Step) -> None:
@@ -200,37 +314,38 @@ class StageHost:
                 timings=timings_from_proto(msg.timings),
                 arrived_unix=arrived_unix,
                 decode_s=time.monotonic() - started,
+                session=msg.session,
             )
         )
 
-    def result_stream(self, epoch: int) -> ResultStream:
-        results = self.results
-        if results is None or results.epoch != epoch:
-            raise StageNotReady(f"no result stream for epoch {epoch}")
+    def result_stream(self, session_id: str, epoch: int) -> ResultStream:
+        session = self.sessions.get(session_id)
+        results = session.results if session else None
+        if session is None or results is None or results.epoch != epoch:
+            raise StageNotReady(f"no result stream for epoch {epoch} of this head")
+        session.listening = True
         return results
 
-    def release(self, results: ResultStream) -> None:
-        """The head stopped listening to ``results``: stop serving it (if still current)."""
+    def release(self, session_id: str, results: ResultStream) -> None:
+        """The head stopped listening to ``results``: stop serving it and free its KV blocks."""
         with self._lock:
-            if self.results is not results:
+            session = self.sessions.get(session_id)
+            if session is None or session.results is not results:
                 return
-            self._close_links()
-            if self.engine is not None:
-                self.engine.start_epoch(self.engine.epoch, None)  # drops steps still queued
-            logger.info("The head released this stage")
+            self._end(session)
+            logger.info("Head %s released this stage", session.label or "?")
 
     def announce_leaving(self) -> bool:
-        """Tell the head this node is leaving; False if no head is using it."""
-        results = self.results
-        if results is None:
-            return False
-        results.report_leaving()
-        return True
+        """Tell every head this node is leaving; False if no head is using it."""
+        serving = self._serving()
+        for session in serving:
+            session.results.report_leaving()
+        return bool(serving)
 
     def wait_released(self, timeout: float) -> bool:
         """Wait until no head uses this stage; False on timeout."""
         deadline = time.monotonic() + timeout
-        while self.results is not None:
+        while self._serving():
             if time.monotonic() > deadline:
                 return False
             time.sleep(0.1)
@@ -238,16 +353,38 @@ class StageHost:
 
     def shutdown(self) -> None:
         with self._lock:
-            self._close_links()
+            for session in list(self.sessions.values()):
+                self._close_links(session)
             self._shutdown_worker()
 
-    def _close_links(self) -> None:
-        if self.next_link is not None:
-            self.next_link.close()
-            self.next_link = None
-        if self.results is not None:
-            self.results.close()
-            self.results = None
+    def _serving(self) -> list[HeadSession]:
+        return [s for s in list(self.sessions.values()) if s.results is not None]
+
+    def expire_claims(self) -> None:
+        """End claims whose head never listened to its result stream within CLAIM_LEASE_S."""
+        with self._lock:
+            now = time.monotonic()
+            for session in self._serving():
+                if not session.listening and now - session.claimed_at > CLAIM_LEASE_S:
+                    logger.info("Head %s never came for its results: freeing its KV", session.label)
+                    self._end(session)
+
+    def _end(self, session: HeadSession) -> None:
+        """Stop serving ``session``: links closed, requests forgotten, KV blocks freed."""
+        self._close_links(session)
+        if self.engine is not None and session.id in self.engine.sessions:
+            self.engine.end_session(session)
+        self.regions.release(session.id)
+        session.region = None
+
+    @staticmethod
+    def _close_links(session: HeadSession) -> None:
+        if session.next_link is not None:
+            session.next_link.close()
+            session.next_link = None
+        if session.results is not None:
+            session.results.close()
+            session.results = None
 
     def _shutdown_worker(self) -> None:
         if self.engine is not None:
@@ -259,3 +396,45 @@ class StageHost:
             except Exception:
                 logger.exception("worker shutdown failed")
             self.worker = None
+        self.config = None
+        self.kv_cache_config = None
+        self.regions = KVRegions(0)
+
+
+def _same_worker(built: StageConfig | None, asked: StageConfig) -> bool:
+    """Whether a worker built for ``built`` serves ``asked`` (wire settings are per head)."""
+    return built is not None and (built.placement, built.model_hash, built.engine_overrides) == (
+        asked.placement,
+        asked.model_hash,
+        asked.engine_overrides,
+    )
+
+
+def _difference(built: StageConfig, asked: StageConfig) -> str:
+    """What differs between two heads' requests, for the refusal."""
+    if built.placement != asked.placement:
+        return f"another span (asked {asked.placement.start_layer}-{asked.placement.end_layer})"
+    keys = sorted(
+        k
+        for k in {*built.engine_overrides, *asked.engine_overrides}
+        if built.engine_overrides.get(k) != asked.engine_overrides.get(k)
+    )
+    return "other limits: " + ", ".join(
+        f"{k} {built.engine_overrides.get(k)} here, {asked.engine_overrides.get(k)} asked"
+        for k in keys
+    )
+
+
+def _incompatible(head: KVCacheConfig, own: KVCacheConfig | None) -> str | None:
+    """Why a head's KV plan for this stage can't map onto the stage's own KV cache, if so."""
+    if own is None:
+        return "the stage has no KV cache"
+    if head.num_blocks < 1:
+        return f"{head.num_blocks} blocks"
+    if head.kv_cache_layout != own.kv_cache_layout:
+        return f"layout {head.kv_cache_layout}, this stage's is {own.kv_cache_layout}"
+    mine = [(g.layer_names, g.kv_cache_spec) for g in own.kv_cache_groups]
+    theirs = [(g.layer_names, g.kv_cache_spec) for g in head.kv_cache_groups]
+    if mine != theirs:
+        return "its KV cache groups differ from this stage's"
+    return None

@@ -91,6 +91,7 @@ def build_status_app(node: Node, keys: list[str]) -> FastAPI:
     async def status() -> JSONResponse:
         host = node.host
         engine = host.engine if host else None
+        heads = host.heads() if host else []
         return JSONResponse(
             {
                 "role": "head" if node.is_head else "stage",
@@ -111,7 +112,9 @@ def build_status_app(node: Node, keys: list[str]) -> FastAPI:
                 "steps_done": engine.steps_done if engine else 0,
                 "busy_seconds": round(engine.busy_seconds, 3) if engine else 0.0,
                 "throughput_tokens_per_s": round(node.throughput, 1),
-                "next_hop": host.next_link.stats() if host and host.next_link else None,
+                # Every head this stage serves: its KV region, requests and next hop.
+                "heads": heads,
+                "next_hop": heads[0]["next_hop"] if heads else None,  # the first head's
             }
         )
 

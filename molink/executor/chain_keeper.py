@@ -49,14 +49,17 @@ class ChainKeeper:
         head: HeadConfig,
         stage_config: Callable[[RemoteStage], StageConfig],
         plan_kv: Callable[[RemoteStage, list[RemoteStage]], KVCacheConfig],
+        session: str,
     ) -> None:
+        """``session``: this head's secret session id, sent with every stage call."""
         self.head = head
+        self.session = session
         self.head_node: NodeAnnouncement = head.head_node
         self.weights = head.weight_digests
         self._stage_config = stage_config
         self._plan_kv = plan_kv
         self.security = SwarmSecurity.from_files(head.security)
-        self.remotes = [RemoteStage(spec, self.security) for spec in head.stages]
+        self.remotes = [RemoteStage(spec, self.security, session) for spec in head.stages]
         self._standby: dict[str, RemoteStage] = {}  # peer -> prepared stage not in the chain
         self._excluded: dict[str, float] = {}  # peer -> until (monotonic)
         self._leaving: set[str] = set()
@@ -73,7 +76,11 @@ class ChainKeeper:
 
     def _init(self, remote: RemoteStage) -> None:
         logger.info("Initializing stage %s", remote)
-        remote.init(self._stage_config(remote), timeout=self.head.stage_init_timeout)
+        remote.init(
+            self._stage_config(remote),
+            timeout=self.head.stage_init_timeout,
+            head_peer_id=self.head_node.peer_id,
+        )
 
     @property
     def view(self) -> SwarmView:
@@ -164,7 +171,7 @@ class ChainKeeper:
         for remote in self._held():
             if remote.peer_id == hop.peer_id and remote.span == hop.span:
                 return remote
-        remote = RemoteStage(RemoteStageSpec.from_hop(hop), self.security)
+        remote = RemoteStage(RemoteStageSpec.from_hop(hop), self.security, self.session)
         try:
             self._init(remote)
             remote.kv_cache_config = self._plan_kv(remote, self.remotes)

@@ -21,6 +21,7 @@ then ``sample_tokens`` for each. This executor:
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 import time
 from collections import deque
@@ -40,6 +41,7 @@ from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
 from molink.comm import codec
 from molink.comm.chain import ChainError
 from molink.comm.links import NextHopLink, timings_from_proto
+from molink.core.head_session import HeadSession
 from molink.core.micro_batching import StageTiming
 from molink.core.pipeline_state import PIPELINE_STATE, epoch_of, lost_output
 from molink.core.request_snapshot import snapshots_of
@@ -145,7 +147,9 @@ class PipelineExecutor(Executor):
         self.state.outage_timeout = self.head.outage_timeout
         self.wire = codec.WireFormat.from_names(self.head.wire_dtype, self.head.wire_compression)
         self.num_layers = self.head.placement.num_layers
-        self.chain = ChainKeeper(self.head, self._stage_config, self._plan_kv)
+        # This head's secret id on every stage it uses (stages may serve several heads).
+        self.session = HeadSession(secrets.token_hex(16), owns_all=True)
+        self.chain = ChainKeeper(self.head, self._stage_config, self._plan_kv, self.session.id)
         self._lock = threading.RLock()
         self._pending: dict[int, _PendingStep] = {}
         self._awaiting_sample: deque[tuple[Future, Future]] = deque()
@@ -226,7 +230,24 @@ class PipelineExecutor(Executor):
         return [self._local_kv_spec] + [r.kv_cache_spec for r in self.chain.remotes]
 
     def determine_available_memory(self) -> list[int]:
+        """KV bytes per stage: vLLM plans every stage at the same block count, the minimum.
+
+        A remote stage offers what other heads left free on it; one that can't hold a single
+        request of ``max_model_len`` is refused here, with the reason, before vLLM's own check.
+        """
         local = self.worker.determine_available_memory()
+        for remote in self.chain.remotes:
+            assert remote.kv_cache_spec is not None
+            needed = sum(
+                spec.max_memory_usage_bytes(self.vllm_config)
+                for spec in remote.kv_cache_spec.values()
+            )
+            if remote.available_kv_bytes < needed:
+                raise StageRefused(
+                    f"{remote} has no room for this head's KV cache: {remote.available_kv_bytes} "
+                    f"bytes free (other heads hold the rest), and one request of "
+                    f"--max-model-len {self.vllm_config.model_config.max_model_len} needs {needed}"
+                )
         return [local] + [r.available_kv_bytes for r in self.chain.remotes]
 
     def initialize_from_config(self, kv_cache_configs: list[KVCacheConfig]) -> None:
@@ -275,7 +296,7 @@ class PipelineExecutor(Executor):
             self._link = sink
         else:
             sink = _LocalResults(self)
-        self.engine.start_epoch(epoch, sink)
+        self.engine.start_epoch(self.session, epoch, sink)
         self.state.costs.reset(
             [self.head.head_host] + [r.address.rpartition(":")[0] for r in remotes]
         )
@@ -354,6 +375,7 @@ class PipelineExecutor(Executor):
                         snapshots=snapshots,
                         sample=has_tokens,
                         grammar=grammar.result,
+                        session=self.session.id,
                     )
                 )
         # With tokens scheduled, EngineCore takes the output from sample_tokens().

@@ -27,8 +27,10 @@ class StageImpostor(RuntimeError):
 class RemoteStage:
     """gRPC handle on a node serving ``spec``'s layers, and what the head planned for it."""
 
-    def __init__(self, spec: RemoteStageSpec, security: SwarmSecurity) -> None:
+    def __init__(self, spec: RemoteStageSpec, security: SwarmSecurity, session: str) -> None:
+        """``session``: the head's secret session id (the node keeps one session per head)."""
         self.spec = spec
+        self.session = session
         self.kv_cache_spec: dict[str, KVCacheSpec] | None = None
         self.available_kv_bytes = 0
         self.kv_cache_config: KVCacheConfig | None = None
@@ -50,7 +52,7 @@ class RemoteStage:
     def __str__(self) -> str:
         return f"{self.address} [{self.spec.start_layer}-{self.spec.end_layer}]"
 
-    def init(self, config: StageConfig, timeout: float) -> None:
+    def init(self, config: StageConfig, timeout: float, head_peer_id: str = "") -> None:
         """Have the node build this span's worker (loads weights unless already built).
 
         Raises ``StageImpostor`` if the process at the address can't prove it is the node that
@@ -60,13 +62,16 @@ class RemoteStage:
         if info is not None and why is not None:
             raise StageImpostor(why)
         reply = self.stub.InitStage(
-            molink_pb2.InitStageRequest(stage_config_json=config.to_json()), timeout=timeout
+            molink_pb2.InitStageRequest(
+                stage_config_json=config.to_json(), session=self.session, head_peer_id=head_peer_id
+            ),
+            timeout=timeout,
         )
         self.kv_cache_spec = codec.loads(reply.kv_cache_spec)
         self.available_kv_bytes = reply.available_kv_bytes
 
     def start(self, epoch: int, next_address: str, timeout: float, standby: bool = False) -> None:
-        """Allocate the planned KV cache; unless ``standby``, reset and wire it for ``epoch``."""
+        """Claim the planned KV blocks; unless ``standby``, reset and wire it for ``epoch``."""
         assert self.kv_cache_config is not None
         self.stub.StartStage(
             molink_pb2.StartStageRequest(
@@ -74,6 +79,7 @@ class RemoteStage:
                 next_address=next_address,
                 epoch=epoch,
                 standby=standby,
+                session=self.session,
             ),
             timeout=timeout,
         )
@@ -82,7 +88,9 @@ class RemoteStage:
         """Open the stream of this stage's results and errors for ``epoch``."""
         if self.results_call is not None:
             self.results_call.cancel()
-        self.results_call = self.stub.Results(molink_pb2.ResultsRequest(epoch=epoch))
+        self.results_call = self.stub.Results(
+            molink_pb2.ResultsRequest(epoch=epoch, session=self.session)
+        )
         return self.results_call
 
     def probe(self) -> str | None:

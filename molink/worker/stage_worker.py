@@ -23,8 +23,10 @@ from vllm.distributed.parallel_state import get_pp_group
 from vllm.logger import init_logger
 from vllm.sampling_params import SamplingType
 from vllm.sequence import IntermediateTensors
+from vllm.utils.platform_utils import is_pin_memory_available
 from vllm.v1.core.sched.output import GrammarOutput, SchedulerOutput
 from vllm.v1.outputs import ModelRunnerOutput
+from vllm.v1.sample.logits_processor import build_logitsprocs
 from vllm.v1.worker.gpu_input_batch import CachedRequestState
 from vllm.v1.worker.worker_base import WorkerWrapperBase
 
@@ -75,10 +77,12 @@ class StageHooks:
         sample: bool,
         grammar: Callable[[], GrammarOutput | None],
         snapshots: dict[str, RequestSnapshot] | None = None,
+        head: str = "",
     ) -> HostActivations | ModelRunnerOutput | None:
         """Run one scheduler output on this stage's layers.
 
         Args:
+            head: the session of the head whose step it is (see :meth:`use_batch_of`).
             snapshots: requests this step resumes that this stage may not hold (after a
                 pipeline failure); installed first, unless the stage already holds them.
             tensors: activations from the previous stage (``hidden_states``/``residual``,
@@ -91,6 +95,7 @@ class StageHooks:
             were scheduled; on the last stage the sampled ``ModelRunnerOutput``; the empty output
             when nothing was scheduled.
         """
+        self.use_batch_of(head)
         if snapshots:
             self._install(snapshots)
         intermediate = IntermediateTensors(tensors) if tensors is not None else None
@@ -137,6 +142,65 @@ class StageHooks:
             if runner.uses_mrope:
                 runner._init_mrope_positions(state)
 
+    def use_batch_of(self, head: str) -> None:
+        """Give the model runner the persistent batch and request states of ``head``'s steps.
+
+        The runner keeps one persistent batch whose rows follow the scheduler outputs it has
+        seen; a stage's activations arrive in the row order of the head's own stage 0, which saw
+        only that head's steps. A stage that several heads use therefore keeps one batch and one
+        request table per head and swaps them in before each step. The model, its KV cache and
+        the runner's per-step buffers are shared.
+        """
+        runner = self.model_runner
+        owner = getattr(self, "_batch_owner", None)
+        if owner == head:
+            return
+        if owner is None:  # the first head keeps the runner's own batch
+            self._batch_owner, self._other_batches = head, {}
+            return
+        self._other_batches[owner] = (runner.input_batch, runner.requests)
+        fresh = self._other_batches.pop(head, None) or (self._new_batch(), {})
+        runner.input_batch, runner.requests = fresh
+        self._batch_owner = head
+
+    def forget_batch_of(self, head: str) -> None:
+        """Drop a head's batch (after :meth:`reset_stage` forgot its requests)."""
+        if getattr(self, "_batch_owner", None) == head:
+            self._batch_owner = None  # the next head adopts the (empty) current batch
+        else:
+            getattr(self, "_other_batches", {}).pop(head, None)
+
+    def _new_batch(self) -> Any:
+        """An empty persistent batch like the runner's, with its own logits processors.
+
+        Built by vLLM's own ``may_reinitialize_input_batch``, which makes a new batch when the
+        block sizes it was made for differ from the KV cache's; forgetting them forces it.
+        """
+        runner = self.model_runner
+        own = runner.input_batch
+        runner._init_block_sizes = None
+        try:
+            runner.may_reinitialize_input_batch(runner.kv_cache_config)
+            fresh = runner.input_batch
+        finally:
+            runner.input_batch = own
+        custom = tuple(runner.model_config.logits_processors or ())
+        fresh.logitsprocs = build_logitsprocs(
+            runner.vllm_config,
+            runner.device,
+            is_pin_memory_available(),
+            runner.is_pooling_model,
+            custom,
+        )
+        return fresh
+
+    def requests_of(self, head: str) -> int:
+        """How many requests of ``head`` this stage holds (read from any thread)."""
+        if getattr(self, "_batch_owner", None) == head:
+            return len(self.model_runner.requests)
+        batch = getattr(self, "_other_batches", {}).get(head)
+        return len(batch[1]) if batch else 0
+
     def kv_blocks(self) -> tuple[int, int]:
         """(KV blocks held by the requests this stage knows, KV blocks allocated).
 
@@ -147,20 +211,24 @@ class StageHooks:
         config = getattr(runner, "kv_cache_config", None)
         if config is None:
             return 0, 0
-        for _ in range(3):
-            try:
-                states = list(runner.requests.values())
-                break
-            except RuntimeError:  # changed size during iteration
-                continue
-        else:
-            return 0, config.num_blocks
+        tables = [runner.requests] + [r for _, r in getattr(self, "_other_batches", {}).values()]
+        states = []
+        for table in tables:
+            for _ in range(3):
+                try:
+                    states += list(table.values())
+                    break
+                except RuntimeError:  # changed size during iteration
+                    continue
         used = {block for state in states for group in state.block_ids for block in group}
         return len(used), config.num_blocks
 
     @torch.inference_mode()
-    def reset_stage(self) -> None:
-        """Forget every request (after a pipeline failure), keeping weights and KV memory."""
+    def reset_stage(self, head: str | None = None) -> None:
+        """Forget every request of ``head`` (default: of the head whose batch is in use), after a
+        pipeline failure or when the head leaves; weights and KV memory are kept."""
+        if head is not None:
+            self.use_batch_of(head)
         runner = self.model_runner
         runner.execute_model_state = None
         reset = SchedulerOutput.make_empty()

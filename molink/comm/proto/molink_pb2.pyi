@@ -73,10 +73,14 @@ class NodeInfoRequest(_message.Message):
     def __init__(self, nonce: _Optional[bytes] = ...) -> None: ...
 
 class InitStageRequest(_message.Message):
-    __slots__ = ("stage_config_json",)
+    __slots__ = ("stage_config_json", "session", "head_peer_id")
     STAGE_CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    HEAD_PEER_ID_FIELD_NUMBER: _ClassVar[int]
     stage_config_json: str
-    def __init__(self, stage_config_json: _Optional[str] = ...) -> None: ...
+    session: str
+    head_peer_id: str
+    def __init__(self, stage_config_json: _Optional[str] = ..., session: _Optional[str] = ..., head_peer_id: _Optional[str] = ...) -> None: ...
 
 class InitStageReply(_message.Message):
     __slots__ = ("kv_cache_spec", "available_kv_bytes")
@@ -87,19 +91,21 @@ class InitStageReply(_message.Message):
     def __init__(self, kv_cache_spec: _Optional[bytes] = ..., available_kv_bytes: _Optional[int] = ...) -> None: ...
 
 class StartStageRequest(_message.Message):
-    __slots__ = ("kv_cache_config", "next_address", "epoch", "standby")
+    __slots__ = ("kv_cache_config", "next_address", "epoch", "standby", "session")
     KV_CACHE_CONFIG_FIELD_NUMBER: _ClassVar[int]
     NEXT_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     STANDBY_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
     kv_cache_config: bytes
     next_address: str
     epoch: int
     standby: bool
-    def __init__(self, kv_cache_config: _Optional[bytes] = ..., next_address: _Optional[str] = ..., epoch: _Optional[int] = ..., standby: _Optional[bool] = ...) -> None: ...
+    session: str
+    def __init__(self, kv_cache_config: _Optional[bytes] = ..., next_address: _Optional[str] = ..., epoch: _Optional[int] = ..., standby: _Optional[bool] = ..., session: _Optional[str] = ...) -> None: ...
 
 class Step(_message.Message):
-    __slots__ = ("step_id", "epoch", "scheduler_output", "sample", "grammar_output", "tensors", "error", "timings")
+    __slots__ = ("step_id", "epoch", "scheduler_output", "sample", "grammar_output", "tensors", "error", "timings", "session")
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     SCHEDULER_OUTPUT_FIELD_NUMBER: _ClassVar[int]
@@ -108,6 +114,7 @@ class Step(_message.Message):
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
     step_id: int
     epoch: int
     scheduler_output: bytes
@@ -116,7 +123,8 @@ class Step(_message.Message):
     tensors: _containers.RepeatedCompositeFieldContainer[Tensor]
     error: str
     timings: _containers.RepeatedCompositeFieldContainer[StageTiming]
-    def __init__(self, step_id: _Optional[int] = ..., epoch: _Optional[int] = ..., scheduler_output: _Optional[bytes] = ..., sample: _Optional[bool] = ..., grammar_output: _Optional[bytes] = ..., tensors: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., error: _Optional[str] = ..., timings: _Optional[_Iterable[_Union[StageTiming, _Mapping]]] = ...) -> None: ...
+    session: str
+    def __init__(self, step_id: _Optional[int] = ..., epoch: _Optional[int] = ..., scheduler_output: _Optional[bytes] = ..., sample: _Optional[bool] = ..., grammar_output: _Optional[bytes] = ..., tensors: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., error: _Optional[str] = ..., timings: _Optional[_Iterable[_Union[StageTiming, _Mapping]]] = ..., session: _Optional[str] = ...) -> None: ...
 
 class StepResult(_message.Message):
     __slots__ = ("step_id", "epoch", "model_runner_output", "error", "timings", "leaving")
@@ -135,7 +143,9 @@ class StepResult(_message.Message):
     def __init__(self, step_id: _Optional[int] = ..., epoch: _Optional[int] = ..., model_runner_output: _Optional[bytes] = ..., error: _Optional[str] = ..., timings: _Optional[_Iterable[_Union[StageTiming, _Mapping]]] = ..., leaving: _Optional[bool] = ...) -> None: ...
 
 class ResultsRequest(_message.Message):
-    __slots__ = ("epoch",)
+    __slots__ = ("epoch", "session")
     EPOCH_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
     epoch: int
-    def __init__(self, epoch: _Optional[int] = ...) -> None: ...
+    session: str
+    def __init__(self, epoch: _Optional[int] = ..., session: _Optional[str] = ...) -> None: ...
