@@ -246,6 +246,8 @@ class StageHost:
             session = self.sessions.get(session_id)
             if self.engine is None or session is None or session.config is None:
                 raise StageNotReady("StartStage before InitStage")
+            if not _same_worker(self.config, session.config):
+                raise StageNotReady("this node was rebuilt for another head since InitStage")
             if self.kv_cache_config is None:
                 self._allocate_kv(kv_cache_config.kv_cache_layout)
             why = _incompatible(kv_cache_config, self.kv_cache_config)
@@ -433,8 +435,10 @@ def _incompatible(head: KVCacheConfig, own: KVCacheConfig | None) -> str | None:
         return f"{head.num_blocks} blocks"
     if head.kv_cache_layout != own.kv_cache_layout:
         return f"layout {head.kv_cache_layout}, this stage's is {own.kv_cache_layout}"
-    mine = [(g.layer_names, g.kv_cache_spec) for g in own.kv_cache_groups]
-    theirs = [(g.layer_names, g.kv_cache_spec) for g in head.kv_cache_groups]
+    # Layers and block size must agree (block ids name the same tokens); the spec's dtype may
+    # not: a stage computing in another dtype keeps its own pages.
+    mine = [(g.layer_names, g.kv_cache_spec.block_size) for g in own.kv_cache_groups]
+    theirs = [(g.layer_names, g.kv_cache_spec.block_size) for g in head.kv_cache_groups]
     if mine != theirs:
-        return "its KV cache groups differ from this stage's"
+        return f"its KV cache groups (layers, block size) {theirs} differ from this stage's {mine}"
     return None
