@@ -38,7 +38,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from link_emulator import LinkSpec  # noqa: E402
-from loadgen import make_prompts, run_load  # noqa: E402
+from loadgen import make_prompts, measure_rounds, run_load  # noqa: E402
 from swarm import Swarm, SwarmSpec, demo_model, plain_vllm  # noqa: E402
 
 SERVED_NAME = "bench"
@@ -136,14 +136,9 @@ def measure_throughput(
     prompts = make_prompts(num_requests, args.input_len, (100, 20000), seed=1)
     if warm_up:
         burst(url, prompts[: max(2, len(prompts) // 4)], 16)  # not counted
-    rounds = []
-    for i in range(num_rounds):
-        r = burst(url, prompts, args.output_len)
-        log(f"    {num_requests} concurrent, round {i + 1}/{num_rounds}: "
-            f"{r['output_throughput_tok_s']:.1f} tok/s, {r['failed']} failed")  # fmt: skip
-        rounds.append(r)
-    ordered = sorted(rounds, key=lambda r: r["output_throughput_tok_s"])
-    median = ordered[len(ordered) // 2]
+    rounds, median = measure_rounds(
+        lambda: burst(url, prompts, args.output_len), num_rounds, f"{num_requests} concurrent"
+    )
     return {
         "output_throughput_tok_s": statistics.median(r["output_throughput_tok_s"] for r in rounds),
         "ttft_p50_ms": median["ttft_ms"]["p50"],

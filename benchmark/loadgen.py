@@ -21,6 +21,7 @@ import random
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -141,6 +142,22 @@ def summarize(results: list[RequestResult], duration: float) -> dict:
         "itl_ms": percentiles([gap for r in ok for gap in r.itl]),
         "e2e_ms": percentiles([r.e2e for r in ok]),
     }
+
+
+def measure_rounds(
+    run_round: Callable[[], dict], num_rounds: int, label: str
+) -> tuple[list[dict], dict]:
+    """Run ``num_rounds`` rounds of load (each a :func:`summarize`-like dict with
+    ``output_throughput_tok_s`` and ``failed``), logging each as ``label``; returns every round
+    and the median one by throughput."""
+    rounds = []
+    for i in range(num_rounds):
+        r = run_round()
+        print(f"    {label}, round {i + 1}/{num_rounds}: {r['output_throughput_tok_s']:.1f} "
+              f"tok/s, {r['failed']} failed", file=sys.stderr, flush=True)  # fmt: skip
+        rounds.append(r)
+    ordered = sorted(rounds, key=lambda r: r["output_throughput_tok_s"])
+    return rounds, ordered[len(ordered) // 2]
 
 
 async def run_load(

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from loadgen import make_prompts, run_load  # noqa: E402
+from loadgen import make_prompts, measure_rounds, run_load  # noqa: E402
 from swarm import Swarm, SwarmSpec, demo_model  # noqa: E402
 
 SERVED_NAME = "bench"
@@ -59,14 +59,10 @@ async def load(urls: list[str], prompts: list[list[int]], output_len: int) -> di
 def measure(urls: list[str], args: argparse.Namespace) -> dict:
     prompts = make_prompts(args.streams, args.input_len, (100, 20000), seed=1)
     asyncio.run(load(urls, prompts[: max(len(urls), len(prompts) // 4)], 16))  # warm-up
-    rounds = []
-    for i in range(args.rounds):
-        r = asyncio.run(load(urls, prompts, args.output_len))
-        log(f"  {len(urls)} head(s), round {i + 1}/{args.rounds}: "
-            f"{r['output_throughput_tok_s']:.1f} tok/s, {r['failed']} failed")  # fmt: skip
-        rounds.append(r)
-    ordered = sorted(rounds, key=lambda r: r["output_throughput_tok_s"])
-    median = ordered[len(ordered) // 2]
+    rounds, median = measure_rounds(
+        lambda: asyncio.run(load(urls, prompts, args.output_len)), args.rounds,
+        f"{len(urls)} head(s)",
+    )  # fmt: skip
     return {
         "output_throughput_tok_s": statistics.median(r["output_throughput_tok_s"] for r in rounds),
         "tpot_p50_ms": [h["tpot_ms"]["p50"] for h in median["heads"]],
