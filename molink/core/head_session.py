@@ -1,4 +1,4 @@
-"""One head's use of a stage that several heads share: its KV region, requests, epoch and sink.
+"""One head's use of a stage that several heads share: its KV region, epoch, sink and links.
 
 A follower keeps one :class:`HeadSession` per head that uses it, keyed by a secret id the head
 makes at start and sends with every call and step. Steps of every session run on the stage's

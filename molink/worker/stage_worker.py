@@ -60,6 +60,9 @@ class StageHooks:
         super().load_model(load_dummy_weights=load_dummy_weights)
         runner = self.model_runner
         self.staging = ActivationStaging(runner.device)
+        # Heads' persistent batches (see use_batch_of): whose is in the runner, and the others.
+        self._batch_owner: str | None = None
+        self._other_batches: dict[str, tuple[Any, dict]] = {}
         # vLLM allocates this persistent buffer only in _dummy_run, which the CPU path skips
         # under enforce_eager; later stages copy received activations into it.
         if not get_pp_group().is_first_rank and runner.intermediate_tensors is None:
@@ -152,11 +155,11 @@ class StageHooks:
         the runner's per-step buffers are shared.
         """
         runner = self.model_runner
-        owner = getattr(self, "_batch_owner", None)
+        owner = self._batch_owner
         if owner == head:
             return
         if owner is None:  # the first head keeps the runner's own batch
-            self._batch_owner, self._other_batches = head, {}
+            self._batch_owner = head
             return
         self._other_batches[owner] = (runner.input_batch, runner.requests)
         fresh = self._other_batches.pop(head, None) or (self._new_batch(), {})
@@ -165,10 +168,10 @@ class StageHooks:
 
     def forget_batch_of(self, head: str) -> None:
         """Drop a head's batch (after :meth:`reset_stage` forgot its requests)."""
-        if getattr(self, "_batch_owner", None) == head:
+        if self._batch_owner == head:
             self._batch_owner = None  # the next head adopts the (empty) current batch
         else:
-            getattr(self, "_other_batches", {}).pop(head, None)
+            self._other_batches.pop(head, None)
 
     def _new_batch(self) -> Any:
         """An empty persistent batch like the runner's, with its own logits processors.
@@ -196,9 +199,9 @@ class StageHooks:
 
     def requests_of(self, head: str) -> int:
         """How many requests of ``head`` this stage holds (read from any thread)."""
-        if getattr(self, "_batch_owner", None) == head:
+        if self._batch_owner == head:
             return len(self.model_runner.requests)
-        batch = getattr(self, "_other_batches", {}).get(head)
+        batch = self._other_batches.get(head)
         return len(batch[1]) if batch else 0
 
     def kv_blocks(self) -> tuple[int, int]:
@@ -211,7 +214,7 @@ class StageHooks:
         config = getattr(runner, "kv_cache_config", None)
         if config is None:
             return 0, 0
-        tables = [runner.requests] + [r for _, r in getattr(self, "_other_batches", {}).values()]
+        tables = [runner.requests] + [r for _, r in self._other_batches.values()]
         states = []
         for table in tables:
             for _ in range(3):
@@ -224,11 +227,13 @@ class StageHooks:
         return len(used), config.num_blocks
 
     @torch.inference_mode()
-    def reset_stage(self, head: str | None = None) -> None:
-        """Forget every request of ``head`` (default: of the head whose batch is in use), after a
-        pipeline failure or when the head leaves; weights and KV memory are kept."""
-        if head is not None:
-            self.use_batch_of(head)
+    def reset_stage(self, head: str) -> None:
+        """Forget every request of ``head``, after a pipeline failure or when the head leaves;
+        weights and KV memory are kept. A head that never ran a step here has nothing to forget
+        (and gets no batch made for it)."""
+        if head != self._batch_owner and head not in self._other_batches:
+            return
+        self.use_batch_of(head)
         runner = self.model_runner
         runner.execute_model_state = None
         reset = SchedulerOutput.make_empty()
