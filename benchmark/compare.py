@@ -39,7 +39,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from link_emulator import LinkSpec  # noqa: E402
 from loadgen import make_prompts, measure_rounds, run_load  # noqa: E402
-from swarm import Swarm, SwarmSpec, demo_model, plain_vllm  # noqa: E402
+from swarm import Swarm, SwarmSpec, default_split, demo_model, plain_vllm  # noqa: E402
 
 SERVED_NAME = "bench"
 HEAVY_SETUPS = ("vllm", "molink2")  # also measured at --heavy-requests
@@ -301,6 +301,8 @@ def write_report(results: dict, args: argparse.Namespace) -> None:
         f"* Load: bursts of {args.num_requests} concurrent requests, {args.input_len} prompt / "
         f"{args.output_len} output tokens (random token ids, ignore_eos), one warm-up burst, "
         f"median of {args.rounds} rounds.",
+        f"* Layers: the spans `python -m molink.split_plan` prints (equal decode time per "
+        f"stage, the LM head counted): {results['layers']}.",
         f"* Emulated WAN: every hop (head → stage 1 → … → head) through a relay with "
         f"{args.delay_ms:g} ms one-way delay (far: {args.far_delay_ms:g} ms) and "
         f"{args.rate_mbit:g} Mbit/s (`benchmark/link_emulator.py`).",
@@ -436,6 +438,10 @@ def main() -> None:
         "hardware": hardware(),
         "model_name": Path(args.model).name,
         "command": "python benchmark/compare.py " + " ".join(sys.argv[1:]),
+        "layers": "; ".join(
+            f"{n} stages " + " | ".join(f"{a}-{b}" for a, b in default_split(args.model, n))
+            for n in sorted({setup.stages for setup in chosen if setup.stages})
+        ),
         "setups": {},
     }
     for setup in chosen:

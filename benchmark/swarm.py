@@ -4,7 +4,8 @@
     python benchmark/swarm.py --stages 2 --netns                             # one netns per node
 
 Every node is a separate ``molink.entrypoints.openai.api_server`` process in its own process
-group; the layers are split evenly unless ``--layers`` says otherwise. With ``--delay-ms``,
+group; the layers are split into stages of equal decode time (``python -m molink.split_plan``:
+the last stage's LM head counts) unless ``--layers`` says otherwise. With ``--delay-ms``,
 ``--jitter-ms`` or ``--rate-mbit``, each follower's gRPC port sits behind a link emulator
 (``benchmark/link_emulator.py``), so every hop of the pipeline (head -> stage 1 -> ... -> head)
 crosses one emulated link. Each node has its own address (``127.0.N.1`` on loopback, or its
@@ -51,7 +52,7 @@ class SwarmSpec:
 
     model: str
     stages: int = 2
-    layers: list[tuple[int, int]] | None = None  # default: an even split
+    layers: list[tuple[int, int]] | None = None  # default: equal decode time (split_plan)
     link: LinkSpec = field(default_factory=LinkSpec)
     netns: bool = False
     port: int = 8000  # the head's HTTP port
@@ -73,6 +74,28 @@ def even_split(num_layers: int, stages: int) -> list[tuple[int, int]]:
         raise ValueError(f"can't split {num_layers} layers into {stages} stages")
     bounds = [round(i * num_layers / stages) for i in range(stages + 1)]
     return [(bounds[i], bounds[i + 1] - 1) for i in range(stages)]
+
+
+def parse_spans(text: str) -> list[tuple[int, int]]:
+    """``"0-16,17-29"`` -> ``[(0, 16), (17, 29)]``."""
+    try:
+        spans = [tuple(int(x) for x in part.split("-")) for part in text.split(",")]
+    except ValueError:
+        spans = []
+    if not spans or any(len(s) != 2 or s[0] > s[1] for s in spans):
+        raise argparse.ArgumentTypeError(f"spans look like 0-16,17-29, not {text!r}")
+    return [(a, b) for a, b in spans]
+
+
+def default_split(model: str, stages: int) -> list[tuple[int, int]]:
+    """The spans users are told to deploy: equal decode time per stage, as
+    ``python -m molink.split_plan`` prints; an even split when the checkpoint can't be read."""
+    from molink.split_plan import decode_costs, plan
+
+    try:
+        return plan(decode_costs(model), stages)
+    except ValueError:
+        return even_split(num_hidden_layers(model), stages)
 
 
 def num_hidden_layers(model: str) -> int:
@@ -144,7 +167,7 @@ class Swarm:
 
     def __init__(self, spec: SwarmSpec) -> None:
         self.spec = spec
-        self.layers = spec.layers or even_split(num_hidden_layers(spec.model), spec.stages)
+        self.layers = spec.layers or default_split(spec.model, spec.stages)
         self.procs: list[subprocess.Popen] = []
         self.emulators: list[LinkEmulator] = []
         self.namespaces: list[str] = []
@@ -339,6 +362,12 @@ def main() -> None:
     )
     parser.add_argument("--model", default=None, help="model path (default: the demo model)")
     parser.add_argument("--stages", type=int, default=2, help="number of nodes (default 2)")
+    parser.add_argument(
+        "--layers",
+        type=parse_spans,
+        default=None,
+        help="the nodes' spans, e.g. 0-16,17-29 (default: equal decode time; overrides --stages)",
+    )
     parser.add_argument("--delay-ms", type=float, default=0.0, help="one-way delay per hop")
     parser.add_argument("--jitter-ms", type=float, default=0.0, help="± uniform jitter per hop")
     parser.add_argument("--rate-mbit", type=float, default=0.0, help="bandwidth per hop, 0=∞")
@@ -367,7 +396,8 @@ def main() -> None:
     node_args = args.node_args[1:] if args.node_args[:1] == ["--"] else args.node_args
     spec = SwarmSpec(
         model=args.model or demo_model(),
-        stages=args.stages,
+        stages=len(args.layers) if args.layers else args.stages,
+        layers=args.layers,
         link=LinkSpec(args.delay_ms, args.jitter_ms, args.rate_mbit),
         netns=args.netns,
         port=args.port,

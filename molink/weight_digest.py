@@ -154,9 +154,10 @@ def _digest(files: list[Path], num_layers: int, total: int) -> WeightDigests:
     groups: list[list[str]] = [[] for _ in range(num_layers)]
     other: list[str] = []
     for name in sorted(per_tensor):
-        m = _LAYER_RE.search(name)
-        layer = int(m.group(1)) if m else -1
-        (groups[layer] if 0 <= layer < num_layers else other).append(per_tensor[name])
+        layer = layer_of(name)
+        (groups[layer] if layer is not None and layer < num_layers else other).append(
+            per_tensor[name]
+        )
     return WeightDigests(
         layers=tuple(_combine(g) for g in groups),
         other=_combine(other),
@@ -167,21 +168,43 @@ def _combine(digests: Iterable[str]) -> str:
     return _short(hashlib.sha256("|".join(digests).encode()).hexdigest())
 
 
+def layer_of(tensor_name: str) -> int | None:
+    """The decoder layer a checkpoint tensor belongs to (None: embeddings, final norm, head)."""
+    m = _LAYER_RE.search(tensor_name)
+    return int(m.group(1)) if m else None
+
+
+def safetensors_files(model: str) -> list[Path]:
+    """The safetensors files of ``model``'s local checkpoint (empty when there are none)."""
+    folder = checkpoint_dir(model)
+    if folder is None:
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith(".safetensors"))
+
+
+def safetensors_header(f: BinaryIO, path: Path) -> tuple[dict[str, dict], int]:
+    """The tensors a safetensors file holds (name -> dtype, shape, data_offsets), and the
+    offset their data starts at; reads only the header of the open file ``f``."""
+    size = path.stat().st_size
+    raw = f.read(8)
+    if len(raw) != 8:
+        raise ValueError(f"{path} is not a safetensors file (too short)")
+    (header_len,) = struct.unpack("<Q", raw)
+    if not 0 < header_len <= min(_MAX_HEADER_BYTES, size - 8):
+        raise ValueError(f"{path} has a bad safetensors header length {header_len}")
+    header = json.loads(f.read(header_len))
+    header.pop("__metadata__", None)
+    return header, 8 + header_len
+
+
 def _safetensors_digests(path: Path, progress: _Progress) -> dict[str, str]:
     """sha256 of each tensor's name, dtype, shape and bytes, read through the file's header."""
     size = path.stat().st_size
     out = {}
     with path.open("rb") as f:
-        raw = f.read(8)
-        if len(raw) != 8:
-            raise ValueError(f"{path} is not a safetensors file (too short)")
-        (header_len,) = struct.unpack("<Q", raw)
-        if not 0 < header_len <= min(_MAX_HEADER_BYTES, size - 8):
-            raise ValueError(f"{path} has a bad safetensors header length {header_len}")
-        header = json.loads(f.read(header_len))
-        base = 8 + header_len
+        header, base = safetensors_header(f, path)
         tensors = sorted(
-            ((name, meta) for name, meta in header.items() if name != "__metadata__"),
+            header.items(),
             key=lambda item: item[1]["data_offsets"][0],
         )
         for name, meta in tensors:

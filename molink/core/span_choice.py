@@ -1,15 +1,18 @@
-"""Which layers a node without ``--serving_layers`` serves: where the swarm is thinnest.
+"""Which layers a node serves: where the swarm is thinnest, or an equal-time split.
 
 Petals' block selection (``petals/server/block_selection.py``): a joining node sums what the
 swarm already serves per layer and takes the contiguous window whose values, sorted ascending,
 are lexicographically smallest, so it covers the weakest layers first: an uncovered layer (0)
 before any covered one, a layer served once before one served twice. Pure functions over
 numbers; :mod:`molink.engine.node` reads the announcements and applies the choice.
+
+:func:`balanced_split` plans a whole pipeline instead: contiguous spans whose decode steps take
+equal time, given each layer's cost and the last stage's LM head (:mod:`molink.split_plan`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 
 def coverage(num_layers: int, spans: Iterable[tuple[int, int, float]]) -> list[float]:
@@ -63,3 +66,41 @@ def needs_move(served_by_others: list[float], span: tuple[int, int], first: int)
     duplicate = all(v > 0 for v in served_by_others[start : end + 1])
     gap = any(v == 0 for v in served_by_others[first:])
     return duplicate and gap
+
+
+def balanced_split(
+    layer_costs: Sequence[float], last_stage_cost: float, stages: int
+) -> list[tuple[int, int]]:
+    """``stages`` contiguous inclusive spans over the layers that minimize the slowest stage.
+
+    A stage costs the sum of its layers' costs; the last one also ``last_stage_cost`` (the LM
+    head and sampling). In a pipeline every stage runs every micro-batch, so the slowest stage
+    sets the decode rate. Ties go to the split whose stages are most even in layer count.
+    Exact (dynamic programming over the split points).
+    """
+    n = len(layer_costs)
+    if not 1 <= stages <= n:
+        raise ValueError(f"can't split {n} layers into {stages} stages")
+    prefix = [0.0]
+    for cost in layer_costs:
+        prefix.append(prefix[-1] + cost)
+    # best[s][i]: (slowest stage, sum of squared span sizes) covering layers [0, i) with s stages
+    inf = (float("inf"), float("inf"))
+    best = [[inf] * (n + 1) for _ in range(stages + 1)]
+    cut = [[0] * (n + 1) for _ in range(stages + 1)]
+    best[0][0] = (0.0, 0.0)
+    for s in range(1, stages + 1):
+        extra = last_stage_cost if s == stages else 0.0
+        for i in range(s, n - (stages - s) + 1):
+            for j in range(s - 1, i):
+                slowest, squares = best[s - 1][j]
+                key = (max(slowest, prefix[i] - prefix[j] + extra), squares + (i - j) ** 2)
+                if key < best[s][i]:
+                    best[s][i], cut[s][i] = key, j
+    spans: list[tuple[int, int]] = []
+    end = n
+    for s in range(stages, 0, -1):
+        start = cut[s][end]
+        spans.append((start, end - 1))
+        end = start
+    return spans[::-1]

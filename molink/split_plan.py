@@ -1,0 +1,115 @@
+"""Which ``--serving_layers`` to give each node so that every stage takes the same time per step.
+
+In a pipeline each micro-batch passes every stage, so the slowest stage sets the decode rate.
+An even split of the layers is not even in time: the last stage also runs the LM head (a
+``vocab × hidden`` matrix multiply per sampled token) and the sampler. For SmolLM2-135M the
+head is as large as eight of its thirty layers; for 7B-class models, two to three layers.
+
+The cost of a decode step is modelled per layer as its parameter count (read from the
+safetensors headers; nothing is loaded), plus a fixed per-layer overhead for the work that
+isn't a weight multiply (attention, norms, rotary, the framework's per-op cost). The last
+stage adds ``vocab_size × hidden_size`` for the LM head. :func:`~molink.core.span_choice.
+balanced_split` then picks the spans that minimize the slowest stage.
+
+The overhead's default was measured on the 2-core test machine (``benchmark/compare.py
+--trace``, SmolLM2-135M in float32, 16 tokens per micro-batch): a layer's non-GEMM work took
+as long as about 3.5M parameters of GEMM, so there the LM head costs 4 layers, not 8. It
+matters for small models only; set ``--layer-overhead`` from your own trace.
+
+``python -m molink.split_plan --model M --nodes 3`` prints one span per node, in chain order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import dataclass
+
+from molink.core.span_choice import balanced_split
+from molink.weight_digest import checkpoint_dir, layer_of, safetensors_files, safetensors_header
+
+#: Parameter-equivalents of a decoder layer's work besides its weight GEMMs (see module doc).
+LAYER_OVERHEAD_PARAMS = 3.5e6
+
+
+@dataclass(frozen=True)
+class DecodeCosts:
+    """A decode step's cost per token, in parameter-equivalents."""
+
+    layers: tuple[float, ...]  # per decoder layer, overhead included
+    lm_head: float  # on the last stage only
+
+    def stage(self, start: int, end: int, last: bool) -> float:
+        return sum(self.layers[start : end + 1]) + (self.lm_head if last else 0.0)
+
+
+def decode_costs(model: str, layer_overhead: float = LAYER_OVERHEAD_PARAMS) -> DecodeCosts:
+    """``model``'s per-layer decode costs, from its local checkpoint's config and headers.
+
+    Raises ValueError when the checkpoint isn't local or its config lacks the sizes needed.
+    Layers with no safetensors tensors (other formats) count as the mean of those found, or
+    as equal when none is found.
+    """
+    folder = checkpoint_dir(model)
+    if folder is None or not (folder / "config.json").is_file():
+        raise ValueError(f"no local checkpoint with a config.json for {model}")
+    config = json.loads((folder / "config.json").read_text())
+    config = config.get("text_config") or config
+    try:
+        num_layers = int(config["num_hidden_layers"])
+        lm_head = float(config["vocab_size"]) * float(config["hidden_size"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{model}: config.json lacks the layer count or sizes ({e})") from e
+    params = [0.0] * num_layers
+    for path in safetensors_files(model):
+        with path.open("rb") as f:
+            header, _ = safetensors_header(f, path)
+        for name, meta in header.items():
+            layer = layer_of(name)
+            if layer is not None and layer < num_layers:
+                params[layer] += math.prod(meta["shape"])
+    found = [p for p in params if p]
+    fill = sum(found) / len(found) if found else 1.0
+    layers = tuple((p or fill) + layer_overhead for p in params)
+    return DecodeCosts(layers=layers, lm_head=lm_head)
+
+
+def plan(costs: DecodeCosts, nodes: int) -> list[tuple[int, int]]:
+    """One inclusive ``(start, end)`` span per node, in chain order, equal in decode time."""
+    return balanced_split(costs.layers, costs.lm_head, nodes)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m molink.split_plan",
+        description="Print the --serving_layers of each node for stages of equal decode time.",
+    )
+    parser.add_argument("--model", required=True, help="local checkpoint folder or Hub id")
+    parser.add_argument("--nodes", type=int, required=True, help="pipeline stages")
+    parser.add_argument(
+        "--layer-overhead",
+        type=float,
+        default=LAYER_OVERHEAD_PARAMS,
+        help="parameter-equivalents of a layer's non-GEMM work (default %(default).3g)",
+    )
+    args = parser.parse_args(argv)
+    try:
+        costs = decode_costs(args.model, args.layer_overhead)
+        spans = plan(costs, args.nodes)
+    except ValueError as e:
+        parser.error(str(e))
+    total = costs.stage(0, len(costs.layers) - 1, last=True)
+    for i, (start, end) in enumerate(spans):
+        share = costs.stage(start, end, last=i == len(spans) - 1) / total
+        role = "head" if i == 0 else f"node {i}"
+        sys.stdout.write(
+            f"{role:<8} --serving_layers {start},{end}   "
+            f"({end - start + 1} layers, {share:.0%} of a decode step)\n"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
