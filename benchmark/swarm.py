@@ -15,11 +15,11 @@ follower with ``--netns``), so the head sees every follower as a separate host. 
 through real network stacks. The link emulator is a user-space relay because the sandbox kernels
 here have no ``netem`` qdisc.
 
-Nodes are separate machines by default: each one's OpenMP threads are bound to its own cores
-(``VLLM_CPU_OMP_THREADS_BIND``; the machine's cores are dealt out round-robin, so with more nodes
-than cores some share one, which ``describe()`` says). ``--shared-cores`` models one machine
-running every stage instead: no binding, every node's threads on every core, every node on
-127.0.0.1. Everything
+Nodes are separate machines by default: each node's process is pinned to its own cores
+(``taskset``, and ``OMP_NUM_THREADS`` set to their count; the machine's cores are dealt out
+round-robin, so with more nodes than cores some share one, which ``describe()`` says).
+``--shared-cores`` models one machine running every stage instead: no pinning, every node's
+threads on every core, every node on 127.0.0.1. Everything
 started is stopped on exit, Ctrl-C and errors included. ``Swarm`` is also used as a library by
 ``benchmark/compare.py``.
 """
@@ -196,6 +196,17 @@ class Swarm:
         mine = [c for c in range(cores) if c % n == i % n] if n <= cores else [i % cores]
         return mine
 
+    def launch_prefix(self, i: int) -> list[str]:
+        """What node ``i``'s command runs under: its network namespace, and ``taskset`` pinning
+        the whole process (compute, gRPC and HTTP threads alike) to its cores, as on a machine
+        of its own. (vLLM 0.32 applies ``VLLM_CPU_OMP_THREADS_BIND`` only to workers its
+        multiprocessing executor spawns; a MoLink stage's worker runs inside the node.)"""
+        cores = self.node_cores(i)
+        prefix = ["taskset", "-c", ",".join(map(str, cores))] if cores is not None else []
+        if self.spec.netns:
+            prefix = ["ip", "netns", "exec", self.namespaces[i], *prefix]
+        return prefix
+
     def node_env(self, i: int) -> dict[str, str]:
         """Environment of node ``i``: its thread binding on top of ``spec.env`` (and
         ``spec.head_env`` for heads)."""
@@ -271,14 +282,12 @@ class Swarm:
             args += spec.head_args
         else:
             args += ["--initial_peer", f"{self.node_host(0)}:{spec.grpc_base_port}"]
-        cmd = [sys.executable, "-m", "molink.entrypoints.openai.api_server", *args]
-        if spec.netns:
-            cmd = ["ip", "netns", "exec", self.namespaces[i], *cmd]
+        cmd = [*self.launch_prefix(i), sys.executable, "-m", "molink.entrypoints.openai.api_server"]
         log = open(spec.log_dir / f"node{i}.log", "w")  # noqa: SIM115 (closed with the process)
         env = {**os.environ, **self.node_env(i)}
         self.procs.append(
             subprocess.Popen(
-                cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+                [*cmd, *args], stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
             )
         )
 

@@ -3,7 +3,8 @@
 In a pipeline each micro-batch passes every stage, so the slowest stage sets the decode rate.
 An even split of the layers is not even in time: the last stage also runs the LM head (a
 ``vocab × hidden`` matrix multiply per sampled token) and the sampler. For SmolLM2-135M the
-head is as large as eight of its thirty layers; for 7B-class models, two to three layers.
+head is as large as eight of its thirty layers; for 7B-class models, half a layer (32k
+vocabularies) to two and a half (128k-152k).
 
 The cost of a decode step is modelled per layer as its parameter count (read from the
 safetensors headers; nothing is loaded), plus a fixed per-layer overhead for the work that

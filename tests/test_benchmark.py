@@ -180,12 +180,14 @@ def test_benchmark_swarm_nodes_are_separate_machines(tmp_path):
 
     two = swarm(2, link=LinkSpec(delay_ms=20))
     assert [two.node_env(i)["VLLM_CPU_OMP_THREADS_BIND"] for i in range(2)] == ["0", "1"]
+    assert [two.launch_prefix(i) for i in range(2)] == [["taskset", "-c", c] for c in "01"]
     assert "cores 0 | 1" in two.describe()
     three = swarm(3)
     assert [three.node_cores(i) for i in range(3)] == [[0], [1], [0]]
     assert "some share one" in three.describe()
     shared = swarm(2, shared_cores=True)
     assert shared.node_env(1)["VLLM_CPU_OMP_THREADS_BIND"] == "nobind"
+    assert shared.launch_prefix(1) == []
     assert "one machine (shared cores)" in shared.describe()
     # Each node, and the link emulator in front of it, has its own address: separate hosts.
     assert [three.node_host(i) for i in range(3)] == ["127.0.0.1", "127.0.1.1", "127.0.2.1"]
