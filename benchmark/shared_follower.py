@@ -3,11 +3,12 @@
     python benchmark/shared_follower.py           # demo model, -> resources/shared_follower.md
     python benchmark/shared_follower.py --quick   # a few tiny requests (smoke test)
 
-A 2-stage swarm of the demo model (``benchmark/swarm.py``: the head on layers 0-14, the follower
-on 15-29, each on its own cores and address). First the head alone serves ``--streams`` concurrent
-requests; then a second head joins (layers 0-14, on the first head's cores: the heads' machine is
-shared, the follower's isn't) and each head serves half of them at the same time, through the one
-follower. Each setup gets a warm-up burst and ``--rounds`` rounds; the median round is reported.
+A 2-stage swarm of the demo model (``benchmark/swarm.py``: the head and the follower on the spans
+``python -m molink.split_plan`` prints, each on its own cores and address). First the head alone
+serves ``--streams`` concurrent requests; then a second head joins (the head's span, on the
+first head's cores: the heads' machine is shared, the follower's isn't) and each head serves half
+of them at the same time, through the one follower. Each setup gets a warm-up burst and
+``--rounds`` rounds; the median round is reported.
 
 Reported: aggregate output tok/s of both setups and their ratio, and each head's TPOT p50. The
 follower has ``--follower-kv-gib`` of KV cache, each head ``--head-kv-gib``.
@@ -115,6 +116,7 @@ def main() -> None:
     )
     with Swarm(spec) as swarm:
         log(f"one head: {swarm.describe()}")
+        spans = " | ".join(f"{a}-{b}" for a, b in swarm.layers)
         alone = measure([swarm.base_url], args)
         log("a second head joins")
         shared = measure([swarm.base_url, swarm.add_head()], args)
@@ -126,13 +128,14 @@ def main() -> None:
         "one_head": alone,
         "two_heads": shared,
         "ratio": ratio,
+        "layers": spans,
     }
     (args.output_dir / "shared_follower.json").write_text(json.dumps(results, indent=2) + "\n")
     half = args.streams // 2
     lines = [
         f"# Two heads sharing one follower ({results['date']})",
         "",
-        f"Model {results['model']}, 2 stages (layers 0-14 | 15-29), {args.input_len}-token "
+        f"Model {results['model']}, 2 stages (layers {spans}), {args.input_len}-token "
         f"prompts, {args.output_len} output tokens, median of {args.rounds} rounds. "
         f"Command: `{results['command']}`",
         "",

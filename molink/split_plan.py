@@ -43,15 +43,16 @@ class DecodeCosts:
     lm_head: float  # on the last stage only
 
     def stage(self, start: int, end: int, last: bool) -> float:
+        """The cost of a stage serving ``start..end`` (inclusive); ``last``: it has the head."""
         return sum(self.layers[start : end + 1]) + (self.lm_head if last else 0.0)
 
 
 def decode_costs(model: str, layer_overhead: float = LAYER_OVERHEAD_PARAMS) -> DecodeCosts:
     """``model``'s per-layer decode costs, from its local checkpoint's config and headers.
 
-    Raises ValueError when the checkpoint isn't local or its config lacks the sizes needed.
-    Layers with no safetensors tensors (other formats) count as the mean of those found, or
-    as equal when none is found.
+    Raises ValueError when the checkpoint isn't local, its config lacks the sizes needed, or
+    it has no safetensors weights to size its layers by. A layer without tensors of its own
+    counts as the mean of those found.
     """
     folder = checkpoint_dir(model)
     if folder is None or not (folder / "config.json").is_file():
@@ -72,7 +73,9 @@ def decode_costs(model: str, layer_overhead: float = LAYER_OVERHEAD_PARAMS) -> D
             if layer is not None and layer < num_layers:
                 params[layer] += math.prod(meta["shape"])
     found = [p for p in params if p]
-    fill = sum(found) / len(found) if found else 1.0
+    if not found:
+        raise ValueError(f"{model}: no safetensors weights to size its layers by")
+    fill = sum(found) / len(found)
     layers = tuple((p or fill) + layer_overhead for p in params)
     return DecodeCosts(layers=layers, lm_head=lm_head)
 

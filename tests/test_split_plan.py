@@ -71,3 +71,13 @@ def test_cli_refuses_what_it_cant_plan(tmp_path: Path, capsys: pytest.CaptureFix
     with pytest.raises(SystemExit):
         main(["--model", model, "--nodes", str(LAYERS + 1)])
     assert f"can't split {LAYERS} layers into {LAYERS + 1} stages" in capsys.readouterr().err
+
+
+def test_a_checkpoint_without_safetensors_is_refused(tmp_path: Path) -> None:
+    folder = tmp_path / "gguf"
+    folder.mkdir()
+    (folder / "config.json").write_text(
+        json.dumps({"num_hidden_layers": 2, "hidden_size": 8, "vocab_size": 8})
+    )
+    with pytest.raises(ValueError, match="no safetensors weights"):
+        decode_costs(str(folder))
