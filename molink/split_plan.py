@@ -65,7 +65,7 @@ def decode_costs(model: str, layer_overhead: float = LAYER_OVERHEAD_PARAMS) -> D
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{model}: config.json lacks the layer count or sizes ({e})") from e
     params = [0.0] * num_layers
-    for path in safetensors_files(model):
+    for path in safetensors_files(folder):
         with path.open("rb") as f:
             header, _ = safetensors_header(f, path)
         for name, meta in header.items():

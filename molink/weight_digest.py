@@ -174,11 +174,8 @@ def layer_of(tensor_name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def safetensors_files(model: str) -> list[Path]:
-    """The safetensors files of ``model``'s local checkpoint (empty when there are none)."""
-    folder = checkpoint_dir(model)
-    if folder is None:
-        return []
+def safetensors_files(folder: Path) -> list[Path]:
+    """The safetensors files in a checkpoint folder (empty when there are none)."""
     return sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith(".safetensors"))
 
 
