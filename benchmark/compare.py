@@ -7,7 +7,8 @@ Setups (one at a time, same model, same flags, same cores): plain vLLM; MoLink w
 stages on loopback; 2 and 3 stages with every hop behind an emulated link (``--delay-ms``,
 ``--rate-mbit``) and 2 stages behind a far one (``--far-delay-ms``); MoLink setups with
 micro-batching on (``--max-micro-batches`` default) and off (``--max-micro-batches 1``). vLLM and
-2-stage loopback are also loaded with ``--heavy-requests`` concurrent requests. MoLink nodes are
+2-stage loopback are also loaded with ``--heavy-requests`` concurrent requests, and compared once
+more in paired rounds (both servers up, rounds alternating; ``--paired-rounds``). MoLink nodes are
 separate machines: each node's threads are bound to its own cores (``benchmark/swarm.py``); one
 labelled setup runs 2 stages on one machine (shared cores). For each: a warm-up burst (not
 counted), then ``--rounds`` bursts of ``--num-requests`` concurrent requests; the median round is
@@ -43,6 +44,8 @@ from swarm import Swarm, SwarmSpec, default_split, demo_model, plain_vllm  # noq
 
 SERVED_NAME = "bench"
 HEAVY_SETUPS = ("vllm", "molink2")  # also measured at --heavy-requests
+PAIRED = "paired"  # the --only key of the paired vLLM / MoLink rounds
+PAIRED_VLLM_PORT_OFFSET = 50  # vLLM's HTTP port beside a swarm's, in the paired rounds
 
 
 @dataclass(frozen=True)
@@ -81,7 +84,8 @@ def setups(link: LinkSpec, far: LinkSpec) -> list[Setup]:
 
 # ---------------------------------------------------------------- servers
 @contextlib.contextmanager
-def server(setup: Setup, args: argparse.Namespace) -> Iterator[str]:
+def server(setup: Setup, args: argparse.Namespace, port: int | None = None) -> Iterator[str]:
+    port = port or args.port
     common = ["--served-model-name", SERVED_NAME, *args.engine_args]
     log_dir = args.output_dir / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -90,7 +94,7 @@ def server(setup: Setup, args: argparse.Namespace) -> Iterator[str]:
         # The KV cache of two 1-GiB stages: 128 streams of 256 tokens don't fit in one GiB.
         env = {"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CPU_OMP_THREADS_BIND": "0-1"}
         log = log_dir / f"{setup.key}.log"
-        with plain_vllm(args.model, common, args.port, log, env) as url:
+        with plain_vllm(args.model, common, port, log, env) as url:
             yield url
         return
     node_args = [*common, "--wire_dtype", args.wire_dtype]
@@ -101,7 +105,7 @@ def server(setup: Setup, args: argparse.Namespace) -> Iterator[str]:
         model=args.model,
         stages=setup.stages,
         link=setup.link,
-        port=args.port,
+        port=port,
         node_args=node_args,
         head_args=head_args,
         env={"VLLM_CPU_KVCACHE_SPACE": "1"},
@@ -148,6 +152,56 @@ def measure_throughput(
         "failed": sum(r["failed"] for r in rounds),
         "rounds": rounds,
     }
+
+
+def measure_paired(args: argparse.Namespace) -> dict:
+    """vLLM and MoLink 2 stages on loopback, both up, loaded in alternating rounds.
+
+    This VM's speed drifts by tens of percent within minutes (the same offline vLLM decode step
+    took 179 and 200 ms ten minutes apart), so the ratio of two setups measured one after the
+    other partly measures the drift. Here the idle server waits on its queue while the other is
+    loaded, rounds alternate in ABBA order, and each pair of rounds gives one ratio.
+    """
+    vllm = Setup("paired_vllm", "vLLM, one node")
+    molink = Setup("paired_molink2", "MoLink 2 stages, loopback", 2)
+    loads = [(args.num_requests, args.paired_rounds)]
+    if args.heavy_requests:
+        loads.append((args.heavy_requests, max(2, args.paired_rounds // 2)))
+    results = {}
+    with (
+        server(vllm, args, args.port + PAIRED_VLLM_PORT_OFFSET) as vllm_url,
+        server(molink, args) as molink_url,
+    ):
+        urls = {"vllm": vllm_url, "molink2": molink_url}
+        for num_requests, num_rounds in loads:
+            prompts = make_prompts(num_requests, args.input_len, (100, 20000), seed=1)
+            for url in urls.values():
+                burst(url, prompts[: max(2, num_requests // 4)], 16)  # warm-up, not counted
+            pairs = []
+            for i in range(num_rounds):
+                pair = {}
+                for key in sorted(urls, reverse=i % 2 == 1):  # ABBA: drift cancels out
+                    r = burst(urls[key], prompts, args.output_len)
+                    pair[key] = {
+                        "output_throughput_tok_s": r["output_throughput_tok_s"],
+                        "tpot_p50_ms": r["tpot_ms"]["p50"],
+                        "failed": r["failed"],
+                    }
+                ratio = (
+                    pair["molink2"]["output_throughput_tok_s"]
+                    / pair["vllm"]["output_throughput_tok_s"]
+                )
+                pairs.append({**pair, "ratio": ratio})
+                log(
+                    f"    {num_requests} concurrent, pair {i + 1}/{num_rounds}: vLLM "
+                    f"{pair['vllm']['output_throughput_tok_s']:.1f}, MoLink "
+                    f"{pair['molink2']['output_throughput_tok_s']:.1f} tok/s ({ratio:.2f})"
+                )
+            results[str(num_requests)] = {
+                "median_ratio": statistics.median(p["ratio"] for p in pairs),
+                "pairs": pairs,
+            }
+    return results
 
 
 async def _prompt_during_streams(url: str, args: argparse.Namespace, with_prompt: bool) -> dict:
@@ -256,7 +310,7 @@ def write_report(results: dict, args: argparse.Namespace) -> None:
     t = {k: r["output_throughput_tok_s"] for k, r in rows.items()}
     tpot = {k: r["tpot_p50_ms"] for k, r in rows.items()}
     for a, b, what, values in [
-        ("molink2", "vllm", "2 stages loopback / vLLM, tok/s (target ≥ 0.95)", t),
+        ("molink2", "vllm", "2 stages loopback / vLLM, separate runs, tok/s (target ≥ 0.95)", t),
         ("molink2_wan", "molink2", "2 stages emulated WAN / loopback, tok/s (target ≥ 0.9)", t),
         ("molink2_wan", "molink2", "2 stages emulated WAN / loopback, TPOT p50 (target ≤ 1.15)",
          tpot),
@@ -271,8 +325,18 @@ def write_report(results: dict, args: argparse.Namespace) -> None:
             ratios.append(f"* {what}: **{values[a] / values[b]:.2f}**")
     if heavy.get("molink2") and heavy_base:
         ratios.append(
-            f"* 2 stages loopback / vLLM at {args.heavy_requests} concurrent, tok/s (target ≥ "
-            f"0.95): **{heavy['molink2']['output_throughput_tok_s'] / heavy_base:.2f}**"
+            f"* 2 stages loopback / vLLM at {args.heavy_requests} concurrent, separate runs, tok/s "
+            f"(target ≥ 0.95): **{heavy['molink2']['output_throughput_tok_s'] / heavy_base:.2f}**"
+        )
+    for num_requests, paired in results.get("paired", {}).items():
+        each = ", ".join(
+            f"{p['molink2']['output_throughput_tok_s']:.1f}/{p['vllm']['output_throughput_tok_s']:.1f}"
+            for p in paired["pairs"]
+        )
+        ratios.append(
+            f"* 2 stages loopback / vLLM at {num_requests} concurrent, paired rounds (both up, "
+            f"alternating; target ≥ 0.95): **{paired['median_ratio']:.2f}** median of "
+            f"{len(paired['pairs'])} pairs (MoLink/vLLM tok/s: {each})"
         )
     lp = results.get("long_prompt")
     if lp:
@@ -388,7 +452,12 @@ def main() -> None:
     )
     parser.add_argument("--model", default=None, help="model path (default: the demo model)")
     parser.add_argument("--output-dir", type=Path, default=Path("resources"))
-    parser.add_argument("--only", nargs="*", default=None, help="setup keys to run (default all)")
+    parser.add_argument(
+        "--only",
+        nargs="*",
+        default=None,
+        help=f"setup keys to run, '{PAIRED}' for the paired rounds (default all)",
+    )
     parser.add_argument("--num-requests", type=int, default=32)
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=128)
@@ -401,6 +470,13 @@ def main() -> None:
         type=int,
         default=128,
         help="also load vLLM and 2-stage loopback with this many concurrent requests (0: off)",
+    )
+    parser.add_argument(
+        "--paired-rounds",
+        type=int,
+        default=4,
+        help="pairs of alternating vLLM / MoLink 2-stage rounds at --num-requests (half as many, "
+        "at least 2, at --heavy-requests); 0: off",
     )
     parser.add_argument("--wire-dtype", default="float16")
     parser.add_argument("--long-prompt-len", type=int, default=1000)
@@ -426,6 +502,7 @@ def main() -> None:
     if args.quick:
         args.num_requests, args.input_len, args.output_len, args.rounds = 3, 16, 8, 1
         args.heavy_requests = 6
+        args.paired_rounds = min(args.paired_rounds, 2)
         args.long_prompt_len, args.streams, args.stream_output_len = 64, 2, 24
         args.prompt_delay = 0.5
     args.model = args.model or demo_model()
@@ -461,6 +538,10 @@ def main() -> None:
             row["step_breakdown_ms"] = trace_breakdown(setup, args)
         results["setups"][setup.key] = {"label": setup.label, **row}
         log(f"    {row['output_throughput_tok_s']:.1f} tok/s")
+        write_report(results, args)
+    if args.paired_rounds and (args.only is None or PAIRED in args.only):
+        log("== vLLM and MoLink 2 stages, loopback, paired rounds")
+        results["paired"] = measure_paired(args)
         write_report(results, args)
     log(f"wrote {args.output_dir}/benchmark.md, .json, .png")
 

@@ -122,6 +122,7 @@ def test_compare_quick_run(demo_model, tmp_path):
             "--only",
             "vllm",
             "molink3_wan",
+            "paired",
             "--output-dir",
             str(tmp_path),
             "--trace",
@@ -144,6 +145,12 @@ def test_compare_quick_run(demo_model, tmp_path):
     assert results["setups"]["vllm"]["heavy"]["failed"] == 0  # --heavy-requests, quick: 6
     assert "At 6 concurrent requests" in table
     assert (tmp_path / "benchmark.png").read_bytes()[:4] == b"\x89PNG"
+    paired = results["paired"]  # vLLM and 2 stages up together, rounds alternating
+    assert set(paired) == {"3", "6"}
+    for load in paired.values():
+        assert len(load["pairs"]) == 2 and load["median_ratio"] > 0
+        assert all(p[k]["failed"] == 0 for p in load["pairs"] for k in ("vllm", "molink2"))
+    assert "at 3 concurrent, paired rounds" in table
 
 
 def _echo_once(server: socket.socket) -> None:
