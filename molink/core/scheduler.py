@@ -30,7 +30,7 @@ from typing import Any
 
 from vllm.logger import init_logger
 from vllm.v1.core.sched.interface import PauseState
-from vllm.v1.core.sched.output import SchedulerOutput
+from vllm.v1.core.sched.output import CachedRequestData, SchedulerOutput
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs
 from vllm.v1.outputs import ModelRunnerOutput
@@ -81,6 +81,18 @@ class PipelineScheduler(Scheduler):
         self._stage_losses: dict[str, int] = {}
         self._in_barrier = False
         self._failure_causes: dict[str, str] = {}
+
+    def _make_cached_request_data(self, *args: Any, **kwargs: Any) -> CachedRequestData:
+        """vLLM's, without ``all_token_ids``.
+
+        vLLM fills it with the whole token list of every request that missed the previous step.
+        With micro-batches in flight that is every request of every step, which the head would
+        encode and every stage decode, for a field only async scheduling reads (off:
+        ``PipelineExecutor.supports_async_scheduling``).
+        """
+        data = super()._make_cached_request_data(*args, **kwargs)
+        data.all_token_ids = {}
+        return data
 
     def _barrier(self, epoch: int) -> None:
         """First sight of failure ``epoch``: send what the broken chain held back to waiting."""
