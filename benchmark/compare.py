@@ -7,13 +7,14 @@ Setups (one at a time, same model, same flags, same cores): plain vLLM; MoLink w
 stages on loopback; 2 and 3 stages with every hop behind an emulated link (``--delay-ms``,
 ``--rate-mbit``) and 2 stages behind a far one (``--far-delay-ms``); MoLink setups with
 micro-batching on (``--max-micro-batches`` default) and off (``--max-micro-batches 1``). vLLM and
-2-stage loopback are also loaded with ``--heavy-requests`` concurrent requests, and compared once
-more in paired rounds (both servers up, rounds alternating; ``--paired-rounds``). MoLink nodes are
-separate machines: each node's threads are bound to its own cores (``benchmark/swarm.py``); one
-labelled setup runs 2 stages on one machine (shared cores). For each: a warm-up burst (not
-counted), then ``--rounds`` bursts of ``--num-requests`` concurrent requests; the median round is
-reported. On the emulated 3-stage pipeline it also measures the TTFT of a long prompt on an idle
-pipeline and while decode streams run, and those streams' TPOT with and without it.
+2-stage loopback are also loaded with ``--heavy-requests`` concurrent requests. The setups behind
+each target ratio are compared once more in paired rounds (``--paired A:B``: both servers up,
+rounds alternating, ``--paired-rounds`` of each). MoLink nodes are separate machines: each node's
+threads are bound to its own cores (``benchmark/swarm.py``); one labelled setup runs 2 stages on
+one machine (shared cores). For each: a warm-up burst (not counted), then ``--rounds`` bursts of
+``--num-requests`` concurrent requests; the median round is reported. On the emulated 3-stage
+pipeline it also measures the TTFT of a long prompt on an idle pipeline and while decode streams
+run, and those streams' TPOT with and without it.
 
 Writes ``benchmark.json`` (every round), ``benchmark.md`` (the table, with hardware, model, load
 and link settings) and ``benchmark.png`` into ``--output-dir``.
@@ -34,7 +35,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -44,8 +45,10 @@ from swarm import Swarm, SwarmSpec, default_split, demo_model, plain_vllm  # noq
 
 SERVED_NAME = "bench"
 HEAVY_SETUPS = ("vllm", "molink2")  # also measured at --heavy-requests
-PAIRED = "paired"  # the --only key of the paired vLLM / MoLink rounds
-PAIRED_VLLM_PORT_OFFSET = 50  # vLLM's HTTP port beside a swarm's, in the paired rounds
+PAIRED = "paired"  # the --only key of the paired rounds
+PAIRED_PORT_OFFSET = 50  # the second server of a pair: HTTP and gRPC ports this much higher
+GRPC_BASE_PORT = 50051
+TOK_S, TPOT = "output_throughput_tok_s", "tpot_p50_ms"
 
 
 @dataclass(frozen=True)
@@ -82,10 +85,54 @@ def setups(link: LinkSpec, far: LinkSpec) -> list[Setup]:
     ]
 
 
+@dataclass(frozen=True)
+class Ratio:
+    """A figure of the report: setup ``a``'s ``metric`` over setup ``b``'s."""
+
+    a: str
+    b: str
+    what: str
+    metric: str = TOK_S
+    target: str = ""
+
+    def describe(self, how: str) -> str:
+        target = f"; target {self.target}" if self.target else ""
+        return f"{self.what} ({how}{target})"
+
+
+RATIOS = (
+    Ratio("molink2", "vllm", "2 stages loopback / vLLM, tok/s", target="≥ 0.95"),
+    Ratio("molink2_wan", "molink2", "2 stages emulated WAN / loopback, tok/s", target="≥ 0.9"),
+    Ratio("molink2_wan", "molink2", "2 stages emulated WAN / loopback, TPOT p50", TPOT, "≤ 1.15"),
+    Ratio("molink2_far", "molink2_far_off", "2 stages far WAN, micro-batching on / off, tok/s",
+          target="≥ 1.4"),
+    Ratio("molink2", "molink2_off", "2 stages loopback, micro-batching on / off, tok/s"),
+    Ratio("molink3_wan", "molink3", "3 stages emulated WAN / loopback, tok/s"),
+    Ratio("molink3_wan", "molink3_wan_off",
+          "3 stages emulated WAN, micro-batching on / off, tok/s"),
+)  # fmt: skip
+#: The pairs the paired rounds load by default: the ratios with a target.
+DEFAULT_PAIRS = ("molink2:vllm", "molink2_wan:molink2", "molink2_far:molink2_far_off")
+
+
+def pair_ratios(a: str, b: str) -> list[Ratio]:
+    """The report's ratios between setups ``a`` and ``b`` (either way round); tok/s if none."""
+    return [r for r in RATIOS if {r.a, r.b} == {a, b}] or [Ratio(a, b, f"{a} / {b}, tok/s")]
+
+
+def parse_pair(text: str) -> tuple[str, str]:
+    """``"molink2:vllm"`` -> ``("molink2", "vllm")``."""
+    a, sep, b = text.partition(":")
+    if not sep or not a or not b or a == b:
+        raise argparse.ArgumentTypeError(f"a pair looks like molink2:vllm, not {text!r}")
+    return a, b
+
+
 # ---------------------------------------------------------------- servers
 @contextlib.contextmanager
-def server(setup: Setup, args: argparse.Namespace, port: int | None = None) -> Iterator[str]:
-    port = port or args.port
+def server(setup: Setup, args: argparse.Namespace, slot: int = 0) -> Iterator[str]:
+    """Start ``setup``; yield its base URL. ``slot`` 1: ports clear of a slot-0 server's."""
+    port = args.port + slot * PAIRED_PORT_OFFSET
     common = ["--served-model-name", SERVED_NAME, *args.engine_args]
     log_dir = args.output_dir / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -106,6 +153,7 @@ def server(setup: Setup, args: argparse.Namespace, port: int | None = None) -> I
         stages=setup.stages,
         link=setup.link,
         port=port,
+        grpc_base_port=GRPC_BASE_PORT + slot * PAIRED_PORT_OFFSET,
         node_args=node_args,
         head_args=head_args,
         env={"VLLM_CPU_KVCACHE_SPACE": "1"},
@@ -154,25 +202,25 @@ def measure_throughput(
     }
 
 
-def measure_paired(args: argparse.Namespace) -> dict:
-    """vLLM and MoLink 2 stages on loopback, both up, loaded in alternating rounds.
+def measure_paired(args: argparse.Namespace, a: Setup, b: Setup) -> dict:
+    """Setups ``a`` and ``b``, both up, loaded in alternating rounds; each pair of rounds (one
+    of each) is one sample of every ratio between them.
 
     This VM's speed drifts by tens of percent within minutes (the same offline vLLM decode step
     took 179 and 200 ms ten minutes apart), so the ratio of two setups measured one after the
     other partly measures the drift. Here the idle server waits on its queue while the other is
-    loaded, rounds alternate in ABBA order, and each pair of rounds gives one ratio.
+    loaded (an idle vLLM server costs 0.2% of a core, an idle 2-stage swarm 2.5%), rounds
+    alternate in ABBA order, and each pair of rounds gives one ratio.
     """
-    vllm = Setup("paired_vllm", "vLLM, one node")
-    molink = Setup("paired_molink2", "MoLink 2 stages, loopback", 2)
     loads = [(args.num_requests, args.paired_rounds)]
-    if args.heavy_requests:
+    if args.heavy_requests and {a.key, b.key} <= set(HEAVY_SETUPS):
         loads.append((args.heavy_requests, max(2, args.paired_rounds // 2)))
     results = {}
     with (
-        server(vllm, args, args.port + PAIRED_VLLM_PORT_OFFSET) as vllm_url,
-        server(molink, args) as molink_url,
+        server(replace(a, key=f"paired_{a.key}"), args) as a_url,
+        server(replace(b, key=f"paired_{b.key}"), args, slot=1) as b_url,
     ):
-        urls = {"vllm": vllm_url, "molink2": molink_url}
+        urls = {a.key: a_url, b.key: b_url}
         for num_requests, num_rounds in loads:
             prompts = make_prompts(num_requests, args.input_len, (100, 20000), seed=1)
             for url in urls.values():
@@ -180,27 +228,20 @@ def measure_paired(args: argparse.Namespace) -> dict:
             pairs = []
             for i in range(num_rounds):
                 pair = {}
-                for key in sorted(urls, reverse=i % 2 == 1):  # ABBA: drift cancels out
+                for key in (a.key, b.key) if i % 2 == 0 else (b.key, a.key):  # ABBA
                     r = burst(urls[key], prompts, args.output_len)
                     pair[key] = {
-                        "output_throughput_tok_s": r["output_throughput_tok_s"],
-                        "tpot_p50_ms": r["tpot_ms"]["p50"],
+                        TOK_S: r[TOK_S],
+                        TPOT: r["tpot_ms"]["p50"],
                         "failed": r["failed"],
                     }
-                ratio = (
-                    pair["molink2"]["output_throughput_tok_s"]
-                    / pair["vllm"]["output_throughput_tok_s"]
-                )
-                pairs.append({**pair, "ratio": ratio})
+                pairs.append(pair)
                 log(
-                    f"    {num_requests} concurrent, pair {i + 1}/{num_rounds}: vLLM "
-                    f"{pair['vllm']['output_throughput_tok_s']:.1f}, MoLink "
-                    f"{pair['molink2']['output_throughput_tok_s']:.1f} tok/s ({ratio:.2f})"
+                    f"    {num_requests} concurrent, pair {i + 1}/{num_rounds}: "
+                    + ", ".join(f"{key} {pair[key][TOK_S]:.1f}" for key in urls)
+                    + f" tok/s ({pair[a.key][TOK_S] / pair[b.key][TOK_S]:.2f})"
                 )
-            results[str(num_requests)] = {
-                "median_ratio": statistics.median(p["ratio"] for p in pairs),
-                "pairs": pairs,
-            }
+            results[str(num_requests)] = {"pairs": pairs}
     return results
 
 
@@ -307,37 +348,26 @@ def write_report(results: dict, args: argparse.Namespace) -> None:
                 f"{h['tpot_p50_ms']:.0f} | {h['failed']} |"
             )
     ratios = []
-    t = {k: r["output_throughput_tok_s"] for k, r in rows.items()}
-    tpot = {k: r["tpot_p50_ms"] for k, r in rows.items()}
-    for a, b, what, values in [
-        ("molink2", "vllm", "2 stages loopback / vLLM, separate runs, tok/s (target ≥ 0.95)", t),
-        ("molink2_wan", "molink2", "2 stages emulated WAN / loopback, tok/s (target ≥ 0.9)", t),
-        ("molink2_wan", "molink2", "2 stages emulated WAN / loopback, TPOT p50 (target ≤ 1.15)",
-         tpot),
-        ("molink2_far", "molink2_far_off", "2 stages far WAN, micro-batching on / off, tok/s "
-         "(target ≥ 1.4)", t),
-        ("molink2", "molink2_off", "2 stages loopback, micro-batching on / off, tok/s", t),
-        ("molink3_wan", "molink3", "3 stages emulated WAN / loopback, tok/s", t),
-        ("molink3_wan", "molink3_wan_off", "3 stages emulated WAN, micro-batching on / off, tok/s",
-         t),
-    ]:  # fmt: skip
-        if a in values and b in values and values[b]:
-            ratios.append(f"* {what}: **{values[a] / values[b]:.2f}**")
+    for r in RATIOS:
+        if r.a in rows and r.b in rows and rows[r.b][r.metric]:
+            value = rows[r.a][r.metric] / rows[r.b][r.metric]
+            ratios.append(f"* {r.describe('separate runs')}: **{value:.2f}**")
     if heavy.get("molink2") and heavy_base:
         ratios.append(
-            f"* 2 stages loopback / vLLM at {args.heavy_requests} concurrent, separate runs, tok/s "
-            f"(target ≥ 0.95): **{heavy['molink2']['output_throughput_tok_s'] / heavy_base:.2f}**"
+            f"* 2 stages loopback / vLLM at {args.heavy_requests} concurrent (separate runs; "
+            f"target ≥ 0.95): **{heavy['molink2']['output_throughput_tok_s'] / heavy_base:.2f}**"
         )
-    for num_requests, paired in results.get("paired", {}).items():
-        each = ", ".join(
-            f"{p['molink2']['output_throughput_tok_s']:.1f}/{p['vllm']['output_throughput_tok_s']:.1f}"
-            for p in paired["pairs"]
-        )
-        ratios.append(
-            f"* 2 stages loopback / vLLM at {num_requests} concurrent, paired rounds (both up, "
-            f"alternating; target ≥ 0.95): **{paired['median_ratio']:.2f}** median of "
-            f"{len(paired['pairs'])} pairs (MoLink/vLLM tok/s: {each})"
-        )
+    for pair, loads in results.get("paired", {}).items():
+        a, b = parse_pair(pair)
+        for num_requests, paired in loads.items():
+            for r in pair_ratios(a, b):
+                values = [p[r.a][r.metric] / p[r.b][r.metric] for p in paired["pairs"]]
+                how = f"{num_requests} concurrent, paired rounds: both up, alternating"
+                each = ", ".join(f"{v:.2f}" for v in values)
+                ratios.append(
+                    f"* {r.describe(how)}: **{statistics.median(values):.2f}** median of "
+                    f"{len(values)} pairs ({each})"
+                )
     lp = results.get("long_prompt")
     if lp:
         ratios.append(
@@ -475,8 +505,16 @@ def main() -> None:
         "--paired-rounds",
         type=int,
         default=4,
-        help="pairs of alternating vLLM / MoLink 2-stage rounds at --num-requests (half as many, "
-        "at least 2, at --heavy-requests); 0: off",
+        help="rounds of each setup in each --paired pair, alternating, at --num-requests (half "
+        "as many, at least 2, at --heavy-requests where both are measured at it); 0: off",
+    )
+    parser.add_argument(
+        "--paired",
+        nargs="+",
+        type=parse_pair,
+        default=[parse_pair(p) for p in DEFAULT_PAIRS],
+        metavar="A:B",
+        help=f"setup pairs for the paired rounds (default: {' '.join(DEFAULT_PAIRS)})",
     )
     parser.add_argument("--wire-dtype", default="float16")
     parser.add_argument("--long-prompt-len", type=int, default=1000)
@@ -509,7 +547,13 @@ def main() -> None:
     args.output_dir.mkdir(parents=True, exist_ok=True)
     link = LinkSpec(args.delay_ms, 0.0, args.rate_mbit)
     far = LinkSpec(args.far_delay_ms, 0.0, args.rate_mbit)
-    chosen = [s for s in setups(link, far) if args.only is None or s.key in args.only]
+    by_key = {setup.key: setup for setup in setups(link, far)}
+    unknown = {key for pair in args.paired for key in pair} - set(by_key)
+    if unknown:
+        parser.error(
+            f"--paired: no setup {', '.join(sorted(unknown))} (setups: {', '.join(by_key)})"
+        )
+    chosen = [s for s in by_key.values() if args.only is None or s.key in args.only]
     results: dict = {
         "date": time.strftime("%Y-%m-%d"),
         "hardware": hardware(),
@@ -540,9 +584,11 @@ def main() -> None:
         log(f"    {row['output_throughput_tok_s']:.1f} tok/s")
         write_report(results, args)
     if args.paired_rounds and (args.only is None or PAIRED in args.only):
-        log("== vLLM and MoLink 2 stages, loopback, paired rounds")
-        results["paired"] = measure_paired(args)
-        write_report(results, args)
+        results["paired"] = {}
+        for a, b in args.paired:
+            log(f"== paired rounds: {by_key[a].label} | {by_key[b].label}")
+            results["paired"][f"{a}:{b}"] = measure_paired(args, by_key[a], by_key[b])
+            write_report(results, args)
     log(f"wrote {args.output_dir}/benchmark.md, .json, .png")
 
 

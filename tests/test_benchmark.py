@@ -123,6 +123,9 @@ def test_compare_quick_run(demo_model, tmp_path):
             "vllm",
             "molink3_wan",
             "paired",
+            "--paired",
+            "molink2:vllm",
+            "molink2_off:molink2",
             "--output-dir",
             str(tmp_path),
             "--trace",
@@ -145,12 +148,15 @@ def test_compare_quick_run(demo_model, tmp_path):
     assert results["setups"]["vllm"]["heavy"]["failed"] == 0  # --heavy-requests, quick: 6
     assert "At 6 concurrent requests" in table
     assert (tmp_path / "benchmark.png").read_bytes()[:4] == b"\x89PNG"
-    paired = results["paired"]  # vLLM and 2 stages up together, rounds alternating
-    assert set(paired) == {"3", "6"}
-    for load in paired.values():
-        assert len(load["pairs"]) == 2 and load["median_ratio"] > 0
-        assert all(p[k]["failed"] == 0 for p in load["pairs"] for k in ("vllm", "molink2"))
-    assert "at 3 concurrent, paired rounds" in table
+    paired = results["paired"]  # both setups of a pair up together, rounds alternating
+    assert set(paired["molink2:vllm"]) == {"3", "6"}  # both are measured at --heavy-requests
+    assert set(paired["molink2_off:molink2"]) == {"3"}  # two swarms up at once
+    for pair, loads in paired.items():
+        for load in loads.values():
+            assert len(load["pairs"]) == 2
+            assert all(p[k]["failed"] == 0 for p in load["pairs"] for k in pair.split(":"))
+    assert "2 stages loopback / vLLM, tok/s (6 concurrent, paired rounds" in table
+    assert "micro-batching on / off, tok/s (3 concurrent, paired rounds" in table
 
 
 def _echo_once(server: socket.socket) -> None:
