@@ -47,7 +47,6 @@ SERVED_NAME = "bench"
 HEAVY_SETUPS = ("vllm", "molink2")  # also measured at --heavy-requests
 PAIRED = "paired"  # the --only key of the paired rounds
 PAIRED_PORT_OFFSET = 50  # the second server of a pair: HTTP and gRPC ports this much higher
-GRPC_BASE_PORT = 50051
 TOK_S, TPOT = "output_throughput_tok_s", "tpot_p50_ms"
 
 
@@ -153,7 +152,7 @@ def server(setup: Setup, args: argparse.Namespace, slot: int = 0) -> Iterator[st
         stages=setup.stages,
         link=setup.link,
         port=port,
-        grpc_base_port=GRPC_BASE_PORT + slot * PAIRED_PORT_OFFSET,
+        grpc_base_port=SwarmSpec.grpc_base_port + slot * PAIRED_PORT_OFFSET,
         node_args=node_args,
         head_args=head_args,
         env={"VLLM_CPU_KVCACHE_SPACE": "1"},
