@@ -1,7 +1,7 @@
 """Compare single-node vLLM with MoLink pipelines under the same load, in one run.
 
-    python benchmark/compare.py                     # full run (~70 min on 2 cores), -> resources/
-    python benchmark/compare.py --quick             # a few tiny requests per setup (smoke test)
+    python benchmark/compare.py           # full run (over an hour on 2 cores) -> resources/
+    python benchmark/compare.py --quick   # a few tiny requests per setup (smoke test)
 
 Setups (one at a time, same model, same flags, same cores): plain vLLM; MoLink with 2 and 3
 stages on loopback; 2 and 3 stages with every hop behind an emulated link (``--delay-ms``,
