@@ -288,13 +288,22 @@ def measure_long_prompt(url: str, args: argparse.Namespace) -> dict:
 
 
 # ---------------------------------------------------------------- report
+CPU_VECTOR_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+
+
 def hardware() -> str:
-    cpu = platform.processor() or platform.machine()
+    cpu, flags = platform.processor() or platform.machine(), set()
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
                 break
+    # CPU figures depend on the vector units, and a model name like "Intel Xeon" hides them
+    simd = [name for name in CPU_VECTOR_FLAGS if name in flags]
+    if simd:
+        cpu += ", " + " ".join(simd)
     mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     import torch
 
@@ -309,11 +318,15 @@ def write_report(results: dict, args: argparse.Namespace) -> None:
     (out / "benchmark.json").write_text(json.dumps(results, indent=2) + "\n")
     rows = results["setups"]
     base = rows.get("vllm", {}).get("output_throughput_tok_s")
-    lines = [
-        "| Setup | Output tok/s | vs vLLM | TTFT p50 (ms) | TPOT p50 (ms) | TPOT p99 (ms) "
-        "| ITL p50 (ms) | Failed | Bound decode cycle (ms) | bound / ITL p50 |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
+    lines = (
+        [
+            "| Setup | Output tok/s | vs vLLM | TTFT p50 (ms) | TPOT p50 (ms) | TPOT p99 (ms) "
+            "| ITL p50 (ms) | Failed | Bound decode cycle (ms) | bound / ITL p50 |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        if rows
+        else []  # --only paired: just the paired lines below
+    )
     for row in rows.values():
         tput = row["output_throughput_tok_s"]
         ratio = f"{tput / base:.2f}×" if base else "–"
@@ -552,6 +565,8 @@ def main() -> None:
             f"--paired: no setup {', '.join(sorted(unknown))} (setups: {', '.join(by_key)})"
         )
     chosen = [s for s in by_key.values() if args.only is None or s.key in args.only]
+    run_paired = bool(args.paired_rounds) and (args.only is None or PAIRED in args.only)
+    paired_setups = [by_key[key] for pair in args.paired for key in pair] if run_paired else []
     results: dict = {
         "date": time.strftime("%Y-%m-%d"),
         "hardware": hardware(),
@@ -559,7 +574,7 @@ def main() -> None:
         "command": "python benchmark/compare.py " + " ".join(sys.argv[1:]),
         "layers": "; ".join(
             f"{n} stages " + " | ".join(f"{a}-{b}" for a, b in default_split(args.model, n))
-            for n in sorted({setup.stages for setup in chosen if setup.stages})
+            for n in sorted({setup.stages for setup in chosen + paired_setups if setup.stages})
         ),
         "setups": {},
     }
@@ -581,7 +596,7 @@ def main() -> None:
         results["setups"][setup.key] = {"label": setup.label, **row}
         log(f"    {row['output_throughput_tok_s']:.1f} tok/s")
         write_report(results, args)
-    if args.paired_rounds and (args.only is None or PAIRED in args.only):
+    if run_paired:
         results["paired"] = {}
         for a, b in args.paired:
             log(f"== paired rounds: {by_key[a].label} | {by_key[b].label}")
