@@ -313,6 +313,22 @@ def hardware() -> str:
     )
 
 
+def ceiling(r: Ratio, rows: dict) -> str:
+    """The best ``r`` the stage costs fitted in this run allow, or "": setup ``a`` can't decode
+    faster than its bound cycle (the fastest any micro-batch split reaches under its fits), so
+    a throughput ratio is at most ``b``'s gap between tokens / that cycle, a TPOT ratio at least
+    its inverse."""
+    bound = rows[r.a].get("bound_cycle_ms")
+    itl = rows[r.b].get("itl_p50_ms")
+    if not bound or not itl or r.metric not in (TOK_S, TPOT):
+        return ""
+    best, limit = (itl / bound, "at most") if r.metric == TOK_S else (bound / itl, "at least")
+    return (
+        f" ({limit} **{best:.2f}** under the stage costs fitted in this run: {r.b} ITL p50 "
+        f"{itl:.0f} ms, {r.a} bound cycle {bound:.0f} ms)"
+    )
+
+
 def write_report(results: dict, args: argparse.Namespace) -> None:
     out = args.output_dir
     (out / "benchmark.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -363,7 +379,7 @@ def write_report(results: dict, args: argparse.Namespace) -> None:
     for r in RATIOS:
         if r.a in rows and r.b in rows and rows[r.b][r.metric]:
             value = rows[r.a][r.metric] / rows[r.b][r.metric]
-            ratios.append(f"* {r.describe('separate runs')}: **{value:.2f}**")
+            ratios.append(f"* {r.describe('separate runs')}: **{value:.2f}**{ceiling(r, rows)}")
     if heavy.get("molink2") and heavy_base:
         (r,) = pair_ratios("molink2", "vllm")
         how = f"{args.heavy_requests} concurrent, separate runs"

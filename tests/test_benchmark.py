@@ -182,6 +182,17 @@ def _model(node) -> list[str]:
         return [json.load(r)["data"][0]["id"]]
 
 
+def test_report_bounds_each_ratio_by_the_fitted_stage_costs():
+    sys.path.insert(0, str(BENCH))
+    from compare import TOK_S, TPOT, Ratio, ceiling
+
+    rows = {"fast": {"itl_p50_ms": 120.0}, "pipe": {"itl_p50_ms": 170.0, "bound_cycle_ms": 160.0}}
+    # tok/s: pipe can't decode faster than its bound cycle, so pipe / fast <= 120 / 160
+    assert "at most **0.75**" in ceiling(Ratio("pipe", "fast", "x", TOK_S), rows)
+    assert "at least **1.33**" in ceiling(Ratio("pipe", "fast", "x", TPOT), rows)
+    assert ceiling(Ratio("fast", "pipe", "x", TOK_S), rows) == ""  # no bound for one node
+
+
 def test_benchmark_swarm_nodes_are_separate_machines(tmp_path):
     sys.path.insert(0, str(BENCH))
     from link_emulator import LinkSpec
