@@ -587,7 +587,7 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d"),
         "hardware": hardware(),
         "model_name": Path(args.model).name,
-        "command": "python benchmark/compare.py " + " ".join(sys.argv[1:]),
+        "command": "python benchmark/compare.py " + shlex.join(sys.argv[1:]),
         "layers": "; ".join(
             f"{n} stages " + " | ".join(f"{a}-{b}" for a, b in default_split(args.model, n))
             for n in sorted({setup.stages for setup in chosen + paired_setups if setup.stages})
