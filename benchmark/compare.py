@@ -320,7 +320,7 @@ def ceiling(r: Ratio, rows: dict) -> str:
     its inverse."""
     bound = rows[r.a].get("bound_cycle_ms")
     itl = rows[r.b].get("itl_p50_ms")
-    if not bound or not itl or r.metric not in (TOK_S, TPOT):
+    if not bound or not itl:
         return ""
     best, limit = (itl / bound, "at most") if r.metric == TOK_S else (bound / itl, "at least")
     return (
