@@ -1,4 +1,10 @@
-"""MoLink's own settings (everything else on the command line is vLLM's) and model identity."""
+"""MoLink's own settings (everything else on the command line is vLLM's) and model identity.
+
+Each MoLink flag is declared once, as a field of :class:`MoLinkConfig` made by :func:`flag`:
+the field's default is the flag's default, and the :class:`Flag` in the field's metadata says
+how argparse reads it (name, help, type, ...). :func:`add_molink_args` builds the parser from
+these declarations and :meth:`MoLinkConfig.from_args` reads the parsed flags back through them.
+"""
 
 from __future__ import annotations
 
@@ -7,28 +13,165 @@ import hashlib
 import json
 import os
 import socket
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
 
 from molink.security.settings import SecurityFiles
 
-DEFAULT_GRPC_PORT = 50051
 #: dtypes activations may travel in between stages (``--wire-dtype``), and compressions.
 WIRE_DTYPE_NAMES = ("float32", "float16", "bfloat16")
 WIRE_COMPRESSIONS = ("none", "zlib")
-#: A step unanswered this long counts as a lost stage (``--step-timeout``).
-DEFAULT_STEP_TIMEOUT_S = 30.0
-#: How long requests wait for a full chain to come back before failing (``--outage-timeout``).
-DEFAULT_OUTAGE_TIMEOUT_S = 120.0
-#: How long a follower told to stop waits for the head to move off it (``--leave-timeout``).
-DEFAULT_LEAVE_TIMEOUT_S = 30.0
-# Batches in flight are chosen from measurements up to this bound; each costs a pipeline slot.
-DEFAULT_MAX_MICRO_BATCHES = 8
+
+#: The ``--help`` sections of MoLink's flags: title -> (description, argparse conflict handler;
+#: None: the parser's).
+GROUPS: dict[str, tuple[str, str | None]] = {
+    # "resolve": MoLink's --grpc-port replaces vLLM's (which is for its Rust frontend only).
+    "MoLink": ("Serve the model split across several nodes", "resolve"),
+    "MoLink security": ("Who may join the swarm and drive this node (see SECURITY.md)", None),
+}
+
+_FLAG = "molink.flag"  # field metadata key: the Flag a field is read from
+_FLAGS = "molink.flags"  # field metadata key: {field of the nested dataclass: Flag}
+
+
+@dataclass(frozen=True)
+class Flag:
+    """How argparse reads one MoLink flag. Its default is the default of the field it fills.
+
+    ``help`` may show the default as ``%(default)s`` (argparse fills it in; a help without it
+    gets ``(default: ...)`` appended by vLLM's help formatter).
+    """
+
+    name: str  # with dashes; vLLM's FlexibleArgumentParser also takes the underscore spelling
+    help: str
+    dest: str = ""  # the Namespace attribute; default: argparse's own, from the name
+    type: Callable[[str], Any] | None = None
+    choices: tuple[str, ...] | None = None
+    action: str | None = None  # e.g. "append", "store_true"
+    metavar: str | None = None
+    env: str | None = None  # an environment variable that, when set, replaces the default
+    convert: Callable[[Any], Any] | None = None  # parsed value -> field value
+    group: str = "MoLink"  # a key of GROUPS
+
+    def __post_init__(self) -> None:
+        if not self.dest:
+            object.__setattr__(self, "dest", self.name.removeprefix("--").replace("-", "_"))
+
+    def parser_default(self, default: Any) -> Any:
+        """What argparse holds for this flag when the command line lacks it."""
+        if self.env:
+            default = os.environ.get(self.env, default)
+        return list(default) if self.action == "append" else default
+
+    def add_to(self, group: Any, default: Any) -> None:
+        """Add this flag to an argparse group; ``default`` is its field's."""
+        options = {
+            key: getattr(self, key)
+            for key in ("type", "choices", "action", "metavar")
+            if getattr(self, key) is not None
+        }
+        group.add_argument(
+            self.name,
+            dest=self.dest,
+            default=self.parser_default(default),
+            help=self.help,
+            **options,
+        )
+
+    def read(self, args: argparse.Namespace) -> Any:
+        """This flag's field value from parsed arguments."""
+        value = getattr(args, self.dest)
+        return self.convert(value) if self.convert else value
+
+
+def flag(default: Any, name: str, *, help: str, **options: Any) -> Any:
+    """A :class:`MoLinkConfig` field read from flag ``name``; ``default`` is both theirs."""
+    return field(default=default, metadata={_FLAG: Flag(name, help, **options)})
+
+
+def flag_group(default: Any, **flags: Flag) -> Any:
+    """A field holding a frozen dataclass, ``default``, each of whose fields is read from a flag
+    (``flags``, by field name) whose default is that field's in ``default``."""
+    return field(default=default, metadata={_FLAGS: flags})
+
+
+@dataclass(frozen=True)
+class DeclaredFlag:
+    """A flag and the :class:`MoLinkConfig` field it fills."""
+
+    path: tuple[str, ...]  # ("grpc_port",), or ("security_files", "insecure") for a nested field
+    flag: Flag
+    default: Any  # the field's default, hence the flag's
+
+
+def declared_flags() -> list[DeclaredFlag]:
+    """Every MoLink flag, in declaration order (the order of ``--help`` without sorting)."""
+    found = []
+    for f in fields(MoLinkConfig):
+        if _FLAG in f.metadata:
+            found.append(DeclaredFlag((f.name,), f.metadata[_FLAG], f.default))
+        for name, nested in f.metadata.get(_FLAGS, {}).items():
+            found.append(DeclaredFlag((f.name, name), nested, getattr(f.default, name)))
+    return found
+
+
+def add_molink_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add MoLink's flags to a (vLLM) argument parser, in the sections of :data:`GROUPS`.
+
+    Flags are declared with dashes; vLLM's ``FlexibleArgumentParser`` also accepts MoLink's
+    historical underscore spelling (``--serving_layers``, ``--initial_peer``).
+    """
+    groups = {}
+    for title, (description, handler) in GROUPS.items():
+        options = {"conflict_handler": handler} if handler else {}
+        groups[title] = parser.add_argument_group(title, description, **options)
+    for declared in declared_flags():
+        declared.flag.add_to(groups[declared.flag.group], declared.default)
+    return parser
+
+
+def _number(kind: type[int] | type[float], text: str) -> Any:
+    try:
+        return kind(text)
+    except ValueError:
+        what = "an integer" if kind is int else "a number"
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    value = _number(int, text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = _number(int, text)
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 1..65535, got {value}")
+    return value
+
+
+def _port_or_any(text: str) -> int:
+    """A port, or 0 for any free one."""
+    value = _number(int, text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 1..65535 (0: any free), got {value}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    value = _number(float, text)
+    if not value > 0:  # NaN too
+        raise argparse.ArgumentTypeError(f"must be more than 0 seconds, got {text}")
+    return value
+
+
+def _seconds_or_zero(text: str) -> float:
+    value = _number(float, text)
+    if not value >= 0:  # NaN too
+        raise argparse.ArgumentTypeError(f"must be 0 seconds or more, got {text}")
     return value
 
 
@@ -46,212 +189,202 @@ def parse_serving_layers(text: str) -> tuple[int, int]:
     return start, end
 
 
-def add_molink_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add MoLink's flags to a (vLLM) argument parser.
+def _absolute(path: str | None) -> str | None:
+    return os.path.abspath(path) if path else None
 
-    Flags are declared with dashes; vLLM's ``FlexibleArgumentParser`` also accepts MoLink's
-    historical underscore spelling (``--serving_layers``, ``--initial_peer``).
-    """
-    # "resolve": MoLink's --grpc-port replaces vLLM's (which is for its Rust frontend only).
-    group = parser.add_argument_group(
-        "MoLink", "Serve the model split across several nodes", conflict_handler="resolve"
-    )
-    group.add_argument(
-        "--serving-layers",
-        type=parse_serving_layers,
-        default=None,
-        help="Layers this node serves, START,END inclusive. The node serving layer 0 is the "
-        "head: it runs the scheduler and the OpenAI API. Default: all layers without "
-        "--initial_peer (a single node); with it, the node picks the span the swarm needs most.",
-    )
-    group.add_argument(
-        "--num-layers",
-        dest="molink_num_layers",
-        type=_positive_int,
-        default=None,
-        help="Without --serving_layers on a follower: how many layers to take "
-        "(default: as many as fit in memory).",
-    )
-    group.add_argument(
-        "--initial-peer",
-        action="append",
-        default=[],
-        help="A node already in the swarm: its gRPC HOST:PORT or a full DHT multiaddr "
-        "(/ip4/…/tcp/…/p2p/…). Repeatable. Without it the node starts a new swarm.",
-    )
-    group.add_argument(
-        "--grpc-port",
-        dest="molink_grpc_port",
-        type=int,
-        default=DEFAULT_GRPC_PORT,
-        help=f"Port of this node's gRPC service (default {DEFAULT_GRPC_PORT}).",
-    )
-    group.add_argument(
-        "--dht-port", type=int, default=0, help="Port of this node's DHT peer (default: any free)."
-    )
-    group.add_argument(
-        "--announce-host",
-        default=None,
-        help="Address other nodes use to reach this one (behind NAT, or with several "
-        "interfaces). Default: the address of the default route, else 127.0.0.1.",
-    )
-    group.add_argument(
-        "--announce-port",
-        type=int,
-        default=None,
-        help="gRPC port other nodes use to reach this one, when it differs from --grpc_port "
-        "(port forwarding, a relay). Default: --grpc_port.",
-    )
-    group.add_argument(
-        "--listen-host",
-        default="0.0.0.0",
-        help="Interface the gRPC service and DHT listen on (default 0.0.0.0).",
-    )
-    group.add_argument(
-        "--chain-timeout",
-        type=float,
-        default=600.0,
-        help="Head: seconds to wait for nodes covering every layer before giving up.",
-    )
-    group.add_argument(
-        "--step-timeout",
-        type=float,
-        default=DEFAULT_STEP_TIMEOUT_S,
-        help="Head: a step not answered within this many seconds counts as a lost stage "
-        f"(default {DEFAULT_STEP_TIMEOUT_S:g}).",
-    )
-    group.add_argument(
-        "--outage-timeout",
-        type=float,
-        default=DEFAULT_OUTAGE_TIMEOUT_S,
-        help="Head: how long requests wait for a full chain after a stage is lost before they "
-        f"fail (default {DEFAULT_OUTAGE_TIMEOUT_S:g}).",
-    )
-    group.add_argument(
-        "--leave-timeout",
-        type=float,
-        default=DEFAULT_LEAVE_TIMEOUT_S,
-        help="Follower: on SIGTERM, how long to keep serving while the head moves its requests "
-        f"to other nodes (default {DEFAULT_LEAVE_TIMEOUT_S:g}).",
-    )
-    group.add_argument(
-        "--wire-dtype",
-        choices=WIRE_DTYPE_NAMES,
-        default=None,
-        help="dtype of activations between stages (default: the model dtype).",
-    )
-    group.add_argument(
-        "--wire-compression",
-        choices=WIRE_COMPRESSIONS,
-        default="none",
-        help="Lossless compression of activations between stages (default none; zlib saves "
-        "little on float activations and costs CPU; only for very slow links).",
-    )
-    group.add_argument(
-        "--max-micro-batches",
-        type=_positive_int,
-        default=DEFAULT_MAX_MICRO_BATCHES,
-        help="Head: most batches in flight at once. The head picks how many to use from "
-        "measured stage and link times; 1 turns micro-batching off "
-        f"(default {DEFAULT_MAX_MICRO_BATCHES}).",
-    )
-    group.add_argument(
-        "--min-micro-batches",
-        type=_positive_int,
-        default=1,
-        help="Head: fewest batches in flight once decoding requests are measured (at most one "
-        "per decoding request). Above 1 it overrides the policy: for tests and experiments "
-        "(default 1).",
-    )
-    group.add_argument(
-        "--step-trace",
-        default=None,
-        metavar="PATH",
-        help="Head: append one JSON line per pipeline step to PATH, with where its time went "
-        "(schedule, encode, each hop, each stage's queue and compute, update); summarize with "
-        "`python -m molink.telemetry.step_trace PATH`.",
-    )
-    security = parser.add_argument_group(
-        "MoLink security", "Who may join the swarm and drive this node (see SECURITY.md)"
-    )
-    security.add_argument(
-        "--swarm-key-file",
-        default=os.environ.get("MOLINK_SWARM_KEY_FILE"),
-        help="The swarm's shared key (make one with `python -m molink.keygen PATH`; mode 0600). "
-        "Every gRPC call then uses mutual TLS and only key holders are admitted to the DHT. "
-        "Required to listen beyond loopback, unless --insecure. Env: MOLINK_SWARM_KEY_FILE.",
-    )
-    security.add_argument(
-        "--node-key-file",
-        default=None,
-        help="This node's own signing key (created if absent). Keeps the node id stable across "
-        "restarts; default: a new key at every start.",
-    )
-    security.add_argument(
-        "--allowed-nodes-file",
-        default=None,
-        help="Only route through, and count, nodes whose id is listed here (one per line; "
-        "`python -m molink.keygen --node KEYFILE` shows a node's id).",
-    )
-    security.add_argument(
-        "--insecure",
-        action="store_true",
-        help="Allow listening beyond loopback without a swarm key (a trusted network only).",
-    )
-    return parser
+
+def _tuple(values: list[str] | None) -> tuple[str, ...]:
+    return tuple(values or ())
+
+
+def default_announce_host() -> str:
+    """The local address of the default route (no packet is sent), else loopback."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("192.0.2.1", 9))  # TEST-NET-1: connect() on UDP only picks a route
+            return s.getsockname()[0]
+    except OSError:
+        return "127.0.0.1"
+
+
+def _announce_host(host: str | None) -> str:
+    return host or default_announce_host()
 
 
 @dataclass(frozen=True)
 class MoLinkConfig:
-    """MoLink's flags, checked against the model."""
+    """MoLink's flags, checked against the model: each field is declared with its flag."""
 
-    serving_layers: tuple[int, int] | None = None
-    layers_to_serve: int | None = None  # --num_layers, for a node choosing its own span
-    initial_peers: tuple[str, ...] = ()
-    grpc_port: int = DEFAULT_GRPC_PORT
-    dht_port: int = 0
-    announce_host: str | None = None
-    announce_port: int | None = None
-    listen_host: str = "0.0.0.0"
-    chain_timeout: float = 600.0
-    step_timeout: float = DEFAULT_STEP_TIMEOUT_S
-    outage_timeout: float = DEFAULT_OUTAGE_TIMEOUT_S
-    leave_timeout: float = DEFAULT_LEAVE_TIMEOUT_S
-    wire_dtype: str | None = None
-    wire_compression: str = "none"
-    max_micro_batches: int = DEFAULT_MAX_MICRO_BATCHES
-    min_micro_batches: int = 1
-    step_trace: str | None = None  # absolute path of the head's step trace, if any
-    security_files: SecurityFiles = SecurityFiles()
+    serving_layers: tuple[int, int] | None = flag(
+        None,
+        "--serving-layers",
+        type=parse_serving_layers,
+        help="Layers this node serves, START,END inclusive. The node serving layer 0 is the "
+        "head: it runs the scheduler and the OpenAI API. Default: all layers without "
+        "--initial_peer (a single node); with it, the node picks the span the swarm needs most.",
+    )
+    # --num-layers, for a node choosing its own span.
+    layers_to_serve: int | None = flag(
+        None,
+        "--num-layers",
+        dest="molink_num_layers",
+        type=_positive_int,
+        help="Without --serving_layers on a follower: how many layers to take "
+        "(default: as many as fit in memory).",
+    )
+    initial_peers: tuple[str, ...] = flag(
+        (),
+        "--initial-peer",
+        action="append",
+        convert=_tuple,
+        help="A node already in the swarm: its gRPC HOST:PORT or a full DHT multiaddr "
+        "(/ip4/…/tcp/…/p2p/…). Repeatable. Without it the node starts a new swarm.",
+    )
+    grpc_port: int = flag(
+        50051,
+        "--grpc-port",
+        dest="molink_grpc_port",  # vLLM's args.grpc_port is for its Rust frontend
+        type=_port,
+        help="Port of this node's gRPC service (default %(default)s).",
+    )
+    dht_port: int = flag(
+        0,
+        "--dht-port",
+        type=_port_or_any,
+        help="Port of this node's DHT peer (default %(default)s: any free).",
+    )
+    # From the command line, never None: from_args falls back to default_announce_host().
+    announce_host: str | None = flag(
+        None,
+        "--announce-host",
+        convert=_announce_host,
+        help="Address other nodes use to reach this one (behind NAT, or with several "
+        "interfaces). Default: the address of the default route, else 127.0.0.1.",
+    )
+    announce_port: int | None = flag(
+        None,
+        "--announce-port",
+        type=_port,
+        help="gRPC port other nodes use to reach this one, when it differs from --grpc_port "
+        "(port forwarding, a relay). Default: --grpc_port.",
+    )
+    listen_host: str = flag(
+        "0.0.0.0",
+        "--listen-host",
+        help="Interface the gRPC service and DHT listen on (default %(default)s).",
+    )
+    chain_timeout: float = flag(
+        600.0,
+        "--chain-timeout",
+        type=_seconds,
+        help="Head: seconds to wait for nodes covering every layer before giving up "
+        "(default %(default)g).",
+    )
+    step_timeout: float = flag(
+        30.0,
+        "--step-timeout",
+        type=_seconds,
+        help="Head: a step not answered within this many seconds counts as a lost stage "
+        "(default %(default)g).",
+    )
+    outage_timeout: float = flag(
+        120.0,
+        "--outage-timeout",
+        type=_seconds,
+        help="Head: how long requests wait for a full chain after a stage is lost before they "
+        "fail (default %(default)g).",
+    )
+    leave_timeout: float = flag(
+        30.0,
+        "--leave-timeout",
+        type=_seconds_or_zero,
+        help="Follower: on SIGTERM, how long to keep serving while the head moves its requests "
+        "to other nodes (default %(default)g).",
+    )
+    wire_dtype: str | None = flag(
+        None,
+        "--wire-dtype",
+        choices=WIRE_DTYPE_NAMES,
+        help="dtype of activations between stages (default: the model dtype).",
+    )
+    wire_compression: str = flag(
+        "none",
+        "--wire-compression",
+        choices=WIRE_COMPRESSIONS,
+        help="Lossless compression of activations between stages (default %(default)s; zlib "
+        "saves little on float activations and costs CPU; only for very slow links).",
+    )
+    # Batches in flight are chosen from measurements up to this bound; each costs a pipeline slot.
+    max_micro_batches: int = flag(
+        8,
+        "--max-micro-batches",
+        type=_positive_int,
+        help="Head: most batches in flight at once. The head picks how many to use from "
+        "measured stage and link times; 1 turns micro-batching off (default %(default)s).",
+    )
+    min_micro_batches: int = flag(
+        1,
+        "--min-micro-batches",
+        type=_positive_int,
+        help="Head: fewest batches in flight once decoding requests are measured (at most one "
+        "per decoding request). Above 1 it overrides the policy: for tests and experiments "
+        "(default %(default)s).",
+    )
+    # Absolute: the head's engine process writes it too.
+    step_trace: str | None = flag(
+        None,
+        "--step-trace",
+        metavar="PATH",
+        convert=_absolute,
+        help="Head: append one JSON line per pipeline step to PATH, with where its time went "
+        "(schedule, encode, each hop, each stage's queue and compute, update); summarize with "
+        "`python -m molink.telemetry.step_trace PATH`.",
+    )
+    # Key file paths, absolute: the head's engine process reads them too. Defaults: SecurityFiles'.
+    security_files: SecurityFiles = flag_group(
+        SecurityFiles(),
+        swarm_key_file=Flag(
+            "--swarm-key-file",
+            env="MOLINK_SWARM_KEY_FILE",
+            convert=_absolute,
+            group="MoLink security",
+            help="The swarm's shared key (make one with `molink keygen PATH`; mode 0600). Every "
+            "gRPC call then uses mutual TLS and only key holders are admitted to the DHT. "
+            "Required to listen beyond loopback, unless --insecure. Env: MOLINK_SWARM_KEY_FILE.",
+        ),
+        node_key_file=Flag(
+            "--node-key-file",
+            convert=_absolute,
+            group="MoLink security",
+            help="This node's own signing key (created if absent). Keeps the node id stable "
+            "across restarts; default: a new key at every start.",
+        ),
+        allowed_nodes_file=Flag(
+            "--allowed-nodes-file",
+            convert=_absolute,
+            group="MoLink security",
+            help="Only route through, and count, nodes whose id is listed here (one per line; "
+            "`molink keygen --node KEYFILE` shows a node's id).",
+        ),
+        insecure=Flag(
+            "--insecure",
+            action="store_true",
+            group="MoLink security",
+            help="Allow listening beyond loopback without a swarm key (a trusted network only).",
+        ),
+    )
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> MoLinkConfig:
-        return cls(
-            serving_layers=args.serving_layers,
-            layers_to_serve=args.molink_num_layers,
-            initial_peers=tuple(args.initial_peer or ()),
-            grpc_port=args.molink_grpc_port,
-            dht_port=args.dht_port,
-            announce_host=args.announce_host or default_announce_host(),
-            announce_port=args.announce_port,
-            listen_host=args.listen_host,
-            chain_timeout=args.chain_timeout,
-            step_timeout=args.step_timeout,
-            outage_timeout=args.outage_timeout,
-            leave_timeout=args.leave_timeout,
-            wire_dtype=args.wire_dtype,
-            wire_compression=args.wire_compression,
-            max_micro_batches=args.max_micro_batches,
-            min_micro_batches=args.min_micro_batches,
-            step_trace=os.path.abspath(args.step_trace) if args.step_trace else None,
-            # Absolute: the head's engine process reads them too.
-            security_files=SecurityFiles(
-                swarm_key_file=_absolute(args.swarm_key_file),
-                node_key_file=_absolute(args.node_key_file),
-                allowed_nodes_file=_absolute(args.allowed_nodes_file),
-                insecure=args.insecure,
-            ),
-        )
+        """The config from arguments parsed by a parser :func:`add_molink_args` extended."""
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            if _FLAG in f.metadata:
+                values[f.name] = f.metadata[_FLAG].read(args)
+            elif _FLAGS in f.metadata:
+                nested = {name: fl.read(args) for name, fl in f.metadata[_FLAGS].items()}
+                values[f.name] = replace(f.default, **nested)
+        return cls(**values)
 
     @property
     def chooses_span(self) -> bool:
@@ -270,20 +403,6 @@ class MoLinkConfig:
                 f"(0..{num_layers - 1})"
             )
         return start, end
-
-
-def _absolute(path: str | None) -> str | None:
-    return os.path.abspath(path) if path else None
-
-
-def default_announce_host() -> str:
-    """The local address of the default route (no packet is sent), else loopback."""
-    try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.connect(("192.0.2.1", 9))  # TEST-NET-1: connect() on UDP only picks a route
-            return s.getsockname()[0]
-    except OSError:
-        return "127.0.0.1"
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.outputs import ModelRunnerOutput
 
+from molink.config import MoLinkConfig
 from molink.core.micro_batching import PipelineCostModel
 
 EPOCH_ATTR = "molink_epoch"
@@ -33,7 +34,7 @@ class PipelineState:
         # What recovery is waiting for (e.g. "no node serves layers 15-29"), while it waits.
         self.waiting_for = ""
         # Set by the executor (built before the scheduler) from --outage-timeout.
-        self.outage_timeout = 120.0
+        self.outage_timeout = MoLinkConfig.outage_timeout
         self.costs = PipelineCostModel()
 
     def mark_lost(self, reason: str, epoch: int | None = None) -> int:

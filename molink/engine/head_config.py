@@ -14,7 +14,7 @@ from vllm.config import VllmConfig
 
 from molink.comm.chain import Hop
 from molink.comm.dht import NodeAnnouncement
-from molink.config import DEFAULT_OUTAGE_TIMEOUT_S, DEFAULT_STEP_TIMEOUT_S
+from molink.config import MoLinkConfig
 from molink.security.settings import SecurityFiles
 from molink.stage_spec import ADDITIONAL_CONFIG_KEY, StagePlacement, placement_dict
 from molink.weight_digest import WeightDigests
@@ -48,9 +48,9 @@ class HeadConfig:
     max_micro_batches: int = 1
     min_micro_batches: int = 1
     step_trace: str | None = None  # write a step trace here (scheduler + executor)
-    step_timeout: float = DEFAULT_STEP_TIMEOUT_S
+    step_timeout: float = MoLinkConfig.step_timeout  # --step-timeout's default
     stage_init_timeout: float = 600.0
-    outage_timeout: float = DEFAULT_OUTAGE_TIMEOUT_S
+    outage_timeout: float = MoLinkConfig.outage_timeout  # --outage-timeout's default
     recovery_poll_interval: float = 1.0
     swarm_refresh_interval: float = 2.0
     security: SecurityFiles = SecurityFiles()  # key file paths (never the keys themselves)
