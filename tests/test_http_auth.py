@@ -23,7 +23,7 @@ def test_exposure_needs_a_key_or_insecure():
     check_exposure("127.0.0.1", SecurityFiles())
     check_exposure("0.0.0.0", SecurityFiles(swarm_key_file="k"))
     check_exposure("0.0.0.0", SecurityFiles(insecure=True))
-    with pytest.raises(InsecureSetup, match="molink.keygen"):
+    with pytest.raises(InsecureSetup, match="molink keygen"):
         check_exposure("0.0.0.0", SecurityFiles())
 
 

@@ -15,7 +15,7 @@ from test_dht import make_ann
 
 from molink.comm.dht import Membership
 from molink.config import ModelIdentity
-from molink.engine.node import choose_own_span
+from molink.entrypoints.node import choose_own_span
 from molink.weight_digest import CACHE_NAME
 
 FAST_FAIL = ["--chain_timeout", "6"]

@@ -175,7 +175,9 @@ def test_a_node_with_another_swarm_key_is_never_used(
     client, demo_pipeline, demo_model, session_swarm, tmp_path
 ):
     other_key = tmp_path / "other.key"
-    subprocess.run([sys.executable, "-m", "molink.keygen", str(other_key)], check=True)
+    subprocess.run(
+        [sys.executable, "-m", "molink.entrypoints.cli.keygen", str(other_key)], check=True
+    )
     intruder = session_swarm.start(
         "intruder",
         demo_model,

@@ -9,7 +9,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from molink.split_plan import decode_costs, main, plan
+from molink.core.split_plan import decode_costs, plan
+from molink.entrypoints.cli.split_plan import main
 
 HIDDEN, VOCAB, LAYERS = 8, 64, 6
 

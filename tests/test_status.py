@@ -1,4 +1,5 @@
-"""``python -m molink.status``: the swarm's table and its exit status, against real swarms."""
+"""``molink status`` (``python -m molink.entrypoints.cli.status``): the swarm's table and its exit
+status, against real swarms."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from molink.comm.dht import Membership
 
 def status(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "molink.status", *args],
+        [sys.executable, "-m", "molink.entrypoints.cli.status", *args],
         env={**os.environ, **NODE_ENV},
         capture_output=True,
         text=True,

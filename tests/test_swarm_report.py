@@ -6,7 +6,7 @@ import dataclasses
 
 from test_chain import ann
 
-from molink.telemetry.swarm_report import build_swarm_report
+from molink.entrypoints.swarm_report import build_swarm_report
 from molink.weight_digest import WeightDigests
 
 HEAD = ann("Head", 0, 9, port=1)

@@ -6,20 +6,22 @@
 * ``InitStage`` / ``StartStage`` / ``Steps`` / ``Results``: heads driving this node's stage, each
   in its own session (followers only; a head answers them with FAILED_PRECONDITION).
 Requests are validated here; payloads from peers only ever go through ``molink.comm.codec``.
+The stage itself is whatever :class:`StageBackend` the node hands in (its
+:class:`~molink.engine.stage_host.StageHost`); this layer never imports the engine.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from concurrent import futures
+from typing import Any, Protocol
 
 import grpc
 from vllm.logger import init_logger
 
 from molink.comm import codec
-from molink.comm.links import SERVER_OPTIONS
+from molink.comm.links import SERVER_OPTIONS, ResultStream
 from molink.comm.proto import molink_pb2, molink_pb2_grpc
-from molink.engine.stage_host import StageHost, StageNotReady
 from molink.security.swarm_security import SwarmSecurity
 from molink.stage_spec import StageConfig
 from molink.telemetry import metrics
@@ -30,13 +32,41 @@ logger = init_logger(__name__)
 MAX_NONCE_BYTES = 64
 
 
+class StageNotReady(RuntimeError):
+    """A call arrived in the wrong order (e.g. steps before ``StartStage``)."""
+
+
+class StageBackend(Protocol):
+    """What the service calls on a follower's stage (raising :class:`StageNotReady` for calls
+    out of order and ``ValueError`` for requests it refuses)."""
+
+    def init_stage(
+        self, config: StageConfig, session_id: str, label: str = ""
+    ) -> tuple[bytes, int]: ...
+
+    def start_stage(
+        self,
+        session_id: str,
+        kv_cache_config: Any,
+        next_address: str,
+        epoch: int,
+        standby: bool = False,
+    ) -> None: ...
+
+    def submit(self, msg: molink_pb2.Step) -> None: ...
+
+    def result_stream(self, session_id: str, epoch: int) -> ResultStream: ...
+
+    def release(self, session_id: str, results: ResultStream) -> None: ...
+
+
 class StageService(molink_pb2_grpc.MoLinkNodeServicer):
     """gRPC front of a node: node info for everyone, stage control for the head."""
 
     def __init__(
         self,
         node_info: Callable[[], molink_pb2.NodeInfo],
-        host: StageHost | None,
+        host: StageBackend | None,
         security: SwarmSecurity,
     ) -> None:
         self._node_info = node_info
@@ -52,7 +82,7 @@ class StageService(molink_pb2_grpc.MoLinkNodeServicer):
             info.proof = self.security.node_key.prove(request.nonce)
         return info
 
-    def _require_host(self, context) -> StageHost:
+    def _require_host(self, context) -> StageBackend:
         if self._host is None:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this node is a head, not a stage")
         return self._host  # type: ignore[return-value]

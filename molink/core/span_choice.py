@@ -4,10 +4,10 @@ Petals' block selection (``petals/server/block_selection.py``): a joining node s
 swarm already serves per layer and takes the contiguous window whose values, sorted ascending,
 are lexicographically smallest, so it covers the weakest layers first: an uncovered layer (0)
 before any covered one, a layer served once before one served twice. Pure functions over
-numbers; :mod:`molink.engine.node` reads the announcements and applies the choice.
+numbers; :mod:`molink.entrypoints.node` reads the announcements and applies the choice.
 
 :func:`balanced_split` plans a whole pipeline instead: contiguous spans whose decode steps take
-equal time, given each layer's cost and the last stage's LM head (:mod:`molink.split_plan`).
+equal time, given each layer's cost and the last stage's LM head (:mod:`molink.core.split_plan`).
 """
 
 from __future__ import annotations

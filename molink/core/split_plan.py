@@ -17,15 +17,14 @@ The overhead's default was measured on the 2-core test machine (``benchmark/comp
 as long as about 3.5M parameters of GEMM, so there the LM head costs 4 layers, not 8. It
 matters for small models only; set ``--layer-overhead`` from your own trace.
 
-``python -m molink.split_plan --model M --nodes 3`` prints one span per node, in chain order.
+``molink split-plan --model M --nodes 3`` (:mod:`molink.entrypoints.cli.split_plan`) prints one
+span per node, in chain order.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import sys
 from dataclasses import dataclass
 
 from molink.core.span_choice import balanced_split
@@ -83,37 +82,3 @@ def decode_costs(model: str, layer_overhead: float = LAYER_OVERHEAD_PARAMS) -> D
 def plan(costs: DecodeCosts, nodes: int) -> list[tuple[int, int]]:
     """One inclusive ``(start, end)`` span per node, in chain order, equal in decode time."""
     return balanced_split(costs.layers, costs.lm_head, nodes)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m molink.split_plan",
-        description="Print the --serving_layers of each node for stages of equal decode time.",
-    )
-    parser.add_argument("--model", required=True, help="local checkpoint folder or Hub id")
-    parser.add_argument("--nodes", type=int, required=True, help="pipeline stages")
-    parser.add_argument(
-        "--layer-overhead",
-        type=float,
-        default=LAYER_OVERHEAD_PARAMS,
-        help="parameter-equivalents of a layer's non-GEMM work (default %(default).3g)",
-    )
-    args = parser.parse_args(argv)
-    try:
-        costs = decode_costs(args.model, args.layer_overhead)
-        spans = plan(costs, args.nodes)
-    except ValueError as e:
-        parser.error(str(e))
-    total = costs.stage(0, len(costs.layers) - 1, last=True)
-    for i, (start, end) in enumerate(spans):
-        share = costs.stage(start, end, last=i == len(spans) - 1) / total
-        role = "head" if i == 0 else f"node {i}"
-        sys.stdout.write(
-            f"{role:<8} --serving_layers {start},{end}   "
-            f"({end - start + 1} layers, {share:.0%} of a decode step)\n"
-        )
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,5 +1,6 @@
-"""vLLM glue for :mod:`molink.stage_spec`: the head's limits out of its engine config, a stage's
-engine config from them, and a process's placement out of ``additional_config``."""
+"""vLLM glue for :mod:`molink.stage_spec`: the head's limits out of its engine config, and a
+stage's engine config from them (the worker reads its placement back out of
+``additional_config``: :func:`molink.worker.stage_worker.stage_placement`)."""
 
 from __future__ import annotations
 
@@ -9,13 +10,7 @@ from typing import Any
 from vllm.config import VllmConfig
 from vllm.engine.arg_utils import EngineArgs
 
-from molink.stage_spec import (
-    ADDITIONAL_CONFIG_KEY,
-    StageConfig,
-    StagePlacement,
-    placement_dict,
-    placement_from_dict,
-)
+from molink.stage_spec import ADDITIONAL_CONFIG_KEY, StageConfig, placement_dict
 from molink.worker.platform_worker import stage_enforce_eager
 
 
@@ -64,12 +59,3 @@ def stage_engine_config(
         additional_config={ADDITIONAL_CONFIG_KEY: {"placement": placement_dict(stage.placement)}},
     )
     return args.create_engine_config()
-
-
-def stage_placement(vllm_config: VllmConfig) -> StagePlacement:
-    """This process's placement, from ``additional_config`` (a single stage if absent)."""
-    num_layers = vllm_config.model_config.get_total_num_hidden_layers()
-    extra = (vllm_config.additional_config or {}).get(ADDITIONAL_CONFIG_KEY)
-    if not extra:
-        return StagePlacement(0, num_layers - 1, num_layers)
-    return placement_from_dict(extra["placement"])

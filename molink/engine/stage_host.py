@@ -35,6 +35,7 @@ from vllm.v1.kv_cache_interface import KVCacheConfig
 from molink.comm import codec
 from molink.comm.links import NextHopLink, ResultStream, timings_from_proto
 from molink.comm.proto import molink_pb2
+from molink.comm.stage_service import StageNotReady
 from molink.core.head_session import HeadSession
 from molink.core.kv_regions import KVRegions
 from molink.core.step import StepWork
@@ -49,10 +50,6 @@ logger = init_logger(__name__)
 CLAIM_LEASE_S = 60.0
 
 
-class StageNotReady(RuntimeError):
-    """A call arrived in the wrong order (e.g. steps before ``StartStage``)."""
-
-
 class StageHost:
     """The stage a follower serves, for every head that uses it."""
 
@@ -62,9 +59,16 @@ class StageHost:
         model_hash: str,
         layers: tuple[int, int],
         security: SwarmSecurity,
+        executor_cls: type,
     ) -> None:
-        """``layers``: the (start, end) span this node holds; it serves any part of it."""
+        """``layers``: the (start, end) span this node holds; it serves any part of it.
+
+        ``executor_cls``: the executor class the stage's vLLM config names (the head's
+        :class:`~molink.executor.pipeline_executor.PipelineExecutor`, handed in by the node):
+        vLLM's pipeline-parallel check reads its ``supports_pp``; the stage never runs it.
+        """
         self.engine_args = engine_args
+        self.executor_cls = executor_cls
         self.model_hash = model_hash
         self.layers = layers
         self.security = security
@@ -164,13 +168,12 @@ class StageHost:
     def _build(self, config: StageConfig) -> None:
         """(Re)build the worker for ``config``; its KV cache comes with the first StartStage
         (caller holds the lock)."""
-        from molink.executor.pipeline_executor import PipelineExecutor
         from molink.worker.stage_worker import create_stage_worker
 
         for session in list(self.sessions.values()):
             self._end(session)
         self._shutdown_worker()
-        vllm_config = stage_engine_config(self.engine_args, config, PipelineExecutor)
+        vllm_config = stage_engine_config(self.engine_args, config, self.executor_cls)
         placement = config.placement
         logger.info(
             "Building the stage for layers %d-%d in %s (limits from the head: %s)",

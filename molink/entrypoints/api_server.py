@@ -32,11 +32,11 @@ from vllm.utils.argparse_utils import FlexibleArgumentParser
 
 from molink.comm.chain import ChainError
 from molink.config import add_molink_args
-from molink.engine.node import Node
 from molink.entrypoints.failure_reasons import failure_cause
 from molink.entrypoints.head_routes import install_head_routes
 from molink.entrypoints.http_auth import api_key_guard, api_keys
 from molink.entrypoints.launch import run_node
+from molink.entrypoints.node import Node
 
 logger = init_logger("molink.entrypoints.api_server")
 

@@ -2,7 +2,7 @@
 
 * ``GET /ready``: readiness. 200 while a full chain serves; 503 with the cause in the body while
   it does not (``/health`` stays vLLM's liveness check: the process and engine are up).
-* ``GET /swarm``: the swarm as JSON (:mod:`molink.telemetry.swarm_report`); needs an API key
+* ``GET /swarm``: the swarm as JSON (:mod:`molink.entrypoints.swarm_report`); needs an API key
   when the server has one.
 * ``GET /swarm/ui``: a live page drawing that JSON (``static/swarm.html``, no external assets).
 * ``/metrics``: vLLM's registry gets MoLink's metrics from the engine process, refreshed just
@@ -27,11 +27,11 @@ from vllm.logger import init_logger
 from vllm.v1.metrics.prometheus import get_prometheus_registry
 
 from molink.entrypoints.http_auth import api_key_guard
+from molink.entrypoints.swarm_report import build_swarm_report
 from molink.telemetry.engine_metrics import PIPELINE_SNAPSHOT_RPC, EngineMetrics
-from molink.telemetry.swarm_report import build_swarm_report
 
 if TYPE_CHECKING:
-    from molink.engine.node import Node
+    from molink.entrypoints.node import Node
 
 logger = init_logger(__name__)
 

@@ -22,8 +22,8 @@ from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.logger import init_logger
 
 from molink.config import MoLinkConfig
-from molink.engine.node import Node
 from molink.entrypoints.http_auth import api_key_guard, api_keys, status_bind_host
+from molink.entrypoints.node import Node
 from molink.security.settings import is_loopback
 from molink.telemetry import metrics
 

@@ -32,6 +32,7 @@ from molink.core.scheduler import SCHEDULER_CLS
 from molink.core.span_choice import choose_span, coverage, needs_move
 from molink.engine.head_config import HeadConfig, RemoteStageSpec
 from molink.engine.stage_host import StageHost
+from molink.executor.pipeline_executor import PipelineExecutor
 from molink.security.settings import check_exposure
 from molink.security.swarm_security import SwarmSecurity
 from molink.telemetry import metrics
@@ -173,7 +174,13 @@ class Node:
         self.host = (
             None
             if self.is_head
-            else StageHost(engine_args, self.identity.config_hash, self.layers, self.security)
+            else StageHost(
+                engine_args,
+                self.identity.config_hash,
+                self.layers,
+                self.security,
+                executor_cls=PipelineExecutor,
+            )
         )
         self.membership: Membership | None = None
         self.grpc_server: grpc.Server | None = None
@@ -190,14 +197,16 @@ class Node:
     def grpc_address(self) -> str:
         return f"{self.config.announce_host}:{self.config.announce_port or self.grpc_port}"
 
-    def start(self, join_timeout: float = 600.0) -> None:
+    def start(self) -> None:
         """Open the gRPC service, join the DHT and announce this node."""
         logger.info("Security: %s", self.security.describe())
         service = StageService(self.node_info, self.host, self.security)
         self.grpc_server, self.grpc_port = start_grpc_server(
             service, self.config.listen_host, self.config.grpc_port
         )
-        initial = resolve_initial_peers(self.config.initial_peers, join_timeout, self.security)
+        initial = resolve_initial_peers(
+            self.config.initial_peers, self.config.chain_timeout, self.security
+        )
         self.membership = Membership(
             initial_peers=initial,
             host=self.config.listen_host,
@@ -358,8 +367,6 @@ class Node:
 
     def head_engine_args(self, chain: Chain) -> AsyncEngineArgs:
         """vLLM engine arguments that run this head's chain as a pipeline."""
-        from molink.executor.pipeline_executor import PipelineExecutor
-
         assert self.membership is not None
         head = HeadConfig(
             head=self.announcement().to_dict(),

@@ -50,7 +50,7 @@ def is_loopback(host: str) -> bool:
 
 
 def read_allowed_nodes(path: str | Path) -> frozenset[str]:
-    """Node ids (``python -m molink.keygen --node`` prints them), one per line; ``#`` comments."""
+    """Node ids (``molink keygen --node`` prints them), one per line; ``#`` comments."""
     ids = set()
     for number, line in enumerate(Path(path).read_text().splitlines(), 1):
         entry = line.split("#", 1)[0].strip()
@@ -70,9 +70,9 @@ def check_exposure(listen_host: str, files: SecurityFiles) -> None:
         raise InsecureSetup(
             f"--listen_host {listen_host} is reachable from other machines, and without a swarm "
             "key anyone who reaches it can join the swarm, drive this node and read its "
-            "activations. Make a key with `python -m molink.keygen swarm.key`, copy it to every "
-            "node and pass --swarm-key-file swarm.key (or --listen_host 127.0.0.1 for one "
-            "machine, or --insecure on a network you trust)."
+            "activations. Make a key with `molink keygen swarm.key`, copy it to every node and "
+            "pass --swarm-key-file swarm.key (or --listen_host 127.0.0.1 for one machine, or "
+            "--insecure on a network you trust)."
         )
     logger.warning(
         "--insecure: serving without a swarm key on %s; anyone who reaches this node can join "

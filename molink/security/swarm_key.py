@@ -1,7 +1,7 @@
 """The swarm key: one random secret shared by every node of a swarm.
 
-``python -m molink.keygen PATH`` writes a new one. Nodes never use it directly: each use gets its
-own key derived with HKDF-SHA256 under a fixed label, so a leak of one derived key (say, the DHT
+``molink keygen PATH`` writes a new one. Nodes never use it directly: each use gets its own
+key derived with HKDF-SHA256 under a fixed label, so a leak of one derived key (say, the DHT
 token key) does not give the others away. Only :attr:`SwarmKey.fingerprint` may be logged.
 """
 
@@ -78,7 +78,9 @@ def load_swarm_key(path: str | Path) -> SwarmKey:
         )
     lines = text.split()
     if len(lines) != 2 or lines[0] != _HEADER:
-        raise SwarmKeyError(f"{path} is not a MoLink swarm key (make one with molink.keygen)")
+        raise SwarmKeyError(
+            f"{path} is not a MoLink swarm key (make one with `molink keygen PATH`)"
+        )
     try:
         secret = bytes.fromhex(lines[1])
     except ValueError:

@@ -33,13 +33,24 @@ from vllm.v1.worker.worker_base import WorkerWrapperBase
 from molink.core.request_snapshot import RequestSnapshot
 from molink.core.step import HostActivations
 from molink.distributed.parallel_state import init_stage_parallel_state
-from molink.engine.stage_config import stage_placement
+from molink.stage_spec import ADDITIONAL_CONFIG_KEY, StagePlacement, placement_from_dict
 from molink.worker.activation_staging import ActivationStaging
 from molink.worker.platform_worker import platform_worker_class
 
 logger = init_logger(__name__)
 
 WORKER_CLS = "molink.worker.stage_worker.StageWorker"
+
+
+def stage_placement(vllm_config: VllmConfig) -> StagePlacement:
+    """This process's placement, from ``additional_config`` (a single stage if absent; the
+    head's config puts it there, and so does :func:`molink.engine.stage_config.
+    stage_engine_config` for a remote stage)."""
+    num_layers = vllm_config.model_config.get_total_num_hidden_layers()
+    extra = (vllm_config.additional_config or {}).get(ADDITIONAL_CONFIG_KEY)
+    if not extra:
+        return StagePlacement(0, num_layers - 1, num_layers)
+    return placement_from_dict(extra["placement"])
 
 
 class StageHooks:

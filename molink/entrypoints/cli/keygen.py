@@ -1,8 +1,9 @@
-"""``python -m molink.keygen PATH``: make a new swarm key (or, with ``--node``, a node key).
+"""``molink keygen PATH``: make a new swarm key (or, with ``--node``, a node key).
 
 Copy the swarm key to every node of the swarm over a channel you trust (scp, a secrets manager)
 and start each node with ``--swarm-key-file PATH``. A node key (``--node PATH``) is one node's own
 identity; its node id (logged here) is what goes into another node's ``--allowed-nodes-file``.
+Also runnable as ``python -m molink.entrypoints.cli.keygen``.
 """
 
 from __future__ import annotations
@@ -15,11 +16,14 @@ from vllm.logger import configure_logging_from_args, init_logger
 from molink.security.node_key import NodeKey
 from molink.security.swarm_key import generate_swarm_key
 
-logger = init_logger("molink.keygen")
+logger = init_logger("molink.entrypoints.cli.keygen")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m molink.keygen", description=__doc__)
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog=prog or "python -m molink.entrypoints.cli.keygen",
+        description=__doc__,
+    )
     parser.add_argument("path", help="file to create (mode 0600; never overwritten)")
     parser.add_argument(
         "--node", action="store_true", help="make a node key instead of a swarm key"

@@ -1,9 +1,10 @@
-"""``python -m molink.status --initial_peer HOST:PORT``: the swarm as a table, from any machine.
+"""``molink status --initial_peer HOST:PORT``: the swarm as a table, from any machine.
 
 Reads every node's announcement from the DHT (joining it as a client, through any node's gRPC
 address or DHT multiaddr) and prints, per model, one row per node (span, role, state, address,
 throughput, version) and the layers no online node serves. Exit status: 0 when every model's
 layers are covered, 1 when some are not, 2 when the swarm can't be reached or is empty.
+Also runnable as ``python -m molink.entrypoints.cli.status``.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from molink.comm.dht import Membership, NodeAnnouncement
 from molink.security.settings import SecurityFiles
 from molink.security.swarm_security import SwarmSecurity
 
-logger = init_logger("molink.status")
+logger = init_logger("molink.entrypoints.cli.status")
 
 _COLUMNS = (
     "node",
@@ -75,8 +76,11 @@ def render(nodes: Sequence[NodeAnnouncement]) -> tuple[str, bool]:
     return "\n".join(out), complete
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m molink.status", description=__doc__)
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog=prog or "python -m molink.entrypoints.cli.status",
+        description=__doc__,
+    )
     parser.add_argument(
         "--initial-peer",
         "--initial_peer",
@@ -89,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds to reach the swarm")
     args = parser.parse_args(argv)
     configure_logging_from_args(args)
-    from molink.engine.node import resolve_initial_peers
+    from molink.entrypoints.node import resolve_initial_peers
 
     try:
         security = SwarmSecurity.from_files(SecurityFiles(swarm_key_file=args.swarm_key_file))

@@ -33,11 +33,11 @@ from vllm.utils.argparse_utils import FlexibleArgumentParser
 
 from molink.comm.chain import ChainError
 from molink.config import add_molink_args
-from molink.engine.node import Node
 from molink.entrypoints.failure_reasons import report_failure_causes
 from molink.entrypoints.head_routes import install_head_routes
 from molink.entrypoints.http_auth import api_keys
 from molink.entrypoints.launch import run_node
+from molink.entrypoints.node import Node
 
 logger = init_logger("molink.entrypoints.openai.api_server")
 
@@ -81,10 +81,11 @@ async def serve_api(
     )
 
 
-def make_parser() -> FlexibleArgumentParser:
+def make_parser(prog: str | None = None) -> FlexibleArgumentParser:
     """vLLM's OpenAI server flags plus MoLink's."""
     parser = FlexibleArgumentParser(
-        description="MoLink: vLLM's OpenAI-compatible server over a pipeline of nodes."
+        prog=prog,
+        description="MoLink: vLLM's OpenAI-compatible server over a pipeline of nodes.",
     )
     parser = make_arg_parser(parser)
     add_molink_args(parser)
@@ -107,9 +108,10 @@ async def run(args: argparse.Namespace) -> None:
     await run_node(args, serve_head)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None, prog: str | None = None) -> None:
+    """Parse ``argv`` (default: the command line) and run the node; ``molink serve`` is this."""
     cli_env_setup()
-    args = make_parser().parse_args()
+    args = make_parser(prog).parse_args(argv)
     # MoLink's --grpc-port replaced vLLM's (Rust frontend only); vLLM still reads the attribute.
     args.grpc_port = None
     configure_logging_from_args(args)
