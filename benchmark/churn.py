@@ -41,7 +41,7 @@ from pathlib import Path
 import aiohttp
 
 sys.path.insert(0, str(Path(__file__).parent))
-from loadgen import make_prompts  # noqa: E402
+from loadgen import make_prompts, prompt_vocab  # noqa: E402
 from swarm import Swarm, SwarmSpec, demo_model, even_split, num_hidden_layers  # noqa: E402
 
 
@@ -155,7 +155,7 @@ def pauses(streams: list[Stream], at: float) -> list[float]:
 
 def idle_prefill_rate(url: str, model: str, tokens: int) -> float:
     """Prompt tokens per second of the idle pipeline: one ``tokens``-token prompt, one token out."""
-    (prompt,) = make_prompts(1, tokens, (100, 20000), seed=1)
+    (prompt,) = make_prompts(1, tokens, prompt_vocab(model), seed=1)
     started = time.monotonic()
     (stream,), _ = asyncio.run(run_streams(url, model, [prompt], 1))
     if stream.error or not stream.arrivals:
@@ -238,7 +238,7 @@ def run_setup(args: argparse.Namespace, model: str, stages: int) -> list[RunRepo
         shared_cores=True,  # more nodes than cores here; recovery, not speed, is measured
     )
     setup = f"{stages} stages + 1 replica of layers {last[0]}-{last[1]}"
-    prompts = make_prompts(args.streams, args.input_len, (100, 20000), seed=0)
+    prompts = make_prompts(args.streams, args.input_len, prompt_vocab(model), seed=0)
     results: list[RunReport] = []
     swarm = Swarm(spec)
     print(f"[churn] starting {setup} (logs: {spec.log_dir})", file=sys.stderr)

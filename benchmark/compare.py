@@ -40,7 +40,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from link_emulator import LinkSpec  # noqa: E402
-from loadgen import make_prompts, measure_rounds, run_load  # noqa: E402
+from loadgen import make_prompts, measure_rounds, prompt_vocab, run_load  # noqa: E402
 from swarm import Swarm, SwarmSpec, default_split, demo_model, plain_vllm  # noqa: E402
 
 SERVED_NAME = "bench"
@@ -152,7 +152,7 @@ def server(setup: Setup, args: argparse.Namespace, slot: int = 0) -> Iterator[st
         stages=setup.stages,
         link=setup.link,
         port=port,
-        grpc_base_port=SwarmSpec.grpc_base_port + slot * PAIRED_PORT_OFFSET,
+        grpc_base_port=args.grpc_base_port + slot * PAIRED_PORT_OFFSET,
         node_args=node_args,
         head_args=head_args,
         env={"VLLM_CPU_KVCACHE_SPACE": "1"},
@@ -184,7 +184,7 @@ def burst(url: str, prompts: list[list[int]], output_len: int) -> dict:
 def measure_throughput(
     url: str, args: argparse.Namespace, num_requests: int, num_rounds: int, warm_up: bool = True
 ) -> dict:
-    prompts = make_prompts(num_requests, args.input_len, (100, 20000), seed=1)
+    prompts = make_prompts(num_requests, args.input_len, args.vocab, seed=1)
     if warm_up:
         burst(url, prompts[: max(2, len(prompts) // 4)], 16)  # not counted
     rounds, median = measure_rounds(
@@ -221,7 +221,7 @@ def measure_paired(args: argparse.Namespace, a: Setup, b: Setup) -> dict:
     ):
         urls = {a.key: a_url, b.key: b_url}
         for num_requests, num_rounds in loads:
-            prompts = make_prompts(num_requests, args.input_len, (100, 20000), seed=1)
+            prompts = make_prompts(num_requests, args.input_len, args.vocab, seed=1)
             for url in urls.values():
                 burst(url, prompts[: max(2, num_requests // 4)], 16)  # warm-up, not counted
             pairs = []
@@ -245,8 +245,8 @@ def measure_paired(args: argparse.Namespace, a: Setup, b: Setup) -> dict:
 
 
 async def _prompt_during_streams(url: str, args: argparse.Namespace, with_prompt: bool) -> dict:
-    streams = make_prompts(args.streams, args.input_len, (100, 20000), seed=2)
-    long_prompt = make_prompts(1, args.long_prompt_len, (100, 20000), seed=3)
+    streams = make_prompts(args.streams, args.input_len, args.vocab, seed=2)
+    long_prompt = make_prompts(1, args.long_prompt_len, args.vocab, seed=3)
     background = asyncio.create_task(
         run_load(url, SERVED_NAME, streams, args.stream_output_len, progress=False)
     )
@@ -261,7 +261,7 @@ def measure_long_prompt(url: str, args: argparse.Namespace) -> dict:
     """TTFT of a long prompt, idle vs during decode streams, and the streams' TPOT."""
     idle = []
     for i in range(args.rounds):
-        prompt = make_prompts(1, args.long_prompt_len, (100, 20000), seed=10 + i)
+        prompt = make_prompts(1, args.long_prompt_len, args.vocab, seed=10 + i)
         idle.append(burst(url, prompt, 8)["ttft_ms"]["p50"])
     busy, alone = [], []
     for _ in range(args.rounds):
@@ -422,7 +422,7 @@ def write_report(results: dict, args: argparse.Namespace) -> None:
         f"* Load: bursts of {args.num_requests} concurrent requests, {args.input_len} prompt / "
         f"{args.output_len} output tokens (random token ids, ignore_eos), one warm-up burst, "
         f"median of {args.rounds} rounds.",
-        f"* Layers: the spans `python -m molink.split_plan` prints (equal decode time per "
+        f"* Layers: the spans `molink split-plan` prints (equal decode time per "
         f"stage, the LM head counted): {results['layers']}.",
         f"* Emulated WAN: every hop (head → stage 1 → … → head) through a relay with "
         f"{args.delay_ms:g} ms one-way delay (far: {args.far_delay_ms:g} ms) and "
@@ -549,6 +549,13 @@ def main() -> None:
     parser.add_argument("--stream-output-len", type=int, default=160)
     parser.add_argument("--prompt-delay", type=float, default=4.0, help="s before the prompt")
     parser.add_argument("--port", type=int, default=8100)
+    parser.add_argument(
+        "--grpc-base-port",
+        type=int,
+        default=SwarmSpec.grpc_base_port,
+        help=f"the first MoLink node's gRPC port; the others count up (default "
+        f"{SwarmSpec.grpc_base_port})",
+    )
     parser.add_argument("--quick", action="store_true", help="tiny loads: a smoke test")
     parser.add_argument(
         "--trace",
@@ -571,6 +578,7 @@ def main() -> None:
         args.long_prompt_len, args.streams, args.stream_output_len = 64, 2, 24
         args.prompt_delay = 0.5
     args.model = args.model or demo_model()
+    args.vocab = prompt_vocab(args.model)
     args.output_dir.mkdir(parents=True, exist_ok=True)
     link = LinkSpec(args.delay_ms, 0.0, args.rate_mbit)
     far = LinkSpec(args.far_delay_ms, 0.0, args.rate_mbit)

@@ -23,6 +23,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import aiohttp
 from tqdm import tqdm
@@ -42,6 +43,13 @@ class RequestResult:
     @property
     def tpot(self) -> float:
         return (self.e2e - self.ttft) / (self.output_tokens - 1) if self.output_tokens > 1 else 0.0
+
+
+def prompt_vocab(model: str) -> tuple[int, int]:
+    """Token ids random prompts draw from: ``[100, 20000)``, within the model's vocabulary."""
+    config = json.loads((Path(model) / "config.json").read_text())
+    vocab_size = config.get("vocab_size") or config.get("text_config", {}).get("vocab_size")
+    return 100, min(20000, int(vocab_size or 20000))
 
 
 def make_prompts(n: int, input_len: int, vocab: tuple[int, int], seed: int) -> list[list[int]]:

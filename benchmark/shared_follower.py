@@ -4,7 +4,7 @@
     python benchmark/shared_follower.py --quick   # a few tiny requests (smoke test)
 
 A 2-stage swarm of the demo model (``benchmark/swarm.py``: the head and the follower on the spans
-``python -m molink.split_plan`` prints, each on its own cores and address). First the head alone
+``molink split-plan`` prints, each on its own cores and address). First the head alone
 serves ``--streams`` concurrent requests; then a second head joins (the head's span, on the
 first head's cores: the heads' machine is shared, the follower's isn't) and each head serves half
 of them at the same time, through the one follower. Each setup gets a warm-up burst and
@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from loadgen import make_prompts, measure_rounds, run_load  # noqa: E402
+from loadgen import make_prompts, measure_rounds, prompt_vocab, run_load  # noqa: E402
 from swarm import Swarm, SwarmSpec, demo_model  # noqa: E402
 
 SERVED_NAME = "bench"
@@ -58,7 +58,7 @@ async def load(urls: list[str], prompts: list[list[int]], output_len: int) -> di
 
 
 def measure(urls: list[str], args: argparse.Namespace) -> dict:
-    prompts = make_prompts(args.streams, args.input_len, (100, 20000), seed=1)
+    prompts = make_prompts(args.streams, args.input_len, args.vocab, seed=1)
     asyncio.run(load(urls, prompts[: max(len(urls), len(prompts) // 4)], 16))  # warm-up
     rounds, median = measure_rounds(
         lambda: asyncio.run(load(urls, prompts, args.output_len)), args.rounds,
@@ -86,6 +86,13 @@ def main() -> None:
     parser.add_argument("--follower-kv-gib", type=int, default=2)
     parser.add_argument("--wire-dtype", default="float16")
     parser.add_argument("--port", type=int, default=8500)
+    parser.add_argument(
+        "--grpc-base-port",
+        type=int,
+        default=SwarmSpec.grpc_base_port,
+        help=f"the first node's gRPC port; the others count up (default "
+        f"{SwarmSpec.grpc_base_port})",
+    )
     parser.add_argument("--output-dir", type=Path, default=Path("resources"))
     parser.add_argument("--quick", action="store_true", help="4 streams of 8 tokens, 1 round")
     parser.add_argument(
@@ -98,11 +105,13 @@ def main() -> None:
     if args.quick:
         args.streams, args.input_len, args.output_len, args.rounds = 4, 16, 8, 1
     model = args.model or demo_model()
+    args.vocab = prompt_vocab(model)
     args.output_dir.mkdir(parents=True, exist_ok=True)
     spec = SwarmSpec(
         model=model,
         stages=2,
         port=args.port,
+        grpc_base_port=args.grpc_base_port,
         node_args=[
             "--served-model-name",
             SERVED_NAME,
