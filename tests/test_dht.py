@@ -8,11 +8,11 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
+from probes import eventually
 
 from molink.comm.chain import wait_for_chain
 from molink.comm.dht import Membership, NodeAnnouncement, _proc_stat
@@ -56,18 +56,6 @@ def p2pd_pids() -> set[int]:
     return pids
 
 
-def eventually(check: Callable[[], Any], timeout: float = DEADLINE, what: str = "") -> Any:
-    """Poll ``check`` until it returns something truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(0.1)
-    pytest.fail(f"timed out after {timeout} s waiting for {what or check}; last value {last!r}")
-
-
 def make_ann(m: Membership, start: int, end: int, state: str = "joining") -> NodeAnnouncement:
     return NodeAnnouncement(
         peer_id=m.peer_id,
@@ -98,6 +86,8 @@ def swarm() -> Iterator[tuple[Membership, Membership]]:
         members.append(a)
         b = Membership(initial_peers=a.visible_maddrs(), host="127.0.0.1", startup_timeout=30)
         members.append(b)
+        a.announce(make_ann(a, 0, 14), period=PERIOD)
+        b.announce(make_ann(b, 15, 29), period=PERIOD)
         yield a, b
     finally:
         for m in members:
@@ -111,8 +101,6 @@ def test_peers_see_each_other(swarm: tuple[Membership, Membership]) -> None:
     assert maddrs and all(
         m.startswith("/ip4/127.0.0.1/tcp/") and m.endswith(f"/p2p/{a.peer_id}") for m in maddrs
     )
-    a.announce(make_ann(a, 0, 14), period=PERIOD)
-    b.announce(make_ann(b, 15, 29), period=PERIOD)
     both = {a.peer_id, b.peer_id}
     eventually(lambda: set(seen_by(a)) == both, what="a to see both")
     eventually(lambda: set(seen_by(b)) == both, what="b to see both")
@@ -128,12 +116,17 @@ def test_announce_rejects_foreign_peer_id(swarm: tuple[Membership, Membership]) 
 def test_update_propagates(swarm: tuple[Membership, Membership]) -> None:
     a, b = swarm
     b.update(state="online", kv_capacity_bytes=123)
-    eventually(lambda: seen_by(a)[b.peer_id].state == "online", what="a to see b online")
-    assert seen_by(a)[b.peer_id].kv_capacity_bytes == 123
+    eventually(
+        lambda: b.peer_id in seen_by(a) and seen_by(a)[b.peer_id].kv_capacity_bytes == 123,
+        what="a to see b's update",
+    )
+    assert seen_by(a)[b.peer_id].state == "online"
 
 
 def test_wait_for_chain_end_to_end(swarm: tuple[Membership, Membership]) -> None:
     a, b = swarm
+    b.update(state="online")
+    eventually(lambda: seen_by(a).get(b.peer_id), what="a to see b")
     head = a.announcement
     assert head is not None
     chain = wait_for_chain(a, head, timeout=DEADLINE, poll_interval=0.2)

@@ -18,8 +18,8 @@ from pathlib import Path
 import openai
 import pytest
 from conftest import DEMO_API_KEY, QWEN3_ENGINE_FLAGS, NodeProcess, Swarm
+from probes import eventually
 from prometheus_client.parser import text_string_to_metric_families
-from test_dht import eventually
 
 FLAGS = QWEN3_ENGINE_FLAGS
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -128,8 +128,14 @@ def test_metrics_move_under_load(pipeline, client, qwen3_model):
     assert not any(name.startswith("molink_chain") for name, _ in stage_after)  # head only
 
 
-def test_the_head_logs_every_request_event(pipeline):
+def test_the_head_logs_every_request_event(pipeline, client, qwen3_model):
     head, _ = pipeline
+    client.completions.create(
+        model=qwen3_model,
+        prompt="the quick brown fox",
+        max_tokens=16,
+        extra_body={"ignore_eos": True},
+    )
     log = head.log()
     ids = re.findall(r"Request (cmpl-\S+) admitted: \d+ prompt tokens, up to 16 new", log)
     assert ids

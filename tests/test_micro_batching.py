@@ -210,16 +210,16 @@ def test_plan_splits_decodes_evenly() -> None:
 
 def test_prefill_allowance_uses_idle_ring_time() -> None:
     # Separate machines, long link: with k batches the machines idle for part of each cycle,
-    # and prompt tokens may fill it beyond the pipelined chunk.
+    # and prompt tokens may fill it beyond the pipelined chunk. By hand: 2 batches of 32
+    # decodes; a stage step takes 1 + 32 * 0.05 = 2.6 ms and a cycle 100 + 3 * 2.6 = 107.8 ms,
+    # of which each machine idles 107.8 - 2 * 2.6 = 102.6 ms. That, plus the stretch of half a
+    # cycle (53.9 ms), buys 156.5 / 0.05 = 3130 prompt tokens per cycle: 1565 per batch.
     wan = costs([(1 * MS, 0.05 * MS)] * 3, transfer=(100 * MS, 0.0))
-    plan = plan_micro_batch(wan, 64, 8, 512, 32, pending_prefill=100)
-    assert plan is not None
-    k = plan.num_batches
-    cycle = wan.cycle(64, k)
-    idle = cycle - k * wan.bottleneck(plan.decode_slots)
-    assert idle > 0
-    expected = int((idle + 0.5 * cycle) / (0.05 * MS) / k)
-    assert plan.prefill_tokens == min(expected, 512 - plan.decode_slots)
+    plan = plan_micro_batch(wan, 64, 8, 4096, 32, pending_prefill=100)
+    assert plan == MicroBatchPlan(num_batches=2, decode_slots=32, prefill_tokens=1565)
+    # A batch never carries more than its token budget: 512 - 32 decodes.
+    capped = plan_micro_batch(wan, 64, 8, 512, 32, pending_prefill=100)
+    assert capped is not None and capped.num_batches == 2 and capped.prefill_tokens == 480
 
 
 def test_prefill_allowance_on_one_machine_is_vllms_budget() -> None:

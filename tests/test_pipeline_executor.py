@@ -1,107 +1,24 @@
 """Greedy outputs through MoLink pipelines equal single-process vLLM's, token for token.
 
-Real node processes, real gRPC, a real DHT, the ``openai`` client. One engine configuration is
-shared by the reference and every pipeline: small ``max_num_batched_tokens`` (chunked prefill) and
-a KV cache of few blocks (preemption), with many concurrent requests of different lengths,
-``max_tokens`` and stop strings. Then the only node serving a span is killed: in-flight requests
-wait for a replacement, fail after ``--outage-timeout`` with the cause as their error message,
-the head stays up, and a replacement node restores service (churn with replicas, where nothing
-fails, is in ``test_chain_keeper.py``).
+Real node processes, real gRPC, a real DHT, the ``openai`` client; the requests, the shared
+engine configuration and the reference run are in ``reference.py``. Then the only node serving a
+span is killed: in-flight requests wait for a replacement, fail after ``--outage-timeout`` with
+the cause as their error message, the head stays up, and a replacement node restores service with
+the reference's outputs (churn with replicas, where nothing fails, is in ``test_chain_keeper.py``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import os
-import subprocess
-import sys
 import time
 import urllib.request
-from pathlib import Path
 
 import openai
 import pytest
-from conftest import NODE_ENV, QWEN3_ENGINE_FLAGS
+from reference import ENGINE_FLAGS, assert_same, pipeline_outputs
 
-ENGINE = {
-    "dtype": "float32",
-    "enforce_eager": True,
-    "max_model_len": 512,
-    "max_num_seqs": 8,
-    "max_num_batched_tokens": 64,
-    "block_size": 32,
-    "num_gpu_blocks_override": 20,
-    "seed": 0,
-}
-# A KV cache of few blocks on top of the shared limits: requests get preempted.
-ENGINE_FLAGS = [*QWEN3_ENGINE_FLAGS, "--num-gpu-blocks-override", "20"]
-WORDS = (
-    "the quick brown fox jumps over the lazy dog while a small bird sings in the old tree "
-    "and people walk along the river to see the boats and the bright sun above the hills"
-).split()
-LOGPROB_TOLERANCE = 1e-4
 OUTAGE_S = 8
-
-
-def make_requests(n: int = 14) -> list[dict]:
-    requests = []
-    for i in range(n):
-        length = 6 + (i * 37) % 150  # 6..155 words: several prefill chunks at 64 tokens/step
-        words = [WORDS[(i * 7 + j * 3) % len(WORDS)] for j in range(length)]
-        requests.append(
-            {
-                "prompt": " ".join(words),
-                "max_tokens": 4 + (i * 13) % 60,
-                "stop": ["the"] if i % 4 == 3 else None,
-            }
-        )
-    return requests
-
-
-REQUESTS = make_requests()
-
-
-def reference_outputs(model: str, tmp: Path) -> list[dict]:
-    spec, out = tmp / "spec.json", tmp / "out.json"
-    spec.write_text(json.dumps({"model": model, "engine": ENGINE, "requests": REQUESTS}))
-    cmd = [sys.executable, str(Path(__file__).parent / "reference_run.py"), str(spec), str(out)]
-    subprocess.run(cmd, check=True, env={**os.environ, **NODE_ENV}, timeout=600)
-    return json.loads(out.read_text())
-
-
-async def pipeline_outputs(base_url: str, model: str) -> list[dict]:
-    client = openai.AsyncOpenAI(base_url=base_url + "/v1", api_key="none", max_retries=0)
-
-    async def one(r: dict) -> dict:
-        resp = await client.completions.create(
-            model=model,
-            prompt=r["prompt"],
-            max_tokens=r["max_tokens"],
-            stop=r["stop"],
-            temperature=0.0,
-            logprobs=1,
-            extra_body={"return_token_ids": True},
-        )
-        choice = resp.choices[0]
-        return {
-            "token_ids": list(choice.token_ids),
-            "logprobs": list(choice.logprobs.token_logprobs),
-            "text": choice.text,
-        }
-
-    try:
-        return await asyncio.gather(*(one(r) for r in REQUESTS))
-    finally:
-        await client.close()
-
-
-def assert_same(reference: list[dict], got: list[dict]) -> None:
-    for i, (ref, out) in enumerate(zip(reference, got, strict=True)):
-        assert out["token_ids"] == ref["token_ids"], f"request {i}: tokens differ"
-        assert out["text"] == ref["text"]
-        for a, b in zip(out["logprobs"], ref["logprobs"], strict=True):
-            assert abs(a - b) <= LOGPROB_TOLERANCE, f"request {i}: logprob {a} vs {b}"
 
 
 def metric(base_url: str, name: str) -> float:
@@ -112,11 +29,6 @@ def metric(base_url: str, name: str) -> float:
         for line in text.splitlines()
         if line.startswith(name) and not line.startswith("#")
     )
-
-
-@pytest.fixture(scope="module")
-def qwen3_reference(qwen3_model: str, tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
-    return reference_outputs(qwen3_model, tmp_path_factory.mktemp("ref"))
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +51,7 @@ def test_two_stages_match_single_process(two_stage, qwen3_model, qwen3_reference
 
 
 def test_lost_stage_without_replacement_fails_with_its_cause_then_recovers(
-    two_stage, module_swarm, qwen3_model
+    two_stage, module_swarm, qwen3_model, qwen3_reference
 ):
     head, follower = two_stage
 
@@ -196,15 +108,9 @@ def test_lost_stage_without_replacement_fails_with_its_cause_then_recovers(
     deadline = time.monotonic() + 300
     while "Pipeline restored" not in head.log() and time.monotonic() < deadline:
         time.sleep(1.0)
-    resp = client.completions.create(
-        model=qwen3_model,
-        prompt=REQUESTS[0]["prompt"],
-        max_tokens=8,
-        temperature=0.0,
-        timeout=300,
-    )
-    assert len(resp.choices[0].text) > 0
     assert "Pipeline restored" in head.log()
+    # The restored pipeline answers exactly as single-process vLLM does.
+    assert_same(qwen3_reference, asyncio.run(pipeline_outputs(head.base_url, qwen3_model)))
 
 
 def test_three_uneven_stages_match_single_process(swarm, qwen3_model, qwen3_reference):

@@ -12,15 +12,8 @@ import asyncio
 
 import pytest
 from conftest import QWEN3_ENGINE_FLAGS
-from test_chain_keeper import status, stream_all, wait_for
-from test_pipeline_executor import (
-    ENGINE_FLAGS,
-    assert_same,
-    pipeline_outputs,
-    qwen3_reference,  # noqa: F401  # a fixture
-)
-
-# ruff: noqa: F811  (qwen3_reference is a fixture argument)
+from probes import eventually, status
+from reference import ENGINE_FLAGS, assert_same, pipeline_outputs, stream_all
 
 # One block holds 32 tokens of 3 layers, each 1 KV head of 64 float32 keys and values.
 BLOCK_BYTES = 32 * 64 * 2 * 4 * 3
@@ -77,7 +70,7 @@ def test_kill_9_of_one_head_leaves_the_other_unchanged(
     got = asyncio.run(stream_all(survivor, qwen3_model, during=doomed.kill))
     assert got == reference
     # The follower noticed the dead head's stream and freed its blocks...
-    wait_for(lambda: len(status(follower)["heads"]) == 1, timeout=60, what="the KV freed")
+    eventually(lambda: len(status(follower)["heads"]) == 1, timeout=60, what="the KV freed")
     assert "released this stage" in follower.log()
     # ...which a new head gets.
     new = module_swarm.start("head4", qwen3_model, "0,2", ENGINE_FLAGS, peers=[follower])

@@ -15,14 +15,14 @@ from pathlib import Path
 
 import grpc
 import pytest
-from test_dht import eventually
+from probes import eventually
 from test_dht import make_ann as ann
 
 from molink.comm.dht import NODES_KEY, Membership
 from molink.comm.links import connect
 from molink.comm.proto import molink_pb2
 from molink.comm.stage_service import StageService, start_grpc_server
-from molink.security.node_key import NodeKey, verify_proof
+from molink.security.node_key import NodeKey, node_id, verify_proof
 from molink.security.settings import SecurityFiles
 from molink.security.swarm_key import SwarmKey, generate_swarm_key
 from molink.security.swarm_security import SwarmSecurity
@@ -180,12 +180,14 @@ def test_forged_announcements_are_ignored(keyed_swarm):
     )
     assert refused == [[False]]
     # ... and under a plain subkey (not protected, so stored): readers skip it.
-    run_in_dht(
+    stored = run_in_dht(
         b,
         partial(_store_raw, key=NODES_KEY, subkey="QmForged1", value=value, expiration=expiration),
     )
-    time.sleep(1)
-    assert "QmForged1" not in peers_seen(a)
+    assert stored == [[True]]  # the forged record is in the DHT...
+    raw_on_a = partial(run_in_dht, a, partial(_raw_entries, key=NODES_KEY))
+    eventually(lambda: any("QmForged1" in str(k) for k in raw_on_a()), what="the record on a")
+    assert "QmForged1" not in peers_seen(a)  # ... and no reader takes it
     assert "QmForged1" not in peers_seen(b)
     assert {n.peer_id: n.start_layer for n in a.nodes()}[a.peer_id] == 0
 
@@ -223,12 +225,15 @@ def test_a_replayed_announcement_is_ignored(keyed_swarm):
 def test_allowlist_hides_unlisted_nodes(keyed_swarm):
     a, b = keyed_swarm
     eventually(lambda: peers_seen(a) == {a.peer_id, b.peer_id}, what="the swarm")
-    reader = start(keyed(KEY_A, allowed=frozenset({"0" * 32})), a.visible_maddrs())
+    # A reader whose allowlist names a sees a, and only a: b is read from the same DHT, and
+    # skipped because it isn't listed.
+    only_a = start(keyed(KEY_A, allowed=frozenset({node_id(a._node_key)})), a.visible_maddrs())
     try:
+        eventually(lambda: peers_seen(only_a) == {a.peer_id}, what="the reader to see a")
         time.sleep(1)
-        assert peers_seen(reader) == set()
+        assert peers_seen(only_a) == {a.peer_id}
     finally:
-        reader.shutdown()
+        only_a.shutdown()
 
 
 # ------------------------------------------------------------------------------------- files
