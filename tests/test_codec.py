@@ -199,6 +199,7 @@ class _Exploit:
         pickle.dumps(np.array([object()], dtype=object)),
         pickle.dumps(print),
     ],
+    ids=["os-system", "torch-tensor", "numpy-object-array", "builtin-print"],  # same in workers
 )
 def test_restricted_unpickler_refuses_code(payload):
     with pytest.raises(pickle.UnpicklingError):
