@@ -1,6 +1,6 @@
 """A burst of N concurrent requests, timed over several rounds (MoLink's classic load test).
 
-    python benchmark/base_multi_request_test.py --model smollm2 --num-requests 32 --rounds 3
+    python -m benchmark.base_multi_request_test --model smollm2 --num-requests 32 --rounds 3
 Each round sends all requests at once and waits for all; reports the per-round figures and the
 median over rounds. A warm-up round is run first and not counted.
 """
@@ -12,11 +12,13 @@ import asyncio
 import statistics
 import sys
 
-from loadgen import add_common_args, make_prompts, run_load, write_result
+from benchmark.loadgen import add_common_args, make_prompts, run_load, write_result
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmark.base_multi_request_test", description=__doc__
+    )
     add_common_args(parser)
     parser.add_argument("--num-requests", type=int, default=32, help="requests per burst")
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds")

@@ -1,9 +1,9 @@
 """Churn benchmark: kill or stop a serving node mid-decode and measure what clients see.
 
-    python benchmark/churn.py                       # 2 and 3 stages, kill -9 then SIGTERM
-    python benchmark/churn.py --stages 2 --quick    # a smoke run
+    python -m benchmark.churn                       # 2 and 3 stages, kill -9 then SIGTERM
+    python -m benchmark.churn --stages 2 --quick    # a smoke run
 
-For each pipeline size it starts a swarm on this machine (``benchmark/swarm.py``) with the layers
+For each pipeline size it starts a swarm on this machine (``benchmark.swarm``) with the layers
 split evenly plus one extra node for the last span (a replica), then:
 
 1. runs ``--streams`` concurrent greedy streams of ``--output-len`` tokens undisturbed (the
@@ -27,31 +27,18 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
 import re
 import signal
 import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import aiohttp
-
-sys.path.insert(0, str(Path(__file__).parent))
-from loadgen import make_prompts, prompt_vocab  # noqa: E402
-from swarm import Swarm, SwarmSpec, demo_model, even_split, num_hidden_layers  # noqa: E402
-
-
-@dataclass
-class Stream:
-    """One streamed completion: its token ids and when each chunk arrived (monotonic s)."""
-
-    tokens: list[int] = field(default_factory=list)
-    arrivals: list[float] = field(default_factory=list)
-    error: str = ""
+from benchmark.loadgen import Stream, make_prompts, prompt_vocab, run_streams
+from benchmark.processes import ManagedProcess
+from benchmark.swarm import Swarm, SwarmSpec, demo_model, even_split, num_hidden_layers
 
 
 @dataclass
@@ -68,68 +55,6 @@ class RunReport:
     reprefill_tokens: int
     reprefill_estimate_s: float  # reprefill_tokens at the idle pipeline's prefill rate
     wall_s: float
-
-
-async def stream_into(
-    session: aiohttp.ClientSession, url: str, model: str, prompt: list[int], n: int, out: Stream
-) -> None:
-    """Stream one greedy completion into ``out`` (tokens as they arrive; errors recorded)."""
-    body = {
-        "model": model,
-        "prompt": prompt,
-        "max_tokens": n,
-        "temperature": 0.0,
-        "stream": True,
-        "ignore_eos": True,
-        "return_token_ids": True,
-    }
-    try:
-        async with session.post(url + "/v1/completions", json=body) as resp:
-            if resp.status != 200:
-                out.error = f"HTTP {resp.status}: {(await resp.text())[:200]}"
-                return
-            async for raw in resp.content:
-                line = raw.decode().strip()
-                if not line.startswith("data:") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line[5:])
-                if "error" in chunk:
-                    out.error = str(chunk["error"])[:300]
-                    return
-                ids = chunk["choices"][0].get("token_ids") or []
-                if ids:
-                    out.tokens += ids
-                    out.arrivals.append(time.monotonic())
-    except (TimeoutError, aiohttp.ClientError) as e:
-        out.error = f"{type(e).__name__}: {e}"
-
-
-async def run_streams(
-    url: str,
-    model: str,
-    prompts: list[list[int]],
-    n: int,
-    after: int = 0,
-    event: Callable[[], None] | None = None,
-) -> tuple[list[Stream], float | None]:
-    """Stream every prompt at once; run ``event`` once every stream has ``after`` tokens.
-
-    Returns the streams and when the event fired (monotonic s), or None without an event.
-    """
-    streams = [Stream() for _ in prompts]
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=3600)) as session:
-        tasks = [
-            asyncio.create_task(stream_into(session, url, model, p, n, s))
-            for p, s in zip(prompts, streams, strict=True)
-        ]
-        fired_at = None
-        if event is not None:
-            while min(len(s.tokens) for s in streams) < after and not all(t.done() for t in tasks):
-                await asyncio.sleep(0.02)
-            fired_at = time.monotonic()
-            await asyncio.to_thread(event)
-        await asyncio.gather(*tasks)
-    return streams, fired_at
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -176,8 +101,8 @@ def get_status(port: int) -> dict:
 
 def serving_follower(swarm: Swarm, first_layer: int) -> int:
     """Index of the node serving the span that starts at ``first_layer`` for the head."""
-    for i in range(1, len(swarm.procs)):
-        if swarm.procs[i].poll() is not None:
+    for i in range(1, len(swarm.nodes)):
+        if swarm.nodes[i].poll() is not None:
             continue
         with contextlib.suppress(OSError):
             status = get_status(swarm.spec.port + i)
@@ -259,18 +184,18 @@ def run_setup(args: argparse.Namespace, model: str, stages: int) -> list[RunRepo
             victim = serving_follower(swarm, last[0])
             spare = next(
                 i
-                for i in range(len(swarm.procs) - 1, 0, -1)
-                if i != victim and swarm.procs[i].poll() is None
+                for i in range(len(swarm.nodes) - 1, 0, -1)
+                if i != victim and swarm.nodes[i].poll() is None
             )
             wait_for_standby(head_log, spec.grpc_base_port + spare)
-            proc = swarm.procs[victim]
+            node = swarm.nodes[victim]
             sig = signal.SIGKILL if event == "kill -9" else signal.SIGTERM
 
-            def fire(proc: subprocess.Popen = proc, sig: int = sig) -> None:
+            def fire(node: ManagedProcess = node, sig: int = sig) -> None:
                 if sig == signal.SIGKILL:
-                    os.killpg(proc.pid, sig)
+                    node.signal_group(sig)  # the node and its children: a machine dying
                 else:
-                    proc.send_signal(sig)
+                    node.proc.send_signal(sig)  # the node alone: it leaves, then exits
 
             print(f"[churn] {event} of node {victim}, {args.kill_after} tokens in", file=sys.stderr)
             started = time.monotonic()
@@ -293,7 +218,7 @@ def run_setup(args: argparse.Namespace, model: str, stages: int) -> list[RunRepo
             )
             print(f"[churn] {asdict(results[-1])}", file=sys.stderr)
             with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=60)
+                node.wait_exit(timeout=60)
     return results
 
 
@@ -315,7 +240,9 @@ def markdown(results: list[RunReport]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m benchmark.churn",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--model", default=None, help="model path (default: the demo model)")
     parser.add_argument("--stages", type=int, nargs="+", default=[2, 3])

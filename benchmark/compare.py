@@ -1,7 +1,7 @@
 """Compare single-node vLLM with MoLink pipelines under the same load, in one run.
 
-    python benchmark/compare.py           # full run (over an hour on 2 cores) -> resources/
-    python benchmark/compare.py --quick   # a few tiny requests per setup (smoke test)
+    python -m benchmark.compare           # full run (over an hour on 2 cores) -> resources/
+    python -m benchmark.compare --quick   # a few tiny requests per setup (smoke test)
 
 Setups (one at a time, same model, same flags, same cores): plain vLLM; MoLink with 2 and 3
 stages on loopback; 2 and 3 stages with every hop behind an emulated link (``--delay-ms``,
@@ -38,10 +38,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from link_emulator import LinkSpec  # noqa: E402
-from loadgen import make_prompts, measure_rounds, prompt_vocab, run_load  # noqa: E402
-from swarm import Swarm, SwarmSpec, default_split, demo_model, plain_vllm  # noqa: E402
+from benchmark.link_emulator import LinkSpec
+from benchmark.loadgen import make_prompts, measure_rounds, prompt_vocab, run_load
+from benchmark.swarm import Swarm, SwarmSpec, default_split, demo_model, plain_vllm
 
 SERVED_NAME = "bench"
 HEAVY_SETUPS = ("vllm", "molink2")  # also measured at --heavy-requests
@@ -450,21 +449,66 @@ def write_report(results: dict, args: argparse.Namespace) -> None:
 
 
 def plot(rows: dict, path: Path) -> None:
+    import re
+    import textwrap
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
 
-    labels = [r["label"].replace(", ", "\n", 1) for r in rows.values()]
-    values = [r["output_throughput_tok_s"] for r in rows.values()]
-    colors = ["#777777" if k == "vllm" else "#1f77b4" for k in rows]
-    fig, ax = plt.subplots(figsize=(11, 4.8))
-    bars = ax.bar(range(len(values)), values, color=colors)
-    ax.bar_label(bars, fmt="%.0f")
-    ax.set_xticks(range(len(values)), labels, fontsize=8)
-    ax.set_ylabel("output tokens / s")
-    ax.set_title("Output throughput, bursts of concurrent requests (median round)")
-    fig.tight_layout()
+    def wrap(label: str) -> str:  # a number keeps its unit ("20 ms") on its line
+        return textwrap.fill(re.sub(r"(\d) (?=\w)", "\\1\u00a0", label), 34)
+
+    # Horizontal bars, first setup on top: each setup's name gets its own lines, wrapped, so
+    # no name runs into its neighbour's however many setups a run has.
+    keys = list(rows)
+    values = [rows[k]["output_throughput_tok_s"] for k in keys]
+    bounds = [rows[k].get("bound_tok_s") for k in keys]
+    base = rows.get("vllm", {}).get("output_throughput_tok_s")
+    y = range(len(keys))
+    fig, ax = plt.subplots(figsize=(10, 1.6 + 0.55 * len(keys)), layout="constrained")
+    bars = ax.barh(
+        y, values, height=0.6, color=["#777777" if k == "vllm" else "#1f77b4" for k in keys]
+    )
+    texts = [
+        f"{v:.0f}" + (f" ({v / base:.2f}× vLLM)" if base and k != "vllm" else "")
+        for k, v in zip(keys, values, strict=True)
+    ]
+    ax.bar_label(bars, texts, label_type="center", color="white", fontsize=8)  # clear of markers
+    # The bound: the decode rate of the fastest even split of the streams into k micro-batches
+    # under the costs the head fitted during the run; a marker on each setup that has one.
+    for i, (k, b) in enumerate(zip(keys, bounds, strict=True)):
+        if b:
+            ax.plot([b, b], [i - 0.38, i + 0.38], color="black", linewidth=2)
+            ax.annotate(
+                f"k={rows[k].get('bound_batches', '?')}",
+                (b, i - 0.38),
+                xytext=(3, 0),
+                textcoords="offset points",
+                fontsize=7,
+                va="top",
+            )
+    ax.set_yticks(y, [wrap(rows[k]["label"]) for k in keys], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlim(0, max(values + [b for b in bounds if b]) * 1.2)
+    ax.set_xlabel("output tokens / s (median round)")
+    ax.set_title("Output throughput, bursts of concurrent requests")
+    ax.grid(axis="x", alpha=0.3)
+    ax.set_axisbelow(True)
+    handles = [
+        Patch(color="#777777", label="vLLM, one node"),
+        Patch(color="#1f77b4", label="MoLink"),
+    ]
+    if any(bounds):
+        bound_text = (
+            "bound: decode rate of the best split into k micro-batches\n"
+            "under the costs the head fitted during the run"
+        )
+        handles.append(Line2D([], [], color="black", linewidth=2, label=bound_text))
+    fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=8)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -505,7 +549,9 @@ def pipeline_bound(url: str, num_decodes: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m benchmark.compare",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--model", default=None, help="model path (default: the demo model)")
     parser.add_argument("--output-dir", type=Path, default=Path("resources"))
@@ -595,7 +641,7 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d"),
         "hardware": hardware(),
         "model_name": Path(args.model).name,
-        "command": "python benchmark/compare.py " + shlex.join(sys.argv[1:]),
+        "command": "python -m benchmark.compare " + shlex.join(sys.argv[1:]),
         "layers": "; ".join(
             f"{n} stages " + " | ".join(f"{a}-{b}" for a, b in default_split(args.model, n))
             for n in sorted({setup.stages for setup in chosen + paired_setups if setup.stages})

@@ -7,7 +7,7 @@ by all connections through it: bytes leave at ``rate`` and arrive ``delay`` (+ j
 order, without blocking the sender (so bytes in flight fill the bandwidth-delay product, as on a
 real link).
 
-    python benchmark/link_emulator.py --listen 127.0.0.1:60052 --target 127.0.0.1:50052 \\
+    python -m benchmark.link_emulator --listen 127.0.0.1:60052 --target 127.0.0.1:50052 \\
         --delay-ms 20 --rate-mbit 100
 """
 
@@ -145,7 +145,9 @@ def _host_port(text: str) -> tuple[str, int]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmark.link_emulator", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--listen", type=_host_port, required=True, help="HOST:PORT to accept on")
     parser.add_argument("--target", type=_host_port, required=True, help="HOST:PORT to relay to")
     parser.add_argument("--delay-ms", type=float, default=20.0, help="one-way delay (default 20)")

@@ -7,8 +7,12 @@ Poisson arrivals at R requests/s). Prompts are random token ids of an exact leng
 forced to an exact length (``ignore_eos``), so runs are comparable. Reports output throughput and
 TTFT, TPOT, ITL and end-to-end latency percentiles; failed requests are counted, not hidden.
 
-    python benchmark/loadgen.py --base-url http://127.0.0.1:8000 --model smollm2 \\
+    python -m benchmark.loadgen --base-url http://127.0.0.1:8000 --model smollm2 \\
         --num-prompts 32 --concurrency 32 --input-len 128 --output-len 128 --result-json r.json
+
+Also the load client of the other benchmarks and of the tests: :func:`run_load` (timed load),
+:func:`run_streams` (greedy streams that record their token ids, with an event such as a node's
+death fired mid-decode: ``benchmark.churn``, ``tests/reference.py``).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import random
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,6 +62,18 @@ def make_prompts(n: int, input_len: int, vocab: tuple[int, int], seed: int) -> l
     return [[rng.randrange(*vocab) for _ in range(input_len)] for _ in range(n)]
 
 
+async def sse_chunks(resp: aiohttp.ClientResponse) -> AsyncIterator[dict]:
+    """The JSON chunks of a streamed OpenAI response, up to ``[DONE]``."""
+    async for raw in resp.content:
+        line = raw.decode().strip()
+        if not line.startswith("data:"):
+            continue
+        data = line.removeprefix("data:").strip()
+        if data == "[DONE]":
+            return
+        yield json.loads(data)
+
+
 async def send_request(
     session: aiohttp.ClientSession,
     base_url: str,
@@ -88,14 +104,7 @@ async def send_request(
             if resp.status != 200:
                 result.error = f"HTTP {resp.status}: {(await resp.text())[:200]}"
                 return result
-            async for raw in resp.content:
-                line = raw.decode().strip()
-                if not line.startswith("data:"):
-                    continue
-                data = line.removeprefix("data:").strip()
-                if data == "[DONE]":
-                    break
-                chunk = json.loads(data)
+            async for chunk in sse_chunks(resp):
                 if "error" in chunk:
                     result.error = str(chunk["error"])[:200]
                     return result
@@ -115,6 +124,81 @@ async def send_request(
     except (TimeoutError, aiohttp.ClientError) as e:
         result.error = f"{type(e).__name__}: {e}"
     return result
+
+
+@dataclass
+class Stream:
+    """One streamed completion: its token ids and when each chunk arrived (monotonic s)."""
+
+    tokens: list[int] = field(default_factory=list)
+    arrivals: list[float] = field(default_factory=list)
+    error: str = ""
+
+
+async def stream_into(
+    session: aiohttp.ClientSession,
+    url: str,
+    model: str,
+    prompt: list[int] | str,
+    n: int,
+    out: Stream,
+) -> None:
+    """Stream one greedy completion of ``n`` tokens (EOS ignored) into ``out``: token ids as
+    they arrive; an error is recorded, not raised."""
+    body = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": n,
+        "temperature": 0.0,
+        "stream": True,
+        "ignore_eos": True,
+        "return_token_ids": True,
+    }
+    try:
+        async with session.post(url + "/v1/completions", json=body) as resp:
+            if resp.status != 200:
+                out.error = f"HTTP {resp.status}: {(await resp.text())[:200]}"
+                return
+            async for chunk in sse_chunks(resp):
+                if "error" in chunk:
+                    out.error = str(chunk["error"])[:300]
+                    return
+                ids = chunk["choices"][0].get("token_ids") or []
+                if ids:
+                    out.tokens += ids
+                    out.arrivals.append(time.monotonic())
+    except (TimeoutError, aiohttp.ClientError) as e:
+        out.error = f"{type(e).__name__}: {e}"
+
+
+async def run_streams(
+    url: str,
+    model: str,
+    prompts: list[list[int]] | list[str],
+    n: int,
+    after: int = 0,
+    event: Callable[[], object] | None = None,
+    timeout: float = 3600.0,
+) -> tuple[list[Stream], float | None]:
+    """Stream every prompt at once (``n`` tokens each); run ``event`` (in a thread) once every
+    stream has ``after`` tokens, or every stream ended. ``timeout``: seconds per stream.
+
+    Returns the streams and when the event fired (monotonic s), or None without an event.
+    """
+    streams = [Stream() for _ in prompts]
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session:
+        tasks = [
+            asyncio.create_task(stream_into(session, url, model, p, n, s))
+            for p, s in zip(prompts, streams, strict=True)
+        ]
+        fired_at = None
+        if event is not None:
+            while min(len(s.tokens) for s in streams) < after and not all(t.done() for t in tasks):
+                await asyncio.sleep(0.02)
+            fired_at = time.monotonic()
+            await asyncio.to_thread(event)
+        await asyncio.gather(*tasks)
+    return streams, fired_at
 
 
 def percentiles(values: list[float]) -> dict[str, float]:
@@ -244,7 +328,9 @@ def write_result(args: argparse.Namespace, result: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+        prog="python -m benchmark.loadgen",
+        description=__doc__,
+        formatter_class=argparse.RawTextHelpFormatter,
     )
     add_common_args(parser)
     parser.add_argument("--num-prompts", type=int, default=32)

@@ -1,6 +1,6 @@
 """Send requests at a fixed interval, whatever the server's speed (MoLink's classic interval test).
 
-    python benchmark/request_with_set_interval.py --model smollm2 --num-requests 20 --interval 0.5
+    python -m benchmark.request_with_set_interval --model smollm2 --num-requests 20 --interval 0.5
 Reports throughput and TTFT/TPOT/ITL/end-to-end percentiles over all requests.
 """
 
@@ -9,11 +9,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 
-from loadgen import add_common_args, make_prompts, run_load, write_result
+from benchmark.loadgen import add_common_args, make_prompts, run_load, write_result
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmark.request_with_set_interval", description=__doc__
+    )
     add_common_args(parser)
     parser.add_argument("--num-requests", type=int, default=20)
     parser.add_argument("--interval", type=float, default=0.5, help="seconds between requests")

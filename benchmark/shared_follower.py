@@ -1,7 +1,7 @@
 """Two heads sharing one follower against one head alone, under the same total load.
 
-    python benchmark/shared_follower.py           # demo model, -> resources/shared_follower.md
-    python benchmark/shared_follower.py --quick   # a few tiny requests (smoke test)
+    python -m benchmark.shared_follower           # demo model, -> resources/shared_follower.md
+    python -m benchmark.shared_follower --quick   # a few tiny requests (smoke test)
 
 A 2-stage swarm of the demo model (``benchmark/swarm.py``: the head and the follower on the spans
 ``molink split-plan`` prints, each on its own cores and address). First the head alone
@@ -25,9 +25,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from loadgen import make_prompts, measure_rounds, prompt_vocab, run_load  # noqa: E402
-from swarm import Swarm, SwarmSpec, demo_model  # noqa: E402
+from benchmark.loadgen import make_prompts, measure_rounds, prompt_vocab, run_load
+from benchmark.swarm import Swarm, SwarmSpec, demo_model
 
 SERVED_NAME = "bench"
 
@@ -75,7 +74,9 @@ def measure(urls: list[str], args: argparse.Namespace) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m benchmark.shared_follower",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--model", default=None, help="model path (default: the demo model)")
     parser.add_argument("--streams", type=int, default=32, help="concurrent requests in all")
@@ -133,7 +134,7 @@ def main() -> None:
     results = {
         "date": time.strftime("%Y-%m-%d"),
         "model": Path(model).name,
-        "command": " ".join(["python benchmark/shared_follower.py", *sys.argv[1:]]),
+        "command": " ".join(["python -m benchmark.shared_follower", *sys.argv[1:]]),
         "one_head": alone,
         "two_heads": shared,
         "ratio": ratio,

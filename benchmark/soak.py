@@ -1,7 +1,7 @@
 """Soak and TLS-cost benchmark: a secured swarm under sustained load, and what TLS costs.
 
-    python benchmark/soak.py                                  # soak + TLS cost, demo model
-    python benchmark/soak.py --requests 200 --skip-tls-cost   # a shorter soak only
+    python -m benchmark.soak                                  # soak + TLS cost, demo model
+    python -m benchmark.soak --requests 200 --skip-tls-cost   # a shorter soak only
 
 1. **Soak.** Starts ``--stages`` nodes on this machine with a fresh swarm key (mutual TLS on
    every hop, DHT admission), records the resident memory of every node (all processes of its
@@ -27,10 +27,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from link_emulator import LinkSpec  # noqa: E402
-from loadgen import make_prompts, run_load  # noqa: E402
-from swarm import Swarm, SwarmSpec, demo_model  # noqa: E402
+from benchmark.link_emulator import LinkSpec
+from benchmark.loadgen import make_prompts, run_load
+from benchmark.swarm import Swarm, SwarmSpec, demo_model
 
 
 def group_rss_mib(pgid: int) -> float:
@@ -52,7 +51,7 @@ def group_rss_mib(pgid: int) -> float:
 
 
 def swarm_rss(swarm: Swarm) -> list[float]:
-    return [round(group_rss_mib(p.pid), 1) for p in swarm.procs]
+    return [round(group_rss_mib(node.pid), 1) for node in swarm.nodes]
 
 
 def make_key(directory: Path) -> Path:
@@ -158,7 +157,9 @@ def tls_cost(args: argparse.Namespace, key: Path, log_dir: Path) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m benchmark.soak",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--model", default=None, help="model path (default: the demo model)")
     parser.add_argument("--served-name", default="smollm2")

@@ -1,14 +1,14 @@
 """Start a MoLink swarm on this machine (a head plus followers), optionally over emulated links.
 
-    python benchmark/swarm.py --stages 3 --delay-ms 20 --rate-mbit 100      # Ctrl-C tears down
-    python benchmark/swarm.py --stages 2 --netns                             # one netns per node
+    python -m benchmark.swarm --stages 3 --delay-ms 20 --rate-mbit 100      # Ctrl-C tears down
+    python -m benchmark.swarm --stages 2 --netns                             # one netns per node
 
 Every node is a separate ``molink.entrypoints.openai.api_server`` process in its own process
-group; the layers are split into stages of equal decode time (``molink split-plan``:
-the last stage's LM head counts) unless ``--layers`` says otherwise. With ``--delay-ms``,
-``--jitter-ms`` or ``--rate-mbit``, each follower's gRPC port sits behind a link emulator
-(``benchmark/link_emulator.py``), so every hop of the pipeline (head -> stage 1 -> ... -> head)
-crosses one emulated link. Each node has its own address (``127.0.N.1`` on loopback, or its
+group (``benchmark.processes``); the layers are split into stages of equal decode time
+(``molink split-plan``: the last stage's LM head counts) unless ``--layers`` says otherwise. With
+``--delay-ms``, ``--jitter-ms`` or ``--rate-mbit``, each follower's gRPC port sits behind a link
+emulator (``benchmark/link_emulator.py``), so every hop of the pipeline (head -> stage 1 -> ...
+-> head) crosses one emulated link. Each node has its own address (``127.0.N.1`` on loopback, or its
 namespace's), and each follower's relay listens on its node's host (one bridge address per
 follower with ``--netns``), so the head sees every follower as a separate host. With ``--netns``
 (root only) each node also gets its own network namespace and address on a bridge, so nodes talk
@@ -33,13 +33,12 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from link_emulator import LinkEmulator, LinkSpec  # noqa: E402
+from benchmark.link_emulator import LinkEmulator, LinkSpec
+from benchmark.processes import ManagedProcess
 
 BRIDGE = "molinkbr0"
 SUBNET = "10.213.0"
@@ -109,32 +108,6 @@ def num_hidden_layers(model: str) -> int:
     return int(AutoConfig.from_pretrained(model).num_hidden_layers)
 
 
-def wait_healthy(url: str, procs: list[tuple[subprocess.Popen, Path]], timeout: float) -> None:
-    """Wait for ``url``/health to answer 200; fail early if a process exits."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for proc, log in procs:
-            if proc.poll() is not None:
-                raise RuntimeError(f"a server exited with {proc.returncode}; see {log}")
-        with contextlib.suppress(OSError), urllib.request.urlopen(url + "/health", timeout=2) as r:
-            if r.status == 200:
-                return
-        time.sleep(1.0)
-    raise TimeoutError(f"{url} not ready after {timeout:.0f} s")
-
-
-def stop_process_group(proc: subprocess.Popen, grace: float = 30.0) -> None:
-    """SIGTERM the process group of ``proc`` (started with a new session), then SIGKILL."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-
-
 @contextlib.contextmanager
 def plain_vllm(
     model: str, args: list[str], port: int, log: Path, env: dict[str, str]
@@ -142,20 +115,12 @@ def plain_vllm(
     """One plain vLLM OpenAI server on 127.0.0.1 (the single-node reference); yields its URL."""
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
            "--port", str(port), "--host", "127.0.0.1", *args]  # fmt: skip
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            cmd,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, **env},
-            start_new_session=True,
-        )
-    url = f"http://127.0.0.1:{port}"
+    server = ManagedProcess(cmd, log, env, url=f"http://127.0.0.1:{port}", name="vllm")
     try:
-        wait_healthy(url, [(proc, log)], timeout=900)
-        yield url
+        server.wait_healthy(timeout=900)
+        yield server.url
     finally:
-        stop_process_group(proc)
+        server.stop()
 
 
 def _run(*cmd: str) -> None:
@@ -168,7 +133,7 @@ class Swarm:
     def __init__(self, spec: SwarmSpec) -> None:
         self.spec = spec
         self.layers = spec.layers or default_split(spec.model, spec.stages)
-        self.procs: list[subprocess.Popen] = []
+        self.nodes: list[ManagedProcess] = []  # node i serves layers[i]
         self.emulators: list[LinkEmulator] = []
         self.namespaces: list[str] = []
         self.heads = [0]  # indexes of the nodes that are heads
@@ -220,9 +185,13 @@ class Swarm:
             "OMP_NUM_THREADS": str(len(cores)),
         }
 
+    def node_url(self, i: int) -> str:
+        """Node ``i``'s HTTP root URL."""
+        return f"http://{self.node_host(i)}:{self.spec.port + i}"
+
     @property
     def base_url(self) -> str:
-        return f"http://{self.node_host(0)}:{self.spec.port}"
+        return self.node_url(0)
 
     def describe(self) -> str:
         stages = " | ".join(f"{a}-{b}" for a, b in self.layers)
@@ -283,45 +252,36 @@ class Swarm:
         else:
             args += ["--initial_peer", f"{self.node_host(0)}:{spec.grpc_base_port}"]
         cmd = [*self.launch_prefix(i), sys.executable, "-m", "molink.entrypoints.openai.api_server"]
-        log = open(spec.log_dir / f"node{i}.log", "w")  # noqa: SIM115 (closed with the process)
-        env = {**os.environ, **self.node_env(i)}
-        self.procs.append(
-            subprocess.Popen(
-                [*cmd, *args], stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
-            )
-        )
+        log = spec.log_dir / f"node{i}.log"
+        self.nodes.append(ManagedProcess([*cmd, *args], log, self.node_env(i), self.node_url(i)))
 
     def add_node(self, start: int, end: int) -> int:
         """Start one more follower serving ``start..end`` while the swarm runs; its index."""
         if self.spec.netns:
             raise NotImplementedError("adding nodes to a --netns swarm")
         self.layers.append((start, end))
-        self._start_node(len(self.procs), start, end)
-        return len(self.procs) - 1
+        self._start_node(len(self.nodes), start, end)
+        return len(self.nodes) - 1
 
     def add_head(self) -> str:
         """Start another head (the first span's layers), which joins through the first head and
         shares its followers; wait until it serves, and return its base URL."""
         if self.spec.netns:
             raise NotImplementedError("adding heads to a --netns swarm")
-        i = len(self.procs)
+        i = len(self.nodes)
         self.heads.append(i)
         self._start_node(i, *self.layers[0])
-        url = f"http://{self.node_host(i)}:{self.spec.port + i}"
-        log = self.spec.log_dir / f"node{i}.log"
-        wait_healthy(url, [(self.procs[-1], log)], self.spec.ready_timeout)
-        return url
+        self.nodes[i].wait_healthy(self.spec.ready_timeout)
+        return self.node_url(i)
 
     def wait_ready(self) -> None:
-        logs = [self.spec.log_dir / f"node{i}.log" for i in range(len(self.procs))]
-        wait_healthy(
-            self.base_url, list(zip(self.procs, logs, strict=True)), self.spec.ready_timeout
-        )
+        """Wait until the head serves; fail as soon as any node exits."""
+        self.nodes[0].wait_healthy(self.spec.ready_timeout, also=self.nodes[1:])
 
     def stop(self) -> None:
-        for proc in self.procs:
-            stop_process_group(proc)
-        self.procs.clear()
+        for node in self.nodes:
+            node.stop()
+        self.nodes.clear()
         for emulator in self.emulators:
             emulator.stop()
         self.emulators.clear()
@@ -367,7 +327,9 @@ def demo_model() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m benchmark.swarm",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--model", default=None, help="model path (default: the demo model)")
     parser.add_argument("--stages", type=int, default=2, help="number of nodes (default 2)")
@@ -423,7 +385,7 @@ def main() -> None:
     with s:
         print(f"ready: OpenAI endpoint {s.base_url}/v1 — Ctrl-C stops", file=sys.stderr)
         with contextlib.suppress(KeyboardInterrupt):
-            while all(p.poll() is None for p in s.procs):
+            while all(node.poll() is None for node in s.nodes):
                 time.sleep(1.0)
 
 

@@ -1,7 +1,7 @@
 """What each wire dtype, or a stage in another dtype, changes against one vLLM process.
 
-    python benchmark/wire_accuracy.py                      # demo model, 2 stages, -> resources/
-    python benchmark/wire_accuracy.py --quick              # 4 prompts, 16 tokens (smoke test)
+    python -m benchmark.wire_accuracy                      # demo model, 2 stages, -> resources/
+    python -m benchmark.wire_accuracy --quick              # 4 prompts, 16 tokens (smoke test)
 
 Activations cross each hop in ``--wire_dtype``. With the model's own dtype on the wire a pipeline
 computes exactly what one vLLM process computes; a narrower wire dtype rounds the hidden states
@@ -31,8 +31,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from swarm import Swarm, SwarmSpec, demo_model, plain_vllm  # noqa: E402
+from benchmark.swarm import Swarm, SwarmSpec, demo_model, plain_vllm
 
 SERVED_NAME = "wire"
 PROMPTS = [
@@ -139,7 +138,9 @@ def compare(reference: list[dict], other: list[dict]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m benchmark.wire_accuracy",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--model", default=None, help="model path (default: the demo model)")
     parser.add_argument(
@@ -176,7 +177,7 @@ def main() -> None:
     results = {
         "date": time.strftime("%Y-%m-%d"),
         "model": Path(model).name,
-        "command": " ".join(["python benchmark/wire_accuracy.py", *sys.argv[1:]]),
+        "command": " ".join(["python -m benchmark.wire_accuracy", *sys.argv[1:]]),
         "max_tokens": args.max_tokens,
         "dtypes": {},
     }

@@ -66,20 +66,20 @@ step device-path python -m pytest -q tests/test_activation_staging.py tests/test
   tests/test_codec.py tests/test_memory_budget.py
 
 # 3. Greedy equality with one vLLM process, stages eager (the default on CUDA), both eager.
-step equality-eager python benchmark/wire_accuracy.py --model "$MODEL" $QUICK \
+step equality-eager python -m benchmark.wire_accuracy --model "$MODEL" $QUICK \
   --output-dir "$OUT/eager" --wire-dtypes "$DTYPE" --follower-dtypes bfloat16 \
   --engine-args="$ENGINE --enforce-eager"
 step equality-eager-identical identical "$OUT/eager" "$DTYPE wire"
 
 # 4. The same with CUDA graphs on every stage (MOLINK_CUDA_GRAPHS=1) and in vLLM.
-step equality-graphs env MOLINK_CUDA_GRAPHS=1 python benchmark/wire_accuracy.py \
+step equality-graphs env MOLINK_CUDA_GRAPHS=1 python -m benchmark.wire_accuracy \
   --model "$MODEL" $QUICK --output-dir "$OUT/graphs" --wire-dtypes "$DTYPE" --follower-dtypes \
   --engine-args="$ENGINE"
 step equality-graphs-identical identical "$OUT/graphs" "$DTYPE wire"
 
 # 5. Throughput: vLLM vs 2 stages on this GPU, over loopback and a 20 ms link.
 ROUNDS=3; [[ -n "$QUICK" ]] && ROUNDS=1
-step throughput python benchmark/compare.py --model "$MODEL" --only vllm molink2 molink2_wan \
+step throughput python -m benchmark.compare --model "$MODEL" --only vllm molink2 molink2_wan \
   --rounds "$ROUNDS" --heavy-requests 0 --wire-dtype "$DTYPE" --output-dir "$OUT/compare" \
   --engine-args="$ENGINE"
 

@@ -7,19 +7,18 @@ process group (so its EngineCore and p2pd children die with it); fixtures always
 from __future__ import annotations
 
 import contextlib
+import json
 import os
-import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from checkpoints import build_qwen3_checkpoint
 
-sys.path.insert(0, str(Path(__file__).parent))
-from checkpoints import build_qwen3_checkpoint  # noqa: E402
+from benchmark.processes import ManagedProcess, ProcessExited
 
 # Several processes share two cores: no thread pinning, KV cache sized explicitly.
 NODE_ENV = {
@@ -94,8 +93,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class NodeProcess:
-    """One MoLink node process with its log file."""
+class NodeProcess(ManagedProcess):
+    """One MoLink node process with its log file (``log_dir/NAME.log``), in its own process
+    group: ``stop()``, ``kill()`` and ``_signal()`` reach its EngineCore and p2pd too."""
 
     def __init__(
         self,
@@ -107,19 +107,15 @@ class NodeProcess:
         module: str = "molink.entrypoints.openai.api_server",
         env: dict[str, str] | None = None,
     ):
-        self.name = name
         self.is_head = False
         self.port = port
         self.grpc_port = grpc_port
-        self.log_path = log_dir / f"{name}.log"
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 (closed in stop())
-        env = {**os.environ, **NODE_ENV, **(env or {})}
-        self.proc = subprocess.Popen(
+        super().__init__(
             [sys.executable, "-m", module, *args],
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
+            log_dir / f"{name}.log",
+            env={**NODE_ENV, **(env or {})},
+            url=f"http://127.0.0.1:{port}",
+            name=name,
         )
 
     @property
@@ -130,47 +126,16 @@ class NodeProcess:
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
     def wait_healthy(self, timeout: float = 300.0) -> None:
         """Wait until ``/health`` answers 200 (fails early if the process exits)."""
-        import urllib.request
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(
-                    f"{self.name} exited ({self.proc.returncode}):\n{self.log()[-4000:]}"
-                )
-            try:
-                with urllib.request.urlopen(self.base_url + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(1.0)
-        raise AssertionError(f"{self.name} not healthy after {timeout} s:\n{self.log()[-4000:]}")
-
-    def wait_exit(self, timeout: float) -> int:
-        return self.proc.wait(timeout=timeout)
-
-    def kill(self) -> None:
-        """Kill -9 the whole node (simulates a machine dying)."""
-        self._signal(signal.SIGKILL)
-        self.proc.wait(timeout=30)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self._signal(signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(timeout=30)
-        self._signal(signal.SIGKILL)  # stragglers of the group (EngineCore, p2pd)
-        self._log.close()
+        try:
+            super().wait_healthy(timeout)
+        except (ProcessExited, TimeoutError) as e:
+            raise AssertionError(str(e)) from None
 
     def _signal(self, sig: int) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, sig)
+        """Send ``sig`` to the node's whole process group."""
+        self.signal_group(sig)
 
 
 class Swarm:
@@ -225,10 +190,32 @@ class Swarm:
             node.stop()
 
 
+@contextlib.contextmanager
+def made_once(tmp_path_factory: pytest.TempPathFactory, name: str) -> Iterator[tuple[Path, bool]]:
+    """A folder shared by every xdist worker of this run, and whether it still has to be made.
+
+    The first worker to get here makes it while the others wait on a file lock; they then
+    find it made (the ``done`` marker).
+    """
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the run's folder, above each worker's own
+    folder = root / name
+    with FileLock(str(root / f"{name}.lock")):
+        done = folder / "done"
+        folder.mkdir(exist_ok=True)
+        yield folder, not done.exists()
+        done.touch()
+
+
 @pytest.fixture(scope="session")
 def qwen3_model(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A random-weight 6-layer Qwen3 checkpoint (head_dim 64) with a tiny tokenizer."""
-    return build_qwen3_checkpoint(tmp_path_factory.mktemp("ckpt") / "qwen3-tiny", QWEN3_LAYERS)
+    with made_once(tmp_path_factory, "ckpt") as (folder, to_make):
+        path = folder / "qwen3-tiny"
+        return build_qwen3_checkpoint(path, QWEN3_LAYERS) if to_make else str(path)
 
 
 @pytest.fixture(scope="session")
@@ -236,7 +223,10 @@ def qwen3_reference(qwen3_model: str, tmp_path_factory: pytest.TempPathFactory) 
     """``reference.REQUESTS`` through one vLLM process: what every pipeline must answer."""
     from reference import reference_outputs
 
-    return reference_outputs(qwen3_model, tmp_path_factory.mktemp("reference"))
+    with made_once(tmp_path_factory, "reference") as (folder, to_make):
+        if to_make:
+            return reference_outputs(qwen3_model, folder)
+        return json.loads((folder / "out.json").read_text())
 
 
 @pytest.fixture(scope="session")

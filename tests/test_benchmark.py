@@ -1,5 +1,7 @@
 """Smoke runs of the scripts in ``benchmark/``: load scripts against the two-node demo pipeline,
-the link emulator on loopback, and a quick comparison run (a few tiny requests per setup)."""
+the link emulator on loopback, and a quick comparison run (a few tiny requests per setup).
+
+Each script runs as ``python -m benchmark.NAME`` from the repository root, as users run it."""
 
 from __future__ import annotations
 
@@ -16,15 +18,21 @@ import pytest
 import torch
 from conftest import DEMO_API_KEY
 
-BENCH = Path(__file__).parent.parent / "benchmark"
+ROOT = Path(__file__).resolve().parent.parent
 SMALL = ["--input-len", "16", "--output-len", "8", "--vocab-range", "100", "1000"]
+
+
+def bench(name: str) -> list[str]:
+    """The command line of script ``benchmark/NAME.py`` (run with ``cwd=ROOT``)."""
+    return [sys.executable, "-m", f"benchmark.{name}"]
 
 
 def run_script(name: str, args: list[str], tmp_path: Path) -> dict:
     out = tmp_path / f"{name}.json"
     subprocess.run(
-        [sys.executable, str(BENCH / name), *args, "--result-json", str(out)],
+        [*bench(name), *args, "--result-json", str(out)],
         env={**os.environ, "OPENAI_API_KEY": DEMO_API_KEY},
+        cwd=ROOT,
         check=True,
         timeout=600,
         capture_output=True,
@@ -32,20 +40,25 @@ def run_script(name: str, args: list[str], tmp_path: Path) -> dict:
     return json.loads(out.read_text())
 
 
+def help_text(name: str) -> str:
+    done = subprocess.run(
+        [*bench(name), "--help"], cwd=ROOT, check=True, capture_output=True, text=True
+    )
+    return done.stdout
+
+
 @pytest.mark.parametrize(
-    "name", ["loadgen.py", "base_multi_request_test.py", "request_with_set_interval.py"]
+    "name", ["loadgen", "base_multi_request_test", "request_with_set_interval"]
 )
 def test_help(name):
-    out = subprocess.run(
-        [sys.executable, str(BENCH / name), "--help"], check=True, capture_output=True, text=True
-    )
-    assert "--base-url" in out.stdout
+    out = help_text(name)
+    assert "--base-url" in out and f"usage: python -m benchmark.{name}" in out
 
 
 def test_loadgen_closed_loop(demo_pipeline, tmp_path):
     common = ["--base-url", demo_pipeline.base_url, "--model", *_model(demo_pipeline)]
     result = run_script(
-        "loadgen.py", [*common, *SMALL, "--num-prompts", "4", "--concurrency", "2"], tmp_path
+        "loadgen", [*common, *SMALL, "--num-prompts", "4", "--concurrency", "2"], tmp_path
     )
     assert result["completed"] == 4 and result["failed"] == 0
     assert result["ttft_ms"]["p50"] > 0 and result["output_throughput_tok_s"] > 0
@@ -54,13 +67,13 @@ def test_loadgen_closed_loop(demo_pipeline, tmp_path):
 def test_burst_and_interval_scripts(demo_pipeline, tmp_path):
     common = ["--base-url", demo_pipeline.base_url, "--model", *_model(demo_pipeline)]
     burst = run_script(
-        "base_multi_request_test.py",
+        "base_multi_request_test",
         [*common, *SMALL, "--num-requests", "3", "--rounds", "1"],
         tmp_path,
     )
     assert burst["failed"] == 0 and burst["rounds"][0]["completed"] == 3
     interval = run_script(
-        "request_with_set_interval.py",
+        "request_with_set_interval",
         [*common, *SMALL, "--num-requests", "3", "--interval", "0.2"],
         tmp_path,
     )
@@ -70,24 +83,22 @@ def test_burst_and_interval_scripts(demo_pipeline, tmp_path):
 @pytest.mark.parametrize(
     "name",
     [
-        "swarm.py",
-        "compare.py",
-        "link_emulator.py",
-        "churn.py",
-        "wire_accuracy.py",
-        "shared_follower.py",
+        "swarm",
+        "compare",
+        "link_emulator",
+        "churn",
+        "wire_accuracy",
+        "shared_follower",
+        "soak",
+        "fuzz_decoders",
     ],
 )
 def test_tool_help(name):
-    out = subprocess.run(
-        [sys.executable, str(BENCH / name), "--help"], check=True, capture_output=True, text=True
-    )
-    assert "usage:" in out.stdout
+    assert f"usage: python -m benchmark.{name}" in help_text(name)
 
 
 def test_link_emulator_relays_bytes_after_the_delay():
-    sys.path.insert(0, str(BENCH))
-    from link_emulator import LinkEmulator, LinkSpec
+    from benchmark.link_emulator import LinkEmulator, LinkSpec
 
     with socket.create_server(("127.0.0.1", 0)) as echo_server:
         threading.Thread(target=_echo_once, args=(echo_server,), daemon=True).start()
@@ -115,8 +126,7 @@ def test_link_emulator_relays_bytes_after_the_delay():
 def test_compare_quick_run(qwen3_model, tmp_path):
     subprocess.run(
         [
-            sys.executable,
-            str(BENCH / "compare.py"),
+            *bench("compare"),
             "--quick",
             "--model",
             qwen3_model,  # the tiny checkpoint: the run's mechanics are checked, not speed
@@ -133,6 +143,7 @@ def test_compare_quick_run(qwen3_model, tmp_path):
             "--grpc-base-port",
             "21051",  # below the ephemeral ports other tests' nodes take
         ],
+        cwd=ROOT,
         check=True,
         timeout=900,
         capture_output=True,
@@ -162,6 +173,54 @@ def test_compare_quick_run(qwen3_model, tmp_path):
     assert "micro-batching on / off, tok/s (3 concurrent, paired rounds" in table
 
 
+def test_launcher_fails_early_and_stops_the_whole_group(tmp_path):
+    """``benchmark.processes``: a process that exits is reported with its log at once; ``stop``
+    also kills a child that ignores SIGTERM (as a node's EngineCore or p2pd may)."""
+    from benchmark.processes import ManagedProcess, ProcessExited
+
+    crash = ManagedProcess(
+        [sys.executable, "-c", "print('no such model'); raise SystemExit(3)"],
+        tmp_path / "crash.log",
+        url="http://127.0.0.1:9",
+    )
+    with pytest.raises(ProcessExited, match="crash exited \\(3\\)(.|\\n)*no such model"):
+        crash.wait_healthy(timeout=60)
+    child = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"
+    parent = f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {child!r}])"
+    pid_file = tmp_path / "child.pid"
+    parent += f"; time.sleep(0.5); open({str(pid_file)!r}, 'w').write('up'); time.sleep(600)"
+    group = ManagedProcess([sys.executable, "-c", parent], tmp_path / "group.log")
+    deadline = time.monotonic() + 30
+    while not pid_file.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    members = _group_members(group.pid)
+    assert len(members) == 2, members
+    group.stop(grace=5)
+    assert group.poll() is not None
+    time.sleep(0.5)
+    assert all(_state(pid) in ("", "Z") for pid in members)  # gone, or dead and not yet reaped
+
+
+def _group_members(pgid: int) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == pgid:
+                out.append(int(entry.name))
+    return out
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return ""
+
+
 def _echo_once(server: socket.socket) -> None:
     conn, _ = server.accept()
     with conn:
@@ -186,8 +245,7 @@ def _model(node) -> list[str]:
 
 
 def test_report_bounds_each_ratio_by_the_fitted_stage_costs():
-    sys.path.insert(0, str(BENCH))
-    from compare import TOK_S, TPOT, Ratio, ceiling
+    from benchmark.compare import TOK_S, TPOT, Ratio, ceiling
 
     rows = {"fast": {"itl_p50_ms": 120.0}, "pipe": {"itl_p50_ms": 170.0, "bound_cycle_ms": 160.0}}
     # tok/s: pipe can't decode faster than its bound cycle, so pipe / fast <= 120 / 160
@@ -197,9 +255,8 @@ def test_report_bounds_each_ratio_by_the_fitted_stage_costs():
 
 
 def test_benchmark_swarm_nodes_are_separate_machines(tmp_path):
-    sys.path.insert(0, str(BENCH))
-    from link_emulator import LinkSpec
-    from swarm import Swarm, SwarmSpec
+    from benchmark.link_emulator import LinkSpec
+    from benchmark.swarm import Swarm, SwarmSpec
 
     def swarm(stages: int, **kw) -> Swarm:
         layers = [(i * 2, i * 2 + 1) for i in range(stages)]
@@ -226,8 +283,7 @@ def test_benchmark_swarm_nodes_are_separate_machines(tmp_path):
 def test_shared_follower_quick_run(qwen3_model, tmp_path):
     subprocess.run(
         [
-            sys.executable,
-            str(BENCH / "shared_follower.py"),
+            *bench("shared_follower"),
             "--quick",
             "--model",
             qwen3_model,
@@ -238,6 +294,7 @@ def test_shared_follower_quick_run(qwen3_model, tmp_path):
             "--grpc-base-port",
             "22051",  # clear of compare.py's run, which may run at the same time
         ],  # fmt: skip
+        cwd=ROOT,
         check=True,
         timeout=900,
         capture_output=True,
@@ -250,7 +307,7 @@ def test_shared_follower_quick_run(qwen3_model, tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without GPU")
 def test_gpu_check_fails_clearly_without_a_gpu(tmp_path: Path) -> None:
-    script = BENCH.parent / "scripts" / "gpu_check.sh"
+    script = ROOT / "scripts" / "gpu_check.sh"
     done = subprocess.run(
         ["bash", str(script), "--out", str(tmp_path)], capture_output=True, text=True, timeout=300
     )

@@ -3,51 +3,36 @@
 Every case must decode, or be refused with a ``pickle.UnpicklingError`` or ``ValueError``
 (protobuf's ``DecodeError`` for a message that doesn't parse at all): no other exception, no
 crash, no code run. Its peak traced allocation must stay within
-``fuzz_decoders.allocation_bound``: ``PICKLE_ALLOC_PER_BYTE`` (64) bytes per byte of
+``fuzz_corpus.allocation_bound``: ``PICKLE_ALLOC_PER_BYTE`` (64) bytes per byte of
 pickle, zlib data counted at its inflated size (at most the decoders' caps), plus 4 MiB for the
 interpreter's caches and a vLLM class's first use. 64 per byte because Python objects are larger
 than the opcodes that make them (an empty set is 216 bytes, from one opcode byte); the codec's
 pre-scan charges each opcode for what unpickling it allocates and refuses a pickle over that
 budget, and real payloads are charged well within it (``test_real_payloads_fit_the_budget``).
 
-The cases come from ``benchmark/fuzz_decoders.py`` (which runs 10,000 per decoder): payload
-builders, mutations and gadgets. Hypothesis draws the bytes and mutations here, 200 examples per
-test, derandomized so that every run is the same; ``MOLINK_FUZZ_EXAMPLES=N`` runs N per test
-with a random seed instead.
+The cases come from the fuzz corpus, ``tests/fuzz_corpus.py`` (from which ``python -m
+benchmark.fuzz_decoders`` runs 10,000 per decoder): payload builders, mutations and gadgets.
+Hypothesis draws the bytes and mutations here, 200 examples per test, derandomized so that every
+run is the same; ``MOLINK_FUZZ_EXAMPLES=N`` runs N per test with a random seed instead.
 """
 
 from __future__ import annotations
 
 import functools
-import importlib.util
 import io
 import logging
 import os
 import pickle
-import sys
 import tracemalloc
 import zlib
-from pathlib import Path
-from typing import Any
 
+import fuzz_corpus as fuzz
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from molink.comm import codec, pickle_scan
 from molink.comm.proto import molink_pb2
-
-
-def _load_fuzz_module() -> Any:
-    path = Path(__file__).parent.parent / "benchmark" / "fuzz_decoders.py"
-    spec = importlib.util.spec_from_file_location("fuzz_decoders", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-fuzz = _load_fuzz_module()
 
 settings.register_profile(
     "molink-fuzz",

@@ -4,13 +4,9 @@ chosen by followers started without --serving_layers (over a real DHT)."""
 from __future__ import annotations
 
 import shutil
-import sys
-from pathlib import Path
 
+from checkpoints import build_qwen3_checkpoint
 from safetensors.torch import load_file, save_file
-
-sys.path.insert(0, str(Path(__file__).parent))
-from checkpoints import build_qwen3_checkpoint  # noqa: E402
 from test_dht import make_ann
 
 from molink.comm.dht import Membership

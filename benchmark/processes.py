@@ -1,0 +1,135 @@
+"""Server processes for benchmarks and tests: start, wait until healthy, stop, kill.
+
+Every process starts in a session of its own, so that its process group holds it and every child
+it starts (a node's EngineCore, its p2pd): stopping or killing it signals the whole group. Its
+stdout and stderr go to a log file, which error messages quote.
+
+    node = ManagedProcess([sys.executable, "-m", "vllm.entrypoints.openai.api_server", ...],
+                          log_dir / "vllm.log", env={"VLLM_CPU_KVCACHE_SPACE": "1"},
+                          url="http://127.0.0.1:8000")
+    try:
+        node.wait_healthy(timeout=900)
+        ...
+    finally:
+        node.stop()
+
+Used by ``benchmark.swarm`` (swarms and the plain vLLM reference) and by ``tests/conftest.py``
+(``NodeProcess``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import time
+import urllib.request
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+#: How much of a log error messages quote (its end).
+LOG_TAIL_CHARS = 4000
+
+
+class ProcessExited(RuntimeError):
+    """A process exited while it was waited for to become healthy."""
+
+
+class ManagedProcess:
+    """``cmd`` running in its own session (process group), its output in ``log_path``.
+
+    ``env`` is added to this process's environment. ``url`` is the server's root URL (for
+    :meth:`wait_healthy`); ``name`` names it in messages (default: the log file's stem).
+    """
+
+    def __init__(
+        self,
+        cmd: Sequence[str],
+        log_path: Path,
+        env: Mapping[str, str] | None = None,
+        url: str | None = None,
+        name: str | None = None,
+    ) -> None:
+        self.cmd = list(cmd)
+        self.log_path = Path(log_path)
+        self.url = url
+        self.name = name or self.log_path.stem
+        with open(self.log_path, "wb") as log:  # the child keeps its own descriptor
+            self.proc = subprocess.Popen(
+                self.cmd,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, **(env or {})},
+                start_new_session=True,
+            )
+
+    @property
+    def pid(self) -> int:
+        """The process's id, which is also its process group's."""
+        return self.proc.pid
+
+    def poll(self) -> int | None:
+        """Its exit status, or None while it runs."""
+        return self.proc.poll()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def log_tail(self, chars: int = LOG_TAIL_CHARS) -> str:
+        return self.log()[-chars:]
+
+    def wait_healthy(self, timeout: float, also: Sequence[ManagedProcess] = ()) -> None:
+        """Wait until ``url``/health answers 200; fail early if it (or one of ``also``)
+        exits. See :func:`wait_healthy`."""
+        if self.url is None:
+            raise ValueError(f"{self.name}: no url to check")
+        wait_healthy(self.url, [self, *also], timeout)
+
+    def wait_exit(self, timeout: float | None = None) -> int:
+        """Wait until the process exits; its exit status (``subprocess.TimeoutExpired`` if it
+        runs past ``timeout``)."""
+        return self.proc.wait(timeout=timeout)
+
+    def signal_group(self, sig: int) -> None:
+        """Send ``sig`` to the whole process group (nothing once every member is gone)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, sig)
+
+    def stop(self, grace: float = 30.0) -> None:
+        """SIGTERM the group and give the process ``grace`` seconds to exit, then SIGKILL the
+        group: the process if it is still there, and stragglers (children that outlived it)."""
+        if self.proc.poll() is None:
+            self.signal_group(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=grace)
+        self.signal_group(signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=grace)
+
+    def kill(self, timeout: float = 30.0) -> None:
+        """SIGKILL the whole group (a machine dying) and reap the process."""
+        self.signal_group(signal.SIGKILL)
+        self.proc.wait(timeout=timeout)
+
+
+def wait_healthy(url: str, watch: Sequence[ManagedProcess], timeout: float) -> None:
+    """Wait until ``url``/health answers 200, checking every second.
+
+    Raises :class:`ProcessExited` as soon as one of ``watch`` exits, and ``TimeoutError`` after
+    ``timeout`` seconds; both quote the end of the log (the exited process's, or the first
+    watched one's).
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for p in watch:
+            if p.poll() is not None:
+                raise ProcessExited(
+                    f"{p.name} exited ({p.proc.returncode}); {p.log_path}:\n{p.log_tail()}"
+                )
+        with contextlib.suppress(OSError), urllib.request.urlopen(url + "/health", timeout=2) as r:
+            if r.status == 200:
+                return
+        time.sleep(1.0)
+    tail = f"; {watch[0].log_path}:\n{watch[0].log_tail()}" if watch else ""
+    raise TimeoutError(f"{url} not healthy after {timeout:g} s{tail}")
