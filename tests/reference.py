@@ -1,5 +1,6 @@
 """The pipeline's reference: the same greedy requests through one vLLM process, and clients that
-send them to a MoLink head and compare the answers, token for token.
+send them to a MoLink head and compare the answers, token for token (the streams through churn
+are the benchmarks' load client, ``benchmark.loadgen.run_streams``).
 
 One engine configuration is shared by the reference and every pipeline that is compared with it:
 small ``max_num_batched_tokens`` (chunked prefill) and a KV cache of few blocks (preemption),
@@ -114,8 +115,9 @@ STREAM_TOKENS = 96
 async def stream_all(
     head: NodeProcess, model: str, during: Callable[[], object] | None = None
 ) -> list[list[int]]:
-    """Greedy token ids of every ``STREAM_PROMPTS`` prompt, streamed (``STREAM_TOKENS`` each,
-    EOS ignored); ``during`` runs once all streams are going."""
+    """Greedy token ids of every ``STREAM_PROMPTS`` prompt, streamed through the ``openai``
+    client (``STREAM_TOKENS`` each, EOS ignored); ``during`` runs (in a thread) once every
+    stream has 16 tokens."""
     client = openai.AsyncOpenAI(
         base_url=head.base_url + "/v1", api_key="none", max_retries=0, timeout=600
     )

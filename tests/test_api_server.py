@@ -8,6 +8,7 @@ import urllib.request
 
 import pytest
 from conftest import NodeProcess, free_port
+from reference import REQUESTS
 
 
 @pytest.fixture(scope="module")
@@ -58,23 +59,19 @@ def post(url: str, body: dict) -> tuple[int, bytes]:
         return e.code, e.read()
 
 
-PROMPT = "the quick brown fox"
-GREEDY = {"prompt": PROMPT, "max_tokens": 8, "temperature": 0.0, "ignore_eos": True}
+GREEDY = {
+    "prompt": REQUESTS[0]["prompt"],
+    "max_tokens": REQUESTS[0]["max_tokens"],
+    "temperature": 0,
+}
 
 
-def completion_text(server: NodeProcess, model: str, request: dict) -> str:
-    """The reference: the same greedy request through the node's OpenAI endpoint."""
-    status, body = post(server.base_url + "/v1/completions", {"model": model, **request})
-    assert status == 200, body
-    return json.loads(body)["choices"][0]["text"]
-
-
-def test_generate(generate_server, qwen3_model):
+def test_generate(generate_server, qwen3_reference):
     status, body = post(generate_server.base_url + "/generate", GREEDY)
     assert status == 200
     (text,) = json.loads(body)["text"]
-    # /generate answers prompt + completion; the completion is the OpenAI endpoint's, exactly.
-    assert text == PROMPT + completion_text(generate_server, qwen3_model, GREEDY)
+    # /generate answers prompt + completion; the completion is single-process vLLM's.
+    assert text == GREEDY["prompt"] + qwen3_reference[0]["text"]
 
 
 def test_generate_streaming(generate_server):

@@ -16,7 +16,7 @@ import urllib.request
 
 import openai
 import pytest
-from reference import ENGINE_FLAGS, assert_same, pipeline_outputs
+from reference import ENGINE_FLAGS, assert_same, pipeline_outputs, stream_all
 
 OUTAGE_S = 8
 
@@ -35,9 +35,9 @@ def metric(base_url: str, name: str) -> float:
 def two_stage(module_swarm, qwen3_model):
     # The follower starts first and the head joins through it: start order doesn't matter.
     follower = module_swarm.start("stage1", qwen3_model, "3,5", ENGINE_FLAGS)
-    head = module_swarm.start(
-        "head", qwen3_model, "0,2", [*ENGINE_FLAGS, "--outage-timeout", str(OUTAGE_S)], [follower]
-    )
+    # Activations travel zlib-compressed (lossless): outputs must still be exact.
+    head_flags = [*ENGINE_FLAGS, "--outage-timeout", str(OUTAGE_S), "--wire_compression", "zlib"]
+    head = module_swarm.start("head", qwen3_model, "0,2", head_flags, [follower])
     head.wait_healthy()
     return head, follower
 
@@ -94,10 +94,25 @@ def test_lost_stage_without_replacement_fails_with_its_cause_then_recovers(
     assert f"No full pipeline for {OUTAGE_S} s" in log
     assert "no result within" not in log  # detected from the broken stream
 
-    # A non-streaming request during the outage fails the same way, after the timeout.
-    client = openai.OpenAI(base_url=head.base_url + "/v1", api_key="none", max_retries=0)
-    with pytest.raises(openai.InternalServerError, match="layers 3-5 are not served"):
-        client.completions.create(model=qwen3_model, prompt="hello", max_tokens=4, timeout=120)
+    # Non-streaming completions and chat completions during the outage fail the same way, with
+    # the cause, after the timeout.
+    async def during_outage() -> list:
+        client = openai.AsyncOpenAI(
+            base_url=head.base_url + "/v1", api_key="none", max_retries=0, timeout=120
+        )
+        hello = [{"role": "user", "content": "hello"}]
+        calls = [
+            client.completions.create(model=qwen3_model, prompt="hello", max_tokens=4),
+            client.chat.completions.create(model=qwen3_model, messages=hello, max_tokens=4),
+        ]
+        try:
+            return await asyncio.gather(*calls, return_exceptions=True)
+        finally:
+            await client.close()
+
+    for error in asyncio.run(during_outage()):
+        assert isinstance(error, openai.InternalServerError), error
+        assert "layers 3-5 are not served" in str(error), error
 
     # The head stays up while no node serves layers 3-5.
     with urllib.request.urlopen(head.base_url + "/health", timeout=10) as r:
@@ -113,13 +128,23 @@ def test_lost_stage_without_replacement_fails_with_its_cause_then_recovers(
     assert_same(qwen3_reference, asyncio.run(pipeline_outputs(head.base_url, qwen3_model)))
 
 
-def test_three_uneven_stages_match_single_process(swarm, qwen3_model, qwen3_reference):
+def test_three_uneven_stages_in_four_micro_batches_match_single_process(
+    swarm, qwen3_model, qwen3_reference
+):
+    """Three uneven stages, and the policy's split path: on one machine the policy would keep
+    one batch in flight; ``--min-micro-batches 4`` makes the head split the decoding requests
+    into 4 micro-batches (a batch queue deeper than the 3 stages) while long prompts are chunked
+    into the same steps and the small KV cache forces preemptions. Then the middle stage is
+    lost with those batches in flight."""
     s2 = swarm.start("stage2", qwen3_model, "4,5", ENGINE_FLAGS)
-    head = swarm.start("head", qwen3_model, "0,0", ENGINE_FLAGS, peers=[s2])
+    head_flags = [*ENGINE_FLAGS, "--min-micro-batches", "4"]
+    head = swarm.start("head", qwen3_model, "0,0", head_flags, peers=[s2])
     s1 = swarm.start("stage1", qwen3_model, "1,3", ENGINE_FLAGS, peers=[head])
     head.wait_healthy()
     got = asyncio.run(pipeline_outputs(head.base_url, qwen3_model))
     assert_same(qwen3_reference, got)
+    assert metric(head.base_url, 'molink_micro_batch_steps_total{batches="4"}') > 0
+    assert metric(head.base_url, "vllm:num_preemptions") > 0, "KV cache should force preemption"
     assert f"-> 127.0.0.1:{s1.grpc_port} [1-3] -> 127.0.0.1:{s2.grpc_port} [4-5]" in head.log()
     with urllib.request.urlopen(s1.base_url + "/status", timeout=10) as r:
         status = json.load(r)
@@ -127,21 +152,17 @@ def test_three_uneven_stages_match_single_process(swarm, qwen3_model, qwen3_refe
     # hidden_states + residual, 128 fp32 values each, per token on the hop to stage 2
     assert status["next_hop"]["bytes_per_token"] > 2 * 128 * 4
 
+    # The middle stage dies while streams run; a node started for its layers takes over, and
+    # every stream's greedy tokens equal those of an undisturbed run.
+    undisturbed = asyncio.run(stream_all(head, qwen3_model))
 
-def test_forced_micro_batches_match_single_process(swarm, qwen3_model, qwen3_reference):
-    """The policy's split path, end to end: on one machine it would keep one batch in flight;
-    ``--min-micro-batches 3`` makes the head split the decoding requests into 3 micro-batches
-    (a batch queue deeper than the 2 stages) while long prompts are chunked into the same steps
-    and the small KV cache forces preemptions."""
-    stage = swarm.start("stage1", qwen3_model, "3,5", ENGINE_FLAGS)
-    head = swarm.start(
-        "head", qwen3_model, "0,2", [*ENGINE_FLAGS, "--min-micro-batches", "3"], [stage]
-    )
-    head.wait_healthy()
-    got = asyncio.run(pipeline_outputs(head.base_url, qwen3_model))
-    assert_same(qwen3_reference, got)
-    assert metric(head.base_url, 'molink_micro_batch_steps_total{batches="3"}') > 0
-    assert metric(head.base_url, "vllm:num_preemptions") > 0, "KV cache should force preemption"
+    def replace_the_middle() -> None:
+        s1.kill()
+        swarm.start("stage1b", qwen3_model, "1,3", ENGINE_FLAGS, peers=[head])
+
+    assert asyncio.run(stream_all(head, qwen3_model, during=replace_the_middle)) == undisturbed
+    assert f"Lost stage 127.0.0.1:{s1.grpc_port} [1-3]" in head.log()
+    assert "Pipeline restored (epoch 1)" in head.log()
 
 
 def test_a_stage_in_another_dtype_serves_in_the_same_pipeline(swarm, qwen3_model, qwen3_reference):
