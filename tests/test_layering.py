@@ -28,6 +28,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "molink.weight_digest",
         "molink.demo_model",  # builds the demo checkpoint (its CLI is entrypoints.cli.demo_model)
         "molink.telemetry",
+        "molink.vllm_compat",  # every vLLM internal MoLink relies on (docs/upgrading-vllm.md)
     ),
     # 1. Pure policy (scheduling, spans, sessions) and the per-stage parallel state.
     ("molink.core", "molink.distributed"),

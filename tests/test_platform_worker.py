@@ -10,14 +10,16 @@ from vllm.platforms import current_platform
 from vllm.v1.worker.cpu_worker import CPUWorker
 from vllm.v1.worker.gpu_worker import Worker
 
-from molink.worker import platform_worker
-from molink.worker.platform_worker import (
+from molink.vllm_compat.worker import (
     PLATFORM_WORKERS,
-    describe_device,
     platform_worker_class,
     platform_worker_qualname,
-    stage_enforce_eager,
     use_v1_model_runner,
+)
+from molink.worker import platform_worker
+from molink.worker.platform_worker import (
+    describe_device,
+    stage_enforce_eager,
 )
 from molink.worker.stage_worker import StageHooks, StageWorker
 

@@ -38,6 +38,7 @@ from molink.comm.pickle_scan import (
 )
 from molink.comm.proto import molink_pb2
 from molink.config import WIRE_COMPRESSIONS, WIRE_DTYPE_NAMES
+from molink.vllm_compat.wire_classes import VLLM_WIRE_CLASSES
 
 # Tensor dtypes allowed on the wire, by name.
 _TORCH_DTYPES: dict[str, torch.dtype] = {
@@ -72,59 +73,10 @@ _MAX_TENSOR_DIMS = 32
 
 # No builtins: protocol 5 writes sets, frozensets, tuples, lists and dicts with their own
 # opcodes, and a callable builtin is a gadget (``set(range(10**12))`` allocates terabytes).
+# vLLM's classes come from :data:`molink.vllm_compat.wire_classes.VLLM_WIRE_CLASSES`.
 _ALLOWED_BY_MODULE: dict[str, tuple[str, ...]] = {
     "collections": ("OrderedDict", "defaultdict"),
-    # scheduler side
-    "vllm.v1.core.sched.output": (
-        "SchedulerOutput",
-        "NewRequestData",
-        "CachedRequestData",
-        "GrammarOutput",
-        "ScheduledEncoderInputStats",
-    ),
-    "vllm.sampling_params": (
-        "SamplingParams",
-        "SamplingType",
-        "RequestOutputKind",
-        "StructuredOutputsParams",
-        "RepetitionDetectionParams",
-    ),
-    "vllm.pooling_params": ("PoolingParams", "LateInteractionParams"),
-    "vllm.lora.request": ("LoRARequest",),
-    "vllm.config.ec_manager_config": ("EncoderCacheManagerMetadata",),
-    # model runner side
-    "vllm.v1.outputs": (
-        "ModelRunnerOutput",
-        "LogprobsLists",
-        "LogprobsTensors",
-        "SamplingMaskLists",
-        "KVConnectorOutput",
-        "ECConnectorOutput",
-        "DraftTokenIds",
-    ),
-    # KV cache planning
-    "vllm.v1.kv_cache_interface": (
-        "KVQuantMode",
-        "KVCacheSpecKind",
-        "SparseCacheRole",
-        "KVCacheSpec",
-        "AttentionSpec",
-        "FullAttentionSpec",
-        "MLAAttentionSpec",
-        "ChunkedLocalAttentionSpec",
-        "SlidingWindowSpec",
-        "SlidingWindowMLASpec",
-        "CircularBufferSpec",
-        "MambaSpec",
-        "EncoderOnlyAttentionSpec",
-        "CrossAttentionSpec",
-        "SinkFullAttentionSpec",
-        "UniformTypeKVCacheSpecs",
-        "KVCacheTensor",
-        "KVCacheGroupRole",
-        "KVCacheGroupSpec",
-        "KVCacheConfig",
-    ),
+    **VLLM_WIRE_CLASSES,
     # MoLink's own step results and resume snapshots, and the compact dataclass form
     # (see _TensorPickler)
     "molink.core.pipeline_state": ("StageLostOutput",),

@@ -24,14 +24,11 @@ stages and a long prompt doesn't stall decodes.
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Any
 
 from vllm.logger import init_logger
-from vllm.v1.core.sched.interface import PauseState
 from vllm.v1.core.sched.output import CachedRequestData, SchedulerOutput
-from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs
 from vllm.v1.outputs import ModelRunnerOutput
 from vllm.v1.request import Request, RequestStatus
@@ -42,6 +39,7 @@ from molink.core.request_snapshot import SNAPSHOTS_ATTR, RequestSnapshot
 from molink.stage_spec import ADDITIONAL_CONFIG_KEY
 from molink.telemetry import metrics
 from molink.telemetry.step_trace import TRACE_ATTR, StepTraceWriter
+from molink.vllm_compat.scheduler import SchedulerHooks
 
 logger = init_logger(__name__)
 # One line per request event (admitted, preempted, finished or failed), apart from the rest.
@@ -53,8 +51,9 @@ SCHEDULER_CLS = "molink.core.scheduler.PipelineScheduler"
 MAX_STAGE_LOSSES = 3
 
 
-class PipelineScheduler(Scheduler):
-    """vLLM ``Scheduler`` that survives the loss of a pipeline stage."""
+class PipelineScheduler(SchedulerHooks):
+    """vLLM ``Scheduler`` that survives the loss of a pipeline stage (its hooks on vLLM's
+    private methods: :class:`~molink.vllm_compat.scheduler.SchedulerHooks`)."""
 
     HOLD_SLEEP_S = 0.05
     PLAN_LOG_INTERVAL_S = 10.0
@@ -82,7 +81,7 @@ class PipelineScheduler(Scheduler):
         self._in_barrier = False
         self._failure_causes: dict[str, str] = {}
 
-    def _make_cached_request_data(self, *args: Any, **kwargs: Any) -> CachedRequestData:
+    def cached_request_data(self, data: CachedRequestData) -> CachedRequestData:
         """vLLM's, without ``all_token_ids``.
 
         vLLM fills it with the whole token list of every request that missed the previous step.
@@ -90,7 +89,6 @@ class PipelineScheduler(Scheduler):
         encode and every stage decode, for a field only async scheduling reads (off:
         ``PipelineExecutor.supports_async_scheduling``).
         """
-        data = super()._make_cached_request_data(*args, **kwargs)
         data.all_token_ids = {}
         return data
 
@@ -168,9 +166,7 @@ class PipelineScheduler(Scheduler):
                 request.max_tokens,
             )
 
-    def _preempt_request(self, request: Request, *args: Any, **kwargs: Any) -> None:
-        recomputed = request.num_computed_tokens
-        super()._preempt_request(request, *args, **kwargs)
+    def on_request_preempted(self, request: Request, recomputed: int) -> None:
         cause = "stage_loss" if self._in_barrier else "kv_cache_full"
         metrics.RECOMPUTED_TOKENS.labels(cause).inc(recomputed)
         request_logger.info(
@@ -180,8 +176,7 @@ class PipelineScheduler(Scheduler):
             recomputed,
         )
 
-    def _free_request(self, request: Request, *args: Any, **kwargs: Any) -> Any:
-        result = super()._free_request(request, *args, **kwargs)
+    def on_request_freed(self, request: Request) -> None:
         elapsed = time.time() - request.arrival_time
         cause = self._failure_causes.pop(request.request_id, None)
         if cause is not None:
@@ -197,7 +192,6 @@ class PipelineScheduler(Scheduler):
                 request.num_output_tokens,
                 elapsed,
             )
-        return result
 
     def _attach_snapshots(self, output: SchedulerOutput) -> None:
         """Ship what stages need to resume requests they don't hold (after a reset)."""
@@ -275,27 +269,14 @@ class PipelineScheduler(Scheduler):
                 plan.prefill_tokens,
             )
         ready = [r for r in decoding if r.num_tokens > r.num_computed_tokens]
-        hidden = {id(r) for r in ready[plan.decode_slots :]}
-        order = {id(r): i for i, r in enumerate(self.running)}
-        hidden_reqs = [r for r in self.running if id(r) in hidden]
-        saved_budget, saved_running_cap = self.max_num_scheduled_tokens, self.max_num_running_reqs
-        self.running = [r for r in self.running if id(r) not in hidden]
-        self.max_num_scheduled_tokens = min(
-            saved_budget, min(plan.decode_slots, len(ready)) + plan.prefill_tokens
+        output = self.schedule_subset(
+            hidden=ready[plan.decode_slots :],
+            token_budget=min(plan.decode_slots, len(ready)) + plan.prefill_tokens,
+            throttle_prefills=throttle_prefills,
         )
-        self.max_num_running_reqs = saved_running_cap - len(hidden_reqs)
-        try:
-            output = super().schedule(throttle_prefills)
-            if output.total_num_scheduled_tokens:
-                metrics.MICRO_BATCH_STEPS.labels(str(plan.num_batches)).inc()
-            return output
-        finally:
-            self.max_num_scheduled_tokens = saved_budget
-            self.max_num_running_reqs = saved_running_cap
-            # Hidden requests go back to their places; newly admitted ones stay at the end.
-            self.running = sorted(
-                self.running + hidden_reqs, key=lambda r: order.get(id(r), math.inf)
-            )
+        if output.total_num_scheduled_tokens:
+            metrics.MICRO_BATCH_STEPS.labels(str(plan.num_batches)).inc()
+        return output
 
     def _hold(self, throttle_prefills: bool) -> SchedulerOutput:
         """No full chain: schedule nothing (but still emit finished ids), bounded in time.
@@ -323,11 +304,7 @@ class PipelineScheduler(Scheduler):
 
     def _schedule_nothing(self, throttle_prefills: bool) -> SchedulerOutput:
         """An output with no tokens that still carries finished request ids to the stages."""
-        saved, self._pause_state = self._pause_state, PauseState.PAUSED_ALL
-        try:
-            return super().schedule(throttle_prefills)
-        finally:
-            self._pause_state = saved
+        return self.schedule_paused(throttle_prefills)
 
     def update_from_output(
         self, scheduler_output: SchedulerOutput, model_runner_output: ModelRunnerOutput

@@ -29,7 +29,6 @@ from typing import Any
 import torch
 from vllm.engine.arg_utils import EngineArgs
 from vllm.logger import init_logger
-from vllm.v1.core.kv_cache_utils import get_kv_cache_configs
 from vllm.v1.kv_cache_interface import KVCacheConfig
 
 from molink.comm import codec
@@ -43,6 +42,7 @@ from molink.engine.stage_config import stage_engine_config
 from molink.engine.stage_engine import StageEngine
 from molink.security.swarm_security import SwarmSecurity
 from molink.stage_spec import StageConfig
+from molink.vllm_compat.kv_cache import plan_stage_kv_cache
 
 logger = init_logger(__name__)
 
@@ -213,8 +213,7 @@ class StageHost:
         try:
             if layout is not None:
                 self.worker.set_kv_cache_layout(layout)
-            own = get_kv_cache_configs(self._vllm_config, [self._kv_spec], [self._kv_available])[0]
-            own.kv_cache_layout = layout
+            own = plan_stage_kv_cache(self._vllm_config, self._kv_spec, self._kv_available, layout)
             self.worker.initialize_from_config([own])
             self.worker.compile_or_warm_up_model()
         except Exception:

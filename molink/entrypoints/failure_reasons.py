@@ -4,30 +4,27 @@ MoLink fails a request only when no full pipeline came back within ``--outage-ti
 request was on several lost chains); its scheduler puts the cause ("no node serves layers 15-29;
 lost stage 10.0.0.2:50052 [15-29]: its result stream broke (UNAVAILABLE)") in the finished
 output's ``stop_reason``. vLLM's OpenAI serving layer turns every ``finish_reason == "error"`` into
-``GenerationError("Internal server error")`` in ``GenerateBaseServing._raise_if_error``, which
-sees only the finish reason and the request id, and offers no plug-in point for a message.
+``GenerationError("Internal server error")`` and offers no plug-in point for a message.
 
-So this module, the one place where MoLink patches vLLM's serving layer, (1) wraps the head's
-engine client's ``generate`` to remember the cause of each failed request, and (2) replaces
-``_raise_if_error`` with one that raises ``GenerationError`` with that cause. The client then gets
-it as the error message: HTTP 500 with the cause, or a streamed error event.
+So this module (1) watches the head's engine client's outputs to remember the cause of each
+failed request, and (2) has vLLM's serving layer raise ``GenerationError`` with that cause; both
+through :mod:`molink.vllm_compat.serving` (MoLink's one patch of vLLM's serving layer). The
+client then gets it as the error message: HTTP 500 with the cause, or a streamed error event.
 """
 
 from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import AsyncGenerator
 from typing import Any
 
-from vllm.entrypoints.generate.base.serving import GenerateBaseServing
-from vllm.exceptions import GenerationError
 from vllm.outputs import RequestOutput
+
+from molink.vllm_compat.serving import patch_raise_if_error, wrap_engine_generate
 
 _MAX_REMEMBERED = 4096
 _causes: OrderedDict[str, str] = OrderedDict()
 _lock = threading.Lock()
-_vllm_raise_if_error = GenerateBaseServing._raise_if_error
 
 
 def failure_cause(output: RequestOutput) -> str | None:
@@ -57,24 +54,13 @@ def _take(request_id: str) -> str | None:
     return None
 
 
-def _raise_if_error(self: GenerateBaseServing, finish_reason: str | None, request_id: str) -> None:
-    if finish_reason == "error":
-        cause = _take(request_id)
-        if cause is not None:
-            raise GenerationError(cause)
-    _vllm_raise_if_error(self, finish_reason, request_id)
+def _record(output: Any) -> None:
+    cause = failure_cause(output) if isinstance(output, RequestOutput) else None
+    if cause is not None:
+        _remember(output.request_id, cause)
 
 
 def report_failure_causes(engine: Any) -> None:
     """Make the OpenAI server built over ``engine`` tell clients why a request failed."""
-    generate = engine.generate
-
-    async def generate_recording_causes(*args: Any, **kwargs: Any) -> AsyncGenerator[Any, None]:
-        async for output in generate(*args, **kwargs):
-            cause = failure_cause(output) if isinstance(output, RequestOutput) else None
-            if cause is not None:
-                _remember(output.request_id, cause)
-            yield output
-
-    engine.generate = generate_recording_causes
-    GenerateBaseServing._raise_if_error = _raise_if_error  # type: ignore[method-assign]
+    wrap_engine_generate(engine, _record)
+    patch_raise_if_error(_take)

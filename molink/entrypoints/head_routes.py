@@ -9,7 +9,8 @@
   before each scrape (:mod:`molink.telemetry.engine_metrics`).
 
 The pipeline's state lives in the engine process; :class:`PipelineView` fetches it through the
-executor's ``collective_rpc`` (:data:`~molink.telemetry.engine_metrics.PIPELINE_SNAPSHOT_RPC`).
+executor's ``collective_rpc`` (:data:`~molink.telemetry.engine_metrics.PIPELINE_SNAPSHOT_RPC`,
+:func:`molink.vllm_compat.executor.call_executor`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import Depends, FastAPI
 from fastapi.responses import HTMLResponse, JSONResponse
-from starlette.routing import Mount, Route
 from vllm.engine.protocol import EngineClient
 from vllm.logger import init_logger
 from vllm.v1.metrics.prometheus import get_prometheus_registry
@@ -29,6 +29,8 @@ from vllm.v1.metrics.prometheus import get_prometheus_registry
 from molink.entrypoints.http_auth import api_key_guard
 from molink.entrypoints.swarm_report import build_swarm_report
 from molink.telemetry.engine_metrics import PIPELINE_SNAPSHOT_RPC, EngineMetrics
+from molink.vllm_compat.executor import call_executor
+from molink.vllm_compat.serving import wrap_metrics_routes
 
 if TYPE_CHECKING:
     from molink.entrypoints.node import Node
@@ -68,10 +70,9 @@ class PipelineView:
             if time.monotonic() - self._fetched_at < SNAPSHOT_MAX_AGE_S:
                 return self._snapshot
             try:
-                results = await asyncio.wait_for(
-                    self.engine.collective_rpc(PIPELINE_SNAPSHOT_RPC), SNAPSHOT_TIMEOUT_S
+                self._snapshot = await asyncio.wait_for(
+                    call_executor(self.engine, PIPELINE_SNAPSHOT_RPC), SNAPSHOT_TIMEOUT_S
                 )
-                self._snapshot = results[0]
             except Exception as e:  # noqa: BLE001  # a dead or busy engine: report, don't fail
                 if self._snapshot is not None or self._fetched_at == float("-inf"):
                     logger.warning("The engine did not report its pipeline state: %r", e)
@@ -88,26 +89,9 @@ def swarm_page() -> str:
 
 
 def _refresh_before_metrics(app: FastAPI, view: PipelineView) -> None:
-    """Make vLLM's ``/metrics`` routes fetch the engine's MoLink metrics before each scrape.
-
-    vLLM serves ``/metrics`` twice (a route from prometheus-fastapi-instrumentator, and a mount
-    behind it); each one's ASGI app is wrapped. A middleware can't be added instead: the app's
-    middleware stack is built by now (vLLM's SageMaker bootstrap).
-    """
-    wrapped = 0
-    for route in app.router.routes:
-        if isinstance(route, (Route, Mount)) and route.path == "/metrics":
-
-            async def refreshing(
-                scope: Any, receive: Any, send: Any, inner: Any = route.app
-            ) -> None:
-                if scope["type"] == "http":
-                    await view.snapshot()
-                await inner(scope, receive, send)
-
-            route.app = refreshing
-            wrapped += 1
-    if not wrapped:
+    """Make vLLM's ``/metrics`` routes fetch the engine's MoLink metrics before each scrape
+    (:func:`molink.vllm_compat.serving.wrap_metrics_routes`)."""
+    if not wrap_metrics_routes(app, view.snapshot):
         logger.warning("vLLM serves no /metrics here: MoLink's metrics are not exported")
 
 

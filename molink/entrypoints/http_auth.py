@@ -13,9 +13,9 @@ from collections.abc import Awaitable, Callable
 
 from fastapi import HTTPException, Request
 from vllm import envs
-from vllm.entrypoints.serve.middleware.authenticate import AuthenticationMiddleware
 
 from molink.security.settings import InsecureSetup, is_loopback
+from molink.vllm_compat.auth import bearer_token_checker
 
 
 def api_keys(args: argparse.Namespace) -> list[str]:
@@ -25,10 +25,10 @@ def api_keys(args: argparse.Namespace) -> list[str]:
 
 def api_key_guard(keys: list[str]) -> Callable[[Request], Awaitable[None]]:
     """A FastAPI dependency: 401 unless the request carries ``Authorization: Bearer <key>``."""
-    checker = AuthenticationMiddleware(app=None, tokens=keys) if keys else None  # type: ignore[arg-type]
+    verify = bearer_token_checker(keys) if keys else None
 
     async def guard(request: Request) -> None:
-        if checker is not None and not checker.verify_token(request.headers):
+        if verify is not None and not verify(request.headers):
             raise HTTPException(status_code=401, detail="Unauthorized")
 
     return guard

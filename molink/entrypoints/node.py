@@ -36,13 +36,10 @@ from molink.executor.pipeline_executor import PipelineExecutor
 from molink.security.settings import check_exposure
 from molink.security.swarm_security import SwarmSecurity
 from molink.telemetry import metrics
+from molink.vllm_compat.worker import use_v1_model_runner
 from molink.weight_digest import weight_digests
 from molink.worker.memory_budget import kv_capacity_estimate, layers_that_fit
-from molink.worker.platform_worker import (
-    describe_device,
-    stage_enforce_eager,
-    use_v1_model_runner,
-)
+from molink.worker.platform_worker import describe_device, stage_enforce_eager
 from molink.worker.stage_worker import WORKER_CLS
 
 logger = init_logger(__name__)

@@ -20,7 +20,6 @@ then ``sample_tokens`` for each. This executor:
 
 from __future__ import annotations
 
-import logging
 import secrets
 import threading
 import time
@@ -32,9 +31,7 @@ from typing import Any
 
 import grpc
 from vllm.logger import init_logger
-from vllm.v1.core.kv_cache_utils import get_kv_cache_configs
 from vllm.v1.core.sched.output import GrammarOutput, SchedulerOutput
-from vllm.v1.executor.abstract import Executor
 from vllm.v1.kv_cache_interface import KVCacheConfig, KVCacheSpec
 from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
 
@@ -46,7 +43,6 @@ from molink.core.micro_batching import StageTiming
 from molink.core.pipeline_state import PIPELINE_STATE, epoch_of, lost_output
 from molink.core.request_snapshot import snapshots_of
 from molink.core.step import StageOutput, StepWork
-from molink.engine import batch_queue_bound
 from molink.engine.head_config import HeadConfig
 from molink.engine.stage_config import head_engine_overrides
 from molink.engine.stage_engine import StageEngine
@@ -57,6 +53,9 @@ from molink.stage_spec import StageConfig, StagePlacement
 from molink.telemetry import metrics
 from molink.telemetry.engine_metrics import PIPELINE_SNAPSHOT_RPC, export_metrics
 from molink.telemetry.step_trace import TRACE_ATTR
+from molink.vllm_compat.engine_config import install_batch_queue_bound
+from molink.vllm_compat.executor import ExecutorHooks
+from molink.vllm_compat.kv_cache import plan_kv_cache_with_blocks
 from molink.worker.stage_worker import create_stage_worker
 
 logger = init_logger(__name__)
@@ -129,7 +128,7 @@ class _LocalResults:
         self.executor._on_failure(error, work.epoch, stage=self.executor.engine.name)
 
 
-class PipelineExecutor(Executor):
+class PipelineExecutor(ExecutorHooks):
     """vLLM executor that drives a chain of MoLink stages."""
 
     supports_pp = True
@@ -139,9 +138,9 @@ class PipelineExecutor(Executor):
         return False
 
     # ---------------------------------------------------------------- set-up
-    def _init_executor(self) -> None:
+    def init_executor(self) -> None:
         # Before EngineCore sizes its batch queue (after building this executor).
-        batch_queue_bound.install()
+        install_batch_queue_bound()
         self.head = HeadConfig.from_vllm_config(self.vllm_config)
         self.state = PIPELINE_STATE
         self.state.outage_timeout = self.head.outage_timeout
@@ -205,18 +204,7 @@ class PipelineExecutor(Executor):
         assert self._local_kv_spec is not None and remote.kv_cache_spec is not None
         others = [r for r in chain if r is not remote and r.kv_cache_spec is not None]
         specs = [self._local_kv_spec, *(r.kv_cache_spec for r in others), remote.kv_cache_spec]
-        cache = self.vllm_config.cache_config
-        saved = cache.num_gpu_blocks_override
-        cache.num_gpu_blocks_override = self._num_blocks
-        quiet = logging.getLogger(get_kv_cache_configs.__module__)
-        level = quiet.level
-        quiet.setLevel(logging.WARNING)  # it logs the override once per stage, every time
-        try:
-            config = get_kv_cache_configs(self.vllm_config, specs, [1 << 62] * len(specs))[-1]
-        finally:
-            cache.num_gpu_blocks_override = saved
-            quiet.setLevel(level)
-        config.kv_cache_layout = cache.kv_cache_layout  # as EngineCore sets it on every stage
+        config = plan_kv_cache_with_blocks(self.vllm_config, specs, self._num_blocks)
         needed = sum(t.size for t in config.kv_cache_tensors)
         if config.num_blocks != self._num_blocks or needed > remote.available_kv_bytes:
             raise StageRefused(

@@ -21,21 +21,27 @@ import torch
 from vllm.config import VllmConfig, set_current_vllm_config
 from vllm.distributed.parallel_state import get_pp_group
 from vllm.logger import init_logger
-from vllm.sampling_params import SamplingType
 from vllm.sequence import IntermediateTensors
-from vllm.utils.platform_utils import is_pin_memory_available
 from vllm.v1.core.sched.output import GrammarOutput, SchedulerOutput
 from vllm.v1.outputs import ModelRunnerOutput
-from vllm.v1.sample.logits_processor import build_logitsprocs
-from vllm.v1.worker.gpu_input_batch import CachedRequestState
 from vllm.v1.worker.worker_base import WorkerWrapperBase
 
 from molink.core.request_snapshot import RequestSnapshot
 from molink.core.step import HostActivations
 from molink.distributed.parallel_state import init_stage_parallel_state
 from molink.stage_spec import ADDITIONAL_CONFIG_KEY, StagePlacement, placement_from_dict
+from molink.vllm_compat.model_runner import (
+    ensure_intermediate_tensors,
+    install_request_state,
+    new_persistent_batch,
+    request_block_ids,
+    reset_model_runner,
+    runner_requests,
+    swap_persistent_batch,
+)
+from molink.vllm_compat.parallel_state import set_pp_layer_partition
+from molink.vllm_compat.worker import platform_worker_class
 from molink.worker.activation_staging import ActivationStaging
-from molink.worker.platform_worker import platform_worker_class
 
 logger = init_logger(__name__)
 
@@ -62,8 +68,7 @@ class StageHooks:
 
     def init_device(self) -> None:
         placement = stage_placement(self.vllm_config)
-        # get_pp_indices() reads the split from this variable when the model is built.
-        os.environ["VLLM_PP_LAYER_PARTITION"] = ",".join(map(str, placement.partition))
+        set_pp_layer_partition(placement.partition)  # read when the model is built
         init_stage_parallel_state(placement.rank, len(placement.partition))
         super().init_device()
 
@@ -74,14 +79,9 @@ class StageHooks:
         # Heads' persistent batches (see use_batch_of): whose is in the runner, and the others.
         self._batch_owner: str | None = None
         self._other_batches: dict[str, tuple[Any, dict]] = {}
-        # vLLM allocates this persistent buffer only in _dummy_run, which the CPU path skips
-        # under enforce_eager; later stages copy received activations into it.
-        if not get_pp_group().is_first_rank and runner.intermediate_tensors is None:
-            runner.intermediate_tensors = runner.model.make_empty_intermediate_tensors(
-                batch_size=runner.max_num_tokens,
-                dtype=runner.model_config.dtype,
-                device=runner.device,
-            )
+        # vLLM's CPU path forgets the buffer later stages copy received activations into.
+        if not get_pp_group().is_first_rank:
+            ensure_intermediate_tensors(runner)
 
     @torch.inference_mode()
     def execute_stage(
@@ -130,31 +130,19 @@ class StageHooks:
         """
         runner = self.model_runner
         for req_id, snap in snapshots.items():
-            if req_id in runner.requests:
+            if req_id in runner_requests(runner):
                 continue
-            sampling = snap.sampling_params
-            generator = None
-            if sampling is not None and sampling.sampling_type == SamplingType.RANDOM_SEED:
-                generator = torch.Generator(device=runner.device)
-                generator.manual_seed(sampling.seed)
-            state = CachedRequestState(
-                req_id=req_id,
+            install_request_state(
+                runner,
+                req_id,
                 prompt_token_ids=snap.prompt_token_ids,
                 prompt_embeds=snap.prompt_embeds,
                 prompt_is_token_ids=snap.prompt_is_token_ids,
-                mm_features=[],
-                sampling_params=sampling,
+                sampling_params=snap.sampling_params,
                 pooling_params=snap.pooling_params,
-                generator=generator,
-                block_ids=tuple([] for _ in runner.kv_cache_config.kv_cache_groups),
-                num_computed_tokens=0,
-                output_token_ids=list(snap.output_token_ids),
                 lora_request=snap.lora_request,
+                output_token_ids=snap.output_token_ids,
             )
-            # Prompt logprobs are not computed again: the client has them already.
-            runner.requests[req_id] = state
-            if runner.uses_mrope:
-                runner._init_mrope_positions(state)
 
     def use_batch_of(self, head: str) -> None:
         """Give the model runner the persistent batch and request states of ``head``'s steps.
@@ -172,9 +160,8 @@ class StageHooks:
         if owner is None:  # the first head keeps the runner's own batch
             self._batch_owner = head
             return
-        self._other_batches[owner] = (runner.input_batch, runner.requests)
-        fresh = self._other_batches.pop(head, None) or (self._new_batch(), {})
-        runner.input_batch, runner.requests = fresh
+        fresh = self._other_batches.pop(head, None) or (new_persistent_batch(runner), {})
+        self._other_batches[owner] = swap_persistent_batch(runner, fresh)
         self._batch_owner = head
 
     def forget_batch_of(self, head: str) -> None:
@@ -184,34 +171,10 @@ class StageHooks:
         else:
             self._other_batches.pop(head, None)
 
-    def _new_batch(self) -> Any:
-        """An empty persistent batch like the runner's, with its own logits processors.
-
-        Built by vLLM's own ``may_reinitialize_input_batch``, which makes a new batch when the
-        block sizes it was made for differ from the KV cache's; forgetting them forces it.
-        """
-        runner = self.model_runner
-        own = runner.input_batch
-        runner._init_block_sizes = None
-        try:
-            runner.may_reinitialize_input_batch(runner.kv_cache_config)
-            fresh = runner.input_batch
-        finally:
-            runner.input_batch = own
-        custom = tuple(runner.model_config.logits_processors or ())
-        fresh.logitsprocs = build_logitsprocs(
-            runner.vllm_config,
-            runner.device,
-            is_pin_memory_available(),
-            runner.is_pooling_model,
-            custom,
-        )
-        return fresh
-
     def requests_of(self, head: str) -> int:
         """How many requests of ``head`` this stage holds (read from any thread)."""
         if self._batch_owner == head:
-            return len(self.model_runner.requests)
+            return len(runner_requests(self.model_runner))
         batch = self._other_batches.get(head)
         return len(batch[1]) if batch else 0
 
@@ -225,7 +188,7 @@ class StageHooks:
         config = getattr(runner, "kv_cache_config", None)
         if config is None:
             return 0, 0
-        tables = [runner.requests] + [r for _, r in self._other_batches.values()]
+        tables = [runner_requests(runner)] + [r for _, r in self._other_batches.values()]
         states = []
         for table in tables:
             for _ in range(3):
@@ -234,7 +197,7 @@ class StageHooks:
                     break
                 except RuntimeError:  # changed size during iteration
                     continue
-        used = {block for state in states for group in state.block_ids for block in group}
+        used = {block for state in states for group in request_block_ids(state) for block in group}
         return len(used), config.num_blocks
 
     @torch.inference_mode()
@@ -245,11 +208,7 @@ class StageHooks:
         if head != self._batch_owner and head not in self._other_batches:
             return
         self.use_batch_of(head)
-        runner = self.model_runner
-        runner.execute_model_state = None
-        reset = SchedulerOutput.make_empty()
-        reset.finished_req_ids = set(runner.requests)
-        runner.execute_model(reset)
+        reset_model_runner(self.model_runner)
         logger.info("Stage %d reset", get_pp_group().rank_in_group)
 
 

@@ -14,19 +14,14 @@ import argparse
 import asyncio
 import socket
 import sys
-from typing import Any
 
-import vllm.envs as envs
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.engine.protocol import EngineClient
-from vllm.entrypoints.launchers.api_server.app_state import init_app_state
 from vllm.entrypoints.launchers.api_server.entry import (
     build_async_engine_client_from_engine_args,
 )
-from vllm.entrypoints.launchers.app import build_app
 from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
-from vllm.entrypoints.launchers.launcher import serve_http, setup_server
-from vllm.entrypoints.launchers.utils.server_utils import get_uvicorn_log_config
+from vllm.entrypoints.launchers.launcher import setup_server
 from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
 from vllm.logger import configure_logging_from_args, init_logger
 from vllm.utils.argparse_utils import FlexibleArgumentParser
@@ -38,6 +33,7 @@ from molink.entrypoints.head_routes import install_head_routes
 from molink.entrypoints.http_auth import api_keys
 from molink.entrypoints.launch import run_node
 from molink.entrypoints.node import Node
+from molink.vllm_compat.openai_server import build_api_app, serve_api_app
 
 logger = init_logger("molink.entrypoints.openai.api_server")
 
@@ -50,35 +46,13 @@ async def serve_api(
     args: argparse.Namespace,
 ) -> asyncio.Task:
     """vLLM's ``build_and_serve`` with MoLink's head routes added (``/ready``, ``/swarm``,
-    ``/swarm/ui``, MoLink's metrics): vLLM builds the app inside that function, so its steps
-    are taken here. Returns the server's shutdown task."""
-    supported_tasks = await engine.get_supported_tasks()
-    app = build_app(args, supported_tasks, engine.model_config)
-    install_head_routes(app, node, engine, api_keys(args))
-    await init_app_state(engine, app.state, args, supported_tasks)
-    logger.info("Serving the OpenAI API on %s (pipeline view at /swarm/ui)", listen_address)
-    uvicorn_kwargs: dict[str, Any] = {}
-    log_config = get_uvicorn_log_config(args)
-    if log_config is not None:
-        uvicorn_kwargs["log_config"] = log_config
-    return await serve_http(
-        app,
-        sock=sock,
-        enable_ssl_refresh=args.enable_ssl_refresh,
-        host=args.host,
-        port=args.port,
-        log_level=args.uvicorn_log_level,
-        access_log=not args.disable_uvicorn_access_log,
-        timeout_keep_alive=envs.VLLM_HTTP_TIMEOUT_KEEP_ALIVE,
-        ssl_keyfile=args.ssl_keyfile,
-        ssl_certfile=args.ssl_certfile,
-        ssl_ca_certs=args.ssl_ca_certs,
-        ssl_cert_reqs=args.ssl_cert_reqs,
-        ssl_ciphers=args.ssl_ciphers,
-        h11_max_incomplete_event_size=args.h11_max_incomplete_event_size,
-        h11_max_header_count=args.h11_max_header_count,
-        **uvicorn_kwargs,
+    ``/swarm/ui``, MoLink's metrics); vLLM builds the app inside that function, so its steps
+    are taken here (:mod:`molink.vllm_compat.serving`). Returns the server's shutdown task."""
+    app = await build_api_app(
+        engine, args, lambda app: install_head_routes(app, node, engine, api_keys(args))
     )
+    logger.info("Serving the OpenAI API on %s (pipeline view at /swarm/ui)", listen_address)
+    return await serve_api_app(app, sock, args)
 
 
 def make_parser(prog: str | None = None) -> FlexibleArgumentParser:

@@ -1,0 +1,169 @@
+"""What a stage changes inside vLLM's model runner (``GPUModelRunner``; ``CPUModelRunner``
+extends it): its activation buffer, its request table, its persistent batch.
+
+``runner`` below is a worker's ``model_runner``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from vllm.lora.request import LoRARequest
+from vllm.pooling_params import PoolingParams
+from vllm.sampling_params import SamplingParams, SamplingType
+from vllm.utils.platform_utils import is_pin_memory_available
+from vllm.v1.core.sched.output import SchedulerOutput
+from vllm.v1.sample.logits_processor import build_logitsprocs
+from vllm.v1.worker.gpu_input_batch import CachedRequestState
+
+#: The ``CachedRequestState`` fields :func:`install_request_state` sets.
+INSTALLED_REQUEST_FIELDS = (
+    "req_id",
+    "prompt_token_ids",
+    "prompt_embeds",
+    "prompt_is_token_ids",
+    "mm_features",
+    "sampling_params",
+    "pooling_params",
+    "generator",
+    "block_ids",
+    "num_computed_tokens",
+    "output_token_ids",
+    "lora_request",
+)
+
+
+def ensure_intermediate_tensors(runner: Any) -> None:
+    """Allocate the runner's buffer for received activations if vLLM has not.
+
+    vLLM allocates this persistent buffer only in ``_dummy_run``, which the CPU path skips
+    under ``enforce_eager``; stages after the first copy received activations into it. Call
+    after ``load_model`` on every stage but the first.
+
+    Needs from vLLM: ``runner.intermediate_tensors`` (None until allocated) is the buffer
+    ``execute_model`` copies activations into, and ``runner.model.
+    make_empty_intermediate_tensors(batch_size, dtype, device)`` builds it.
+    """
+    if runner.intermediate_tensors is None:
+        runner.intermediate_tensors = runner.model.make_empty_intermediate_tensors(
+            batch_size=runner.max_num_tokens,
+            dtype=runner.model_config.dtype,
+            device=runner.device,
+        )
+
+
+def runner_requests(runner: Any) -> dict[str, Any]:
+    """The runner's request table (request id -> ``CachedRequestState``) of the persistent batch
+    in use.
+
+    Needs from vLLM: ``runner.requests`` is that table, a plain dict attribute.
+    """
+    return runner.requests
+
+
+def request_block_ids(state: Any) -> tuple[list[int], ...]:
+    """The KV block ids a ``CachedRequestState`` holds, one list per KV cache group."""
+    return state.block_ids
+
+
+def install_request_state(
+    runner: Any,
+    req_id: str,
+    *,
+    prompt_token_ids: list[int] | None,
+    prompt_embeds: torch.Tensor | None,
+    prompt_is_token_ids: list[bool] | None,
+    sampling_params: SamplingParams | None,
+    pooling_params: PoolingParams | None,
+    lora_request: LoRARequest | None,
+    output_token_ids: list[int],
+) -> None:
+    """Give the runner the state of a request it has never seen, as vLLM would have built it
+    when the request was new: no blocks yet, nothing computed (the resuming step sets both).
+
+    A seeded request gets a fresh generator seeded the same way; prompt logprobs are not
+    computed again (the client has them already).
+
+    Needs from vLLM: ``CachedRequestState`` has the fields in :data:`INSTALLED_REQUEST_FIELDS`
+    (and needs no others), ``runner.requests`` is the table ``execute_model`` resumes requests
+    from, and ``runner._init_mrope_positions(state)`` fills M-RoPE positions
+    (``runner.uses_mrope``).
+    """
+    generator = None
+    if sampling_params is not None and sampling_params.sampling_type == SamplingType.RANDOM_SEED:
+        generator = torch.Generator(device=runner.device)
+        generator.manual_seed(sampling_params.seed)
+    state = CachedRequestState(
+        req_id=req_id,
+        prompt_token_ids=prompt_token_ids,
+        prompt_embeds=prompt_embeds,
+        prompt_is_token_ids=prompt_is_token_ids,
+        mm_features=[],
+        sampling_params=sampling_params,
+        pooling_params=pooling_params,
+        generator=generator,
+        block_ids=tuple([] for _ in runner.kv_cache_config.kv_cache_groups),
+        num_computed_tokens=0,
+        output_token_ids=list(output_token_ids),
+        lora_request=lora_request,
+    )
+    runner.requests[req_id] = state
+    if runner.uses_mrope:
+        runner._init_mrope_positions(state)
+
+
+def swap_persistent_batch(runner: Any, batch: tuple[Any, dict[str, Any]]) -> tuple[Any, dict]:
+    """Put ``batch`` (an ``InputBatch`` and its request table) into the runner; return the
+    one it had.
+
+    Needs from vLLM: ``runner.input_batch`` and ``runner.requests`` are plain attributes that
+    ``execute_model`` reads on each step; nothing else holds per-request rows.
+    """
+    own = (runner.input_batch, runner.requests)
+    runner.input_batch, runner.requests = batch
+    return own
+
+
+def new_persistent_batch(runner: Any) -> Any:
+    """An empty persistent batch like the runner's, with its own logits processors (the runner
+    keeps its own batch).
+
+    Built by vLLM's own ``may_reinitialize_input_batch``, which makes a new batch when the
+    block sizes it was made for differ from the KV cache's; forgetting them forces it.
+
+    Needs from vLLM: ``may_reinitialize_input_batch(kv_cache_config)`` rebuilds
+    ``runner.input_batch`` when ``runner._init_block_sizes`` differs from the cache's block
+    sizes, and ``InputBatch.logitsprocs`` comes from ``build_logitsprocs(vllm_config, device,
+    is_pin_memory, is_pooling_model, custom_logitsprocs)``.
+    """
+    own = runner.input_batch
+    runner._init_block_sizes = None
+    try:
+        runner.may_reinitialize_input_batch(runner.kv_cache_config)
+        fresh = runner.input_batch
+    finally:
+        runner.input_batch = own
+    custom = tuple(runner.model_config.logits_processors or ())
+    fresh.logitsprocs = build_logitsprocs(
+        runner.vllm_config,
+        runner.device,
+        is_pin_memory_available(),
+        runner.is_pooling_model,
+        custom,
+    )
+    return fresh
+
+
+def reset_model_runner(runner: Any) -> None:
+    """Make the runner forget every request of its persistent batch and any step awaiting
+    ``sample_tokens`` (weights and KV memory are kept).
+
+    Needs from vLLM: ``runner.execute_model_state`` holds a step whose tokens were not sampled
+    yet (``execute_model`` refuses to run while it is set), and an empty ``SchedulerOutput``
+    whose ``finished_req_ids`` lists requests removes them from the batch.
+    """
+    runner.execute_model_state = None
+    reset = SchedulerOutput.make_empty()
+    reset.finished_req_ids = set(runner.requests)
+    runner.execute_model(reset)

@@ -1,0 +1,101 @@
+""":class:`SchedulerHooks`: vLLM's scheduler with MoLink's hooks on its private methods and state.
+
+MoLink's scheduler (:class:`molink.core.scheduler.PipelineScheduler`) needs to see every
+preemption and every finished request, to trim what a step carries, to schedule a step that
+admits nothing, and to schedule one micro-batch of the running requests. vLLM's ``Scheduler``
+offers no public hook for any of these; this base class overrides the private methods and
+touches the private state, and calls public-named hook methods that the subclass implements.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vllm.v1.core.sched.interface import PauseState
+from vllm.v1.core.sched.output import CachedRequestData, SchedulerOutput
+from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.request import Request
+
+
+class SchedulerHooks(Scheduler):
+    """vLLM's ``Scheduler`` with hooks; subclass it and override the ``on_*`` and
+    :meth:`cached_request_data` methods (each does nothing by default)."""
+
+    # ------------------------------------------------------------ hooks for subclasses
+    def cached_request_data(self, data: CachedRequestData) -> CachedRequestData:
+        """Adjust the cached-request part of a step before it is sent (default: unchanged).
+
+        Called from vLLM's private ``Scheduler._make_cached_request_data``, which builds it.
+        """
+        return data
+
+    def on_request_preempted(self, request: Request, computed_tokens: int) -> None:
+        """``request`` was preempted back to waiting; it had ``computed_tokens`` computed
+        (which it will recompute). Called from vLLM's private ``Scheduler._preempt_request``."""
+
+    def on_request_freed(self, request: Request) -> None:
+        """``request`` finished (any way: stopped, aborted, failed) and was freed. Called from
+        vLLM's private ``Scheduler._free_request``."""
+
+    # ------------------------------------------------------------ vLLM's private methods
+    def _make_cached_request_data(self, *args: Any, **kwargs: Any) -> CachedRequestData:
+        """Needs from vLLM: ``Scheduler._make_cached_request_data`` builds each step's
+        ``CachedRequestData``."""
+        return self.cached_request_data(super()._make_cached_request_data(*args, **kwargs))
+
+    def _preempt_request(self, request: Request, *args: Any, **kwargs: Any) -> None:
+        """Needs from vLLM: ``Scheduler._preempt_request(request, ...)`` runs for every
+        preemption."""
+        computed = request.num_computed_tokens
+        super()._preempt_request(request, *args, **kwargs)
+        self.on_request_preempted(request, computed)
+
+    def _free_request(self, request: Request, *args: Any, **kwargs: Any) -> Any:
+        """Needs from vLLM: ``Scheduler._free_request(request, ...)`` runs once for every
+        finished request."""
+        result = super()._free_request(request, *args, **kwargs)
+        self.on_request_freed(request)
+        return result
+
+    # ------------------------------------------------------------ scheduling variants
+    def schedule_paused(self, throttle_prefills: bool = False) -> SchedulerOutput:
+        """vLLM's ``schedule()`` as if paused: no tokens, but the output still carries the
+        finished request ids to the stages.
+
+        Needs from vLLM: ``schedule()`` reads ``self._pause_state`` on each call and schedules
+        nothing under ``PauseState.PAUSED_ALL``. (``set_pause_state`` would log every step.)
+        """
+        saved, self._pause_state = self._pause_state, PauseState.PAUSED_ALL
+        try:
+            return super().schedule(throttle_prefills)
+        finally:
+            self._pause_state = saved
+
+    def schedule_subset(
+        self, hidden: list[Request], token_budget: int, throttle_prefills: bool = False
+    ) -> SchedulerOutput:
+        """vLLM's ``schedule()`` with the running requests in ``hidden`` out of its sight and at
+        most ``token_budget`` tokens (never more than the configured budget).
+
+        The hidden requests stay running and go back to their places in ``running`` afterwards
+        (requests admitted by this call stay at the end); the running-request cap is lowered by
+        as many, so they keep their slots.
+
+        Needs from vLLM: ``schedule()`` reads ``running``, ``max_num_scheduled_tokens`` and
+        ``max_num_running_reqs`` from the instance on each call.
+        """
+        hidden_ids = {id(r) for r in hidden}
+        order = {id(r): i for i, r in enumerate(self.running)}
+        hidden_reqs = [r for r in self.running if id(r) in hidden_ids]
+        saved_budget, saved_running_cap = self.max_num_scheduled_tokens, self.max_num_running_reqs
+        self.running = [r for r in self.running if id(r) not in hidden_ids]
+        self.max_num_scheduled_tokens = min(saved_budget, token_budget)
+        self.max_num_running_reqs = saved_running_cap - len(hidden_reqs)
+        try:
+            return super().schedule(throttle_prefills)
+        finally:
+            self.max_num_scheduled_tokens = saved_budget
+            self.max_num_running_reqs = saved_running_cap
+            self.running = sorted(
+                self.running + hidden_reqs, key=lambda r: order.get(id(r), float("inf"))
+            )
