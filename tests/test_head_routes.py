@@ -11,49 +11,20 @@ import json
 import re
 import shutil
 import subprocess
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import openai
 import pytest
 from conftest import DEMO_API_KEY, QWEN3_ENGINE_FLAGS, NodeProcess, Swarm
-from probes import eventually
-from prometheus_client.parser import text_string_to_metric_families
+from probes import eventually, get, scrape, status, value
 
 FLAGS = QWEN3_ENGINE_FLAGS
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-def get(url: str, key: str | None = None) -> tuple[int, str]:
-    request = urllib.request.Request(url)
-    if key:
-        request.add_header("Authorization", f"Bearer {key}")
-    try:
-        with urllib.request.urlopen(request, timeout=30) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode()
-
-
-def scrape(node: NodeProcess) -> dict[tuple[str, tuple], float]:
-    """Every sample of ``node``'s ``/metrics``, by (name, sorted labels)."""
-    status, body = get(node.base_url + "/metrics")
-    assert status == 200, body
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(body)
-        for s in family.samples
-    }
-
-
-def value(samples: dict, name: str, **labels: str) -> float:
-    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
-
-
 def swarm_doc(head: NodeProcess) -> dict:
-    status, body = get(head.base_url + "/swarm")
-    assert status == 200, body
+    code, body = get(head.base_url + "/swarm")
+    assert code == 200, body
     return json.loads(body)
 
 
@@ -70,15 +41,10 @@ def client(pipeline) -> openai.OpenAI:
     return openai.OpenAI(base_url=pipeline[0].base_url + "/v1", api_key="none", max_retries=0)
 
 
-def peer_of(node: NodeProcess) -> str:
-    with urllib.request.urlopen(node.base_url + "/status", timeout=10) as r:
-        return json.load(r)["peer_id"]
-
-
 def test_ready_and_swarm_show_both_nodes_and_the_chain(pipeline):
     head, stage = pipeline
-    status, body = get(head.base_url + "/ready")
-    assert status == 200, body
+    code, body = get(head.base_url + "/ready")
+    assert code == 200, body
     assert json.loads(body)["ready"] is True
     doc = swarm_doc(head)
     assert doc["ready"] and doc["gaps"] == [] and doc["num_layers"] == 6
@@ -88,7 +54,7 @@ def test_ready_and_swarm_show_both_nodes_and_the_chain(pipeline):
     assert all(n["in_chain"] and n["state"] == "online" for n in by_address.values())
     assert [hop["address"] for hop in doc["chain"]] == [head.grpc_address, stage.grpc_address]
     assert [hop["layers"] for hop in doc["chain"]] == [[0, 2], [3, 5]]
-    assert by_address[stage.grpc_address]["peer_id"] == peer_of(stage)
+    assert by_address[stage.grpc_address]["peer_id"] == status(stage)["peer_id"]
     assert by_address[stage.grpc_address]["last_seen_s"] < 15
 
 
@@ -156,7 +122,7 @@ def test_status_page_in_headless_chromium(pipeline, tmp_path: Path):
     bars = re.findall(r'<div class="bar node-bar ([^"]*)"[^>]*data-peer="([^"]+)"', dom)
     assert len(bars) == 2, dom[-3000:]
     assert all("in-chain" in classes for classes, _ in bars)
-    assert {peer for _, peer in bars} >= {peer_of(stage)}
+    assert {peer for _, peer in bars} >= {status(stage)["peer_id"]}
     assert 'class="badge ok">serving<' in dom
     assert stage.grpc_address in dom and "chain-hop" in dom
     shot = tmp_path / "swarm-ui.png"
@@ -175,8 +141,8 @@ def test_a_lost_stage_shows_in_ready_swarm_metrics_and_log(
     stage.kill()
 
     def missing_layers_named() -> str | None:
-        status, body = get(head.base_url + "/ready")
-        cause = json.loads(body).get("cause", "") if status == 503 else ""
+        code, body = get(head.base_url + "/ready")
+        cause = json.loads(body).get("cause", "") if code == 503 else ""
         return cause if "layers 3-5 are not served by any node" in cause else None
 
     cause = eventually(missing_layers_named, timeout=120, what="/ready 503 naming the gap")
@@ -205,7 +171,7 @@ def test_a_lost_stage_shows_in_ready_swarm_metrics_and_log(
 
 def test_swarm_needs_the_api_key_and_ready_does_not(demo_pipeline):
     assert get(demo_pipeline.base_url + "/swarm")[0] == 401
-    status, body = get(demo_pipeline.base_url + "/swarm", key=DEMO_API_KEY)
-    assert status == 200 and json.loads(body)["ready"]
+    code, body = get(demo_pipeline.base_url + "/swarm", key=DEMO_API_KEY)
+    assert code == 200 and json.loads(body)["ready"]
     assert get(demo_pipeline.base_url + "/ready")[0] == 200
     assert get(demo_pipeline.base_url + "/swarm/ui")[0] == 200
