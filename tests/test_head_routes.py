@@ -1,8 +1,10 @@
 """The head's operator surface on a real 2-stage swarm: ``/ready``, ``/swarm``, the ``/swarm/ui``
 page in headless Chromium, MoLink's metrics on both nodes, and the head's log lines.
 
-The swarm is the tiny Qwen3 checkpoint: a head (layers 0-2) and a follower (3-5). The last test
-kills the follower (the layers 3-5 are then missing) and starts another one in its place.
+The swarm is the tiny Qwen3 checkpoint: a head (layers 0-2) and a follower (3-5), each with its
+own node key (``--node-key-file``); the head routes only through the nodes its
+``--allowed-nodes-file`` lists. The last test kills the follower (the layers 3-5 are then
+missing), starts a node the allowlist doesn't name (never used), then a listed one in its place.
 """
 
 from __future__ import annotations
@@ -11,12 +13,15 @@ import json
 import re
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import openai
 import pytest
 from conftest import DEMO_API_KEY, QWEN3_ENGINE_FLAGS, NodeProcess, Swarm
 from probes import eventually, get, scrape, status, value
+
+from molink.security.node_key import NodeKey
 
 FLAGS = QWEN3_ENGINE_FLAGS
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -28,10 +33,33 @@ def swarm_doc(head: NodeProcess) -> dict:
     return json.loads(body)
 
 
+NODES = ("head", "stage", "replacement", "outsider")  # the outsider isn't on the allowlist
+
+
 @pytest.fixture(scope="module")
-def pipeline(module_swarm: Swarm, qwen3_model: str) -> tuple[NodeProcess, NodeProcess]:
-    head = module_swarm.start("head", qwen3_model, "0,2", FLAGS)
-    stage = module_swarm.start("stage", qwen3_model, "3,5", FLAGS, peers=[head])
+def node_keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[str, str]]:
+    """Each node's key file and node id, and (under "allowed") the head's allowlist file."""
+    folder = tmp_path_factory.mktemp("node_keys")
+    keys = {name: str(folder / f"{name}.key") for name in NODES}
+    ids = {name: NodeKey.load_or_create(path).node_id for name, path in keys.items()}
+    allowed = folder / "allowed_nodes.txt"
+    allowed.write_text("".join(f"{ids[name]}\n" for name in NODES if name != "outsider"))
+    return {name: (keys[name], ids[name]) for name in NODES} | {"allowed": (str(allowed), "")}
+
+
+def node_flags(node_keys: dict, name: str) -> list[str]:
+    return [*FLAGS, "--node-key-file", node_keys[name][0]]
+
+
+@pytest.fixture(scope="module")
+def pipeline(
+    module_swarm: Swarm, qwen3_model: str, node_keys: dict
+) -> tuple[NodeProcess, NodeProcess]:
+    head_flags = [*node_flags(node_keys, "head"), "--allowed-nodes-file", node_keys["allowed"][0]]
+    head = module_swarm.start("head", qwen3_model, "0,2", head_flags)
+    stage = module_swarm.start(
+        "stage", qwen3_model, "3,5", node_flags(node_keys, "stage"), peers=[head]
+    )
     head.wait_healthy()
     return head, stage
 
@@ -41,8 +69,9 @@ def client(pipeline) -> openai.OpenAI:
     return openai.OpenAI(base_url=pipeline[0].base_url + "/v1", api_key="none", max_retries=0)
 
 
-def test_ready_and_swarm_show_both_nodes_and_the_chain(pipeline):
+def test_ready_and_swarm_show_both_nodes_and_the_chain(pipeline, node_keys):
     head, stage = pipeline
+    assert status(stage)["node_id"] == node_keys["stage"][1]  # the identity --node-key-file holds
     code, body = get(head.base_url + "/ready")
     assert code == 200, body
     assert json.loads(body)["ready"] is True
@@ -135,7 +164,7 @@ def test_status_page_in_headless_chromium(pipeline, tmp_path: Path):
 
 
 def test_a_lost_stage_shows_in_ready_swarm_metrics_and_log(
-    pipeline, module_swarm: Swarm, qwen3_model: str
+    pipeline, module_swarm: Swarm, qwen3_model: str, node_keys: dict
 ):
     head, stage = pipeline
     stage.kill()
@@ -158,8 +187,24 @@ def test_a_lost_stage_shows_in_ready_swarm_metrics_and_log(
     assert value(samples, "molink_stage_losses_total", cause="lost") == 1
     assert value(samples, "molink_chain_ready") == 0
 
-    module_swarm.start("replacement", qwen3_model, "3,5", FLAGS, peers=[head])
+    # A node the allowlist doesn't name serves the missing layers: the head never uses it.
+    outsider = module_swarm.start(
+        "outsider", qwen3_model, "3,5", node_flags(node_keys, "outsider"), peers=[head]
+    )
+    outsider.wait_healthy()
+    assert status(outsider)["node_id"] == node_keys["outsider"][1]
+    deadline = time.monotonic() + 10  # several of the head's swarm refreshes
+    while time.monotonic() < deadline:
+        assert get(head.base_url + "/ready")[0] == 503
+        assert outsider.grpc_address not in {n["address"] for n in swarm_doc(head)["nodes"]}
+        time.sleep(0.5)
+
+    replacement = module_swarm.start(
+        "replacement", qwen3_model, "3,5", node_flags(node_keys, "replacement"), peers=[head]
+    )
     eventually(lambda: get(head.base_url + "/ready")[0] == 200, timeout=240, what="/ready again")
+    chain = [hop["address"] for hop in swarm_doc(head)["chain"]]
+    assert chain == [head.grpc_address, replacement.grpc_address]
     assert re.search(
         r"Pipeline restored \(epoch 1\) [0-9.]+ s after the loss was detected", head.log()
     )
