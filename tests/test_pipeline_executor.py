@@ -19,6 +19,7 @@ import pytest
 from reference import ENGINE_FLAGS, assert_same, pipeline_outputs, stream_all
 
 OUTAGE_S = 8
+BF16_LOGPROB_TOLERANCE = 0.1  # a bfloat16 stage: ~3x what was measured
 
 
 def metric(base_url: str, name: str) -> float:
@@ -174,7 +175,22 @@ def test_a_stage_in_another_dtype_serves_in_the_same_pipeline(swarm, qwen3_model
     head.wait_healthy()
     got = asyncio.run(pipeline_outputs(head.base_url, qwen3_model))
     assert "layers 3-5 in torch.bfloat16" in stage.log()
-    assert [len(out["token_ids"]) > 0 for out in got] == [True] * len(qwen3_reference)
-    agreeing = [o["token_ids"] == r["token_ids"] for o, r in zip(got, qwen3_reference, strict=True)]
-    # Rounding to bfloat16 changes logits a little: most greedy tokens still agree.
-    assert sum(agreeing) >= 1, f"no request agreed with float32: {agreeing}"
+    # Rounding to bfloat16 changes the logits a little, so a greedy choice between near-equal
+    # tokens may flip and the text go its own way from there. Until then it is float32's: the
+    # same first tokens, logprobs within BF16_LOGPROB_TOLERANCE. (Measured on the tiny model:
+    # 9 of 14 requests identical, every one agreeing on its first 4 tokens or more, logprobs
+    # within 0.032.) A stage that computes garbage fails this.
+    same_prefix, identical, worst = [], 0, 0.0
+    for out, ref in zip(got, qwen3_reference, strict=True):
+        n = 0
+        while n < min(len(out["token_ids"]), len(ref["token_ids"])) and (
+            out["token_ids"][n] == ref["token_ids"][n]
+        ):
+            n += 1
+        same_prefix.append(n)
+        identical += out["token_ids"] == ref["token_ids"]
+        diffs = [abs(a - b) for a, b in zip(out["logprobs"][:n], ref["logprobs"][:n], strict=True)]
+        worst = max(worst, *diffs, 0.0)
+    assert sum(n > 0 for n in same_prefix) >= 12, f"first tokens differ: {same_prefix}"
+    assert identical >= 7, f"only {identical} of {len(got)} requests identical: {same_prefix}"
+    assert worst <= BF16_LOGPROB_TOLERANCE, f"logprobs differ by up to {worst}"
