@@ -167,11 +167,12 @@ def test_three_uneven_stages_in_four_micro_batches_match_single_process(
 
 
 def test_a_stage_in_another_dtype_serves_in_the_same_pipeline(swarm, qwen3_model, qwen3_reference):
-    """A mixed swarm: the head computes in float32, the follower in bfloat16. Activations cross
-    in the head's float32 and the follower casts them; the head plans the KV cache at the
+    """A mixed swarm: the head computes in float32, the follower in bfloat16, and activations
+    cross in bfloat16 (``--wire_dtype``: half the bytes); the head plans the KV cache at the
     smaller stage (bfloat16 blocks are half the bytes). Outputs may differ from float32's."""
     stage = swarm.start("stage1", qwen3_model, "3,5", [*ENGINE_FLAGS, "--dtype", "bfloat16"])
-    head = swarm.start("head", qwen3_model, "0,2", [*ENGINE_FLAGS, "--dtype", "float32"], [stage])
+    head_flags = [*ENGINE_FLAGS, "--dtype", "float32", "--wire_dtype", "bfloat16"]
+    head = swarm.start("head", qwen3_model, "0,2", head_flags, [stage])
     head.wait_healthy()
     got = asyncio.run(pipeline_outputs(head.base_url, qwen3_model))
     assert "layers 3-5 in torch.bfloat16" in stage.log()

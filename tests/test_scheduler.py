@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from molink.core.scheduler import PipelineScheduler
+from vllm.v1.request import RequestStatus
+
+from molink.core.scheduler import MAX_STAGE_LOSSES, PipelineScheduler
 
 
 def _request(req_id: str, tokens: list[int]) -> SimpleNamespace:
@@ -37,3 +39,38 @@ def test_cached_requests_carry_no_token_lists() -> None:
     assert data.req_ids == ["a", "b"]
     assert data.new_token_ids == [[299], [199]]  # what later stages do read
     assert data.num_computed_tokens == [299, 199]
+
+
+def test_a_request_on_max_stage_losses_lost_chains_fails_with_the_cause() -> None:
+    """A request that was running on MAX_STAGE_LOSSES broken chains may be what breaks them:
+    the third loss fails it with the cause; the first two send it back to waiting."""
+    scheduler = PipelineScheduler.__new__(PipelineScheduler)  # only what the barrier reads
+    survivor = SimpleNamespace(request_id="b", status=None, mm_features=None)
+    doomed = SimpleNamespace(request_id="a", status=None, mm_features=None)
+    scheduler.running = [doomed]
+    scheduler.requests = {"a": doomed, "b": survivor}
+    scheduler.pipeline = SimpleNamespace(last_error="lost stage 10.0.0.2:50051 [3-5]")
+    scheduler._down_since = None
+    scheduler._stage_losses, scheduler._failure_causes = {}, {}
+    scheduler._pending_errors, scheduler._known = [], set()
+    scheduler.reset_prefix_cache = lambda reset_running_requests=False: True
+    finished: list[str] = []
+
+    def finish_requests(ids: list[str], status: RequestStatus) -> list[SimpleNamespace]:
+        assert status == RequestStatus.FINISHED_ERROR
+        finished.extend(ids)
+        return [scheduler.requests[rid] for rid in ids]
+
+    scheduler.finish_requests = finish_requests
+    for epoch in range(1, MAX_STAGE_LOSSES):
+        scheduler._barrier(epoch)
+        assert finished == [] and scheduler._stage_losses == {"a": epoch}
+    scheduler._barrier(MAX_STAGE_LOSSES)
+    assert finished == ["a"]  # "b" never ran on a lost chain
+    ((request, cause),) = scheduler._pending_errors
+    assert request is doomed
+    assert cause == (
+        f"the request was on {MAX_STAGE_LOSSES} lost pipelines; "
+        "last: lost stage 10.0.0.2:50051 [3-5]"
+    )
+    assert "a" not in scheduler._stage_losses
