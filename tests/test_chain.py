@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from molink.comm import chain as chain_mod
+from molink.comm.announcement import NodeAnnouncement, split_host_port
 from molink.comm.chain import (
     Chain,
     ChainError,
@@ -20,7 +21,6 @@ from molink.comm.chain import (
     mismatched,
     wait_for_chain,
 )
-from molink.comm.dht import NodeAnnouncement, split_host_port
 from molink.weight_digest import WeightDigests
 
 L = 30  # layers of the test model

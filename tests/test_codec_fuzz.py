@@ -290,7 +290,7 @@ _VALID_ANNOUNCEMENT = {
 )
 def test_announcement_decoder_accepts_or_refuses_cleanly(value):
     """``NodeAnnouncement.from_dict`` (what a DHT entry from a peer goes through)."""
-    from molink.comm.dht import InvalidAnnouncement, NodeAnnouncement
+    from molink.comm.announcement import InvalidAnnouncement, NodeAnnouncement
 
     try:
         ann = NodeAnnouncement.from_dict(value)

@@ -14,8 +14,10 @@ from pathlib import Path
 import pytest
 from probes import eventually
 
+from molink.comm.announcement import NodeAnnouncement
 from molink.comm.chain import wait_for_chain
-from molink.comm.dht import Membership, NodeAnnouncement, _proc_stat
+from molink.comm.dht_process import proc_stat
+from molink.comm.membership import Membership
 
 PERIOD = 1.0  # refresh period: entries expire 2 * PERIOD + 1 s after the last refresh
 DEADLINE = 10.0  # generous bound for anything that should take ~1 s
@@ -27,7 +29,7 @@ def _ours_or_orphaned(pid: int) -> bool:
 
     Other engineers' servers may run their own p2pd concurrently; those are not counted.
     """
-    stat = _proc_stat(pid)
+    stat = proc_stat(pid)
     if stat is None:
         return False
     ppid = stat[2]
@@ -36,7 +38,7 @@ def _ours_or_orphaned(pid: int) -> bool:
     while ppid > 1:
         if ppid == os.getpid():
             return True
-        parent = _proc_stat(ppid)
+        parent = proc_stat(ppid)
         if parent is None:
             return True  # its parent just died: about to be orphaned
         ppid = parent[2]
@@ -50,7 +52,7 @@ def p2pd_pids() -> set[int]:
     ).stdout
     pids = set()
     for pid in map(int, out.split()):
-        stat = _proc_stat(pid)
+        stat = proc_stat(pid)
         if stat is not None and stat[1] != "Z" and _ours_or_orphaned(pid):
             pids.add(pid)
     return pids
@@ -170,7 +172,7 @@ def test_p2pd_dies_with_a_killed_parent() -> None:
         vllm_mod = types.ModuleType("vllm")
         vllm_mod.logger = logger_mod
         sys.modules.update({"vllm": vllm_mod, "vllm.logger": logger_mod})
-        from molink.comm.dht import Membership
+        from molink.comm.membership import Membership
         m = Membership(host="127.0.0.1", startup_timeout=30)
         print(m._dht.pid, *[pid for pid, _ in m._p2pd], flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
@@ -190,6 +192,6 @@ def test_p2pd_dies_with_a_killed_parent() -> None:
     assert len(pids) == 2, proc.stdout  # the DHT process and its p2pd
 
     def all_gone() -> bool:
-        return all((s := _proc_stat(pid)) is None or s[1] == "Z" for pid in pids)
+        return all((s := proc_stat(pid)) is None or s[1] == "Z" for pid in pids)
 
     eventually(all_gone, what="the orphaned DHT process and p2pd to exit")

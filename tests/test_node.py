@@ -9,7 +9,7 @@ from checkpoints import build_qwen3_checkpoint
 from safetensors.torch import load_file, save_file
 from test_dht import make_ann
 
-from molink.comm.dht import Membership
+from molink.comm.membership import Membership
 from molink.config import ModelIdentity
 from molink.entrypoints.node import choose_own_span
 from molink.weight_digest import CACHE_NAME

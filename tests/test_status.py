@@ -11,7 +11,7 @@ import sys
 from conftest import NODE_ENV
 from test_dht import make_ann
 
-from molink.comm.dht import Membership
+from molink.comm.membership import Membership
 
 
 def status(*args: str) -> subprocess.CompletedProcess:

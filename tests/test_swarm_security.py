@@ -18,8 +18,8 @@ import pytest
 from probes import eventually
 from test_dht import make_ann as ann
 
-from molink.comm.dht import NODES_KEY, Membership
 from molink.comm.links import connect
+from molink.comm.membership import NODES_KEY, Membership
 from molink.comm.proto import molink_pb2
 from molink.comm.stage_service import StageService, start_grpc_server
 from molink.security.node_key import NodeKey, node_id, verify_proof

@@ -1,7 +1,7 @@
 """Choose a pipeline chain (head + hops covering every layer) from node announcements.
 
 Pure logic: :func:`assemble_chain` looks only at the announcements it is given;
-:func:`wait_for_chain` polls a :class:`~molink.comm.dht.Membership` until a chain exists.
+:func:`wait_for_chain` polls a :class:`~molink.comm.membership.Membership` until a chain exists.
 
 Any number of nodes may announce the same or overlapping spans, and a node may serve any
 contiguous sub-span of the layers it holds. The chain is the cover of the layers after the head's
@@ -23,12 +23,12 @@ from typing import TYPE_CHECKING, Any
 
 from vllm.logger import init_logger
 
-from molink.comm.dht import NodeAnnouncement
+from molink.comm.announcement import NodeAnnouncement
 from molink.core.span_choice import coverage, uncovered
 from molink.weight_digest import WeightDigests
 
 if TYPE_CHECKING:
-    from molink.comm.dht import Membership
+    from molink.comm.membership import Membership
 
 logger = init_logger(__name__)
 

@@ -12,8 +12,9 @@ from collections.abc import Sequence
 import grpc
 from vllm.logger import init_logger
 
-from molink.comm.dht import Membership, NodeAnnouncement
+from molink.comm.announcement import NodeAnnouncement
 from molink.comm.links import connect
+from molink.comm.membership import Membership
 from molink.comm.proto import molink_pb2
 from molink.security.swarm_security import SwarmSecurity
 

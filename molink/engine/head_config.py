@@ -12,8 +12,8 @@ from typing import Any
 
 from vllm.config import VllmConfig
 
+from molink.comm.announcement import NodeAnnouncement
 from molink.comm.chain import Hop
-from molink.comm.dht import NodeAnnouncement
 from molink.config import MoLinkConfig
 from molink.security.settings import SecurityFiles
 from molink.stage_spec import ADDITIONAL_CONFIG_KEY, StagePlacement, placement_dict

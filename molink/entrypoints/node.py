@@ -22,9 +22,10 @@ from vllm.engine.arg_utils import AsyncEngineArgs, EngineArgs
 from vllm.logger import init_logger
 
 import molink
+from molink.comm.announcement import NodeAnnouncement
 from molink.comm.chain import Chain, Hop, wait_for_chain
-from molink.comm.dht import Membership, NodeAnnouncement
 from molink.comm.links import connect
+from molink.comm.membership import Membership
 from molink.comm.proto import molink_pb2
 from molink.comm.stage_service import StageService, start_grpc_server
 from molink.config import ModelIdentity, MoLinkConfig, model_identity

@@ -11,8 +11,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import molink
+from molink.comm.announcement import NodeAnnouncement
 from molink.comm.chain import difference, uncovered_layers
-from molink.comm.dht import NodeAnnouncement
 from molink.weight_digest import WeightDigests
 
 

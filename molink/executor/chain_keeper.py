@@ -19,8 +19,8 @@ from typing import Any
 from vllm.logger import init_logger
 from vllm.v1.kv_cache_interface import KVCacheConfig
 
+from molink.comm.announcement import NodeAnnouncement
 from molink.comm.chain import Chain, ChainError, Hop, assemble_chain
-from molink.comm.dht import NodeAnnouncement
 from molink.comm.swarm_view import SwarmView
 from molink.engine.head_config import HeadConfig, RemoteStageSpec
 from molink.executor.remote_stage import RemoteStage

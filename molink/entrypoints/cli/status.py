@@ -16,8 +16,9 @@ from collections.abc import Sequence
 
 from vllm.logger import configure_logging_from_args, init_logger
 
+from molink.comm.announcement import NodeAnnouncement
 from molink.comm.chain import uncovered_layers
-from molink.comm.dht import Membership, NodeAnnouncement
+from molink.comm.membership import Membership
 from molink.security.settings import SecurityFiles
 from molink.security.swarm_security import SwarmSecurity
 

@@ -2,9 +2,9 @@
 
 Every MoLink node runs one :class:`Membership`: a hivemind DHT peer (a forked process that drives
 the bundled ``p2pd`` binary) plus a daemon thread that re-announces the node's
-:class:`NodeAnnouncement` every few seconds. All announcements live under one DHT key, one subkey
-per node, with an expiration of about twice the refresh period, so a node that dies disappears
-from everyone's view on its own.
+:class:`~molink.comm.announcement.NodeAnnouncement` every few seconds. All announcements live
+under one DHT key, one subkey per node, with an expiration of about twice the refresh period, so
+a node that dies disappears from everyone's view on its own.
 
 Announcements are signed: the subkey is hivemind's owner marker for the node's key
 (:mod:`molink.security.node_key`), so every DHT peer refuses a store under it that the key did not
@@ -13,29 +13,33 @@ entries without an owner marker, entries whose ``node_key`` is not the owner, an
 allowlist) nodes not on it. With a swarm key, DHT requests also need admission tokens
 (:mod:`molink.security.dht_admission`).
 
-hivemind is imported lazily: importing this module (e.g. for :class:`NodeAnnouncement`) stays cheap.
+The announcement itself is :mod:`molink.comm.announcement`; starting the DHT process and reaping
+its ``p2pd`` is :mod:`molink.comm.dht_process`. hivemind is imported lazily.
 """
 
 from __future__ import annotations
 
-import asyncio
 import atexit
-import contextlib
 import dataclasses
-import ipaddress
 import os
 import re
-import signal
-import socket
 import threading
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from vllm.logger import init_logger
 
+from molink.comm.announcement import NodeAnnouncement
+from molink.comm.dht_process import (
+    free_port,
+    install_parent_watchdog,
+    maddr,
+    proc_children,
+    reap_p2pd,
+    start_dht,
+)
 from molink.security.swarm_security import SwarmSecurity
 
 if TYPE_CHECKING:
@@ -46,261 +50,15 @@ logger = init_logger(__name__)
 #: DHT key under which every node stores its announcement (subkey = the node's PeerID).
 NODES_KEY = "molink/nodes/v1"
 
-#: Allowed values of :attr:`NodeAnnouncement.state`.
-NODE_STATES = frozenset({"joining", "online", "leaving"})
-
 #: Seconds added to ``2 * period`` when computing an announcement's expiration.
 EXPIRATION_MARGIN = 1.0
 #: Nodes re-store their announcement this often (seconds); readers assume it to tell how long
 #: ago a node last did.
 ANNOUNCE_PERIOD_S = 5.0
 
-_MAX_STR_LEN = 1024
-_MAX_LAYERS = 1 << 20
-_BASE58_RE = re.compile(r"[1-9A-HJ-NP-Za-km-z]{1,128}")
 _OWNER_RE = re.compile(rb"\[owner:(ssh-rsa [A-Za-z0-9+/=]{1,1000})\]")
 # How long a single DHT get/store may take before we give up on it.
 _DHT_CALL_TIMEOUT = 30.0
-# How long shutdown waits for the p2pd child to disappear before killing it.
-_P2PD_EXIT_TIMEOUT = 5.0
-# Inside the DHT process: keeps the parent watchdog task referenced.
-_WATCHDOG_TASKS: set[asyncio.Task[None]] = set()
-
-
-class InvalidAnnouncement(ValueError):
-    """An announcement (or a field of one) is malformed."""
-
-
-def split_host_port(address: str) -> tuple[str, int]:
-    """Split ``"host:port"`` (or ``"[v6]:port"``) into ``(host, port)``.
-
-    Raises ``ValueError`` unless the host is non-empty and the port is a decimal integer in
-    1..65535.
-    """
-    if not isinstance(address, str):
-        raise InvalidAnnouncement(f"address must be a string, got {type(address).__name__}")
-    host, sep, port_str = address.rpartition(":")
-    if not sep or not host:
-        raise ValueError(f"address {address!r} is not of the form host:port")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-        if not host:
-            raise ValueError(f"address {address!r} has an empty host")
-    elif ":" in host:
-        raise ValueError(f"address {address!r}: IPv6 hosts must be written as [host]:port")
-    if not (port_str.isascii() and port_str.isdigit()):
-        raise ValueError(f"address {address!r} has a non-numeric port")
-    port = int(port_str)
-    if not 1 <= port <= 65535:
-        raise ValueError(f"address {address!r} has a port outside 1..65535")
-    if any(c.isspace() for c in host) or "/" in host:
-        raise ValueError(f"address {address!r} has an invalid host")
-    return host, port
-
-
-@dataclass(frozen=True)
-class NodeAnnouncement:
-    """What a node tells the swarm about itself. Validated on construction (raises ValueError)."""
-
-    peer_id: str  # hivemind PeerID (base58) of the announcing node
-    model_name: str
-    model_hash: str  # hash of the model config, nodes must match
-    num_layers: int
-    start_layer: int  # inclusive
-    end_layer: int  # inclusive
-    grpc_address: str  # "host:port" where its gRPC service listens
-    state: str  # "joining" | "online" | "leaving" (draining before it exits)
-    version: str  # molink version
-    kv_capacity_bytes: int
-    is_head: bool
-    # Tokens per second this node computed through its span lately (0: not measured yet).
-    throughput: float = 0.0
-    # The node's public key (OpenSSH form); readers require it to be the record's signer.
-    node_key: str = ""
-    # Digest of the weights of its span (molink.weight_digest; empty: not computed).
-    weights_digest: str = ""
-    # What it computes on: "cpu", "cuda (NVIDIA H100 80GB HBM3)", ... (empty: not said).
-    device: str = ""
-    # KV cache bytes no head holds on it (of kv_capacity_bytes), and how many heads it serves.
-    kv_free_bytes: int = 0
-    heads: int = 0
-
-    def __post_init__(self) -> None:
-        for name in (
-            "peer_id",
-            "model_name",
-            "model_hash",
-            "grpc_address",
-            "state",
-            "version",
-            "node_key",
-            "weights_digest",
-            "device",
-        ):
-            value = getattr(self, name)
-            if not isinstance(value, str):
-                raise InvalidAnnouncement(f"{name} must be a string, got {type(value).__name__}")
-            if len(value) > _MAX_STR_LEN:
-                raise InvalidAnnouncement(f"{name} is longer than {_MAX_STR_LEN} characters")
-        for name in ("model_name", "model_hash"):
-            if not getattr(self, name):
-                raise InvalidAnnouncement(f"{name} must not be empty")
-        if not _BASE58_RE.fullmatch(self.peer_id):
-            raise InvalidAnnouncement(f"peer_id {self.peer_id!r} is not a base58 PeerID")
-        for name in (
-            "num_layers",
-            "start_layer",
-            "end_layer",
-            "kv_capacity_bytes",
-            "kv_free_bytes",
-            "heads",
-        ):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise InvalidAnnouncement(f"{name} must be an integer, got {type(value).__name__}")
-            if value < 0:
-                raise InvalidAnnouncement(f"{name}={value} is negative")
-        if (
-            isinstance(self.throughput, bool)
-            or not isinstance(self.throughput, (int, float))
-            or not 0 <= self.throughput < float("inf")
-        ):
-            raise InvalidAnnouncement(f"throughput={self.throughput!r} is not a finite rate >= 0")
-        if not isinstance(self.is_head, bool):
-            raise InvalidAnnouncement(f"is_head must be a bool, got {type(self.is_head).__name__}")
-        if not 1 <= self.num_layers <= _MAX_LAYERS:
-            raise InvalidAnnouncement(f"num_layers={self.num_layers} is out of range")
-        if not 0 <= self.start_layer <= self.end_layer < self.num_layers:
-            raise InvalidAnnouncement(
-                f"layers {self.start_layer}-{self.end_layer} are not a valid range of "
-                f"{self.num_layers} layers (need 0 <= start <= end < num_layers)"
-            )
-        if self.state not in NODE_STATES:
-            raise InvalidAnnouncement(f"state {self.state!r} is not one of {sorted(NODE_STATES)}")
-        if self.is_head and self.start_layer != 0:
-            raise InvalidAnnouncement(f"a head must start at layer 0, not {self.start_layer}")
-        split_host_port(self.grpc_address)
-
-    @property
-    def layers(self) -> range:
-        """The layers this node serves, as a half-open ``range``."""
-        return range(self.start_layer, self.end_layer + 1)
-
-    def to_dict(self) -> dict[str, Any]:
-        """A msgpack-friendly dict (only str, int and bool values)."""
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Any) -> NodeAnnouncement:
-        """Build from a dict received from an (untrusted) peer.
-
-        Every field without a default must be present, with the right type and a valid value;
-        unknown keys are ignored so that newer versions may add fields. Raises ``ValueError`` on
-        anything malformed.
-        """
-        if not isinstance(d, Mapping):
-            raise InvalidAnnouncement(f"announcement must be a mapping, got {type(d).__name__}")
-        fields = dataclasses.fields(cls)
-        required = [f.name for f in fields if f.default is dataclasses.MISSING]
-        missing = [name for name in required if name not in d]
-        if missing:
-            raise InvalidAnnouncement(f"announcement lacks fields: {', '.join(missing)}")
-        return cls(**{f.name: d[f.name] for f in fields if f.name in d})
-
-
-def _maddr(host: str, port: int) -> str:
-    """A libp2p multiaddr for ``host:port`` (ip4, ip6 or dns)."""
-    try:
-        version = ipaddress.ip_address(host).version
-    except ValueError:
-        return f"/dns/{host}/tcp/{port}"
-    return f"/ip{version}/{host}/tcp/{port}"
-
-
-def _free_port(host: str) -> int:
-    """A TCP port that is free on ``host`` right now."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
-
-
-def _proc_children(ppid: int, name: str) -> list[tuple[int, str]]:
-    """``(pid, start_time)`` of live processes named ``name`` whose parent is ``ppid`` (Linux)."""
-    found = []
-    try:
-        entries = os.listdir("/proc")
-    except OSError:
-        return found
-    for entry in entries:
-        if not entry.isdigit():
-            continue
-        stat = _proc_stat(int(entry))
-        if stat is not None and stat[0] == name and stat[2] == ppid:
-            found.append((int(entry), stat[3]))
-    return found
-
-
-def _proc_stat(pid: int) -> tuple[str, str, int, str] | None:
-    """``(comm, state, ppid, start_time)`` of ``pid`` from ``/proc``, or None if it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            raw = f.read()
-    except OSError:
-        return None
-    comm = raw[raw.index("(") + 1 : raw.rindex(")")]
-    rest = raw[raw.rindex(")") + 2 :].split()
-    # rest[0] is field 3 (state), rest[1] field 4 (ppid), rest[19] field 22 (start time)
-    return comm, rest[0], int(rest[1]), rest[19]
-
-
-async def _install_parent_watchdog(
-    _dht: Any, node: Any, parent_pid: int, interval: float = 1.0
-) -> None:
-    """Runs inside the DHT process: shut the DHT node (and p2pd) down if our parent dies.
-
-    The DHT process keeps its own copy of the command pipe's write end, so it never sees EOF
-    when the parent is SIGKILLed or calls ``os._exit``; without this it would live on with p2pd.
-    """
-
-    async def watch() -> None:
-        while os.getppid() == parent_pid:
-            await asyncio.sleep(interval)
-        try:
-            await asyncio.wait_for(node.shutdown(), timeout=5.0)
-        finally:
-            os._exit(0)
-
-    _WATCHDOG_TASKS.add(asyncio.get_running_loop().create_task(watch()))
-
-
-def _start_dht(dht_args: dict[str, Any], startup_timeout: float) -> hivemind.DHT:
-    """Start hivemind's DHT process and wait until it is ready, noticing if it dies.
-
-    ``hivemind.DHT(start=True)`` waits for readiness without a bound, so a DHT process that
-    crashes while starting (a forked child of a process with gRPC threads, rarely) would hang
-    the node forever; here that is retried once, then raised.
-    """
-    import hivemind
-
-    for attempt in (1, 2):
-        dht = hivemind.DHT(**dht_args)
-        dht.run_in_background(await_ready=False)
-        deadline = time.monotonic() + startup_timeout + 10.0
-        while True:
-            try:
-                dht.wait_until_ready(timeout=0.5)
-                return dht
-            except TimeoutError:
-                if time.monotonic() > deadline:
-                    dht.shutdown()
-                    raise TimeoutError(f"no DHT after {startup_timeout:.0f} s") from None
-                if not dht.is_alive():
-                    break
-        logger.warning("The DHT process died while starting (exit code %s)", dht.exitcode)
-        if attempt == 2:
-            raise RuntimeError("the DHT process died while starting, twice")
-    raise AssertionError("unreachable")
 
 
 class Membership:
@@ -343,23 +101,23 @@ class Membership:
         self._closed = False
 
         if announce_host is not None and port == 0:
-            port = _free_port(host)
+            port = free_port(host)
         dht_args: dict[str, Any] = {
             "initial_peers": list(initial_peers),
-            "host_maddrs": [_maddr(host, port)],
+            "host_maddrs": [maddr(host, port)],
             "start": False,
             "startup_timeout": startup_timeout,
         }
         if announce_host is not None:
-            dht_args["announce_maddrs"] = [_maddr(announce_host, port)]
+            dht_args["announce_maddrs"] = [maddr(announce_host, port)]
         dht_args.update(self._security.dht_kwargs())
         dht_args.update(dht_kwargs)
-        self._dht: hivemind.DHT = _start_dht(dht_args, startup_timeout)
-        self._p2pd = _proc_children(self._dht.pid, "p2pd") if self._dht.pid else []
+        self._dht: hivemind.DHT = start_dht(dht_args, startup_timeout)
+        self._p2pd = proc_children(self._dht.pid, "p2pd") if self._dht.pid else []
         atexit.register(self._atexit)
         try:
             self._peer_id: str = self._dht.peer_id.to_base58()
-            self._dht.run_coroutine(partial(_install_parent_watchdog, parent_pid=self._owner_pid))
+            self._dht.run_coroutine(partial(install_parent_watchdog, parent_pid=self._owner_pid))
         except BaseException:
             self.shutdown()
             raise
@@ -540,7 +298,7 @@ class Membership:
             self._stop_refresh()
             self._dht.shutdown()
             self._dht.join(timeout=5.0)
-            self._reap_p2pd()
+            reap_p2pd(self._p2pd)
         logger.info("DHT peer %s shut down", getattr(self, "_peer_id", "?"))
 
     # -- internals ------------------------------------------------------------------------------
@@ -621,18 +379,3 @@ class Membership:
         thread, self._thread = self._thread, None
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout=_DHT_CALL_TIMEOUT + 1.0)
-
-    def _reap_p2pd(self) -> None:
-        """Wait for the p2pd started by the DHT process to exit; kill it if it lingers."""
-        deadline = time.monotonic() + _P2PD_EXIT_TIMEOUT
-        for pid, start_time in self._p2pd:
-            while True:
-                stat = _proc_stat(pid)
-                if stat is None or stat[3] != start_time or stat[1] == "Z":
-                    break  # gone, pid reused, or a zombie its new parent will reap
-                if time.monotonic() > deadline:
-                    logger.warning("p2pd (pid %d) did not exit; killing it", pid)
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGKILL)
-                    break
-                time.sleep(0.05)
