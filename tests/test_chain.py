@@ -134,10 +134,47 @@ def test_head_must_start_at_layer_zero() -> None:
 # -- replicas, overlaps and sub-spans ------------------------------------------------------------
 
 
-def test_replicas_pick_lowest_peer_id_deterministically() -> None:
-    b1, b2, b3 = ann("QmB1", 15, 29), ann("QmB2", 15, 29), ann("QmB3", 15, 29)
-    for order in ([b1, b2, b3], [b3, b2, b1], [b2, b3, b1]):
-        assert assemble_chain(HEAD, order).peer_ids == ["QmHead", "QmB1"]
+def test_equal_replicas_are_picked_per_head_deterministically_and_spread_over_heads() -> None:
+    replicas = [ann(f"QmB{i}", 15, 29) for i in range(1, 4)]
+    picks = set()
+    for h in range(1, 10):
+        head = ann(f"QmHead{h}", 0, 14, state="joining")
+        chosen = {assemble_chain(head, order).peer_ids[1] for order in (replicas, replicas[::-1])}
+        assert len(chosen) == 1  # the same view gives the same chain, in any order
+        picks |= chosen
+    assert len(picks) > 1  # heads starting at once don't all pile onto one replica
+
+
+def _loaded(a: NodeAnnouncement, heads: int, free: int = 1 << 29) -> NodeAnnouncement:
+    return dataclasses.replace(a, heads=heads, kv_free_bytes=free)
+
+
+def test_a_second_head_takes_the_replica_no_other_head_uses() -> None:
+    b1, b2 = ann("QmB1", 15, 29), ann("QmB2", 15, 29)
+    for first in ("QmB1", "QmB2"):
+        view = [_loaded(b, 1 if b.peer_id == first else 0) for b in (b1, b2)]
+        second = assemble_chain(HEAD, view).peer_ids[1]
+        assert second != first
+        # The head already in the chain doesn't count its own use against its node.
+        assert assemble_chain(HEAD, view, serving_me={first}).peer_ids[1] in {"QmB1", "QmB2"}
+
+
+def test_shared_compute_outweighs_a_faster_busy_node_only_when_it_should() -> None:
+    fast = dataclasses.replace(ann("QmB1", 15, 29), throughput=400.0, heads=1)
+    slow = dataclasses.replace(ann("QmB2", 15, 29), throughput=100.0)
+    # Shared by two heads: 2 x 2.5 ms + the shared-node penalty is more than 10 ms alone ...
+    assert assemble_chain(HEAD, [fast, slow]).peer_ids[1] == "QmB2"
+    # ... but not more than 50 ms alone.
+    faster = dataclasses.replace(fast, throughput=4000.0)
+    slower = dataclasses.replace(slow, throughput=20.0)
+    assert assemble_chain(HEAD, [faster, slower]).peer_ids[1] == "QmB1"
+
+
+def test_a_node_without_free_kv_is_avoided_unless_it_already_serves_this_head() -> None:
+    full = _loaded(ann("QmB1", 15, 29), heads=0, free=0)
+    roomy = _loaded(ann("QmB2", 15, 29), heads=0)
+    assert assemble_chain(HEAD, [full, roomy]).peer_ids[1] == "QmB2"
+    assert assemble_chain(HEAD, [full], serving_me=()).peer_ids[1] == "QmB1"  # still usable
 
 
 def test_replicas_prefer_online_and_lower_rtt() -> None:

@@ -55,6 +55,18 @@ def split_host_port(address: str) -> tuple[str, int]:
     return host, port
 
 
+def check_api_url(url: str) -> str:
+    """``url`` if it is ``http(s)://host:port`` with nothing after the port; else raises."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme not in ("http", "https"):
+        raise InvalidAnnouncement(f"api_url {url!r} is not an http(s) URL")
+    try:
+        split_host_port(rest)
+    except ValueError as e:
+        raise InvalidAnnouncement(f"api_url {url!r}: {e}") from None
+    return url
+
+
 @dataclass(frozen=True)
 class NodeAnnouncement:
     """What a node tells the swarm about itself. Validated on construction (raises ValueError)."""
@@ -81,6 +93,11 @@ class NodeAnnouncement:
     # KV cache bytes no head holds on it (of kv_capacity_bytes), and how many heads it serves.
     kv_free_bytes: int = 0
     heads: int = 0
+    # Load: sequences it runs for all heads, and the busy share of its compute lately (0..1).
+    sequences: int = 0
+    busy: float = 0.0
+    # A head's OpenAI API base URL ("http://host:port"; empty: not a head, or not serving yet).
+    api_url: str = ""
 
     def __post_init__(self) -> None:
         for name in (
@@ -93,6 +110,7 @@ class NodeAnnouncement:
             "node_key",
             "weights_digest",
             "device",
+            "api_url",
         ):
             value = getattr(self, name)
             if not isinstance(value, str):
@@ -111,6 +129,7 @@ class NodeAnnouncement:
             "kv_capacity_bytes",
             "kv_free_bytes",
             "heads",
+            "sequences",
         ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
@@ -123,6 +142,14 @@ class NodeAnnouncement:
             or not 0 <= self.throughput < float("inf")
         ):
             raise InvalidAnnouncement(f"throughput={self.throughput!r} is not a finite rate >= 0")
+        if (
+            isinstance(self.busy, bool)
+            or not isinstance(self.busy, (int, float))
+            or not 0 <= self.busy <= 1
+        ):
+            raise InvalidAnnouncement(f"busy={self.busy!r} is not a share in 0..1")
+        if self.api_url:
+            check_api_url(self.api_url)
         if not isinstance(self.is_head, bool):
             raise InvalidAnnouncement(f"is_head must be a bool, got {type(self.is_head).__name__}")
         if not 1 <= self.num_layers <= _MAX_LAYERS:

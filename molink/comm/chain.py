@@ -5,15 +5,23 @@ Pure logic: :func:`assemble_chain` looks only at the announcements it is given;
 
 Any number of nodes may announce the same or overlapping spans, and a node may serve any
 contiguous sub-span of the layers it holds. The chain is the cover of the layers after the head's
-with the fewest hops; among those, the one with the lowest cost, then the lowest peer ids, so
-every head picks the same chain from the same view. A hop costs (as in Petals' routing) its
-measured round-trip time plus the seconds per token its node's announced throughput implies for
-the layers it serves, plus a penalty for making a node rebuild a different span than the one it
-already has loaded.
+with the fewest hops; among those, the one with the lowest cost. A hop costs (as in Petals'
+routing) its measured round-trip time plus the seconds per token its node's announced throughput
+implies for the layers it serves, plus a penalty for making a node rebuild a different span than
+the one it already has loaded.
+
+A node's compute is shared by every head it serves, so the compute part of a hop's cost is
+multiplied by one plus the number of *other* heads the node serves (a head's own use is not
+counted against it), and each other head adds :data:`SHARED_PENALTY_S`: heads beside several
+replicas of a span take different replicas. A node announcing no free KV cache that doesn't
+serve this head yet costs :data:`NO_ROOM_PENALTY_S` more. Equal costs are broken by a hash of the
+head's and the node's peer ids (rendezvous hashing): each head always picks the same chain from
+the same view, but heads starting at the same time spread over the replicas too.
 """
 
 from __future__ import annotations
 
+import hashlib
 import statistics
 import threading
 import time
@@ -45,6 +53,22 @@ DEFAULT_RTT_S = 0.05
 RELOAD_PENALTY_S = 5.0
 #: Cost (s) per layer a hop leaves out of its node's announced span (prefer whole spans).
 TRUNCATION_PENALTY_S = 1e-3
+#: Cost (s) of each other head a node serves, on top of the shared compute (spreads heads over
+#: replicas even before any node measured its throughput).
+SHARED_PENALTY_S = 0.02
+#: Cost (s) of a node that announces no free KV cache and doesn't serve this head yet.
+NO_ROOM_PENALTY_S = 1.0
+
+
+def other_heads(node: NodeAnnouncement, serving_me: Container[str]) -> int:
+    """How many heads other than this one ``node`` serves (``serving_me``: the peers in this
+    head's chain, whose announced ``heads`` count this head)."""
+    return max(0, node.heads - (1 if node.peer_id in serving_me else 0))
+
+
+def rendezvous_rank(head_peer_id: str, node_peer_id: str) -> bytes:
+    """The tie-break order of ``node`` for ``head``: a hash of both peer ids."""
+    return hashlib.sha256(f"{head_peer_id}/{node_peer_id}".encode()).digest()[:8]
 
 
 class ChainError(Exception):
@@ -219,6 +243,7 @@ def assemble_chain(
     rtt_s: Mapping[str, float] | None = None,
     loaded: Mapping[str, tuple[int, int]] | None = None,
     weights: WeightDigests | None = None,
+    serving_me: Container[str] = (),
 ) -> Chain:
     """The best chain that starts at ``head`` and covers every layer once.
 
@@ -230,7 +255,10 @@ def assemble_chain(
       nodes count :data:`DEFAULT_RTT_S`), the seconds per token its node's announced
       ``throughput`` implies for the hop's layers (unmeasured nodes count the median), and
       :data:`RELOAD_PENALTY_S` for a node whose ``loaded`` span differs from the one it would
-      serve; then the lowest peer ids.
+      serve; a node's compute time counts once per head it serves (``serving_me``: the peers
+      already in this head's chain, whose load is this head's own), plus
+      :data:`SHARED_PENALTY_S` per other head and :data:`NO_ROOM_PENALTY_S` when it announces no
+      free KV cache; then :func:`rendezvous_rank`.
     * Uncovered layers raise :class:`ChainIncomplete` listing every missing range, with the
       joining nodes and the nodes of other models that could have served them.
     """
@@ -262,16 +290,23 @@ def assemble_chain(
     typical = statistics.median(per_layer.values()) if per_layer else 0.0
 
     def hop_cost(node: NodeAnnouncement, start: int, end: int) -> float:
+        others = other_heads(node, serving_me)
         cost = rtt_s.get(node.peer_id, DEFAULT_RTT_S)
-        cost += (end - start + 1) * per_layer.get(node.peer_id, typical)
+        cost += (end - start + 1) * per_layer.get(node.peer_id, typical) * (1 + others)
+        cost += SHARED_PENALTY_S * others
+        if node.peer_id not in serving_me and node.kv_capacity_bytes and not node.kv_free_bytes:
+            cost += NO_ROOM_PENALTY_S
         cost += TRUNCATION_PENALTY_S * (node.end_layer - end + start - node.start_layer)
         held = loaded.get(node.peer_id)
         if held is not None and held != (start, end):
             cost += RELOAD_PENALTY_S
         return cost
 
-    # best[p]: the best way to serve layers p..total-1, as (hops, cost, peer ids, hop list).
-    best: dict[int, tuple[int, float, tuple[str, ...], tuple[Hop, ...]]] = {total: (0, 0.0, (), ())}
+    # best[p]: the best way to serve layers p..total-1, as (hops, cost, tie-break ranks, peer
+    # ids, hop list).
+    best: dict[int, tuple[int, float, tuple[bytes, ...], tuple[str, ...], tuple[Hop, ...]]] = {
+        total: (0, 0.0, (), (), ())
+    }
     for pos in range(total - 1, first - 1, -1):
         options = []
         for node in usable:
@@ -283,21 +318,22 @@ def assemble_chain(
             }
             for end in ends:
                 rest = best.get(end + 1)
-                if rest is None or node.peer_id in rest[2]:
+                if rest is None or node.peer_id in rest[3]:
                     continue
                 options.append(
                     (
                         rest[0] + 1,
                         rest[1] + hop_cost(node, pos, end),
-                        (node.peer_id, *rest[2]),
-                        (Hop(node, pos, end), *rest[3]),
+                        (rendezvous_rank(head.peer_id, node.peer_id), *rest[2]),
+                        (node.peer_id, *rest[3]),
+                        (Hop(node, pos, end), *rest[4]),
                     )
                 )
         if options:
             best[pos] = min(options, key=lambda o: o[:3])
     route = best.get(first)
     if route is not None:
-        return Chain((Hop(head, 0, head.end_layer), *route[3]))
+        return Chain((Hop(head, 0, head.end_layer), *route[4]))
 
     missing = uncovered_layers(first, total - 1, usable)
     notes: list[str] = []

@@ -46,6 +46,9 @@ async def run_node(
             "a key",
             args.port,
         )
+    if node.is_head:
+        scheme = "https" if getattr(args, "ssl_certfile", None) else "http"
+        node.api_url = f"{scheme}://{_url_host(config.announce_host or '127.0.0.1')}:{args.port}"
     try:
         await asyncio.to_thread(node.start)
         if status_host is not None:
@@ -60,6 +63,10 @@ async def run_node(
         await serve_head(node.head_engine_args(chain), node)
     finally:
         node.shutdown()
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
 
 
 def build_status_app(node: Node, keys: list[str]) -> FastAPI:

@@ -23,8 +23,8 @@ from vllm.logger import init_logger
 
 import molink
 from molink.comm.announcement import NodeAnnouncement
+from molink.comm.bootstrap import resolve_initial_peers
 from molink.comm.chain import Chain, Hop, wait_for_chain
-from molink.comm.links import connect
 from molink.comm.membership import Membership
 from molink.comm.proto import molink_pb2
 from molink.comm.stage_service import StageService, start_grpc_server
@@ -47,62 +47,12 @@ logger = init_logger(__name__)
 
 # A node choosing its span waits this long for others' simultaneous choices to show in the DHT.
 SPAN_SETTLE_S = 2.0
-# Memory kept free when sizing a span: the runtime, activations, the OS.
-# A follower re-measures the throughput it announces this often (seconds) ...
+# A follower announces its load (heads, sequences, busy share) this often when it changed ...
+LOAD_PERIOD_S = 2.0
+# ... and re-measures the throughput it announces this often (seconds) ...
 THROUGHPUT_PERIOD_S = 10.0
 # ... and announces a new value when it moved by more than this fraction.
 THROUGHPUT_CHANGE = 0.1
-
-
-def _ask_dht_maddrs(peer: str, security: SwarmSecurity) -> tuple[list[str], str]:
-    """(DHT multiaddrs, "") from a node's gRPC service, or ([], why not)."""
-    channel, stub = connect(peer, security)
-    try:
-        info = stub.GetNodeInfo(molink_pb2.NodeInfoRequest(), timeout=5.0)
-    except grpc.RpcError as e:
-        if e.code() == grpc.StatusCode.UNAVAILABLE:
-            return [], (
-                "UNAVAILABLE: not up yet, or it has another swarm key"
-                if security.secured
-                else "UNAVAILABLE: not up yet, or it requires a swarm key"
-            )
-        return [], e.code().name
-    finally:
-        channel.close()
-    if not info.dht_maddrs:
-        return [], "its DHT is not up yet"
-    return list(info.dht_maddrs), ""
-
-
-def resolve_initial_peers(
-    peers: tuple[str, ...], timeout: float, security: SwarmSecurity
-) -> list[str]:
-    """DHT multiaddrs for ``--initial_peer`` values (multiaddrs pass through; HOST:PORT is asked).
-
-    Retries until ``timeout``, so a node may start before the peer it names.
-    """
-    maddrs: list[str] = []
-    for peer in peers:
-        if peer.startswith("/"):
-            maddrs.append(peer)
-            continue
-        deadline = time.monotonic() + timeout
-        next_log = 0.0
-        while True:
-            found, error = _ask_dht_maddrs(peer, security)
-            if found:
-                maddrs.extend(found)
-                break
-            if time.monotonic() > deadline:
-                raise ConnectionError(
-                    f"--initial_peer {peer}: no MoLink node answered within {timeout:.0f} s "
-                    f"({error})"
-                )
-            if time.monotonic() > next_log:
-                logger.info("Waiting for initial peer %s (%s)...", peer, error)
-                next_log = time.monotonic() + 10
-            time.sleep(1.0)
-    return maddrs
 
 
 def swarm_coverage(membership: Membership, identity: ModelIdentity) -> tuple[list[float], int]:
@@ -185,6 +135,9 @@ class Node:
         self.grpc_port = config.grpc_port
         self.state = "joining"
         self.throughput = 0.0
+        self.busy_share = 0.0
+        # A head's OpenAI API base URL, announced so that routers find it (set before start()).
+        self.api_url = ""
         self._stopped = threading.Event()
 
     @property
@@ -254,19 +207,31 @@ class Node:
         )
 
     def _measure_throughput(self) -> None:
-        """Announce the tokens per second this stage computes (heads route by it), the KV
-        capacity its worker measured once a head had it built, its free KV and its heads."""
+        """Announce this stage's load every :data:`LOAD_PERIOD_S` when it changed (its heads,
+        free KV, sequences and busy share: heads spread by it), and the tokens per second it
+        computes (heads route by it) every :data:`THROUGHPUT_PERIOD_S`."""
         assert self.host is not None
         last_tokens, last_busy = 0, 0.0
-        while not self._stopped.wait(THROUGHPUT_PERIOD_S):
+        window_busy, window_at = 0.0, time.monotonic()
+        next_rate = time.monotonic() + THROUGHPUT_PERIOD_S
+        while not self._stopped.wait(LOAD_PERIOD_S):
             self.host.expire_claims()
+            engine = self.host.engine
+            busy_now, now = (engine.busy_seconds if engine else 0.0), time.monotonic()
+            if busy_now < window_busy:  # the stage was rebuilt
+                window_busy = 0.0
+            self.busy_share = min(1.0, (busy_now - window_busy) / max(now - window_at, 1e-9))
+            window_busy, window_at = busy_now, now
             current = self.membership.announcement if self.membership else None
             load = self._kv_and_heads()
-            if current is not None and load != {k: getattr(current, k) for k in load}:
+            if current is not None and any(
+                abs(value - getattr(current, key)) > (0.1 if key == "busy" else 0)
+                for key, value in load.items()
+            ):
                 self._announce(**load)
-            engine = self.host.engine
-            if engine is None:
+            if engine is None or now < next_rate:
                 continue
+            next_rate = now + THROUGHPUT_PERIOD_S
             tokens, busy = engine.tokens_done, engine.busy_seconds
             if tokens < last_tokens:  # the stage was rebuilt
                 last_tokens, last_busy = 0, 0.0
@@ -290,14 +255,28 @@ class Node:
             except Exception as e:  # noqa: BLE001  # try again next period
                 logger.debug("could not announce %s: %s", ", ".join(changes), e)
 
-    def _kv_and_heads(self) -> dict[str, int]:
-        """The announcement's KV capacity, free KV and number of heads served."""
+    def _kv_and_heads(self) -> dict[str, Any]:
+        """The announcement's load fields: KV capacity, free KV, heads served, the sequences
+        they run here and the busy share of this node's compute lately."""
         capacity = self.kv_capacity_bytes()
         host = self.host
+        busy = round(self.busy_share, 2)
         if host is None or not host.kv_capacity_bytes:
-            return {"kv_capacity_bytes": capacity, "kv_free_bytes": capacity, "heads": 0}
-        heads = len(host.heads())
-        return {"kv_capacity_bytes": capacity, "kv_free_bytes": host.kv_free_bytes, "heads": heads}
+            return {
+                "kv_capacity_bytes": capacity,
+                "kv_free_bytes": capacity,
+                "heads": 0,
+                "sequences": 0,
+                "busy": busy,
+            }
+        heads = host.heads()
+        return {
+            "kv_capacity_bytes": capacity,
+            "kv_free_bytes": host.kv_free_bytes,
+            "heads": len(heads),
+            "sequences": sum(h["requests"] for h in heads),
+            "busy": busy,
+        }
 
     def kv_capacity_bytes(self) -> int:
         """KV cache bytes for this node's layers: as the worker measured it once built, else
@@ -327,6 +306,7 @@ class Node:
             if self.weights
             else "",
             device=describe_device(),
+            api_url=self.api_url,
         )
 
     def node_info(self) -> molink_pb2.NodeInfo:

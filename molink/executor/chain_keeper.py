@@ -149,6 +149,7 @@ class ChainKeeper:
             rtt_s=self.view.rtt_s(),
             loaded=self._loaded(),
             weights=self.weights,
+            serving_me={r.peer_id for r in self.remotes},
         )
 
     def prepare_next_chain(self) -> tuple[list[RemoteStage], Chain]:

@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds to reach the swarm")
     args = parser.parse_args(argv)
     configure_logging_from_args(args)
-    from molink.entrypoints.node import resolve_initial_peers
+    from molink.comm.bootstrap import resolve_initial_peers
 
     try:
         security = SwarmSecurity.from_files(SecurityFiles(swarm_key_file=args.swarm_key_file))
