@@ -67,10 +67,10 @@ def reference_outputs(model: str, tmp: Path, requests: list[dict] = REQUESTS) ->
 
 
 async def pipeline_outputs(
-    base_url: str, model: str, requests: list[dict] = REQUESTS
+    base_url: str, model: str, requests: list[dict] = REQUESTS, key: str = "none"
 ) -> list[dict]:
     """The same greedy ``requests``, all at once, through the OpenAI API at ``base_url``."""
-    client = openai.AsyncOpenAI(base_url=base_url + "/v1", api_key="none", max_retries=0)
+    client = openai.AsyncOpenAI(base_url=base_url + "/v1", api_key=key, max_retries=0)
 
     async def one(r: dict) -> dict:
         resp = await client.completions.create(

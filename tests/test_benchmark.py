@@ -314,3 +314,34 @@ def test_gpu_check_fails_clearly_without_a_gpu(tmp_path: Path) -> None:
     assert done.returncode == 1, done.stderr
     assert "no CUDA GPU visible to torch" in done.stderr
     assert "nothing checked" in done.stderr
+
+
+def test_swarm_sim_runs_molinks_own_policy_against_k_pipelines(tmp_path):
+    subprocess.run(
+        [
+            *bench("swarm_sim"),
+            "--nodes",
+            "40",
+            "--heads",
+            "4",
+            "--layers",
+            "24",
+            "--hours",
+            "1",
+            "--churn",
+            "0.5",
+            "--no-progress",
+            "--output-dir",
+            str(tmp_path),
+        ],  # fmt: skip
+        cwd=ROOT,
+        check=True,
+        timeout=300,
+        capture_output=True,
+    )
+    results = json.loads((tmp_path / "swarm_sim.json").read_text())
+    for policy in ("molink", "k_pipelines"):
+        assert results[policy]["tokens_per_s"] > 0
+        assert 0 <= results[policy]["requests_hit_share"] <= 1
+        assert 0 < results[policy]["covered_share"] <= 1
+    assert "| MoLink" in (tmp_path / "swarm_sim.md").read_text()

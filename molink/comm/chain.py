@@ -5,8 +5,8 @@ Pure logic: :func:`assemble_chain` looks only at the announcements it is given;
 
 Any number of nodes may announce the same or overlapping spans, and a node may serve any
 contiguous sub-span of the layers it holds. The chain is the cover of the layers after the head's
-with the fewest hops; among those, the one with the lowest cost. A hop costs (as in Petals'
-routing) its measured round-trip time plus the seconds per token its node's announced throughput
+with the lowest cost, then the fewest hops. A hop costs (as in Petals' routing) its measured
+round-trip time (so every extra hop pays a round trip) plus the seconds per token its node's announced throughput
 implies for the layers it serves, plus a penalty for making a node rebuild a different span than
 the one it already has loaded.
 
@@ -251,7 +251,7 @@ def assemble_chain(
       the head's ``weights``, whose announced weights digest matches the head's for their span;
       never the head itself or ``exclude_peers`` (see :func:`mismatched`). The head is always
       stage 0; it must start at layer 0.
-    * Fewest hops first; then the lowest cost: for each hop its ``rtt_s`` (seconds; unmeasured
+    * The lowest cost first, then the fewest hops: for each hop its ``rtt_s`` (seconds; unmeasured
       nodes count :data:`DEFAULT_RTT_S`), the seconds per token its node's announced
       ``throughput`` implies for the hop's layers (unmeasured nodes count the median), and
       :data:`RELOAD_PENALTY_S` for a node whose ``loaded`` span differs from the one it would
@@ -330,7 +330,7 @@ def assemble_chain(
                     )
                 )
         if options:
-            best[pos] = min(options, key=lambda o: o[:3])
+            best[pos] = min(options, key=lambda o: (o[1], o[0], o[2]))
     route = best.get(first)
     if route is not None:
         return Chain((Hop(head, 0, head.end_layer), *route[4]))

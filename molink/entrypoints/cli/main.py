@@ -29,6 +29,12 @@ def _status(argv: list[str], prog: str) -> int:
     return main(argv, prog)
 
 
+def _router(argv: list[str], prog: str) -> int:
+    from molink.entrypoints.router.__main__ import main
+
+    return main(argv, prog)
+
+
 def _keygen(argv: list[str], prog: str) -> int:
     from molink.entrypoints.cli.keygen import main
 
@@ -50,6 +56,7 @@ def _demo_model(argv: list[str], prog: str) -> int:
 #: command -> (runner taking the remaining arguments and a prog name, one-line summary)
 COMMANDS: dict[str, tuple[Callable[[list[str], str], int], str]] = {
     "serve": (_serve, "run a node: the OpenAI API server on the head, a stage elsewhere"),
+    "router": (_router, "one OpenAI endpoint in front of every head of the swarm"),
     "status": (_status, "the swarm as a table, from any machine"),
     "keygen": (_keygen, "make a swarm key (or, with --node, a node key)"),
     "split-plan": (_split_plan, "--serving_layers for stages of equal decode time"),

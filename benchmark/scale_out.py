@@ -1,0 +1,296 @@
+"""Scale-out: two pipelines behind the router against one pipeline, and heads lost mid-stream.
+
+    python -m benchmark.scale_out            # demo model, -> resources/scale_out.{json,md}
+    python -m benchmark.scale_out --quick    # a few tiny requests (smoke test)
+
+Each "machine" is one core of this box (DESIGN.md, "Separate machines on one box"): pipeline
+*p* is a head and a follower (the demo model's two spans), both pinned to core *p* with their own
+addresses (``127.0.{2p}.1``, ``127.0.{2p+1}.1``), all in one swarm. The router
+(``python -m molink.entrypoints.router``) finds the heads in the DHT; it is pinned to the last
+core (a machine of its own would be better; its load is small).
+
+1. One pipeline, ``--streams`` concurrent requests sent straight to its head, then the same
+   through the router: the router's overhead (throughput ratio, TTFT p50 difference).
+2. The second pipeline joins (its head picks the free follower by itself). ``2 x --streams``
+   requests through the router: the scale-out ratio against step 1, whose bound is 2.0 (two
+   pipelines on disjoint cores).
+3. ``--streams`` greedy streams through the router; once each has ``--after`` tokens, one head
+   is killed (``kill -9``), then (after a new head took its place) one is told to stop
+   (SIGTERM). Every stream must complete with the tokens of an undisturbed run; the pause each
+   stream saw is reported (p50, p99).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import statistics
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from benchmark.churn import pauses, percentile
+from benchmark.loadgen import make_prompts, measure_rounds, prompt_vocab, run_load, run_streams
+from benchmark.processes import ManagedProcess
+from benchmark.swarm import default_split, demo_model
+
+SERVED_NAME = "bench"
+
+
+def log(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+class ScaleOutSwarm:
+    """Pipelines of (head, follower) pinned one per core, and the router; stops all on exit."""
+
+    def __init__(self, args: argparse.Namespace, model: str) -> None:
+        self.args, self.model = args, model
+        self.spans = default_split(model, 2)
+        self.processes: list[ManagedProcess] = []
+        self.heads: list[ManagedProcess] = []
+        self.router: ManagedProcess | None = None
+        self.log_dir = args.output_dir / "logs" / "scale_out"
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self._started = 0
+
+    def _start(
+        self, name: str, core: int, module: str, argv: list[str], url: str
+    ) -> ManagedProcess:
+        env = {
+            "VLLM_CPU_KVCACHE_SPACE": str(self.args.kv_gib),
+            "VLLM_CPU_OMP_THREADS_BIND": str(core),
+            "OMP_NUM_THREADS": "1",
+        }
+        cmd = ["taskset", "-c", str(core), sys.executable, "-m", module, *argv]
+        proc = ManagedProcess(cmd, self.log_dir / f"{name}.log", env, url)
+        self.processes.append(proc)
+        return proc
+
+    def start_node(self, name: str, core: int, span: tuple[int, int], host: str) -> ManagedProcess:
+        """A node of the demo model on ``core`` at ``host`` (joins through the first head)."""
+        i = self._started
+        self._started += 1
+        port, grpc = self.args.port + i, self.args.grpc_base_port + i
+        argv = [
+            "--model", self.model, "--served-model-name", SERVED_NAME,
+            "--serving_layers", f"{span[0]},{span[1]}",
+            "--host", host, "--port", str(port),
+            "--grpc_port", str(grpc), "--listen_host", host, "--announce_host", host,
+            "--disable-uvicorn-access-log", *self.args.engine_args,
+        ]  # fmt: skip
+        if i:
+            argv += ["--initial_peer", f"127.0.0.1:{self.args.grpc_base_port}"]
+        return self._start(
+            name, core, "molink.entrypoints.openai.api_server", argv, f"http://{host}:{port}"
+        )
+
+    def start_pipeline(self, p: int) -> str:
+        """Pipeline ``p``: its follower first (ready), then its head; the head's URL."""
+        if p:
+            follower = self.start_node(f"follower{p}", p, self.spans[1], f"127.0.{2 * p + 1}.1")
+            follower.wait_healthy(900)
+            head = self.start_node(f"head{p}", p, self.spans[0], f"127.0.{2 * p}.1")
+        else:
+            head = self.start_node(f"head{p}", p, self.spans[0], f"127.0.{2 * p}.1")
+            self.start_node(f"follower{p}", p, self.spans[1], f"127.0.{2 * p + 1}.1")
+        head.wait_healthy(900)
+        self.heads.append(head)
+        return head.url
+
+    def start_router(self) -> str:
+        port = self.args.port + 99
+        argv = ["--initial_peer", f"127.0.0.1:{self.args.grpc_base_port}", "--host", "127.0.0.1",
+                "--port", str(port), "--poll-interval", "0.5"]  # fmt: skip
+        core = (os.cpu_count() or 1) - 1
+        self.router = self._start(
+            "router", core, "molink.entrypoints.router", argv, f"http://127.0.0.1:{port}"
+        )
+        self.router.wait_healthy(300)
+        return self.router.url
+
+    def wait_router_heads(self, n: int, timeout: float = 300.0) -> None:
+        assert self.router is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(self.router.url + "/ready", timeout=5) as r:
+                    if len(json.load(r)["heads"]) >= n:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"the router did not see {n} ready heads in {timeout:.0f} s")
+
+    def __enter__(self) -> ScaleOutSwarm:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for proc in reversed(self.processes):
+            proc.stop()
+
+
+def throughput(
+    urls: list[str], prompts: list[list[int]], args: argparse.Namespace, label: str
+) -> dict:
+    """Median round of ``prompts`` sent at once, split over ``urls``."""
+
+    async def one_round() -> dict:
+        share = len(prompts) // len(urls)
+        started = time.perf_counter()
+        shares = [prompts[i * share : (i + 1) * share] for i in range(len(urls))]
+        parts = await asyncio.gather(
+            *(
+                run_load(url, SERVED_NAME, part, args.output_len, progress=False)
+                for url, part in zip(urls, shares, strict=True)
+            )
+        )
+        duration = time.perf_counter() - started
+        tokens = sum(p["output_throughput_tok_s"] * p["duration_s"] for p in parts)
+        return {
+            "output_throughput_tok_s": tokens / duration,
+            "failed": sum(p["failed"] for p in parts),
+            "ttft_p50_ms": statistics.median(p["ttft_ms"]["p50"] for p in parts),
+            "tpot_p50_ms": statistics.median(p["tpot_ms"]["p50"] for p in parts),
+        }
+
+    asyncio.run(run_load(urls[0], SERVED_NAME, prompts[:2], 8, progress=False))  # warm-up
+    rounds, median = measure_rounds(lambda: asyncio.run(one_round()), args.rounds, label)
+    return {**median, "rounds": rounds}
+
+
+def lose_head(
+    swarm: ScaleOutSwarm, prompts: list[list[int]], args: argparse.Namespace, how: str
+) -> dict:
+    """Greedy streams through the router; one head is lost once each has ``--after`` tokens."""
+    assert swarm.router is not None
+    url = swarm.router.url
+    reference, _ = asyncio.run(run_streams(url, SERVED_NAME, prompts, args.stream_tokens))
+    victim = swarm.heads.pop(0)
+
+    def fire() -> None:
+        victim.signal_group(signal.SIGKILL if how == "kill -9" else signal.SIGTERM)
+
+    streams, fired_at = asyncio.run(
+        run_streams(url, SERVED_NAME, prompts, args.stream_tokens, after=args.after, event=fire)
+    )
+    assert fired_at is not None
+    victim.wait_exit(120)
+    waits = pauses(streams, fired_at)
+    return {
+        "event": how,
+        "streams": len(streams),
+        "completed": sum(len(s.tokens) == args.stream_tokens and not s.error for s in streams),
+        "identical": sum(s.tokens == r.tokens for s, r in zip(streams, reference, strict=True)),
+        "errors": sorted({s.error for s in streams if s.error})[:3],
+        "pause_p50_s": round(percentile(waits, 50), 3),
+        "pause_p99_s": round(percentile(waits, 99), 3),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmark.scale_out",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--model", default=None, help="model path (default: the demo model)")
+    parser.add_argument("--streams", type=int, default=32, help="concurrent requests per pipeline")
+    parser.add_argument("--input-len", type=int, default=128)
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--stream-tokens", type=int, default=96, help="tokens per greedy stream")
+    parser.add_argument("--after", type=int, default=32, help="lose a head after this many tokens")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--kv-gib", type=int, default=1, help="KV cache per node")
+    parser.add_argument("--port", type=int, default=8600)
+    parser.add_argument("--grpc-base-port", type=int, default=52051)
+    parser.add_argument("--output-dir", type=Path, default=Path("resources"))
+    parser.add_argument("--quick", action="store_true", help="4 streams of 8 tokens, 1 round")
+    parser.add_argument(
+        "--engine-args",
+        type=str.split,
+        default="--dtype float32 --enforce-eager --max-model-len 2048".split(),
+        help='flags for every node, as one string: --engine-args="--max-num-seqs 64"',
+    )
+    args = parser.parse_args()
+    if args.quick:
+        args.streams, args.input_len, args.output_len, args.rounds = 4, 16, 8, 1
+        args.stream_tokens, args.after = 24, 8
+    model = args.model or demo_model()
+    vocab = prompt_vocab(model)
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    prompts = make_prompts(2 * args.streams, args.input_len, vocab, seed=1)
+    with ScaleOutSwarm(args, model) as swarm:
+        head0 = swarm.start_pipeline(0)
+        router = swarm.start_router()
+        swarm.wait_router_heads(1)
+        log(f"one pipeline on core 0 (layers {swarm.spans}); the router on its own core")
+        direct = throughput([head0], prompts[: args.streams], args, "one pipeline, direct")
+        routed = throughput([router], prompts[: args.streams], args, "one pipeline, routed")
+        log("the second pipeline joins on core 1")
+        swarm.start_pipeline(1)
+        swarm.wait_router_heads(2)
+        two = throughput([router], prompts, args, "two pipelines, routed")
+        losses = [lose_head(swarm, prompts[: args.streams], args, "kill -9")]
+        # A new head takes the lost one's place (it finds the follower that lost its head).
+        swarm.heads.append(swarm.start_node("head-again", 0, swarm.spans[0], "127.0.4.1"))
+        swarm.heads[-1].wait_healthy(900)
+        swarm.wait_router_heads(2)
+        losses.append(lose_head(swarm, prompts[: args.streams], args, "SIGTERM"))
+    results = {
+        "date": time.strftime("%Y-%m-%d"),
+        "model": Path(model).name,
+        "command": " ".join(["python -m benchmark.scale_out", *sys.argv[1:]]),
+        "one_pipeline_direct": direct,
+        "one_pipeline_routed": routed,
+        "two_pipelines_routed": two,
+        "scale_out_ratio": two["output_throughput_tok_s"] / direct["output_throughput_tok_s"],
+        "router_throughput_ratio": routed["output_throughput_tok_s"]
+        / direct["output_throughput_tok_s"],
+        "router_ttft_p50_added_ms": routed["ttft_p50_ms"] - direct["ttft_p50_ms"],
+        "head_losses": losses,
+    }
+    (args.output_dir / "scale_out.json").write_text(json.dumps(results, indent=2) + "\n")
+    lines = [
+        f"# Scale-out behind the router ({results['date']})",
+        "",
+        f"Model {results['model']}, each pipeline a head and a follower on one core, "
+        f"{args.input_len}-token prompts, {args.output_len} output tokens, median of "
+        f"{args.rounds} rounds. Command: `{results['command']}`",
+        "",
+        "| Setup | Streams | Output tok/s | TTFT p50 (ms) | TPOT p50 (ms) | Failed |",
+        "|---|---:|---:|---:|---:|---:|",
+        *(
+            f"| {name} | {n} | {r['output_throughput_tok_s']:.1f} | {r['ttft_p50_ms']:.0f} | "
+            f"{r['tpot_p50_ms']:.0f} | {r['failed']} |"
+            for name, n, r in (
+                ("one pipeline, straight to its head", args.streams, direct),
+                ("one pipeline, through the router", args.streams, routed),
+                ("two pipelines, through the router", 2 * args.streams, two),
+            )
+        ),
+        "",
+        f"Scale-out: **{results['scale_out_ratio']:.2f}x** one pipeline (bound 2.0: two "
+        f"pipelines on disjoint cores). Router: **{results['router_throughput_ratio']:.3f}x** "
+        f"the throughput of going straight to the head, TTFT p50 "
+        f"**{results['router_ttft_p50_added_ms']:+.1f} ms**.",
+        "",
+        "| Head lost mid-stream | Completed | Identical to undisturbed | Pause p50 (s) | "
+        "Pause p99 (s) |",
+        "|---|---:|---:|---:|---:|",
+        *(
+            f"| {r['event']} | {r['completed']}/{r['streams']} | {r['identical']}/{r['streams']} "
+            f"| {r['pause_p50_s']:.2f} | {r['pause_p99_s']:.2f} |"
+            for r in losses
+        ),
+    ]
+    (args.output_dir / "scale_out.md").write_text("\n".join(lines) + "\n")
+    log("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

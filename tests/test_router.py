@@ -1,0 +1,249 @@
+"""Scale-out with real processes: heads spread over replicas, and the router in front of them.
+
+Two heads and two replicas of the tail span: each head's chain takes a different replica (no
+flags). The router (``python -m molink.entrypoints.router``) finds both heads in the DHT and
+serves the OpenAI API for them; greedy outputs through it equal one vLLM process. A head told to
+stop (SIGTERM) and a head killed (``kill -9``) during greedy streams: every stream completes
+through the other head, token for token and character for character as an undisturbed run, with
+one ``id`` and usage that adds up. The stitching itself is unit-tested at the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+from signal import SIGTERM
+
+import openai
+import pytest
+from conftest import QWEN3_ENGINE_FLAGS, NodeProcess, Swarm, free_port
+from probes import eventually, get, status
+from reference import STREAM_PROMPTS, STREAM_TOKENS, assert_same, pipeline_outputs
+
+from molink.entrypoints.router.heads import Head, HeadDirectory
+from molink.entrypoints.router.stitching import StreamStitcher, not_resumable
+
+FLAGS = QWEN3_ENGINE_FLAGS
+HEAD_FLAGS = [*FLAGS, "--step-timeout", "15"]
+WAIT_S = 240.0
+ROUTER_KEY = "router-test-key"
+
+
+def start_router(swarm: Swarm, peer: NodeProcess, *extra: str) -> NodeProcess:
+    port = free_port()
+    args = ["--initial_peer", peer.grpc_address, "--host", "127.0.0.1", "--port", str(port)]
+    router = NodeProcess(
+        "router", [*args, *extra], swarm.log_dir, port, 0, module="molink.entrypoints.router"
+    )
+    swarm.nodes.append(router)
+    router.wait_healthy()
+    return router
+
+
+def ready_heads(router: NodeProcess) -> list[str]:
+    code, body = get(router.base_url + "/ready")
+    return json.loads(body).get("heads", []) if code == 200 else []
+
+
+def followers_of(nodes: list[NodeProcess]) -> list[int]:
+    """How many heads each follower serves."""
+    return [len(status(n)["heads"]) for n in nodes]
+
+
+@pytest.fixture(scope="module")
+def scale_out(module_swarm: Swarm, qwen3_model: str):
+    a = module_swarm.start("a", qwen3_model, "3,5", FLAGS)
+    b = module_swarm.start("b", qwen3_model, "3,5", FLAGS, peers=[a])
+    head1 = module_swarm.start("head1", qwen3_model, "0,2", HEAD_FLAGS, peers=[a])
+    head1.wait_healthy()
+    # The second head starts once the first one's load is announced.
+    eventually(lambda: sum(followers_of([a, b])) == 1, timeout=WAIT_S, what="head1's chain")
+    head2 = module_swarm.start("head2", qwen3_model, "0,2", HEAD_FLAGS, peers=[a])
+    head2.wait_healthy()
+    router = start_router(module_swarm, a, "--api-key", ROUTER_KEY)
+    eventually(lambda: len(ready_heads(router)) == 2, timeout=WAIT_S, what="two ready heads")
+    return {"followers": [a, b], "heads": [head1, head2], "router": router}
+
+
+def test_two_heads_take_different_replicas(scale_out):
+    assert followers_of(scale_out["followers"]) == [1, 1]
+
+
+def test_the_router_answers_like_one_vllm_process(scale_out, qwen3_model, qwen3_reference):
+    router = scale_out["router"]
+    client = openai.OpenAI(base_url=router.base_url + "/v1", api_key=ROUTER_KEY, max_retries=0)
+    assert [m.id for m in client.models.list().data] == [qwen3_model]
+    got = asyncio.run(pipeline_outputs(router.base_url, qwen3_model, key=ROUTER_KEY))
+    assert_same(qwen3_reference, got)
+    sent = [h["sent"] for h in json.loads(get(router.base_url + "/swarm")[1])["heads"]]
+    assert len(sent) == 2 and min(sent) > 0, f"both heads should have served: {sent}"
+    # Bad input gets the head's 4xx; a wrong key gets the router's 401.
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=qwen3_model, prompt="hi", max_tokens=-1)
+    bad = openai.OpenAI(base_url=router.base_url + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+
+
+async def streams(router: NodeProcess, model: str, during=None) -> list[dict]:
+    """Every ``STREAM_PROMPTS`` prompt streamed through the router at once (greedy, EOS
+    ignored): token ids, text, chunk ids and usage; ``during`` runs once all have 16 tokens."""
+    client = openai.AsyncOpenAI(
+        base_url=router.base_url + "/v1", api_key=ROUTER_KEY, max_retries=0, timeout=600
+    )
+    started = [asyncio.Event() for _ in STREAM_PROMPTS]
+
+    async def one(prompt: str, event: asyncio.Event) -> dict:
+        out: dict = {"ids": [], "text": "", "chunk_ids": set(), "usage": None}
+        stream = await client.completions.create(
+            model=model,
+            prompt=prompt,
+            max_tokens=STREAM_TOKENS,
+            temperature=0.0,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True, "return_token_ids": True},
+        )
+        async for chunk in stream:
+            out["chunk_ids"].add(chunk.id)
+            if chunk.usage is not None:
+                out["usage"] = chunk.usage.model_dump()
+            for choice in chunk.choices:
+                out["ids"] += choice.token_ids or []
+                out["text"] += choice.text
+            if len(out["ids"]) >= 16:
+                event.set()
+        return out
+
+    tasks = [asyncio.create_task(one(p, e)) for p, e in zip(STREAM_PROMPTS, started, strict=True)]
+    try:
+        if during is not None:
+            await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started)), timeout=300)
+            await asyncio.to_thread(during)
+        return await asyncio.gather(*tasks)
+    finally:
+        await client.close()
+
+
+def router_metric(router: NodeProcess, name: str) -> float:
+    text = get(router.base_url + "/metrics")[1]
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(name) and not line.startswith("#")
+    )
+
+
+def assert_streams_match(reference: list[dict], got: list[dict]) -> None:
+    for i, (ref, out) in enumerate(zip(reference, got, strict=True)):
+        assert out["ids"] == ref["ids"], f"stream {i}: tokens differ"
+        assert out["text"] == ref["text"], f"stream {i}: text differs"
+        assert len(out["chunk_ids"]) == 1, f"stream {i}: several ids {out['chunk_ids']}"
+        usage = out["usage"]
+        assert usage["completion_tokens"] == STREAM_TOKENS
+        assert usage["prompt_tokens"] == ref["usage"]["prompt_tokens"]
+        assert usage["total_tokens"] == usage["prompt_tokens"] + STREAM_TOKENS
+
+
+@pytest.mark.parametrize("how", ["sigterm", "kill"])
+def test_no_stream_dies_with_its_head(scale_out, module_swarm, qwen3_model, how):
+    router = scale_out["router"]
+    reference = asyncio.run(streams(router, qwen3_model))
+    assert all(len(r["ids"]) == STREAM_TOKENS for r in reference)
+    victim = scale_out["heads"][0]
+    moved = router_metric(router, "molink_router_resumed_total")
+
+    def lose_head() -> None:
+        if how == "kill":
+            victim.kill()
+        else:
+            victim._signal(SIGTERM)
+
+    got = asyncio.run(streams(router, qwen3_model, during=lose_head))
+    assert_streams_match(reference, got)
+    assert router_metric(router, "molink_router_resumed_total") > moved
+    victim.wait_exit(timeout=120)
+    eventually(lambda: len(ready_heads(router)) == 1, timeout=WAIT_S, what="the lost head gone")
+    if how == "sigterm":  # the next case needs two heads again
+        # A new head takes the lost one's place: the router finds it without any change.
+        peers = scale_out["followers"][:1]
+        new = module_swarm.start("head3", qwen3_model, "0,2", HEAD_FLAGS, peers=peers)
+        scale_out["heads"] = [scale_out["heads"][1], new]
+        eventually(lambda: len(ready_heads(router)) == 2, timeout=WAIT_S, what="the new head")
+
+
+# ---------------------------------------------------------------- stitching, no processes
+def completion_chunk(text: str, ids: list[int], finish: str | None = None, **extra) -> dict:
+    choice = {"index": 0, "text": text, "token_ids": ids, "finish_reason": finish, **extra}
+    return {"id": "cmpl-1", "object": "text_completion", "created": 7, "model": "m",
+            "choices": [choice]}  # fmt: skip
+
+
+def test_a_cut_completion_stream_continues_from_its_token_ids():
+    body = {"model": "m", "prompt": "hi", "max_tokens": 5, "min_tokens": 3, "stream": True,
+            "stream_options": {"include_usage": True}}  # fmt: skip
+    s = StreamStitcher("completion", copy.deepcopy(body))
+    assert s.first_request()["return_token_ids"] is True
+    first = s.from_head(completion_chunk("A", [10], prompt_token_ids=[1, 2]))
+    assert "token_ids" not in first["choices"][0] and "prompt_token_ids" not in first["choices"][0]
+    s.from_head(completion_chunk("B", [11]))
+    assert s.can_continue()
+    rest = s.continuation()
+    assert rest["prompt"] == [1, 2, 10, 11]
+    assert rest["max_tokens"] == 3 and rest["min_tokens"] == 1
+    assert rest["stream"] and rest["return_token_ids"]
+    chunk = completion_chunk("C", [12])
+    chunk["id"], chunk["created"] = "cmpl-other", 99
+    out = s.from_continuation(chunk)
+    assert (out["id"], out["created"], out["choices"][0]["text"]) == ("cmpl-1", 7, "C")
+    usage = {"id": "cmpl-other", "choices": [], "usage": {"prompt_tokens": 4,
+             "completion_tokens": 3, "total_tokens": 7}}  # fmt: skip
+    assert s.from_continuation(usage)["usage"] == {
+        "prompt_tokens": 2,
+        "completion_tokens": 5,
+        "total_tokens": 7,
+    }
+
+
+def test_a_cut_chat_stream_continues_as_chat_chunks():
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True,
+            "max_completion_tokens": 4, "temperature": 0.0}  # fmt: skip
+    s = StreamStitcher("chat", body)
+    role = {"id": "chatcmpl-1", "created": 3, "model": "m", "prompt_token_ids": [5, 6],
+            "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}  # fmt: skip
+    s.from_head(role)
+    word = {"index": 0, "delta": {"content": "Yo"}, "token_ids": [8]}
+    s.from_head({"id": "chatcmpl-1", "created": 3, "model": "m", "choices": [word]})
+    rest = s.continuation()
+    assert rest["prompt"] == [5, 6, 8] and rest["max_tokens"] == 3 and rest["temperature"] == 0.0
+    assert "messages" not in rest
+    out = s.from_continuation(completion_chunk("!", [9], finish="length"))
+    assert out["object"] == "chat.completion.chunk" and out["id"] == "chatcmpl-1"
+    assert out["choices"][0]["delta"] == {"content": "!"}
+    assert out["choices"][0]["finish_reason"] == "length"
+    assert not s.can_continue()  # finished
+
+
+def test_streams_that_cannot_continue_exactly_say_why():
+    assert not_resumable("completion", {"prompt": ["a", "b"]}) == "it has several prompts"
+    assert not_resumable("completion", {"prompt": "a", "n": 2})
+    assert not_resumable("chat", {"messages": [], "tools": [{}]})
+    assert not_resumable("completion", {"prompt": [1, 2, 3]}) is None
+    s = StreamStitcher("completion", {"prompt": "a"})
+    s.from_head({"choices": [{"index": 0, "text": "x", "prompt_token_ids": [1]}]})
+    assert not s.can_continue()  # a chunk came without its token ids
+
+
+def test_the_head_with_least_outstanding_work_is_picked():
+    directory = HeadDirectory(None, static_urls=["http://a:1", "http://b:2", "http://c:3"])
+    a, b, c = directory.heads.values()
+    assert directory.pick() is None  # none checked ready yet
+    for head, outstanding in ((a, 2), (b, 1), (c, 1)):
+        head.ready, head.outstanding = True, outstanding
+    c.sent = 5
+    assert directory.pick() is b
+    assert directory.pick(exclude={b.url}) is c
+    directory.failed(b, "HTTP 503")
+    assert directory.pick() is c and "HTTP 503" in directory.unavailable_cause()
+    assert isinstance(a, Head)
