@@ -6,9 +6,9 @@ Pure logic: :func:`assemble_chain` looks only at the announcements it is given;
 Any number of nodes may announce the same or overlapping spans, and a node may serve any
 contiguous sub-span of the layers it holds. The chain is the cover of the layers after the head's
 with the lowest cost, then the fewest hops. A hop costs (as in Petals' routing) its measured
-round-trip time (so every extra hop pays a round trip) plus the seconds per token its node's announced throughput
-implies for the layers it serves, plus a penalty for making a node rebuild a different span than
-the one it already has loaded.
+round-trip time (so every extra hop pays a round trip) plus the seconds per token its node's
+announced throughput implies for the layers it serves, plus a penalty for making a node rebuild
+a different span than the one it already has loaded.
 
 A node's compute is shared by every head it serves, so the compute part of a hop's cost is
 multiplied by one plus the number of *other* heads the node serves (a head's own use is not

@@ -5,8 +5,8 @@ The :class:`ChainKeeper` owns the head's remote stages. It watches the swarm thr
 current chain (they load their span's weights and KV cache ahead of need, *standby*), and when a
 stage is lost or leaving, plans the next chain from what the swarm announces
 (:func:`~molink.comm.chain.assemble_chain`: the lowest RTT plus announced compute time, shared
-by the heads a node serves, preferring nodes that already hold the span) and gets its stages ready. Wiring the chain for a
-new epoch and moving steps through it stays with the executor.
+by the heads a node serves, preferring nodes that already hold the span) and gets its stages
+ready. Wiring the chain for a new epoch and moving steps through it stays with the executor.
 """
 
 from __future__ import annotations
