@@ -48,6 +48,7 @@ SLOWEST_FIRST = (
     "test_chain_keeper",
     "demo",
     "test_pipeline_executor",
+    "test_router",
     "test_stage_host",
     "shared_follower_quick_run",
     "test_head_routes",
