@@ -9,8 +9,9 @@ addresses (``127.0.{2p}.1``, ``127.0.{2p+1}.1``), all in one swarm. The router
 (``python -m molink.entrypoints.router``) finds the heads in the DHT; it is pinned to the last
 core (a machine of its own would be better; its load is small).
 
-1. One pipeline, ``--streams`` concurrent requests sent straight to its head, then the same
-   through the router: the router's overhead (throughput ratio, TTFT p50 difference).
+1. One pipeline, ``--streams`` concurrent requests sent straight to its head, and the same
+   through the router, in alternating rounds: the router's overhead (throughput ratio, TTFT p50
+   difference).
 2. The second pipeline joins (its head picks the free follower by itself). ``2 x --streams``
    requests through the router: the scale-out ratio against step 1, whose bound is 2.0 (two
    pipelines on disjoint cores).
@@ -34,7 +35,7 @@ import urllib.request
 from pathlib import Path
 
 from benchmark.churn import pauses, percentile
-from benchmark.loadgen import make_prompts, measure_rounds, prompt_vocab, run_load, run_streams
+from benchmark.loadgen import make_prompts, prompt_vocab, run_load, run_streams
 from benchmark.processes import ManagedProcess
 from benchmark.swarm import default_split, demo_model
 
@@ -83,8 +84,8 @@ class ScaleOutSwarm:
             "--grpc_port", str(grpc), "--listen_host", host, "--announce_host", host,
             "--disable-uvicorn-access-log", *self.args.engine_args,
         ]  # fmt: skip
-        if i:
-            argv += ["--initial_peer", f"127.0.0.1:{self.args.grpc_base_port}"]
+        if i:  # join through the first follower (heads may be killed during the run)
+            argv += ["--initial_peer", f"127.0.0.1:{self.args.grpc_base_port + (i > 1)}"]
         return self._start(
             name, core, "molink.entrypoints.openai.api_server", argv, f"http://{host}:{port}"
         )
@@ -104,8 +105,8 @@ class ScaleOutSwarm:
 
     def start_router(self) -> str:
         port = self.args.port + 99
-        argv = ["--initial_peer", f"127.0.0.1:{self.args.grpc_base_port}", "--host", "127.0.0.1",
-                "--port", str(port), "--poll-interval", "0.5"]  # fmt: skip
+        peer = f"127.0.0.1:{self.args.grpc_base_port + 1}"  # the first follower
+        argv = ["--initial_peer", peer, "--host", "127.0.0.1", "--port", str(port)]
         core = (os.cpu_count() or 1) - 1
         self.router = self._start(
             "router", core, "molink.entrypoints.router", argv, f"http://127.0.0.1:{port}"
@@ -134,33 +135,46 @@ class ScaleOutSwarm:
             proc.stop()
 
 
-def throughput(
-    urls: list[str], prompts: list[list[int]], args: argparse.Namespace, label: str
-) -> dict:
-    """Median round of ``prompts`` sent at once, split over ``urls``."""
-
-    async def one_round() -> dict:
-        share = len(prompts) // len(urls)
-        started = time.perf_counter()
-        shares = [prompts[i * share : (i + 1) * share] for i in range(len(urls))]
-        parts = await asyncio.gather(
-            *(
-                run_load(url, SERVED_NAME, part, args.output_len, progress=False)
-                for url, part in zip(urls, shares, strict=True)
-            )
+async def one_round(urls: list[str], prompts: list[list[int]], output_len: int) -> dict:
+    """``prompts`` sent at once, split evenly over ``urls``: aggregate output tok/s and latency."""
+    share = len(prompts) // len(urls)
+    started = time.perf_counter()
+    shares = [prompts[i * share : (i + 1) * share] for i in range(len(urls))]
+    parts = await asyncio.gather(
+        *(
+            run_load(url, SERVED_NAME, part, output_len, progress=False)
+            for url, part in zip(urls, shares, strict=True)
         )
-        duration = time.perf_counter() - started
-        tokens = sum(p["output_throughput_tok_s"] * p["duration_s"] for p in parts)
-        return {
-            "output_throughput_tok_s": tokens / duration,
-            "failed": sum(p["failed"] for p in parts),
-            "ttft_p50_ms": statistics.median(p["ttft_ms"]["p50"] for p in parts),
-            "tpot_p50_ms": statistics.median(p["tpot_ms"]["p50"] for p in parts),
-        }
+    )
+    duration = time.perf_counter() - started
+    tokens = sum(p["output_throughput_tok_s"] * p["duration_s"] for p in parts)
+    return {
+        "output_throughput_tok_s": tokens / duration,
+        "failed": sum(p["failed"] for p in parts),
+        "ttft_p50_ms": statistics.median(p["ttft_ms"]["p50"] for p in parts),
+        "tpot_p50_ms": statistics.median(p["tpot_ms"]["p50"] for p in parts),
+    }
 
-    asyncio.run(run_load(urls[0], SERVED_NAME, prompts[:2], 8, progress=False))  # warm-up
-    rounds, median = measure_rounds(lambda: asyncio.run(one_round()), args.rounds, label)
-    return {**median, "rounds": rounds}
+
+def throughput(
+    setups: dict[str, list[str]], prompts: list[list[int]], args: argparse.Namespace
+) -> dict[str, dict]:
+    """Per setup (label -> URLs), the median of ``--rounds`` rounds; the setups' rounds
+    alternate (paired), so that drift of the machine hits them alike."""
+    for urls in setups.values():
+        asyncio.run(run_load(urls[0], SERVED_NAME, prompts[:2], 8, progress=False))  # warm-up
+    rounds: dict[str, list[dict]] = {label: [] for label in setups}
+    for i in range(args.rounds):
+        for label, urls in setups.items():
+            r = asyncio.run(one_round(urls, prompts, args.output_len))
+            log(f"    {label}, round {i + 1}/{args.rounds}: {r['output_throughput_tok_s']:.1f} "
+                f"tok/s, {r['failed']} failed")  # fmt: skip
+            rounds[label].append(r)
+    out = {}
+    for label, rs in rounds.items():
+        ordered = sorted(rs, key=lambda r: r["output_throughput_tok_s"])
+        out[label] = {**ordered[len(ordered) // 2], "rounds": rs}
+    return out
 
 
 def lose_head(
@@ -229,12 +243,18 @@ def main() -> None:
         router = swarm.start_router()
         swarm.wait_router_heads(1)
         log(f"one pipeline on core 0 (layers {swarm.spans}); the router on its own core")
-        direct = throughput([head0], prompts[: args.streams], args, "one pipeline, direct")
-        routed = throughput([router], prompts[: args.streams], args, "one pipeline, routed")
+        one = throughput(
+            {"one pipeline, direct": [head0], "one pipeline, routed": [router]},
+            prompts[: args.streams],
+            args,
+        )
+        direct, routed = one["one pipeline, direct"], one["one pipeline, routed"]
         log("the second pipeline joins on core 1")
         swarm.start_pipeline(1)
         swarm.wait_router_heads(2)
-        two = throughput([router], prompts, args, "two pipelines, routed")
+        two = throughput({"two pipelines, routed": [router]}, prompts, args)[
+            "two pipelines, routed"
+        ]
         losses = [lose_head(swarm, prompts[: args.streams], args, "kill -9")]
         # A new head takes the lost one's place (it finds the follower that lost its head).
         swarm.heads.append(swarm.start_node("head-again", 0, swarm.spans[0], "127.0.4.1"))
@@ -260,7 +280,8 @@ def main() -> None:
         "",
         f"Model {results['model']}, each pipeline a head and a follower on one core, "
         f"{args.input_len}-token prompts, {args.output_len} output tokens, median of "
-        f"{args.rounds} rounds. Command: `{results['command']}`",
+        f"{args.rounds} rounds (direct and routed rounds alternate). "
+        f"Command: `{results['command']}`",
         "",
         "| Setup | Streams | Output tok/s | TTFT p50 (ms) | TPOT p50 (ms) | Failed |",
         "|---|---:|---:|---:|---:|---:|",

@@ -10,7 +10,7 @@ import os
 import sys
 
 from aiohttp import web
-from vllm.logger import init_logger
+from vllm.logger import configure_logging_from_args, init_logger
 
 from molink.comm.announcement import check_api_url
 from molink.security.settings import SecurityFiles, is_loopback
@@ -70,6 +70,7 @@ def make_parser(prog: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = make_parser(prog).parse_args(argv)
+    configure_logging_from_args(args)
     if not args.initial_peer and not args.head:
         logger.error("Name the swarm (--initial_peer HOST:PORT) or heads (--head URL)")
         return 2

@@ -1,8 +1,9 @@
 """The heads a router can send requests to: found in the DHT, checked at ``/ready``.
 
 :class:`HeadDirectory` follows the heads the swarm announces (each head announces its API URL),
-plus any given with ``--head URL``. Every ``poll_s`` it reads the DHT again and asks each head's
-``/ready``; a head that is not ready (or not reachable) gets no new request until it is again.
+plus any given with ``--head URL``. Every ``poll_s`` it asks each head's ``/ready`` (and it
+reads the DHT again every :data:`DISCOVER_PERIOD_S`); a head that is not ready (or not
+reachable) gets no new request until it is again.
 :meth:`HeadDirectory.pick` chooses the ready head with the fewest requests outstanding from this
 router (then the one that got the fewest so far).
 """
@@ -24,6 +25,8 @@ logger = init_logger(__name__)
 
 #: How long a head's ``/ready`` may take to answer.
 READY_TIMEOUT_S = 2.0
+#: The DHT is read this often for heads that came or went (reads cost the swarm's DHT peers CPU).
+DISCOVER_PERIOD_S = 5.0
 
 
 @dataclass
@@ -75,7 +78,7 @@ class HeadDirectory:
         }
         self._static = set(self.heads)
         self.swarm_error = ""  # why the DHT could not be read last time ("" when it could)
-        self.refreshed = asyncio.Event()
+        self._discovered_at = float("-inf")
 
     # ------------------------------------------------------------------ choice
     def pick(self, exclude: Container[str] = ()) -> Head | None:
@@ -114,12 +117,14 @@ class HeadDirectory:
                 await self.refresh(session)
             except Exception as e:  # noqa: BLE001  # keep following the swarm
                 logger.warning("Could not refresh the heads: %s", e)
-            self.refreshed.set()
             await asyncio.sleep(max(0.0, self.poll_s - (time.monotonic() - started)))
 
     async def refresh(self, session: aiohttp.ClientSession) -> None:
-        """Read the swarm's heads once, then ask every head whether it is ready."""
-        if self._discover is not None:
+        """Read the swarm's heads (every :data:`DISCOVER_PERIOD_S`), then ask every head whether
+        it is ready."""
+        now = time.monotonic()
+        if self._discover is not None and now - self._discovered_at >= DISCOVER_PERIOD_S:
+            self._discovered_at = now
             try:
                 nodes = await asyncio.to_thread(self._discover)
                 self.swarm_error = ""
