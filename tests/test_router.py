@@ -163,8 +163,8 @@ def test_no_stream_dies_with_its_head(scale_out, module_swarm, qwen3_model, how)
     got = asyncio.run(streams(router, qwen3_model, during=lose_head))
     assert_streams_match(reference, got)
     assert router_metric(router, "molink_router_resumed_total") > moved
-    victim.wait_exit(timeout=120)
     eventually(lambda: len(ready_heads(router)) == 1, timeout=WAIT_S, what="the lost head gone")
+    victim.kill()  # (after SIGTERM vLLM's shutdown sometimes hangs; see docs/deployment.md)
     if how == "sigterm":  # the next case needs two heads again
         # A new head takes the lost one's place: the router finds it without any change.
         peers = scale_out["followers"][:1]

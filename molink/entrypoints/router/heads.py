@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Container, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
@@ -41,6 +41,9 @@ class Head:
     outstanding: int = 0  # requests this router has in flight on it
     sent: int = 0  # requests this router sent it
     resumed_from: int = 0  # streams continued elsewhere after this head failed them
+    # Set when the head stops accepting connections (it exits, or is shutting down): streams
+    # still open on it are given up and continued elsewhere.
+    gone: asyncio.Event = field(default_factory=asyncio.Event)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -165,8 +168,14 @@ class HeadDirectory:
                 body: Any = await resp.json(content_type=None)
                 ready = resp.status == 200
                 cause = "" if ready else str((body or {}).get("cause") or f"HTTP {resp.status}")
+        except aiohttp.ClientConnectorError as e:  # nothing listens: it exited or is exiting
+            ready, cause = False, f"unreachable ({type(e).__name__}: {e})"[:300]
+            if not head.gone.is_set():
+                logger.warning("Head %s accepts no connections: its streams move on", head.url)
+            head.gone.set()
         except (TimeoutError, aiohttp.ClientError, ValueError) as e:
             ready, cause = False, f"unreachable ({type(e).__name__}: {e})"[:300]
         if ready and not head.ready:
             logger.info("Head %s is ready", head.url)
+            head.gone = asyncio.Event()
         head.ready, head.cause = ready, cause

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import Callable
@@ -291,9 +292,41 @@ class Router:
         rewrite: Callable[[dict[str, Any]], dict[str, Any]],
         lost_at: float | None,
     ) -> _HeadFailed | _Answer | None:
-        """Stream one head's answer to the client through ``rewrite``; None when it ended."""
+        """Stream one head's answer to the client through ``rewrite``; None when it ended.
+
+        Given up as failed when the head stops accepting connections meanwhile (a head shutting
+        down may leave its streams open without sending anything more).
+        """
         head.outstanding += 1
         head.sent += 1
+        gone = head.gone
+        pump = asyncio.ensure_future(self._pump(request, out, head, path, body, rewrite, lost_at))
+        watch = asyncio.ensure_future(gone.wait())
+        try:
+            await asyncio.wait({pump, watch}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:  # the client went away: drop the head's request too
+            pump.cancel()
+            raise
+        finally:
+            watch.cancel()
+            head.outstanding -= 1
+        if pump.done():
+            return pump.result()
+        pump.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await pump
+        return _HeadFailed("the head accepts no connections any more (it exited or is exiting)")
+
+    async def _pump(
+        self,
+        request: web.Request,
+        out: web.StreamResponse,
+        head: Head,
+        path: str,
+        body: dict[str, Any],
+        rewrite: Callable[[dict[str, Any]], dict[str, Any]],
+        lost_at: float | None,
+    ) -> _HeadFailed | _Answer | None:
         try:
             async with self._http.post(
                 head.url + path, json=body, headers=self._head_headers, timeout=self._timeout
@@ -303,9 +336,8 @@ class Router:
                     if resp.status in HEAD_FAILED_STATUSES:
                         return _HeadFailed(f"HTTP {resp.status}")
                     if out.prepared:  # a continuation refused: nothing sensible to retry
-                        return _HeadFailed(
-                            f"HTTP {resp.status} for the continuation: {data[:200]!r}"
-                        )
+                        why = f"HTTP {resp.status} for the continuation: {data[:200]!r}"
+                        return _HeadFailed(why)
                     return _Answer(resp.status, data, resp.content_type)
                 async for line in resp.content:
                     if not line.startswith(b"data:"):
@@ -334,8 +366,6 @@ class Router:
                 return _HeadFailed("the stream ended without [DONE]")
         except (TimeoutError, aiohttp.ClientError, ValueError) as e:
             return _HeadFailed(f"{type(e).__name__}: {e}"[:300])
-        finally:
-            head.outstanding -= 1
 
     def _head_failed(self, head: Head, why: str) -> None:
         m.HEAD_FAILURES.inc()
