@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -241,25 +241,14 @@ class Router:
                     return out
                 tried.add(head.url)
                 if not stitcher.sent_any:
-                    result = await self._relay(
-                        request,
-                        out,
-                        head,
-                        route,
-                        stitcher.first_request(),
-                        stitcher.from_head,
-                        lost_at,
-                    )
+                    first = stitcher.first_request()
+                    pump = self._pump(request, out, head, route, first, stitcher.from_head, lost_at)
+                    result = await self._relay(head, pump)
                 elif stitcher.can_continue():
-                    result = await self._relay(
-                        request,
-                        out,
-                        head,
-                        "/v1/completions",
-                        stitcher.continuation(),
-                        stitcher.from_continuation,
-                        lost_at,
-                    )
+                    rest, path = stitcher.continuation(), "/v1/completions"
+                    rewrite = stitcher.from_continuation
+                    pump = self._pump(request, out, head, path, rest, rewrite, lost_at)
+                    result = await self._relay(head, pump)
                 else:
                     await self._fail_stream(out, route, "the stream's head failed mid-stream")
                     return out
@@ -283,16 +272,9 @@ class Router:
             return out
 
     async def _relay(
-        self,
-        request: web.Request,
-        out: web.StreamResponse,
-        head: Head,
-        path: str,
-        body: dict[str, Any],
-        rewrite: Callable[[dict[str, Any]], dict[str, Any]],
-        lost_at: float | None,
+        self, head: Head, streaming: Coroutine[Any, Any, _HeadFailed | _Answer | None]
     ) -> _HeadFailed | _Answer | None:
-        """Stream one head's answer to the client through ``rewrite``; None when it ended.
+        """Run ``streaming`` (:meth:`_pump` of one of ``head``'s answers); None when it ended.
 
         Given up as failed when the head stops accepting connections meanwhile (a head shutting
         down may leave its streams open without sending anything more).
@@ -300,7 +282,7 @@ class Router:
         head.outstanding += 1
         head.sent += 1
         gone = head.gone
-        pump = asyncio.ensure_future(self._pump(request, out, head, path, body, rewrite, lost_at))
+        pump = asyncio.ensure_future(streaming)
         watch = asyncio.ensure_future(gone.wait())
         try:
             await asyncio.wait({pump, watch}, return_when=asyncio.FIRST_COMPLETED)
@@ -327,6 +309,7 @@ class Router:
         rewrite: Callable[[dict[str, Any]], dict[str, Any]],
         lost_at: float | None,
     ) -> _HeadFailed | _Answer | None:
+        """Stream one head's answer to the client through ``rewrite``; None when it ended."""
         try:
             async with self._http.post(
                 head.url + path, json=body, headers=self._head_headers, timeout=self._timeout
