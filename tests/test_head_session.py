@@ -39,16 +39,17 @@ def step(
     return so
 
 
-def test_block_ids_move_into_the_heads_region() -> None:
-    session = HeadSession("s", region=Region(offset=100, blocks=10))
+def test_block_ids_map_into_the_heads_region() -> None:
+    # A region need not be contiguous: blocks 100-104, then 200-204.
+    session = HeadSession("s", region=Region((*range(100, 105), *range(200, 205))))
     so = step([new_request("a", [1, 2])], cached={"b": [9], "c": None})
     session.admit(so)
     assert so.scheduled_new_reqs[0].block_ids == ([101, 102],)
-    assert so.scheduled_cached_reqs.new_block_ids == [([109],), None]
+    assert so.scheduled_cached_reqs.new_block_ids == [([204],), None]
 
 
 def test_blocks_outside_the_heads_plan_are_refused() -> None:
-    session = HeadSession("s", region=Region(offset=100, blocks=10))
+    session = HeadSession("s", region=Region(tuple(range(100, 110))))
     for bad in (10, -1, True, 2.0):
         with pytest.raises(StepRefused, match="outside this head's 10 blocks"):
             session.admit(step([new_request("a", [bad])]))

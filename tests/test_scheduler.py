@@ -41,15 +41,21 @@ def test_cached_requests_carry_no_token_lists() -> None:
     assert data.num_computed_tokens == [299, 199]
 
 
-def test_a_request_on_max_stage_losses_lost_chains_fails_with_the_cause() -> None:
-    """A request that was running on MAX_STAGE_LOSSES broken chains may be what breaks them:
-    the third loss fails it with the cause; the first two send it back to waiting."""
-    scheduler = PipelineScheduler.__new__(PipelineScheduler)  # only what the barrier reads
+def _barrier_scheduler(
+    last_was_loss: bool = True, kv_blocks_limit: int | None = None
+) -> tuple[PipelineScheduler, list[str]]:
+    """A scheduler with only what the barrier reads: request "a" running, "b" waiting; and the
+    list of requests it fails."""
+    scheduler = PipelineScheduler.__new__(PipelineScheduler)
     survivor = SimpleNamespace(request_id="b", status=None, mm_features=None)
     doomed = SimpleNamespace(request_id="a", status=None, mm_features=None)
     scheduler.running = [doomed]
     scheduler.requests = {"a": doomed, "b": survivor}
-    scheduler.pipeline = SimpleNamespace(last_error="lost stage 10.0.0.2:50051 [3-5]")
+    scheduler.pipeline = SimpleNamespace(
+        last_error="lost stage 10.0.0.2:50051 [3-5]",
+        last_was_loss=last_was_loss,
+        kv_blocks_limit=kv_blocks_limit,
+    )
     scheduler._down_since = None
     scheduler._stage_losses, scheduler._failure_causes = {}, {}
     scheduler._pending_errors, scheduler._known = [], set()
@@ -62,6 +68,14 @@ def test_a_request_on_max_stage_losses_lost_chains_fails_with_the_cause() -> Non
         return [scheduler.requests[rid] for rid in ids]
 
     scheduler.finish_requests = finish_requests
+    return scheduler, finished
+
+
+def test_a_request_on_max_stage_losses_lost_chains_fails_with_the_cause() -> None:
+    """A request that was running on MAX_STAGE_LOSSES broken chains may be what breaks them:
+    the third loss fails it with the cause; the first two send it back to waiting."""
+    scheduler, finished = _barrier_scheduler()
+    doomed = scheduler.requests["a"]
     for epoch in range(1, MAX_STAGE_LOSSES):
         scheduler._barrier(epoch)
         assert finished == [] and scheduler._stage_losses == {"a": epoch}
@@ -74,3 +88,19 @@ def test_a_request_on_max_stage_losses_lost_chains_fails_with_the_cause() -> Non
         "last: lost stage 10.0.0.2:50051 [3-5]"
     )
     assert "a" not in scheduler._stage_losses
+
+
+def test_a_kv_resize_recomputes_in_fewer_blocks_and_is_no_loss() -> None:
+    scheduler, finished = _barrier_scheduler(last_was_loss=False, kv_blocks_limit=22)
+    pool = [45]
+    scheduler.kv_pool_blocks = lambda: pool[0]
+
+    def retire(num_blocks: int) -> bool:
+        pool[0] = num_blocks
+        return True
+
+    scheduler.retire_kv_blocks = retire
+    for epoch in range(1, MAX_STAGE_LOSSES + 1):
+        scheduler._barrier(epoch)
+    assert pool == [22]
+    assert finished == [] and scheduler._stage_losses == {}

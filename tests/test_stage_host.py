@@ -1,23 +1,26 @@
 """Several heads share one follower, with real node processes and the ``openai`` client.
 
-The follower (layers 3-5) has room for 45 KV blocks; each head plans 20. Two heads serve
-concurrent requests through it with outputs equal to single-process vLLM; a third finds no room
-and is refused with the reason; ``kill -9`` of one head leaves the other's streams unchanged and
-frees its blocks, which a new head then gets.
+The follower (layers 3-5) has room for 45 KV blocks; the heads run on default KV settings, and
+one request of their ``--max-model-len`` needs 17 blocks. The first head takes all 45. A second
+head, started while the first streams, gets its fair share (22): the first shrinks to 22 and
+recomputes its running streams, which come out identical to an undisturbed run. A third head's
+share (15) can't hold one request: it is refused with the reason. ``kill -9`` of one head leaves
+the other's streams unchanged and frees its blocks, which a new head then gets.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 
 import pytest
 from conftest import QWEN3_ENGINE_FLAGS
-from probes import eventually, status
-from reference import ENGINE_FLAGS, assert_same, pipeline_outputs, stream_all
+from probes import eventually, scrape, status, value
+from reference import assert_same, pipeline_outputs, stream_all
 
 # One block holds 32 tokens of 3 layers, each 1 KV head of 64 float32 keys and values.
 BLOCK_BYTES = 32 * 64 * 2 * 4 * 3
-FOLLOWER_BLOCKS = 45  # two heads of 20 blocks (--num-gpu-blocks-override) fit, a third doesn't
+FOLLOWER_BLOCKS = 45
 FOLLOWER_ENV = {"VLLM_CPU_KVCACHE_SPACE": ""}  # so that --kv-cache-memory-bytes counts
 FOLLOWER_FLAGS = [
     *QWEN3_ENGINE_FLAGS,
@@ -28,37 +31,70 @@ FOLLOWER_FLAGS = [
 
 @pytest.fixture(scope="module")
 def shared(module_swarm, qwen3_model):
+    """The follower and the first head, which holds all of the follower's KV cache."""
     follower = module_swarm.start("shared", qwen3_model, "3,5", FOLLOWER_FLAGS, env=FOLLOWER_ENV)
-    heads = [
-        module_swarm.start(f"head{i}", qwen3_model, "0,2", ENGINE_FLAGS, peers=[follower])
-        for i in (1, 2)
-    ]
-    for head in heads:
-        head.wait_healthy()
-    return follower, heads
+    first = module_swarm.start("head1", qwen3_model, "0,2", QWEN3_ENGINE_FLAGS, peers=[follower])
+    first.wait_healthy()
+    return follower, [first]
+
+
+async def rounds_until_started(head, model: str, start) -> tuple[list, object]:
+    """Stream ``stream_all`` rounds on ``head`` back to back until ``start()`` (run in a thread)
+    returns; return every round and what ``start`` returned."""
+    started = asyncio.ensure_future(asyncio.to_thread(start))
+    rounds = []
+    while not started.done():
+        rounds.append(await stream_all(head, model))
+    return rounds, await started
+
+
+def test_a_second_head_gets_a_fair_share_while_the_first_streams(
+    shared, module_swarm, qwen3_model, qwen3_reference
+):
+    follower, heads = shared
+    first = heads[0]
+    assert [h["kv_blocks"] for h in status(follower)["heads"]] == [FOLLOWER_BLOCKS]
+    reference = asyncio.run(stream_all(first, qwen3_model))
+
+    def start_second():
+        second = module_swarm.start(
+            "head2", qwen3_model, "0,2", QWEN3_ENGINE_FLAGS, peers=[follower]
+        )
+        second.wait_healthy()
+        return second
+
+    rounds, second = asyncio.run(rounds_until_started(first, qwen3_model, start_second))
+    heads.append(second)
+    assert all(got == reference for got in rounds)
+    # The first head shrank while its streams ran, and recomputed them...
+    log = first.log()
+    assert "this head's KV cache shrinks from 45 to 22 blocks" in log
+    preempted = re.search(r"KV cache resized \(.*\): (\d+) running request\(s\) preempted", log)
+    assert preempted and int(preempted.group(1)) > 0
+    samples = scrape(first)
+    assert value(samples, "molink_kv_resizes_total") == 1
+    assert value(samples, "molink_stage_losses_total", cause="lost") == 0
+    assert value(samples, "molink_recomputed_tokens_total", cause="kv_resize") > 0
+    # ...and the two hold disjoint halves.
+    served = status(follower)["heads"]
+    assert sorted(h["kv_blocks"] for h in served) == [22, 22]
+    taken = [b for h in served for a, n in h["kv_block_runs"] for b in range(a, a + n)]
+    assert len(taken) == len(set(taken)) == 44
+    assert "Building the stage" in follower.log()
+    assert follower.log().count("Building the stage") == 1  # weights loaded once
+    for got in asyncio.run(both(heads, qwen3_model)):
+        assert_same(qwen3_reference, got)
 
 
 async def both(heads, model: str) -> list[list[dict]]:
     return await asyncio.gather(*(pipeline_outputs(h.base_url, model) for h in heads))
 
 
-def test_two_heads_share_a_follower_with_exact_outputs(shared, qwen3_model, qwen3_reference):
-    follower, heads = shared
-    for got in asyncio.run(both(heads, qwen3_model)):
-        assert_same(qwen3_reference, got)
-    served = status(follower)["heads"]
-    assert len(served) == 2 and {h["kv_blocks"] for h in served} == {20}
-    regions = sorted((h["kv_first_block"], h["kv_blocks"]) for h in served)
-    assert regions[0][0] + regions[0][1] <= regions[1][0]  # disjoint
-    assert "Building the stage" in follower.log()
-    assert follower.log().count("Building the stage") == 1  # weights loaded once
-
-
 def test_a_head_without_room_is_refused_with_the_reason(shared, module_swarm, qwen3_model):
     follower, _ = shared
-    third = module_swarm.start("head3", qwen3_model, "0,2", ENGINE_FLAGS, peers=[follower])
+    third = module_swarm.start("head3", qwen3_model, "0,2", QWEN3_ENGINE_FLAGS, peers=[follower])
     assert third.wait_exit(timeout=300) != 0
-    assert f"has no room for this head's KV cache: {5 * BLOCK_BYTES} bytes free" in third.log()
+    assert f"has no room for this head's KV cache: {BLOCK_BYTES} bytes free" in third.log()
     assert len(status(follower)["heads"]) == 2
 
 
@@ -73,6 +109,6 @@ def test_kill_9_of_one_head_leaves_the_other_unchanged(
     eventually(lambda: len(status(follower)["heads"]) == 1, timeout=60, what="the KV freed")
     assert "released this stage" in follower.log()
     # ...which a new head gets.
-    new = module_swarm.start("head4", qwen3_model, "0,2", ENGINE_FLAGS, peers=[follower])
+    new = module_swarm.start("head4", qwen3_model, "0,2", QWEN3_ENGINE_FLAGS, peers=[follower])
     new.wait_healthy()
     assert_same(qwen3_reference, asyncio.run(pipeline_outputs(new.base_url, qwen3_model)))

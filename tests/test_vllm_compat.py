@@ -188,6 +188,33 @@ def _running(monkeypatch: pytest.MonkeyPatch) -> None:
         _require(_reads(Scheduler.schedule, f"self.{attr}"), f"schedule() doesn't read {attr}")
 
 
+@contract("vllm.v1.core.block_pool.BlockPool.blocks")
+def _block_pool(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vllm.v1.core.block_pool import BlockPool
+    from vllm.v1.core.kv_cache_manager import KVCacheManager
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    from molink.vllm_compat.scheduler import SchedulerHooks
+
+    _require(_assigns(Scheduler, "kv_cache_manager"), "Scheduler has no kv_cache_manager")
+    _require(_assigns(KVCacheManager, "block_pool"), "KVCacheManager has no block_pool")
+    pool = BlockPool(num_gpu_blocks=10, enable_caching=True, hash_block_size=16)
+    _require([b.block_id for b in pool.blocks] == list(range(10)), "blocks[i] is not block i")
+    scheduler = SimpleNamespace(
+        kv_cache_manager=SimpleNamespace(block_pool=pool), cache_config=SimpleNamespace()
+    )
+    held = pool.get_new_blocks(9)  # every block but the null block
+    _require(not SchedulerHooks.retire_kv_blocks(scheduler, 6), "retired blocks in use")
+    _require(pool.num_gpu_blocks == 10, "a refused retirement changed the pool")
+    pool.free_blocks(held)
+    _require(SchedulerHooks.retire_kv_blocks(scheduler, 6), "couldn't retire free blocks")
+    _require(pool.get_num_free_blocks() == 5, "the retired blocks are still free")
+    _require(pool.get_usage() == 0.0, "usage doesn't count the smaller pool")
+    _require(pool.reset_prefix_cache(), "reset_prefix_cache counts retired blocks as used")
+    _require(max(b.block_id for b in pool.get_new_blocks(5)) == 5, "a retired block was handed out")
+    _require(scheduler.cache_config.num_gpu_blocks == 6, "cache_config not updated")
+
+
 # ------------------------------------------------------------------------------ executor
 
 

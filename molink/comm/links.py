@@ -226,6 +226,10 @@ class ResultStream:
         """Tell the head this node is shutting down (it moves its requests elsewhere)."""
         self._queue.put(molink_pb2.StepResult(epoch=self.epoch, leaving=True))
 
+    def ask_to_shrink(self, blocks: int) -> None:
+        """Ask the head to use at most ``blocks`` KV blocks here (another head needs room)."""
+        self._queue.put(molink_pb2.StepResult(epoch=self.epoch, shrink_kv_blocks=blocks))
+
     def close(self) -> None:
         self._queue.put(_CLOSE)
 

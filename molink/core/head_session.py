@@ -5,8 +5,8 @@ makes at start and sends with every call and step. Steps of every session run on
 one model runner, each with its head's own persistent batch and request table
 (:meth:`~molink.worker.stage_worker.StageHooks.use_batch_of`), so a head can't name another
 head's requests. Before a step runs, :meth:`HeadSession.admit` checks that every block id is
-inside the head's plan (``0 .. region.blocks-1``) and moves it to the head's region of the
-stage's KV cache (``+ region.offset``), so a head can't reach another's KV blocks either.
+inside the head's plan (``0 .. region.blocks-1``) and maps it to the head's region of the
+stage's KV cache (``region.ids[i]``), so a head can't reach another's KV blocks either.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ class HeadSession:
     claimed_at: float = field(default_factory=time.monotonic)
 
     def admit(self, so: SchedulerOutput) -> None:
-        """Check ``so`` (a step of this head) and move its block ids into the head's region.
+        """Check ``so`` (a step of this head) and map its block ids into the head's region.
 
         Changes ``so`` in place; on :class:`StepRefused` the step must not run (it may be half
         moved).
@@ -65,13 +65,14 @@ class HeadSession:
     def _move(self, groups: Iterable[Iterable[int]]) -> tuple[list[int], ...]:
         """Block ids per KV cache group, from the head's numbering to the stage's."""
         assert self.region is not None
-        offset, blocks = self.region.offset, self.region.blocks
+        region = self.region.ids
+        blocks = len(region)
         moved = []
         for ids in groups:
             out = []
             for b in ids:
                 if type(b) is not int or not 0 <= b < blocks:
                     raise StepRefused(f"block id {b!r} is outside this head's {blocks} blocks")
-                out.append(b + offset)
+                out.append(region[b])
             moved.append(out)
         return tuple(moved)

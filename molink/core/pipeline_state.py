@@ -1,9 +1,11 @@
 """Pipeline health shared by the executor and the scheduler inside the head's EngineCore process.
 
 The executor (step threads) writes, the scheduler (engine thread) reads. A *failure epoch* counts
-stage losses: every loss bumps ``failed_epoch``; once a full chain is serving again the executor
-sets ``ready_epoch = failed_epoch``. Scheduler outputs are tagged with the epoch they were made in,
-so the executor can tell batches of a broken chain from batches of the rebuilt one.
+interruptions of the chain: every stage loss bumps ``failed_epoch``, and so does a KV resize
+(the head shrinks its KV cache to make room for another head on a shared stage); once a full
+chain is serving again the executor sets ``ready_epoch = failed_epoch``. Scheduler outputs are
+tagged with the epoch they were made in, so the executor can tell batches of a broken chain from
+batches of the rebuilt one.
 
 It also holds the measured step costs (:class:`~molink.core.micro_batching.PipelineCostModel`)
 that the executor records and the scheduler's micro-batching policy reads.
@@ -31,14 +33,18 @@ class PipelineState:
         self.failed_epoch = 0
         self.ready_epoch = 0
         self.last_error = ""
+        self.last_was_loss = True  # False: the last interruption was a KV resize
+        # The KV blocks the head may use (None: all it planned); only ever lowered.
+        self.kv_blocks_limit: int | None = None
         # What recovery is waiting for (e.g. "no node serves layers 15-29"), while it waits.
         self.waiting_for = ""
         # Set by the executor (built before the scheduler) from --outage-timeout.
         self.outage_timeout = MoLinkConfig.outage_timeout
         self.costs = PipelineCostModel()
 
-    def mark_lost(self, reason: str, epoch: int | None = None) -> int:
-        """Record a stage loss seen while running ``epoch`` (default: the current one).
+    def interrupt(self, reason: str, epoch: int | None = None, loss: bool = True) -> int:
+        """Record a stage loss seen while running ``epoch`` (default: the current one), or
+        with ``loss=False`` a KV resize.
 
         Returns the new failure epoch. A second report about the same epoch is ignored.
         """
@@ -46,6 +52,7 @@ class PipelineState:
             if epoch is None or epoch >= self.failed_epoch:
                 self.failed_epoch += 1
                 self.last_error = reason
+                self.last_was_loss = loss
             return self.failed_epoch
 
     def mark_ready(self, epoch: int) -> None:

@@ -1,12 +1,14 @@
 """The head's scheduler: vLLM's scheduler plus what a pipeline over unreliable nodes needs.
 
-When a stage is lost (the executor bumps the failure epoch), this scheduler
+When a stage is lost, or the head shrinks its KV cache to make room for another head on a shared
+stage (the executor bumps the failure epoch either way), this scheduler
 
 * preempts every request the broken chain held back to waiting, with its in-flight outputs
   dropped (vLLM's own preempt-and-recompute path, ``reset_prefix_cache(reset_running_requests=
   True)``), which also wipes the prefix cache (its block hashes point at KV that is gone). On the
   rebuilt chain each request re-prefills its prompt and the tokens it generated so far and goes
-  on, so a client's stream only pauses;
+  on, so a client's stream only pauses; after a KV resize, the blocks above the new size are
+  retired from vLLM's block pool first;
 * attaches a :class:`~molink.core.request_snapshot.RequestSnapshot` to the first step that
   resumes a request the stages of the new epoch have not seen;
 * holds all work while no full chain exists, and after ``outage_timeout`` fails the waiting
@@ -49,6 +51,11 @@ SCHEDULER_CLS = "molink.core.scheduler.PipelineScheduler"
 
 #: A request on this many lost chains is failed instead of recomputed once more.
 MAX_STAGE_LOSSES = 3
+_PREEMPTION_CAUSES = {
+    "stage_loss": "its pipeline broke",
+    "kv_resize": "the KV cache shrank",
+    "kv_cache_full": "KV cache full",
+}
 
 
 class PipelineScheduler(SchedulerHooks):
@@ -78,7 +85,7 @@ class PipelineScheduler(SchedulerHooks):
         # Requests every stage of the current epoch holds (no snapshot needed to resume them).
         self._known: set[str] = set()
         self._stage_losses: dict[str, int] = {}
-        self._in_barrier = False
+        self._barrier_cause = ""  # while a barrier preempts: "stage_loss" or "kv_resize"
         self._failure_causes: dict[str, str] = {}
 
     def cached_request_data(self, data: CachedRequestData) -> CachedRequestData:
@@ -97,16 +104,18 @@ class PipelineScheduler(SchedulerHooks):
         self._epoch = epoch
         if self._down_since is None:
             self._down_since = time.monotonic()
+        loss = self.pipeline.last_was_loss
         affected = list(self.running) + [
             r for r in self.requests.values() if r.status == RequestStatus.PREEMPTED
         ]
         too_often, multimodal = [], []
         for request in affected:
             rid = request.request_id
-            self._stage_losses[rid] = self._stage_losses.get(rid, 0) + 1
+            if loss:
+                self._stage_losses[rid] = self._stage_losses.get(rid, 0) + 1
             if request.mm_features:
                 multimodal.append(rid)
-            elif self._stage_losses[rid] >= MAX_STAGE_LOSSES:
+            elif self._stage_losses.get(rid, 0) >= MAX_STAGE_LOSSES:
                 too_often.append(rid)
         last = self.pipeline.last_error
         self._fail(
@@ -120,7 +129,7 @@ class PipelineScheduler(SchedulerHooks):
             "multimodal",
         )
         num_running = len(self.running)
-        self._in_barrier = True
+        self._barrier_cause = "stage_loss" if loss else "kv_resize"
         try:
             self.reset_prefix_cache(reset_running_requests=True)
         except RuntimeError as e:  # blocks held outside the running set (KV connectors)
@@ -130,14 +139,26 @@ class PipelineScheduler(SchedulerHooks):
             )
             self.reset_prefix_cache()
         finally:
-            self._in_barrier = False
+            self._barrier_cause = ""
         self._known.clear()
-        logger.warning(
-            "Pipeline failure (%s): %d running request(s) preempted; they resume on the rebuilt "
-            "chain",
-            self.pipeline.last_error,
-            num_running,
-        )
+        limit = self.pipeline.kv_blocks_limit
+        if limit is not None and limit < self.kv_pool_blocks() and not self.retire_kv_blocks(limit):
+            logger.error("KV blocks above %d are still in use; retiring them next time", limit)
+        if loss:
+            logger.warning(
+                "Pipeline failure (%s): %d running request(s) preempted; they resume on the "
+                "rebuilt chain",
+                last,
+                num_running,
+            )
+        else:
+            logger.warning(
+                "KV cache resized (%s): %d running request(s) preempted; they recompute in %d "
+                "blocks",
+                last,
+                num_running,
+                self.kv_pool_blocks(),
+            )
 
     def _fail(self, request_ids: list[str], cause: str, kind: str) -> None:
         """Finish requests with an error whose message (the client's) is ``cause``; ``kind``
@@ -167,12 +188,12 @@ class PipelineScheduler(SchedulerHooks):
             )
 
     def on_request_preempted(self, request: Request, recomputed: int) -> None:
-        cause = "stage_loss" if self._in_barrier else "kv_cache_full"
+        cause = self._barrier_cause or "kv_cache_full"
         metrics.RECOMPUTED_TOKENS.labels(cause).inc(recomputed)
         request_logger.info(
             "Request %s preempted (%s): its %d computed tokens will be recomputed",
             request.request_id,
-            "its pipeline broke" if self._in_barrier else "KV cache full",
+            _PREEMPTION_CAUSES[cause],
             recomputed,
         )
 

@@ -6,12 +6,16 @@ the head's secret session id (:mod:`molink.core.head_session`):
 
 * ``InitStage`` builds the worker for a span of the layers this node holds, with the head's
   limits: it loads only that span's weights and allocates the KV cache for all the memory the
-  node has. It reports the KV cache spec and the KV bytes this head can claim. While other heads
-  use the stage, a head must ask for the same span and limits: the node holds one set of weights.
-* ``StartStage`` claims the head's region of the KV cache (the blocks it planned, or a clear
-  refusal when the node has no room), forgets the head's requests, and wires its output to the
-  next stage (or to the head's result stream). After a pipeline failure the head calls it again
-  with a new epoch. A *standby* ``StartStage`` claims nothing: the node is kept ready.
+  node has. It reports the KV cache spec and the KV bytes this head can claim: the free blocks,
+  or its fair share when other heads hold more (:mod:`molink.core.kv_regions`). While other
+  heads use the stage, a head must ask for the same span and limits: the node holds one set of
+  weights.
+* ``StartStage`` claims the head's region of the KV cache (the blocks it planned), forgets the
+  head's requests, and wires its output to the next stage (or to the head's result stream).
+  When the blocks aren't free, the heads holding more than their fair share are asked, on their
+  result streams, to shrink (they recompute their requests in fewer blocks and claim again), and
+  the claim waits up to :data:`SHRINK_WAIT_S` for them. After a pipeline failure the head calls
+  it again with a new epoch. A *standby* ``StartStage`` claims nothing: the node is kept ready.
 
 Steps of every head run in arrival order on the one worker. A head's claim ends when it stops
 listening to its result stream (it moved off, left or died), or after ``CLAIM_LEASE_S`` if it
@@ -36,7 +40,7 @@ from molink.comm.links import NextHopLink, ResultStream, timings_from_proto
 from molink.comm.proto import molink_pb2
 from molink.comm.stage_service import StageNotReady
 from molink.core.head_session import HeadSession
-from molink.core.kv_regions import KVRegions
+from molink.core.kv_regions import KVRegions, NoRoom, Region
 from molink.core.step import StepWork
 from molink.engine.stage_config import stage_engine_config
 from molink.engine.stage_engine import StageEngine
@@ -48,6 +52,8 @@ logger = init_logger(__name__)
 
 #: Seconds a head's KV claim lasts before it listens to its result stream.
 CLAIM_LEASE_S = 60.0
+#: Seconds a claim waits for other heads to shrink to their fair share.
+SHRINK_WAIT_S = 60.0
 
 
 class StageHost:
@@ -88,6 +94,7 @@ class StageHost:
         self._kv_spec: dict[str, Any] = {}
         self._kv_available = 0
         self._lock = threading.RLock()
+        self._room_freed = threading.Condition(self._lock)  # a head gave back KV blocks
 
     @property
     def state(self) -> str:
@@ -125,7 +132,7 @@ class StageHost:
                     "epoch": s.epoch,
                     "kv_blocks": region.blocks,
                     "kv_bytes": region.blocks * self.block_bytes,
-                    "kv_first_block": region.offset,
+                    "kv_block_runs": region.runs(),
                     "requests": self.worker.requests_of(s.id) if self.worker else 0,
                     "next_hop": link.stats() if link else None,
                 }
@@ -163,7 +170,16 @@ class StageHost:
             session = self.sessions.setdefault(session_id, HeadSession(session_id))
             session.label = label[:64]
             session.config = config
-            return self._spec_payload, self.regions.room(session_id) * self.block_bytes
+            return self._spec_payload, self.regions.offer(
+                session_id, self._min_blocks()
+            ) * self.block_bytes
+
+    def _min_blocks(self) -> int:
+        """Blocks one request of the heads' ``--max-model-len`` needs on this stage (with
+        vLLM's reserved null block)."""
+        config = self._vllm_config
+        needed = sum(spec.max_memory_usage_bytes(config) for spec in self._kv_spec.values())
+        return -(-needed // max(self.block_bytes, 1)) + 1
 
     def _build(self, config: StageConfig) -> None:
         """(Re)build the worker for ``config``; its KV cache comes with the first StartStage
@@ -258,7 +274,7 @@ class StageHost:
             if standby:
                 logger.info("Standing by for layers %d-%d", *self.serving_span)  # type: ignore[str-format]
                 return
-            session.region = self.regions.claim(session_id, kv_cache_config.num_blocks)
+            session.region = self._claim(session, kv_cache_config.num_blocks)
             self._close_links(session)
             session.results = results = ResultStream(epoch)
             session.listening = False
@@ -278,14 +294,49 @@ class StageHost:
                 )
             self.engine.start_epoch(session, epoch, sink)
             logger.info(
-                "Serving layers %d-%d for head %s, epoch %d -> %s (KV blocks %d-%d)",
+                "Serving layers %d-%d for head %s, epoch %d -> %s (%d KV blocks: %s)",
                 *self.serving_span,  # type: ignore[misc]
                 session.label or "?",
                 epoch,
                 next_address or "the head (last stage)",
-                session.region.offset,
-                session.region.offset + session.region.blocks - 1,
+                session.region.blocks,
+                ", ".join(f"{a}-{a + n - 1}" for a, n in session.region.runs()),
             )
+
+    def _claim(self, session: HeadSession, blocks: int) -> Region:
+        """Claim ``blocks`` blocks for ``session``; if they aren't free, ask the heads holding
+        more than their fair share to shrink and wait for them (caller holds the lock, which the
+        wait releases)."""
+        deadline = time.monotonic() + SHRINK_WAIT_S
+        asked: dict[str, int] = {}
+        while True:
+            try:
+                region = self.regions.claim(session.id, blocks)
+                self._room_freed.notify_all()  # it may have given blocks back
+                return region
+            except NoRoom as e:
+                if not asked:
+                    asked = self.regions.shrinks_for(session.id, blocks)
+                    for owner, share in asked.items():
+                        other = self.sessions[owner]
+                        if other.results is None:
+                            continue
+                        logger.info(
+                            "Asking head %s to shrink to %d KV blocks: head %s needs room",
+                            other.label or "?",
+                            share,
+                            session.label or "?",
+                        )
+                        other.results.ask_to_shrink(share)
+                    if not asked:
+                        raise
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise NoRoom(
+                        f"{e}; the heads asked to shrink to their fair share did not within "
+                        f"{SHRINK_WAIT_S:g} s"
+                    ) from None
+                self._room_freed.wait(left)
 
     def submit(self, msg: molink_pb2.Step) -> None:
         """Decode a step from the previous stage and queue it for compute."""
@@ -380,6 +431,7 @@ class StageHost:
             self.engine.end_session(session)
         self.regions.release(session.id)
         session.region = None
+        self._room_freed.notify_all()
 
     @staticmethod
     def _close_links(session: HeadSession) -> None:

@@ -107,13 +107,13 @@ class ChainKeeper:
             logger.warning("Leaving node %s out of chains for %.0f s: %s", peer_id, EXCLUDE_S, why)
         self._excluded[peer_id] = time.monotonic() + EXCLUDE_S
 
-    def _held(self) -> list[RemoteStage]:
+    def held(self) -> list[RemoteStage]:
         """Every stage that holds a span for this head: the chain's, then the standbys'."""
         return [*self.remotes, *self._standby.values()]
 
     def _loaded(self) -> dict[str, tuple[int, int]]:
         """Spans nodes hold for this head, by peer (the chain's win over standbys')."""
-        return {r.peer_id: r.span for r in reversed(self._held())}
+        return {r.peer_id: r.span for r in reversed(self.held())}
 
     # ------------------------------------------------------------------ reporting
     def describe_remotes(self) -> list[dict[str, Any]]:
@@ -159,7 +159,7 @@ class ChainKeeper:
         the swarm can't cover the layers, or another error when a chosen node fails to start
         (it is then left out, and the next call plans around it).
         """
-        for remote in self._held():
+        for remote in self.held():
             dead = remote.probe()
             if dead is not None:
                 self.exclude(remote.peer_id, dead)
@@ -169,7 +169,7 @@ class ChainKeeper:
 
     def _ready(self, hop: Hop) -> RemoteStage:
         """A stage for ``hop``: the one already serving or on standby, else a new one."""
-        for remote in self._held():
+        for remote in self.held():
             if remote.peer_id == hop.peer_id and remote.span == hop.span:
                 return remote
         remote = RemoteStage(RemoteStageSpec.from_hop(hop), self.security, self.session)
@@ -188,7 +188,7 @@ class ChainKeeper:
         peers = {r.peer_id for r in remotes}
         excluded = self._exclusions()
         standby: dict[str, RemoteStage] = {}
-        for remote in self._held():
+        for remote in self.held():
             if id(remote) in chosen:
                 continue
             if remote.peer_id in peers or remote.peer_id in excluded:
@@ -237,7 +237,7 @@ class ChainKeeper:
                 logger.info("Standby for %s: %s", remote, standby)
 
     def shutdown(self) -> None:
-        for remote in self._held():
+        for remote in self.held():
             remote.close()
         if self._view is not None:
             self._view.shutdown()

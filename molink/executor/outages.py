@@ -1,9 +1,11 @@
-"""The head's record of chain losses and recoveries: one log line each, metrics, recent events.
+"""The head's record of chain losses, KV resizes and recoveries: one log line each, metrics,
+recent events.
 
 A loss line names the stage (its address and span), the cause, and how long detection took (from
 the oldest step the chain had not answered); a restore line names the new chain and how long the
-restore took from detection. The last :data:`MAX_EVENTS` events are kept for the head's
-``/swarm`` view.
+restore took from detection. A KV resize (the head shrinks its KV cache to make room for another
+head on a shared stage) interrupts the chain the same way, but is no loss. The last
+:data:`MAX_EVENTS` events are kept for the head's ``/swarm`` view.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ class OutageRecord:
         self._lock = threading.Lock()
         self._events: deque[dict[str, Any]] = deque(maxlen=MAX_EVENTS)
         self._detected_at: float | None = None  # monotonic, while an outage lasts
+        self._resizing = False  # the outage is a KV resize, not a loss
 
     def lost(
         self,
@@ -53,6 +56,7 @@ class OutageRecord:
         with self._lock:
             if self._detected_at is None:
                 self._detected_at = now
+            self._resizing = False
             self._events.append(
                 {
                     "kind": "loss",
@@ -76,11 +80,31 @@ class OutageRecord:
             epoch,
         )
 
+    def resized(self, reason: str, blocks: int, epoch: int) -> None:
+        """The head shrinks its KV cache to ``blocks`` blocks (``reason``: who asked, why)."""
+        with self._lock:
+            if self._detected_at is None:
+                self._detected_at = time.monotonic()
+                self._resizing = True
+            self._events.append(
+                {
+                    "kind": "kv_resize",
+                    "time": time.time(),
+                    "reason": reason,
+                    "kv_blocks": blocks,
+                    "epoch": epoch,
+                }
+            )
+        metrics.KV_RESIZES.inc()
+        metrics.CHAIN_READY.set(0)
+        logger.warning("%s; rewiring (epoch %d)", reason, epoch)
+
     def restored(self, epoch: int, chain: str, stages: int) -> None:
         """A full chain (``chain`` described, ``stages`` long, the head's included) serves."""
         now = time.monotonic()
         with self._lock:
             detected_at, self._detected_at = self._detected_at, None
+            resizing, self._resizing = self._resizing, False
             restore_s = None if detected_at is None else now - detected_at
             self._events.append(
                 {
@@ -94,6 +118,14 @@ class OutageRecord:
         metrics.CHAIN_READY.set(1)
         metrics.CHAIN_STAGES.set(stages)
         if restore_s is None:  # the first chain
+            return
+        if resizing:
+            logger.info(
+                "Pipeline serving again (epoch %d) %.1f s after the KV resize: %s",
+                epoch,
+                restore_s,
+                chain,
+            )
             return
         metrics.RECOVERIES.inc()
         metrics.RECOVERY_SECONDS.observe(restore_s)

@@ -201,10 +201,7 @@ class PipelineExecutor(ExecutorHooks):
         vLLM planned every stage at the same number of blocks when the engine started; a new
         stage must hold exactly that many, or the head's block ids would not fit.
         """
-        assert self._local_kv_spec is not None and remote.kv_cache_spec is not None
-        others = [r for r in chain if r is not remote and r.kv_cache_spec is not None]
-        specs = [self._local_kv_spec, *(r.kv_cache_spec for r in others), remote.kv_cache_spec]
-        config = plan_kv_cache_with_blocks(self.vllm_config, specs, self._num_blocks)
+        config = self._kv_plan(remote, chain)
         needed = sum(t.size for t in config.kv_cache_tensors)
         if config.num_blocks != self._num_blocks or needed > remote.available_kv_bytes:
             raise StageRefused(
@@ -213,6 +210,13 @@ class PipelineExecutor(ExecutorHooks):
             )
         return config
 
+    def _kv_plan(self, remote: RemoteStage, chain: list[RemoteStage]) -> KVCacheConfig:
+        """``remote``'s KV cache plan at the head's block count (beside the stages of ``chain``)."""
+        assert self._local_kv_spec is not None and remote.kv_cache_spec is not None
+        others = [r for r in chain if r is not remote and r.kv_cache_spec is not None]
+        specs = [self._local_kv_spec, *(r.kv_cache_spec for r in others), remote.kv_cache_spec]
+        return plan_kv_cache_with_blocks(self.vllm_config, specs, self._num_blocks)
+
     def get_kv_cache_specs(self) -> list[dict[str, KVCacheSpec]]:
         self._local_kv_spec = self.worker.get_kv_cache_spec()
         return [self._local_kv_spec] + [r.kv_cache_spec for r in self.chain.remotes]
@@ -220,8 +224,10 @@ class PipelineExecutor(ExecutorHooks):
     def determine_available_memory(self) -> list[int]:
         """KV bytes per stage: vLLM plans every stage at the same block count, the minimum.
 
-        A remote stage offers what other heads left free on it; one that can't hold a single
-        request of ``max_model_len`` is refused here, with the reason, before vLLM's own check.
+        A remote stage offers what other heads left free on it, or this head's fair share of it
+        (the heads holding more then shrink when this head claims its blocks); one that can't
+        hold a single request of ``max_model_len`` is refused here, with the reason, before
+        vLLM's own check.
         """
         local = self.worker.determine_available_memory()
         for remote in self.chain.remotes:
@@ -233,8 +239,9 @@ class PipelineExecutor(ExecutorHooks):
             if remote.available_kv_bytes < needed:
                 raise StageRefused(
                     f"{remote} has no room for this head's KV cache: {remote.available_kv_bytes} "
-                    f"bytes free (other heads hold the rest), and one request of "
-                    f"--max-model-len {self.vllm_config.model_config.max_model_len} needs {needed}"
+                    f"bytes free, and neither they nor a fair share beside the heads it serves "
+                    f"hold one request of --max-model-len "
+                    f"{self.vllm_config.model_config.max_model_len} ({needed} bytes)"
                 )
         return [local] + [r.available_kv_bytes for r in self.chain.remotes]
 
@@ -300,6 +307,9 @@ class PipelineExecutor(ExecutorHooks):
                     logger.info("Stage %s says it is leaving", remote)
                     self.chain.mark_leaving(remote.peer_id)
                     self._wakeup.set()
+                    continue
+                if result.shrink_kv_blocks:
+                    self._shrink_kv(result.shrink_kv_blocks, remote)
                     continue
                 if result.error:
                     self._on_failure(result.error, epoch, stage=str(remote))
@@ -409,17 +419,43 @@ class PipelineExecutor(ExecutorHooks):
                 return
             # What clients and /ready are told, e.g. "lost stage 10.0.0.2:50051 [15-29]: ...".
             full_reason = f"lost stage {stage}: {reason}" if stage else reason
-            new_epoch = self.state.mark_lost(full_reason, epoch)
+            new_epoch = self.state.interrupt(full_reason, epoch)
             oldest = min((p.submitted_at for p in self._pending.values()), default=None)
             self.outages.lost(stage, reason, cause, new_epoch, oldest)
-            pending, self._pending = self._pending, {}
-            for step_id in sorted(pending):
-                p = pending[step_id]
-                if not p.grammar.done():
-                    p.grammar.set_result(None)
-                if not p.future.done():
-                    p.future.set_result(lost_output(p.scheduler_output, new_epoch, full_reason))
+            self._answer_pending(new_epoch, full_reason)
         self._wakeup.set()
+
+    def _shrink_kv(self, blocks: int, asking: RemoteStage) -> None:
+        """``asking`` needs room for another head: use at most ``blocks`` KV blocks from now on.
+
+        Every stage is planned again at that size and the chain is rewired like after a loss
+        (the scheduler retires the blocks above ``blocks`` and its requests recompute), but it
+        counts as no loss. The head never grows back.
+        """
+        with self._lock:
+            if self._stopped or blocks >= self._num_blocks:
+                return
+            reason = (
+                f"{asking} needs room for another head: this head's KV cache shrinks from "
+                f"{self._num_blocks} to {blocks} blocks"
+            )
+            self._num_blocks = self.state.kv_blocks_limit = blocks
+            for remote in self.chain.held():
+                remote.kv_cache_config = self._kv_plan(remote, self.chain.remotes)
+            new_epoch = self.state.interrupt(reason, loss=False)
+            self.outages.resized(reason, blocks, new_epoch)
+            self._answer_pending(new_epoch, reason)
+        self._wakeup.set()
+
+    def _answer_pending(self, epoch: int, reason: str) -> None:
+        """Answer every step in flight as lost to failure ``epoch`` (caller holds the lock)."""
+        pending, self._pending = self._pending, {}
+        for step_id in sorted(pending):
+            p = pending[step_id]
+            if not p.grammar.done():
+                p.grammar.set_result(None)
+            if not p.future.done():
+                p.future.set_result(lost_output(p.scheduler_output, epoch, reason))
 
     def _watch(self) -> None:
         """Deadline on steps: a stage that stops answering counts as lost."""

@@ -125,10 +125,16 @@ RECOVERY_SECONDS = Histogram(
     buckets=(0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0),
     registry=HEAD_REGISTRY,
 )
+KV_RESIZES = Counter(
+    "molink_kv_resizes",
+    "Times the head shrank its KV cache because another head needed room on a shared stage.",
+    registry=HEAD_REGISTRY,
+)
 RECOMPUTED_TOKENS = Counter(
     "molink_recomputed_tokens",
     "Tokens computed again because their KV cache was dropped: cause=stage_loss (a chain "
-    "broke) or kv_cache_full (vLLM preempted the request).",
+    "broke), kv_resize (the head shrank its KV cache for another head on a shared stage) or "
+    "kv_cache_full (vLLM preempted the request).",
     ["cause"],
     registry=HEAD_REGISTRY,
 )

@@ -83,6 +83,13 @@ INTERNALS: tuple[Internal, ...] = (
         "from the instance on every call, so they can be narrowed for one call",
     ),
     Internal(
+        "vllm.v1.core.block_pool.BlockPool.blocks",
+        "scheduler.SchedulerHooks.retire_kv_blocks",
+        "the scheduler's kv_cache_manager.block_pool keeps block i at blocks[i] and the free ones "
+        "in free_block_queue (remove(block)); allocation, usage and reset_prefix_cache count "
+        "num_gpu_blocks, so cutting both retires the blocks above a size",
+    ),
+    Internal(
         "vllm.v1.executor.abstract.Executor._init_executor",
         "executor.ExecutorHooks.init_executor",
         "the abstract set-up method Executor.__init__ calls once vllm_config is set",
@@ -229,6 +236,7 @@ PATCHED_ATTRIBUTES: frozenset[str] = frozenset(
         "max_num_scheduled_tokens",
         "max_num_running_reqs",
         "num_gpu_blocks_override",  # CacheConfig, for one planning call
+        "num_gpu_blocks",  # BlockPool and CacheConfig, when the head's KV cache shrinks
         "kv_cache_layout",  # KVCacheConfig (as EngineCore does)
         "intermediate_tensors",  # the model runner
         "input_batch",

@@ -57,6 +57,35 @@ class SchedulerHooks(Scheduler):
         self.on_request_freed(request)
         return result
 
+    # ------------------------------------------------------------ the KV block pool
+    def retire_kv_blocks(self, num_blocks: int) -> bool:
+        """Use only block ids below ``num_blocks`` from now on (the pool never grows back).
+
+        Returns False, changing nothing, while a block to retire is in use. Call it when no
+        request holds blocks (after ``reset_prefix_cache(reset_running_requests=True)``).
+
+        Needs from vLLM: ``kv_cache_manager.block_pool`` holds every block in ``blocks`` (block
+        ``i`` at index ``i``), the free ones in ``free_block_queue`` (``remove``), and counts them
+        in ``num_gpu_blocks``; ``evict_blocks`` drops cached hashes.
+        """
+        pool = self.kv_cache_manager.block_pool
+        retired = pool.blocks[num_blocks:]
+        if not retired:
+            return True
+        if any(block.ref_cnt or block.is_null for block in retired):
+            return False
+        pool.evict_blocks({block.block_id for block in retired})
+        for block in retired:
+            pool.free_block_queue.remove(block)
+        del pool.blocks[num_blocks:]
+        pool.num_gpu_blocks = num_blocks
+        self.cache_config.num_gpu_blocks = num_blocks
+        return True
+
+    def kv_pool_blocks(self) -> int:
+        """Blocks in the KV block pool (the null block included)."""
+        return self.kv_cache_manager.block_pool.num_gpu_blocks
+
     # ------------------------------------------------------------ scheduling variants
     def schedule_paused(self, throttle_prefills: bool = False) -> SchedulerOutput:
         """vLLM's ``schedule()`` as if paused: no tokens, but the output still carries the
