@@ -42,7 +42,7 @@ def test_cached_requests_carry_no_token_lists() -> None:
 
 
 def _barrier_scheduler(
-    last_was_loss: bool = True, kv_blocks_limit: int | None = None
+    last_cause: str = "stage_loss", kv_blocks_limit: int | None = None
 ) -> tuple[PipelineScheduler, list[str]]:
     """A scheduler with only what the barrier reads: request "a" running, "b" waiting; and the
     list of requests it fails."""
@@ -53,7 +53,7 @@ def _barrier_scheduler(
     scheduler.requests = {"a": doomed, "b": survivor}
     scheduler.pipeline = SimpleNamespace(
         last_error="lost stage 10.0.0.2:50051 [3-5]",
-        last_was_loss=last_was_loss,
+        last_cause=last_cause,
         kv_blocks_limit=kv_blocks_limit,
     )
     scheduler._down_since = None
@@ -91,7 +91,7 @@ def test_a_request_on_max_stage_losses_lost_chains_fails_with_the_cause() -> Non
 
 
 def test_a_kv_resize_recomputes_in_fewer_blocks_and_is_no_loss() -> None:
-    scheduler, finished = _barrier_scheduler(last_was_loss=False, kv_blocks_limit=22)
+    scheduler, finished = _barrier_scheduler("kv_resize", kv_blocks_limit=22)
     pool = [45]
     scheduler.kv_pool_blocks = lambda: pool[0]
 

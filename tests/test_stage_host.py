@@ -69,10 +69,14 @@ def test_a_second_head_gets_a_fair_share_while_the_first_streams(
     # The first head shrank while its streams ran, and recomputed them...
     log = first.log()
     assert "this head's KV cache shrinks from 45 to 22 blocks" in log
-    preempted = re.search(r"KV cache resized \(.*\): (\d+) running request\(s\) preempted", log)
+    preempted = re.search(
+        r"Rewiring without a loss, the KV cache shrank for another head \(.*\): (\d+) running "
+        r"request\(s\) preempted",
+        log,
+    )
     assert preempted and int(preempted.group(1)) > 0
     samples = scrape(first)
-    assert value(samples, "molink_kv_resizes_total") == 1
+    assert value(samples, "molink_rewires_total", cause="kv_resize") == 1
     assert value(samples, "molink_stage_losses_total", cause="lost") == 0
     assert value(samples, "molink_recomputed_tokens_total", cause="kv_resize") > 0
     # ...and the two hold disjoint halves.

@@ -1,11 +1,11 @@
 """Pipeline health shared by the executor and the scheduler inside the head's EngineCore process.
 
 The executor (step threads) writes, the scheduler (engine thread) reads. A *failure epoch* counts
-interruptions of the chain: every stage loss bumps ``failed_epoch``, and so does a KV resize
-(the head shrinks its KV cache to make room for another head on a shared stage); once a full
-chain is serving again the executor sets ``ready_epoch = failed_epoch``. Scheduler outputs are
-tagged with the epoch they were made in, so the executor can tell batches of a broken chain from
-batches of the rebuilt one.
+interruptions of the chain: every stage loss bumps ``failed_epoch``, and so does a rewiring the
+head chooses (a KV resize, to make room for another head on a shared stage, or a rebalance, to
+move off a loaded replica; see :data:`CAUSES`); once a full chain is serving again the executor
+sets ``ready_epoch = failed_epoch``. Scheduler outputs are tagged with the epoch they were made
+in, so the executor can tell batches of a broken chain from batches of the rebuilt one.
 
 It also holds the measured step costs (:class:`~molink.core.micro_batching.PipelineCostModel`)
 that the executor records and the scheduler's micro-batching policy reads.
@@ -24,6 +24,14 @@ from molink.core.micro_batching import PipelineCostModel
 
 EPOCH_ATTR = "molink_epoch"
 
+#: Why the chain was interrupted: a stage loss, or a rewiring the head chose (no loss), as the
+#: scheduler's log line and the recompute metric's ``cause`` name them.
+CAUSES = {
+    "stage_loss": "its pipeline broke",
+    "kv_resize": "the KV cache shrank for another head",
+    "rebalance": "the head moved to a less loaded replica",
+}
+
 
 class PipelineState:
     """Failure and recovery epochs of the pipeline (thread-safe)."""
@@ -33,7 +41,7 @@ class PipelineState:
         self.failed_epoch = 0
         self.ready_epoch = 0
         self.last_error = ""
-        self.last_was_loss = True  # False: the last interruption was a KV resize
+        self.last_cause = "stage_loss"  # of the last interruption: a key of CAUSES
         # The KV blocks the head may use (None: all it planned); only ever lowered.
         self.kv_blocks_limit: int | None = None
         # What recovery is waiting for (e.g. "no node serves layers 15-29"), while it waits.
@@ -42,9 +50,9 @@ class PipelineState:
         self.outage_timeout = MoLinkConfig.outage_timeout
         self.costs = PipelineCostModel()
 
-    def interrupt(self, reason: str, epoch: int | None = None, loss: bool = True) -> int:
+    def interrupt(self, reason: str, epoch: int | None = None, cause: str = "stage_loss") -> int:
         """Record a stage loss seen while running ``epoch`` (default: the current one), or
-        with ``loss=False`` a KV resize.
+        another ``cause`` of :data:`CAUSES`.
 
         Returns the new failure epoch. A second report about the same epoch is ignored.
         """
@@ -52,7 +60,7 @@ class PipelineState:
             if epoch is None or epoch >= self.failed_epoch:
                 self.failed_epoch += 1
                 self.last_error = reason
-                self.last_was_loss = loss
+                self.last_cause = cause
             return self.failed_epoch
 
     def mark_ready(self, epoch: int) -> None:

@@ -8,7 +8,7 @@ stage (the executor bumps the failure epoch either way), this scheduler
   True)``), which also wipes the prefix cache (its block hashes point at KV that is gone). On the
   rebuilt chain each request re-prefills its prompt and the tokens it generated so far and goes
   on, so a client's stream only pauses; after a KV resize, the blocks above the new size are
-  retired from vLLM's block pool first;
+  retired from vLLM's block pool first; a rewiring the head chose counts as no loss;
 * attaches a :class:`~molink.core.request_snapshot.RequestSnapshot` to the first step that
   resumes a request the stages of the new epoch have not seen;
 * holds all work while no full chain exists, and after ``outage_timeout`` fails the waiting
@@ -36,7 +36,7 @@ from vllm.v1.outputs import ModelRunnerOutput
 from vllm.v1.request import Request, RequestStatus
 
 from molink.core.micro_batching import MicroBatchPlan, plan_micro_batch
-from molink.core.pipeline_state import EPOCH_ATTR, PIPELINE_STATE, StageLostOutput
+from molink.core.pipeline_state import CAUSES, EPOCH_ATTR, PIPELINE_STATE, StageLostOutput
 from molink.core.request_snapshot import SNAPSHOTS_ATTR, RequestSnapshot
 from molink.stage_spec import ADDITIONAL_CONFIG_KEY
 from molink.telemetry import metrics
@@ -51,11 +51,6 @@ SCHEDULER_CLS = "molink.core.scheduler.PipelineScheduler"
 
 #: A request on this many lost chains is failed instead of recomputed once more.
 MAX_STAGE_LOSSES = 3
-_PREEMPTION_CAUSES = {
-    "stage_loss": "its pipeline broke",
-    "kv_resize": "the KV cache shrank",
-    "kv_cache_full": "KV cache full",
-}
 
 
 class PipelineScheduler(SchedulerHooks):
@@ -104,7 +99,8 @@ class PipelineScheduler(SchedulerHooks):
         self._epoch = epoch
         if self._down_since is None:
             self._down_since = time.monotonic()
-        loss = self.pipeline.last_was_loss
+        cause = self.pipeline.last_cause
+        loss = cause == "stage_loss"
         affected = list(self.running) + [
             r for r in self.requests.values() if r.status == RequestStatus.PREEMPTED
         ]
@@ -129,7 +125,7 @@ class PipelineScheduler(SchedulerHooks):
             "multimodal",
         )
         num_running = len(self.running)
-        self._barrier_cause = "stage_loss" if loss else "kv_resize"
+        self._barrier_cause = cause
         try:
             self.reset_prefix_cache(reset_running_requests=True)
         except RuntimeError as e:  # blocks held outside the running set (KV connectors)
@@ -153,8 +149,9 @@ class PipelineScheduler(SchedulerHooks):
             )
         else:
             logger.warning(
-                "KV cache resized (%s): %d running request(s) preempted; they recompute in %d "
-                "blocks",
+                "Rewiring without a loss, %s (%s): %d running request(s) preempted; they "
+                "recompute in %d KV blocks",
+                CAUSES[cause],
                 last,
                 num_running,
                 self.kv_pool_blocks(),
@@ -193,7 +190,7 @@ class PipelineScheduler(SchedulerHooks):
         request_logger.info(
             "Request %s preempted (%s): its %d computed tokens will be recomputed",
             request.request_id,
-            _PREEMPTION_CAUSES[cause],
+            CAUSES.get(cause, "KV cache full"),
             recomputed,
         )
 

@@ -3,8 +3,9 @@ recent events.
 
 A loss line names the stage (its address and span), the cause, and how long detection took (from
 the oldest step the chain had not answered); a restore line names the new chain and how long the
-restore took from detection. A KV resize (the head shrinks its KV cache to make room for another
-head on a shared stage) interrupts the chain the same way, but is no loss. The last
+restore took from detection. A rewiring the head chooses (a KV resize for another head on a
+shared stage, or a rebalance onto a less loaded replica) interrupts the chain the same way, but
+is no loss. The last
 :data:`MAX_EVENTS` events are kept for the head's ``/swarm`` view.
 """
 
@@ -31,7 +32,7 @@ class OutageRecord:
         self._lock = threading.Lock()
         self._events: deque[dict[str, Any]] = deque(maxlen=MAX_EVENTS)
         self._detected_at: float | None = None  # monotonic, while an outage lasts
-        self._resizing = False  # the outage is a KV resize, not a loss
+        self._rewiring = ""  # the outage's cause when the head chose it (no loss)
 
     def lost(
         self,
@@ -56,7 +57,7 @@ class OutageRecord:
         with self._lock:
             if self._detected_at is None:
                 self._detected_at = now
-            self._resizing = False
+            self._rewiring = ""
             self._events.append(
                 {
                     "kind": "loss",
@@ -80,22 +81,17 @@ class OutageRecord:
             epoch,
         )
 
-    def resized(self, reason: str, blocks: int, epoch: int) -> None:
-        """The head shrinks its KV cache to ``blocks`` blocks (``reason``: who asked, why)."""
+    def rewiring(self, cause: str, reason: str, epoch: int) -> None:
+        """The head rewires its chain without a loss: ``cause`` is ``kv_resize`` or
+        ``rebalance``, ``reason`` says who asked or what moves."""
         with self._lock:
             if self._detected_at is None:
                 self._detected_at = time.monotonic()
-                self._resizing = True
+                self._rewiring = cause
             self._events.append(
-                {
-                    "kind": "kv_resize",
-                    "time": time.time(),
-                    "reason": reason,
-                    "kv_blocks": blocks,
-                    "epoch": epoch,
-                }
+                {"kind": cause, "time": time.time(), "reason": reason, "epoch": epoch}
             )
-        metrics.KV_RESIZES.inc()
+        metrics.REWIRES.labels(cause).inc()
         metrics.CHAIN_READY.set(0)
         logger.warning("%s; rewiring (epoch %d)", reason, epoch)
 
@@ -104,7 +100,7 @@ class OutageRecord:
         now = time.monotonic()
         with self._lock:
             detected_at, self._detected_at = self._detected_at, None
-            resizing, self._resizing = self._resizing, False
+            rewiring, self._rewiring = self._rewiring, ""
             restore_s = None if detected_at is None else now - detected_at
             self._events.append(
                 {
@@ -119,11 +115,12 @@ class OutageRecord:
         metrics.CHAIN_STAGES.set(stages)
         if restore_s is None:  # the first chain
             return
-        if resizing:
+        if rewiring:
             logger.info(
-                "Pipeline serving again (epoch %d) %.1f s after the KV resize: %s",
+                "Pipeline serving again (epoch %d) %.1f s after the %s: %s",
                 epoch,
                 restore_s,
+                rewiring.replace("_", " "),
                 chain,
             )
             return

@@ -442,8 +442,14 @@ class PipelineExecutor(ExecutorHooks):
             self._num_blocks = self.state.kv_blocks_limit = blocks
             for remote in self.chain.held():
                 remote.kv_cache_config = self._kv_plan(remote, self.chain.remotes)
-            new_epoch = self.state.interrupt(reason, loss=False)
-            self.outages.resized(reason, blocks, new_epoch)
+            self._rewire(reason, "kv_resize")
+
+    def _rewire(self, reason: str, cause: str) -> None:
+        """Interrupt the chain without a loss (``cause``: ``kv_resize`` or ``rebalance``): the
+        requests recompute and the maintenance thread wires the next chain."""
+        with self._lock:
+            new_epoch = self.state.interrupt(reason, cause=cause)
+            self.outages.rewiring(cause, reason, new_epoch)
             self._answer_pending(new_epoch, reason)
         self._wakeup.set()
 

@@ -125,15 +125,17 @@ RECOVERY_SECONDS = Histogram(
     buckets=(0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0),
     registry=HEAD_REGISTRY,
 )
-KV_RESIZES = Counter(
-    "molink_kv_resizes",
-    "Times the head shrank its KV cache because another head needed room on a shared stage.",
+REWIRES = Counter(
+    "molink_rewires",
+    "Times the head rewired its chain without a loss: cause=kv_resize (it shrank its KV cache "
+    "for another head on a shared stage) or rebalance (it moved to a less loaded replica).",
+    ["cause"],
     registry=HEAD_REGISTRY,
 )
 RECOMPUTED_TOKENS = Counter(
     "molink_recomputed_tokens",
     "Tokens computed again because their KV cache was dropped: cause=stage_loss (a chain "
-    "broke), kv_resize (the head shrank its KV cache for another head on a shared stage) or "
+    "broke), kv_resize or rebalance (the head rewired its chain, see molink_rewires) or "
     "kv_cache_full (vLLM preempted the request).",
     ["cause"],
     registry=HEAD_REGISTRY,
