@@ -294,6 +294,14 @@ class MoLinkConfig:
         help="Head: how long requests wait for a full chain after a stage is lost before they "
         "fail (default %(default)g).",
     )
+    rebalance_after: float = flag(
+        30.0,
+        "--rebalance-after",
+        type=_seconds_or_zero,
+        help="Head: once its chain has served this many seconds, move to less loaded replicas "
+        "of the same spans when that makes the chain at least 25%% cheaper for 10 s (0: never; "
+        "default %(default)g).",
+    )
     leave_timeout: float = flag(
         30.0,
         "--leave-timeout",

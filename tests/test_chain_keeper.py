@@ -11,12 +11,20 @@ from __future__ import annotations
 
 import asyncio
 import re
+from dataclasses import replace
 from signal import SIGSTOP, SIGTERM
+from types import SimpleNamespace
 
 import pytest
 from conftest import QWEN3_ENGINE_FLAGS, NodeProcess, Swarm
 from probes import eventually, scrape, status, value
 from reference import STREAM_TOKENS, stream_all
+
+from molink.comm.announcement import NodeAnnouncement
+from molink.comm.chain import Hop
+from molink.core.rebalance import GAIN, first_in_line
+from molink.engine.head_config import HeadConfig, RemoteStageSpec
+from molink.executor.chain_keeper import ChainKeeper
 
 FLAGS = QWEN3_ENGINE_FLAGS
 # The head splits the streams into 2 micro-batches: a loss finds 2 batches in flight. A step
@@ -153,3 +161,55 @@ def test_restarted_head_finds_the_followers(churn, module_swarm, qwen3_model):
     new_head = module_swarm.start("head2", qwen3_model, "0,2", HEAD_FLAGS, peers=followers)
     new_head.wait_healthy()
     assert asyncio.run(stream_all(new_head, qwen3_model)) == reference
+
+
+# ------------------------------------------------------------ rebalancing, no processes
+
+
+def follower(peer: str, port: int, heads: tuple[str, ...]) -> NodeAnnouncement:
+    return NodeAnnouncement(
+        peer_id=peer,
+        model_name="m",
+        model_hash="h",
+        num_layers=6,
+        start_layer=3,
+        end_layer=5,
+        grpc_address=f"127.0.0.1:{port}",
+        state="online",
+        version="0",
+        kv_capacity_bytes=1 << 20,
+        is_head=False,
+        throughput=100.0,
+        kv_free_bytes=1 << 19,
+        heads=len(heads),
+        head_ids=heads,
+    )
+
+
+def keeper_on(node: NodeAnnouncement, head_id: str, view: list[NodeAnnouncement]) -> ChainKeeper:
+    """A head ``head_id`` whose chain is ``node``, seeing the announcements ``view``."""
+    head = replace(follower(head_id, 1, ()), start_layer=0, end_layer=2, is_head=True)
+    config = HeadConfig(head=head.to_dict(), stages=(RemoteStageSpec.from_hop(Hop(node, 3, 5)),))
+    keeper = ChainKeeper(config, stage_config=None, plan_kv=None, session="s")  # type: ignore[arg-type]
+    keeper._view = SimpleNamespace(nodes=view, rtt_s=dict)  # type: ignore[assignment]
+    return keeper
+
+
+def test_of_two_heads_on_one_node_the_first_in_line_moves_to_an_idle_replica() -> None:
+    heads = ("12D3KooWHeadA", "12D3KooWHeadB")
+    shared = follower("12D3KooWShared", 50051, heads)
+    idle = follower("12D3KooWSpare", 50052, ())
+    first, second = sorted(heads, key=lambda h: not first_in_line(shared.peer_id, heads, h))
+    mover = keeper_on(shared, first, [shared, idle])
+    current, best = mover.rebalance_option()
+    assert best.peer_ids[1:] == [idle.peer_id] and best.cost < current * (1 - GAIN)
+    assert keeper_on(shared, second, [shared, idle]).rebalance_option() is None
+    # Once the first moved, the idle replica serves it and the second head stays.
+    moved = [
+        replace(shared, heads=1, head_ids=(second,)),
+        replace(idle, heads=1, head_ids=(first,)),
+    ]
+    assert keeper_on(moved[0], second, moved).rebalance_option() is None
+    # A head alone on its node never moves, however cheap another replica looks.
+    alone = replace(shared, heads=1, head_ids=(first,), throughput=10.0)
+    assert keeper_on(alone, first, [alone, idle]).rebalance_option() is None

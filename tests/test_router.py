@@ -1,7 +1,9 @@
 """Scale-out with real processes: heads spread over replicas, and the router in front of them.
 
-Two heads and two replicas of the tail span: each head's chain takes a different replica (no
-flags). The router (``python -m molink.entrypoints.router``) finds both heads in the DHT and
+Two heads start on the one replica of the tail span there is (the second gets a fair share of its
+KV cache). When a second replica joins, one head moves to it, and only one: each head's chain
+then takes a different replica (no flags). A head that joins later takes the idle replica. The
+router (``python -m molink.entrypoints.router``) finds both heads in the DHT and
 serves the OpenAI API for them; greedy outputs through it equal one vLLM process. A head told to
 stop (SIGTERM) and a head killed (``kill -9``) during greedy streams: every stream completes
 through the other head, token for token and character for character as an undisturbed run, with
@@ -18,7 +20,7 @@ from signal import SIGTERM
 import openai
 import pytest
 from conftest import QWEN3_ENGINE_FLAGS, NodeProcess, Swarm, free_port
-from probes import eventually, get, status
+from probes import eventually, get, scrape, status, value
 from reference import STREAM_PROMPTS, STREAM_TOKENS, assert_same, pipeline_outputs
 
 from molink.entrypoints.router.heads import Head, HeadDirectory
@@ -54,20 +56,33 @@ def followers_of(nodes: list[NodeProcess]) -> list[int]:
 @pytest.fixture(scope="module")
 def scale_out(module_swarm: Swarm, qwen3_model: str):
     a = module_swarm.start("a", qwen3_model, "3,5", FLAGS)
-    b = module_swarm.start("b", qwen3_model, "3,5", FLAGS, peers=[a])
     head1 = module_swarm.start("head1", qwen3_model, "0,2", HEAD_FLAGS, peers=[a])
     head1.wait_healthy()
-    # The second head starts once the first one's load is announced.
-    eventually(lambda: sum(followers_of([a, b])) == 1, timeout=WAIT_S, what="head1's chain")
     head2 = module_swarm.start("head2", qwen3_model, "0,2", HEAD_FLAGS, peers=[a])
     head2.wait_healthy()
+    assert followers_of([a]) == [2]  # the one replica there is
+    b = module_swarm.start("b", qwen3_model, "3,5", FLAGS, peers=[a])
     router = start_router(module_swarm, a, "--api-key", ROUTER_KEY)
     eventually(lambda: len(ready_heads(router)) == 2, timeout=WAIT_S, what="two ready heads")
     return {"followers": [a, b], "heads": [head1, head2], "router": router}
 
 
-def test_two_heads_take_different_replicas(scale_out):
-    assert followers_of(scale_out["followers"]) == [1, 1]
+def test_two_heads_on_one_replica_spread_when_another_joins(scale_out):
+    heads = scale_out["heads"]
+    eventually(
+        lambda: followers_of(scale_out["followers"]) == [1, 1],
+        timeout=WAIT_S,
+        what="a head to move to the new replica",
+    )
+
+    def rebalances() -> list[float]:  # a head's /metrics may lag its engine by a second
+        return sorted(value(scrape(h), "molink_rewires_total", cause="rebalance") for h in heads)
+
+    eventually(lambda: rebalances() == [0, 1], timeout=30, what="one rebalance, by one head")
+    rewires = [scrape(h) for h in heads]
+    # The second head got a fair share of the first replica's KV cache: the first shrank.
+    assert value(rewires[0], "molink_rewires_total", cause="kv_resize") == 1
+    assert all(value(r, "molink_stage_losses_total", cause="lost") == 0 for r in rewires)
 
 
 def test_the_router_answers_like_one_vllm_process(scale_out, qwen3_model, qwen3_reference):
@@ -171,6 +186,8 @@ def test_no_stream_dies_with_its_head(scale_out, module_swarm, qwen3_model, how)
         new = module_swarm.start("head3", qwen3_model, "0,2", HEAD_FLAGS, peers=peers)
         scale_out["heads"] = [scale_out["heads"][1], new]
         eventually(lambda: len(ready_heads(router)) == 2, timeout=WAIT_S, what="the new head")
+        # It took the replica the stopped head left idle (no flags).
+        assert followers_of(scale_out["followers"]) == [1, 1]
 
 
 # ---------------------------------------------------------------- stitching, no processes

@@ -22,6 +22,7 @@ NODE_STATES = frozenset({"joining", "online", "leaving"})
 _MAX_STR_LEN = 1024
 _MAX_LAYERS = 1 << 20
 _BASE58_RE = re.compile(r"[1-9A-HJ-NP-Za-km-z]{1,128}")
+_MAX_HEAD_IDS = 256
 
 
 class InvalidAnnouncement(ValueError):
@@ -53,6 +54,11 @@ def split_host_port(address: str) -> tuple[str, int]:
     if any(c.isspace() for c in host) or "/" in host:
         raise ValueError(f"address {address!r} has an invalid host")
     return host, port
+
+
+def is_peer_id(text: str) -> bool:
+    """Whether ``text`` looks like a hivemind PeerID (base58)."""
+    return _BASE58_RE.fullmatch(text) is not None
 
 
 def check_api_url(url: str) -> str:
@@ -98,6 +104,8 @@ class NodeAnnouncement:
     busy: float = 0.0
     # A head's OpenAI API base URL ("http://host:port"; empty: not a head, or not serving yet).
     api_url: str = ""
+    # The peer ids of the heads it serves, as they named themselves (a hint for rebalancing).
+    head_ids: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for name in (
@@ -120,7 +128,7 @@ class NodeAnnouncement:
         for name in ("model_name", "model_hash"):
             if not getattr(self, name):
                 raise InvalidAnnouncement(f"{name} must not be empty")
-        if not _BASE58_RE.fullmatch(self.peer_id):
+        if not is_peer_id(self.peer_id):
             raise InvalidAnnouncement(f"peer_id {self.peer_id!r} is not a base58 PeerID")
         for name in (
             "num_layers",
@@ -150,6 +158,12 @@ class NodeAnnouncement:
             raise InvalidAnnouncement(f"busy={self.busy!r} is not a share in 0..1")
         if self.api_url:
             check_api_url(self.api_url)
+        if not isinstance(self.head_ids, (list, tuple)) or len(self.head_ids) > _MAX_HEAD_IDS:
+            raise InvalidAnnouncement(f"head_ids must be a list of at most {_MAX_HEAD_IDS} ids")
+        for head_id in self.head_ids:
+            if not isinstance(head_id, str) or not is_peer_id(head_id):
+                raise InvalidAnnouncement(f"head_ids has {head_id!r}, not a base58 PeerID")
+        object.__setattr__(self, "head_ids", tuple(self.head_ids))  # msgpack gives a list
         if not isinstance(self.is_head, bool):
             raise InvalidAnnouncement(f"is_head must be a bool, got {type(self.is_head).__name__}")
         if not 1 <= self.num_layers <= _MAX_LAYERS:

@@ -26,7 +26,7 @@ import statistics
 import threading
 import time
 from collections.abc import Container, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from vllm.logger import init_logger
@@ -129,6 +129,7 @@ class Chain:
     """The hops of a pipeline, in layer order; the first is the head's own span."""
 
     stages: tuple[Hop, ...]
+    cost: float = field(default=0.0, compare=False)  # seconds per token, as assemble_chain counts
 
     def __post_init__(self) -> None:
         if not self.stages:
@@ -333,7 +334,7 @@ def assemble_chain(
             best[pos] = min(options, key=lambda o: (o[1], o[0], o[2]))
     route = best.get(first)
     if route is not None:
-        return Chain((Hop(head, 0, head.end_layer), *route[4]))
+        return Chain((Hop(head, 0, head.end_layer), *route[4]), cost=route[1])
 
     missing = uncovered_layers(first, total - 1, usable)
     notes: list[str] = []

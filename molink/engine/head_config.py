@@ -51,6 +51,7 @@ class HeadConfig:
     step_timeout: float = MoLinkConfig.step_timeout  # --step-timeout's default
     stage_init_timeout: float = 600.0
     outage_timeout: float = MoLinkConfig.outage_timeout  # --outage-timeout's default
+    rebalance_after: float = MoLinkConfig.rebalance_after  # --rebalance-after's default
     recovery_poll_interval: float = 1.0
     swarm_refresh_interval: float = 2.0
     security: SecurityFiles = SecurityFiles()  # key file paths (never the keys themselves)

@@ -22,7 +22,7 @@ from vllm.engine.arg_utils import AsyncEngineArgs, EngineArgs
 from vllm.logger import init_logger
 
 import molink
-from molink.comm.announcement import NodeAnnouncement
+from molink.comm.announcement import NodeAnnouncement, is_peer_id
 from molink.comm.bootstrap import resolve_initial_peers
 from molink.comm.chain import Chain, Hop, wait_for_chain
 from molink.comm.membership import Membership
@@ -225,7 +225,9 @@ class Node:
             current = self.membership.announcement if self.membership else None
             load = self._kv_and_heads()
             if current is not None and any(
-                abs(value - getattr(current, key)) > (0.1 if key == "busy" else 0)
+                abs(value - getattr(current, key)) > 0.1
+                if key == "busy"
+                else value != getattr(current, key)
                 for key, value in load.items()
             ):
                 self._announce(**load)
@@ -256,8 +258,8 @@ class Node:
                 logger.debug("could not announce %s: %s", ", ".join(changes), e)
 
     def _kv_and_heads(self) -> dict[str, Any]:
-        """The announcement's load fields: KV capacity, free KV, heads served, the sequences
-        they run here and the busy share of this node's compute lately."""
+        """The announcement's load fields: KV capacity, free KV, heads served (and their peer
+        ids), the sequences they run here and the busy share of this node's compute lately."""
         capacity = self.kv_capacity_bytes()
         host = self.host
         busy = round(self.busy_share, 2)
@@ -266,6 +268,7 @@ class Node:
                 "kv_capacity_bytes": capacity,
                 "kv_free_bytes": capacity,
                 "heads": 0,
+                "head_ids": (),
                 "sequences": 0,
                 "busy": busy,
             }
@@ -274,6 +277,7 @@ class Node:
             "kv_capacity_bytes": capacity,
             "kv_free_bytes": host.kv_free_bytes,
             "heads": len(heads),
+            "head_ids": tuple(sorted(h["head"] for h in heads if is_peer_id(h["head"]))),
             "sequences": sum(h["requests"] for h in heads),
             "busy": busy,
         }
@@ -357,6 +361,7 @@ class Node:
             step_trace=self.config.step_trace,
             step_timeout=self.config.step_timeout,
             outage_timeout=self.config.outage_timeout,
+            rebalance_after=self.config.rebalance_after,
             security=self.config.security_files,
             weights=self.weights.to_dict() if self.weights else None,
         )

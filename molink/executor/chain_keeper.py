@@ -22,6 +22,7 @@ from vllm.v1.kv_cache_interface import KVCacheConfig
 from molink.comm.announcement import NodeAnnouncement
 from molink.comm.chain import Chain, ChainError, Hop, assemble_chain
 from molink.comm.swarm_view import SwarmView
+from molink.core.rebalance import first_in_line
 from molink.engine.head_config import HeadConfig, RemoteStageSpec
 from molink.executor.remote_stage import RemoteStage
 from molink.security.swarm_security import SwarmSecurity
@@ -136,12 +137,15 @@ class ChainKeeper:
         return self._view.rtt_s() if self._view is not None else {}
 
     # ------------------------------------------------------------------ planning
-    def plan(self, without: str | None = None) -> Chain:
-        """The best chain the swarm offers now, optionally without node ``without``.
+    def plan(self, without: str | None = None, only: set[str] | None = None) -> Chain:
+        """The best chain the swarm offers now, optionally without node ``without`` or with
+        ``only`` those nodes.
 
         Raises ``ChainIncomplete`` naming the layers nobody usable serves.
         """
         excluded = self._exclusions() | ({without} if without else set())
+        if only is not None:
+            excluded |= {n.peer_id for n in self.view.nodes} - only
         return assemble_chain(
             self.head_node,
             self.view.nodes,
@@ -151,6 +155,36 @@ class ChainKeeper:
             weights=self.weights,
             serving_me={r.peer_id for r in self.remotes},
         )
+
+    def rebalance_option(self) -> tuple[float, Chain] | None:
+        """A cheaper chain over the same spans as the current one, on other replicas, that this
+        head may move to now, with the current chain's cost in the same view. None when there
+        is none, or when a node it would leave serves no other head (a head alone on its nodes
+        stays: speeds measured on shared machines are noisy), or when this head is not first in
+        line on it (:func:`~molink.core.rebalance.first_in_line`). Reads the view as last
+        refreshed.
+        """
+        mine = [r.peer_id for r in self.remotes]
+        if not mine or self._view is None:
+            return None
+        try:
+            best = self.plan()
+            current = self.plan(only=set(mine))
+        except ChainError:
+            return None
+        hops = best.stages[1:]
+        if [h.span for h in hops] != [r.span for r in self.remotes] or best.peer_ids[1:] == mine:
+            return None
+        announced = {n.peer_id: n for n in self.view.nodes}
+        for remote, hop in zip(self.remotes, hops, strict=True):
+            node = announced.get(remote.peer_id)
+            if hop.peer_id != remote.peer_id and not (
+                node is not None
+                and len(node.head_ids) > 1  # only a node shared with other heads is left
+                and first_in_line(node.peer_id, node.head_ids, self.head_node.peer_id)
+            ):
+                return None
+        return current.cost, best
 
     def prepare_next_chain(self) -> tuple[list[RemoteStage], Chain]:
         """Probe the current stages, plan a chain without the dead ones, get its stages ready.

@@ -41,6 +41,7 @@ from molink.comm.links import NextHopLink, timings_from_proto
 from molink.core.head_session import HeadSession
 from molink.core.micro_batching import StageTiming
 from molink.core.pipeline_state import PIPELINE_STATE, epoch_of, lost_output
+from molink.core.rebalance import RebalancePolicy
 from molink.core.request_snapshot import snapshots_of
 from molink.core.step import StageOutput, StepWork
 from molink.engine.head_config import HeadConfig
@@ -160,6 +161,7 @@ class PipelineExecutor(ExecutorHooks):
         self._stopped = False
         self._wakeup = threading.Event()
         self.outages = OutageRecord()
+        self.rebalance = RebalancePolicy(self.head.rebalance_after)
 
         logger.info(
             "MoLink pipeline: head serves layers 0-%d of %d; remote stages %s",
@@ -296,6 +298,7 @@ class PipelineExecutor(ExecutorHooks):
             [self.head.head_host] + [r.address.rpartition(":")[0] for r in remotes]
         )
         self._serving_epoch = epoch
+        self.rebalance.wired(time.monotonic())
         self.state.mark_ready(epoch)
 
     def _read_results(self, remote: RemoteStage, call: Any, epoch: int, is_last: bool) -> None:
@@ -491,8 +494,25 @@ class PipelineExecutor(ExecutorHooks):
                     self._move_off_leaving()
                 else:
                     self.chain.prepare_standbys(self._serving_epoch)
+                    self._rebalance()
             except Exception:  # this thread must outlive any single failure
                 logger.exception("chain maintenance failed")
+
+    def _rebalance(self) -> None:
+        """Move to less loaded replicas when the policy says so (:mod:`molink.core.rebalance`)."""
+        if self.rebalance.after_s <= 0:
+            return
+        option = self.chain.rebalance_option()
+        current, best = option if option is not None else (0.0, None)
+        offered = best.cost if best is not None else None
+        if not self.rebalance.should_move(current, offered, time.monotonic()) or best is None:
+            return
+        self._rewire(
+            f"moving to less loaded replicas: {best} costs {best.cost * 1e3:.1f} ms per token, "
+            f"this chain {current * 1e3:.1f} ms",
+            "rebalance",
+        )
+        self._restore()
 
     def _move_off_leaving(self) -> None:
         """A node of the chain is leaving: switch to a chain without it, if the swarm has one."""
