@@ -11,7 +11,8 @@ core (a machine of its own would be better; its load is small).
 
 1. One pipeline, ``--streams`` concurrent requests sent straight to its head, and the same
    through the router, in alternating rounds: the router's overhead (throughput ratio, TTFT p50
-   difference).
+   difference). Then at light load, ``--light-requests`` requests one at a time, each sent
+   straight and through the router in turn: the TTFT the router adds when nothing queues.
 2. The second pipeline joins (its head picks the free follower by itself). ``2 x --streams``
    requests through the router: the scale-out ratio against step 1, whose bound is 2.0 (two
    pipelines on disjoint cores).
@@ -182,6 +183,23 @@ def throughput(
     return out
 
 
+def light_ttft(direct: str, routed: str, prompts: list[list[int]]) -> dict:
+    """One request at a time, each prompt straight to the head then through the router: TTFT
+    p50 of each, and the median of the paired differences (ms)."""
+    ttft: dict[str, list[float]] = {"direct": [], "routed": []}
+    for prompt in prompts:
+        for label, url in (("direct", direct), ("routed", routed)):
+            r = asyncio.run(run_load(url, SERVED_NAME, [prompt], 4, progress=False))
+            ttft[label].append(r["ttft_ms"]["p50"])
+    added = [r - d for d, r in zip(ttft["direct"], ttft["routed"], strict=True)]
+    return {
+        "requests": len(prompts),
+        "direct_ttft_p50_ms": statistics.median(ttft["direct"]),
+        "routed_ttft_p50_ms": statistics.median(ttft["routed"]),
+        "added_p50_ms": statistics.median(added),
+    }
+
+
 def lose_head(
     swarm: ScaleOutSwarm, prompts: list[list[int]], args: argparse.Namespace, how: str
 ) -> dict:
@@ -231,6 +249,9 @@ def main() -> None:
     parser.add_argument("--stream-tokens", type=int, default=96, help="tokens per greedy stream")
     parser.add_argument("--after", type=int, default=32, help="lose a head after this many tokens")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--light-requests", type=int, default=16, help="requests of the light-load TTFT check"
+    )
     parser.add_argument("--kv-gib", type=int, default=1, help="KV cache per node")
     parser.add_argument("--port", type=int, default=8600)
     parser.add_argument("--grpc-base-port", type=int, default=52051)
@@ -245,7 +266,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.streams, args.input_len, args.output_len, args.rounds = 4, 16, 8, 1
-        args.stream_tokens, args.after = 24, 8
+        args.stream_tokens, args.after, args.light_requests = 24, 8, 2
     model = args.model or demo_model()
     vocab = prompt_vocab(model)
     args.output_dir.mkdir(parents=True, exist_ok=True)
@@ -261,6 +282,9 @@ def main() -> None:
             args,
         )
         direct, routed = one["one pipeline, direct"], one["one pipeline, routed"]
+        light = light_ttft(head0, router, prompts[: args.light_requests])
+        log(f"    light load: TTFT p50 {light['direct_ttft_p50_ms']:.1f} ms straight, "
+            f"{light['routed_ttft_p50_ms']:.1f} ms routed")  # fmt: skip
         log("the second pipeline joins on core 1")
         swarm.start_pipeline(1)
         swarm.wait_router_heads(2)
@@ -284,6 +308,7 @@ def main() -> None:
         "router_throughput_ratio": routed["output_throughput_tok_s"]
         / direct["output_throughput_tok_s"],
         "router_ttft_p50_added_ms": routed["ttft_p50_ms"] - direct["ttft_p50_ms"],
+        "light_load": light,
         "head_losses": losses,
     }
     (args.output_dir / "scale_out.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -310,7 +335,11 @@ def main() -> None:
         f"Scale-out: **{results['scale_out_ratio']:.2f}x** one pipeline (bound 2.0: two "
         f"pipelines on disjoint cores). Router: **{results['router_throughput_ratio']:.3f}x** "
         f"the throughput of going straight to the head, TTFT p50 "
-        f"**{results['router_ttft_p50_added_ms']:+.1f} ms**.",
+        f"**{results['router_ttft_p50_added_ms']:+.1f} ms** under that load. At light load "
+        f"({light['requests']} requests one at a time, each sent both ways in turn), TTFT p50 is "
+        f"{light['direct_ttft_p50_ms']:.1f} ms straight and {light['routed_ttft_p50_ms']:.1f} ms "
+        f"through the router: **{light['added_p50_ms']:+.1f} ms** (median of the paired "
+        "differences).",
         "",
         "| Head lost mid-stream | Completed | Identical to undisturbed | Pause p50 (s) | "
         "Pause p99 (s) | Head exited after (s) |",
