@@ -82,3 +82,17 @@ class StepSink(Protocol):
 
     def fail(self, work: StepWork, error: str) -> None:
         """Report that ``work`` could not be computed."""
+
+
+def changes_stage_state(scheduler_output: SchedulerOutput) -> bool:
+    """Whether a step without tokens still changes what stages hold (requests to drop, ...)."""
+    so = scheduler_output
+    return bool(
+        so.finished_req_ids
+        or so.preempted_req_ids
+        or so.scheduled_new_reqs
+        or so.scheduled_cached_reqs.req_ids
+        or so.free_encoder_mm_hashes
+        or so.kv_connector_metadata is not None
+        or so.ec_connector_metadata is not None
+    )

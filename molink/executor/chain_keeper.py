@@ -38,10 +38,6 @@ def _describe(remote: RemoteStage) -> dict[str, Any]:
     return {"peer_id": remote.peer_id, "address": remote.address, "layers": list(remote.span)}
 
 
-class StageRefused(RuntimeError):
-    """A node can't serve a span for this head (e.g. not enough memory for the KV plan)."""
-
-
 class ChainKeeper:
     """The remote stages of the head's chain, and the nodes ready to replace them."""
 

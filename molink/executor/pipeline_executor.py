@@ -36,27 +36,27 @@ from vllm.v1.kv_cache_interface import KVCacheConfig, KVCacheSpec
 from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
 
 from molink.comm import codec
-from molink.comm.chain import ChainError
 from molink.comm.links import NextHopLink, timings_from_proto
 from molink.core.head_session import HeadSession
 from molink.core.micro_batching import StageTiming
 from molink.core.pipeline_state import PIPELINE_STATE, epoch_of, lost_output
 from molink.core.rebalance import RebalancePolicy
 from molink.core.request_snapshot import snapshots_of
-from molink.core.step import StageOutput, StepWork
+from molink.core.step import StageOutput, StepWork, changes_stage_state
 from molink.engine.head_config import HeadConfig
 from molink.engine.stage_config import head_engine_overrides
 from molink.engine.stage_engine import StageEngine
-from molink.executor.chain_keeper import ChainKeeper, StageRefused
+from molink.executor.chain_keeper import ChainKeeper
+from molink.executor.chain_upkeep import ChainUpkeep
+from molink.executor.kv_plan import HeadKVPlan
 from molink.executor.outages import OutageRecord
 from molink.executor.remote_stage import RemoteStage
 from molink.stage_spec import StageConfig, StagePlacement
 from molink.telemetry import metrics
 from molink.telemetry.engine_metrics import PIPELINE_SNAPSHOT_RPC, export_metrics
-from molink.telemetry.step_trace import TRACE_ATTR
+from molink.telemetry.step_trace import TRACE_ATTR, executor_trace
 from molink.vllm_compat.engine_config import install_batch_queue_bound
 from molink.vllm_compat.executor import ExecutorHooks
-from molink.vllm_compat.kv_cache import plan_kv_cache_with_blocks
 from molink.worker.stage_worker import create_stage_worker
 
 logger = init_logger(__name__)
@@ -78,43 +78,6 @@ def _done(result: Any) -> Future:
     return future
 
 
-def _trace(
-    step_id: int, pending: _PendingStep, timings: list[StageTiming], round_trip_s: float
-) -> dict[str, Any]:
-    """The executor's part of a step's trace record (:mod:`molink.telemetry.step_trace`)."""
-    return {
-        "step": step_id,
-        "tokens": pending.scheduler_output.total_num_scheduled_tokens,
-        "encode_ms": pending.encode_s * 1e3,
-        "stages": [
-            {
-                "arrived": t.arrived_unix,
-                "done": t.done_unix,
-                "decode_ms": t.decode_s * 1e3,
-                "wait_ms": t.wait_s * 1e3,
-                "compute_ms": t.compute_s * 1e3,
-            }
-            for t in timings
-        ],
-        "result": time.time(),
-        "round_trip_ms": round_trip_s * 1e3,
-    }
-
-
-def _changes_stage_state(scheduler_output: SchedulerOutput) -> bool:
-    """Whether a step without tokens still changes what stages hold (requests to drop, ...)."""
-    so = scheduler_output
-    return bool(
-        so.finished_req_ids
-        or so.preempted_req_ids
-        or so.scheduled_new_reqs
-        or so.scheduled_cached_reqs.req_ids
-        or so.free_encoder_mm_hashes
-        or so.kv_connector_metadata is not None
-        or so.ec_connector_metadata is not None
-    )
-
-
 class _LocalResults:
     """Sink of a single-stage pipeline: the head's stage 0 is also the last stage."""
 
@@ -129,7 +92,7 @@ class _LocalResults:
         self.executor._on_failure(error, work.epoch, stage=self.executor.engine.name)
 
 
-class PipelineExecutor(ExecutorHooks):
+class PipelineExecutor(ChainUpkeep, ExecutorHooks):
     """vLLM executor that drives a chain of MoLink stages."""
 
     supports_pp = True
@@ -149,15 +112,16 @@ class PipelineExecutor(ExecutorHooks):
         self.num_layers = self.head.placement.num_layers
         # This head's secret id on every stage it uses (stages may serve several heads).
         self.session = HeadSession(secrets.token_hex(16), owns_all=True)
-        self.chain = ChainKeeper(self.head, self._stage_config, self._plan_kv, self.session.id)
+        self.kv = HeadKVPlan(self.vllm_config)
+        self.chain = ChainKeeper(
+            self.head, self._stage_config, self.kv.for_joining_stage, self.session.id
+        )
         self._lock = threading.RLock()
         self._pending: dict[int, _PendingStep] = {}
         self._awaiting_sample: deque[tuple[Future, Future]] = deque()
         self._next_step_id = 1
         self._serving_epoch = 0
         self._link: NextHopLink | None = None
-        self._local_kv_spec: dict[str, KVCacheSpec] | None = None
-        self._num_blocks = 0
         self._stopped = False
         self._wakeup = threading.Event()
         self.outages = OutageRecord()
@@ -197,62 +161,27 @@ class PipelineExecutor(ExecutorHooks):
             wire_compression=self.head.wire_compression,
         )
 
-    def _plan_kv(self, remote: RemoteStage, chain: list[RemoteStage]) -> KVCacheConfig:
-        """The KV cache of a stage joining a running pipeline: the head's block count, its layers.
-
-        vLLM planned every stage at the same number of blocks when the engine started; a new
-        stage must hold exactly that many, or the head's block ids would not fit.
-        """
-        config = self._kv_plan(remote, chain)
-        needed = sum(t.size for t in config.kv_cache_tensors)
-        if config.num_blocks != self._num_blocks or needed > remote.available_kv_bytes:
-            raise StageRefused(
-                f"{remote} has room for {remote.available_kv_bytes} bytes of KV cache; this "
-                f"head's plan of {self._num_blocks} blocks needs {needed}"
-            )
-        return config
-
-    def _kv_plan(self, remote: RemoteStage, chain: list[RemoteStage]) -> KVCacheConfig:
-        """``remote``'s KV cache plan at the head's block count (beside the stages of ``chain``)."""
-        assert self._local_kv_spec is not None and remote.kv_cache_spec is not None
-        others = [r for r in chain if r is not remote and r.kv_cache_spec is not None]
-        specs = [self._local_kv_spec, *(r.kv_cache_spec for r in others), remote.kv_cache_spec]
-        return plan_kv_cache_with_blocks(self.vllm_config, specs, self._num_blocks)
-
     def get_kv_cache_specs(self) -> list[dict[str, KVCacheSpec]]:
-        self._local_kv_spec = self.worker.get_kv_cache_spec()
-        return [self._local_kv_spec] + [r.kv_cache_spec for r in self.chain.remotes]
+        self.kv.local_spec = self.worker.get_kv_cache_spec()
+        return [self.kv.local_spec] + [r.kv_cache_spec for r in self.chain.remotes]
 
     def determine_available_memory(self) -> list[int]:
         """KV bytes per stage: vLLM plans every stage at the same block count, the minimum.
 
-        A remote stage offers what other heads left free on it, or this head's fair share of it
-        (the heads holding more then shrink when this head claims its blocks); one that can't
-        hold a single request of ``max_model_len`` is refused here, with the reason, before
-        vLLM's own check.
+        A remote stage offers what other heads left free on it, or this head's fair share of it;
+        one that can't hold a single request of ``max_model_len`` is refused here, with the
+        reason (:meth:`HeadKVPlan.check_offers`).
         """
         local = self.worker.determine_available_memory()
-        for remote in self.chain.remotes:
-            assert remote.kv_cache_spec is not None
-            needed = sum(
-                spec.max_memory_usage_bytes(self.vllm_config)
-                for spec in remote.kv_cache_spec.values()
-            )
-            if remote.available_kv_bytes < needed:
-                raise StageRefused(
-                    f"{remote} has no room for this head's KV cache: {remote.available_kv_bytes} "
-                    f"bytes free, and neither they nor a fair share beside the heads it serves "
-                    f"hold one request of --max-model-len "
-                    f"{self.vllm_config.model_config.max_model_len} ({needed} bytes)"
-                )
+        self.kv.check_offers(self.chain.remotes)
         return [local] + [r.available_kv_bytes for r in self.chain.remotes]
 
     def initialize_from_config(self, kv_cache_configs: list[KVCacheConfig]) -> None:
         self.worker.initialize_from_config(kv_cache_configs)
         for remote, config in zip(self.chain.remotes, kv_cache_configs[1:], strict=True):
             remote.kv_cache_config = config
-        self._num_blocks = kv_cache_configs[0].num_blocks
-        logger.info("KV cache: %d blocks on every stage", self._num_blocks)
+        self.kv.num_blocks = kv_cache_configs[0].num_blocks
+        logger.info("KV cache: %d blocks on every stage", self.kv.num_blocks)
         self._start_epoch(0)
         self.outages.restored(0, self.describe_chain(), len(self.chain.remotes) + 1)
         self._watchdog.start()
@@ -340,7 +269,7 @@ class PipelineExecutor(ExecutorHooks):
         """Queue one scheduler output into stage 0; its tokens come from ``sample_tokens``."""
         epoch = epoch_of(scheduler_output)
         has_tokens = scheduler_output.total_num_scheduled_tokens > 0
-        if not has_tokens and not _changes_stage_state(scheduler_output):
+        if not has_tokens and not changes_stage_state(scheduler_output):
             # Nothing for any stage to do or learn (vLLM fills its batch queue with these).
             return _done(EMPTY_MODEL_RUNNER_OUTPUT) if non_block else EMPTY_MODEL_RUNNER_OUTPUT
         # Encoded now, on the engine thread: the scheduler may reuse the object after we return.
@@ -406,158 +335,22 @@ class PipelineExecutor(ExecutorHooks):
             return
         round_trip = time.monotonic() - pending.submitted_at
         if self.head.step_trace and output is not None:
-            setattr(output, TRACE_ATTR, _trace(step_id, pending, timings, round_trip))
+            setattr(
+                output,
+                TRACE_ATTR,
+                executor_trace(
+                    step_id,
+                    pending.scheduler_output.total_num_scheduled_tokens,
+                    pending.encode_s,
+                    timings,
+                    round_trip,
+                ),
+            )
         if not pending.future.done():
             pending.future.set_result(output)
         self.state.costs.observe_step(
             pending.scheduler_output.total_num_scheduled_tokens, timings, round_trip
         )
-
-    # ---------------------------------------------------------------- failures
-    def _on_failure(self, reason: str, epoch: int, stage: str = "", cause: str = "lost") -> None:
-        """A stage (``stage``, if known) or link failed while serving ``epoch``: answer every
-        pending step and start recovery. ``cause`` is ``lost``, ``timeout`` or ``leaving``."""
-        with self._lock:
-            if self._stopped or epoch != self.state.failed_epoch or not self.state.chain_ready:
-                return
-            # What clients and /ready are told, e.g. "lost stage 10.0.0.2:50051 [15-29]: ...".
-            full_reason = f"lost stage {stage}: {reason}" if stage else reason
-            new_epoch = self.state.interrupt(full_reason, epoch)
-            oldest = min((p.submitted_at for p in self._pending.values()), default=None)
-            self.outages.lost(stage, reason, cause, new_epoch, oldest)
-            self._answer_pending(new_epoch, full_reason)
-        self._wakeup.set()
-
-    def _shrink_kv(self, blocks: int, asking: RemoteStage) -> None:
-        """``asking`` needs room for another head: use at most ``blocks`` KV blocks from now on.
-
-        Every stage is planned again at that size and the chain is rewired like after a loss
-        (the scheduler retires the blocks above ``blocks`` and its requests recompute), but it
-        counts as no loss. The head never grows back.
-        """
-        with self._lock:
-            if self._stopped or blocks >= self._num_blocks:
-                return
-            reason = (
-                f"{asking} needs room for another head: this head's KV cache shrinks from "
-                f"{self._num_blocks} to {blocks} blocks"
-            )
-            self._num_blocks = self.state.kv_blocks_limit = blocks
-            for remote in self.chain.held():
-                remote.kv_cache_config = self._kv_plan(remote, self.chain.remotes)
-            self._rewire(reason, "kv_resize")
-
-    def _rewire(self, reason: str, cause: str) -> None:
-        """Interrupt the chain without a loss (``cause``: ``kv_resize`` or ``rebalance``): the
-        requests recompute and the maintenance thread wires the next chain."""
-        with self._lock:
-            new_epoch = self.state.interrupt(reason, cause=cause)
-            self.outages.rewiring(cause, reason, new_epoch)
-            self._answer_pending(new_epoch, reason)
-        self._wakeup.set()
-
-    def _answer_pending(self, epoch: int, reason: str) -> None:
-        """Answer every step in flight as lost to failure ``epoch`` (caller holds the lock)."""
-        pending, self._pending = self._pending, {}
-        for step_id in sorted(pending):
-            p = pending[step_id]
-            if not p.grammar.done():
-                p.grammar.set_result(None)
-            if not p.future.done():
-                p.future.set_result(lost_output(p.scheduler_output, epoch, reason))
-
-    def _watch(self) -> None:
-        """Deadline on steps: a stage that stops answering counts as lost."""
-        while not self._stopped:
-            time.sleep(1.0)
-            with self._lock:
-                oldest = min((p.submitted_at for p in self._pending.values()), default=None)
-                epoch = self.state.failed_epoch
-            if oldest is not None and time.monotonic() - oldest > self.head.step_timeout:
-                self._on_failure(
-                    f"no result within {self.head.step_timeout:g} s (stage unresponsive)",
-                    epoch,
-                    cause="timeout",
-                )
-
-    def _maintain(self) -> None:
-        """Keep a chain serving: restore it after a loss, move off leaving nodes, keep standbys."""
-        while not self._stopped:
-            self._wakeup.wait(timeout=self.head.swarm_refresh_interval)
-            self._wakeup.clear()
-            if self._stopped:
-                return
-            try:
-                if not self.state.chain_ready:
-                    self._restore()
-                elif self.chain.leaving_in_chain():
-                    self._move_off_leaving()
-                else:
-                    self.chain.prepare_standbys(self._serving_epoch)
-                    self._rebalance()
-            except Exception:  # this thread must outlive any single failure
-                logger.exception("chain maintenance failed")
-
-    def _rebalance(self) -> None:
-        """Move to less loaded replicas when the policy says so (:mod:`molink.core.rebalance`)."""
-        if self.rebalance.after_s <= 0:
-            return
-        option = self.chain.rebalance_option()
-        current, best = option if option is not None else (0.0, None)
-        offered = best.cost if best is not None else None
-        if not self.rebalance.should_move(current, offered, time.monotonic()) or best is None:
-            return
-        self._rewire(
-            f"moving to less loaded replicas: {best} costs {best.cost * 1e3:.1f} ms per token, "
-            f"this chain {current * 1e3:.1f} ms",
-            "rebalance",
-        )
-        self._restore()
-
-    def _move_off_leaving(self) -> None:
-        """A node of the chain is leaving: switch to a chain without it, if the swarm has one."""
-        leaving = self.chain.leaving_in_chain()
-        try:
-            self.chain.view.refresh()
-            self.chain.plan()
-        except ChainError as e:
-            logger.warning(
-                "%s is leaving, but no other chain exists yet (%s); keeping it while it stays",
-                ", ".join(str(r) for r in leaving),
-                e,
-            )
-            return
-        self._on_failure(
-            "it announced that it is leaving",
-            self.state.failed_epoch,
-            stage=", ".join(str(r) for r in leaving),
-            cause="leaving",
-        )
-        self._restore()
-
-    def _restore(self) -> None:
-        """Build and wire the next chain; retry until one serves or the head stops."""
-        last_message, next_log = "", 0.0
-        while not self._stopped and not self.state.chain_ready:
-            epoch = self.state.failed_epoch
-            try:
-                remotes, _ = self.chain.prepare_next_chain()
-                with self._lock:
-                    self.chain.commit(remotes)
-                    if epoch != self.state.failed_epoch:
-                        continue  # failed again meanwhile: wire it for the newer epoch
-                self._start_epoch(epoch)
-            except Exception as e:
-                message = str(e) or type(e).__name__
-                self.state.waiting_for = message
-                if message != last_message or time.monotonic() > next_log:
-                    logger.warning("Pipeline not restored yet: %s", message)
-                    last_message, next_log = message, time.monotonic() + 30
-                self._wakeup.wait(timeout=self.head.recovery_poll_interval)
-                self._wakeup.clear()
-                continue
-            self.state.waiting_for = ""
-            self.outages.restored(epoch, self.describe_chain(), len(self.chain.remotes) + 1)
 
     # ---------------------------------------------------------------- reporting
     def describe_chain(self) -> str:

@@ -22,12 +22,37 @@ import json
 import statistics
 import sys
 import threading
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 #: Attribute on a ModelRunnerOutput carrying the executor's part of a step's trace.
 TRACE_ATTR = "molink_trace"
+
+
+def executor_trace(
+    step_id: int, tokens: int, encode_s: float, timings: Iterable[Any], round_trip_s: float
+) -> dict[str, Any]:
+    """The executor's part of a step's trace record; ``timings``: one
+    :class:`~molink.core.micro_batching.StageTiming` per stage, in chain order."""
+    return {
+        "step": step_id,
+        "tokens": tokens,
+        "encode_ms": encode_s * 1e3,
+        "stages": [
+            {
+                "arrived": t.arrived_unix,
+                "done": t.done_unix,
+                "decode_ms": t.decode_s * 1e3,
+                "wait_ms": t.wait_s * 1e3,
+                "compute_ms": t.compute_s * 1e3,
+            }
+            for t in timings
+        ],
+        "result": time.time(),
+        "round_trip_ms": round_trip_s * 1e3,
+    }
 
 
 class StepTraceWriter:

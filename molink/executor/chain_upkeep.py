@@ -1,0 +1,205 @@
+"""How the head's executor keeps a chain serving: losses, rewirings it chooses, and upkeep.
+
+:class:`ChainUpkeep` is the part of :class:`~molink.executor.pipeline_executor.PipelineExecutor`
+that reacts when the chain stops serving a failure epoch, and the two threads that watch it:
+
+* a **loss** (a broken stream, an error, or no answer within ``--step-timeout``, seen by the
+  watchdog): every pending step is answered as lost, the failure epoch is bumped (the scheduler
+  preempts its requests to recompute them) and the maintenance thread wires the next chain;
+* a **rewiring the head chooses**, which counts as no loss: a KV resize (a follower needs room
+  for another head, so every stage is planned again at fewer blocks) or a rebalance (a replica
+  would make the chain much cheaper, :mod:`molink.core.rebalance`);
+* the **maintenance thread** restores a chain after either, moves off nodes that announce they
+  are leaving, and keeps standbys ready.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+from vllm.logger import init_logger
+
+from molink.comm.chain import ChainError
+from molink.core.pipeline_state import lost_output
+
+if TYPE_CHECKING:
+    from molink.core.pipeline_state import PipelineState
+    from molink.core.rebalance import RebalancePolicy
+    from molink.engine.head_config import HeadConfig
+    from molink.executor.chain_keeper import ChainKeeper
+    from molink.executor.kv_plan import HeadKVPlan
+    from molink.executor.outages import OutageRecord
+    from molink.executor.remote_stage import RemoteStage
+
+logger = init_logger(__name__)
+
+
+class ChainUpkeep:
+    """Losses, chosen rewirings and the watchdog and maintenance threads of the head's
+    executor (a base class of ``PipelineExecutor``, which owns the attributes below)."""
+
+    head: HeadConfig
+    state: PipelineState
+    chain: ChainKeeper
+    outages: OutageRecord
+    kv: HeadKVPlan
+    rebalance: RebalancePolicy
+    _lock: threading.RLock
+    _wakeup: threading.Event
+    _pending: dict[int, Any]
+    _serving_epoch: int
+    _stopped: bool
+
+    def _start_epoch(self, epoch: int) -> None:
+        raise NotImplementedError
+
+    def describe_chain(self) -> str:
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------- interruptions
+    def _on_failure(self, reason: str, epoch: int, stage: str = "", cause: str = "lost") -> None:
+        """A stage (``stage``, if known) or link failed while serving ``epoch``: answer every
+        pending step and start recovery. ``cause`` is ``lost``, ``timeout`` or ``leaving``."""
+        with self._lock:
+            if self._stopped or epoch != self.state.failed_epoch or not self.state.chain_ready:
+                return
+            # What clients and /ready are told, e.g. "lost stage 10.0.0.2:50051 [15-29]: ...".
+            full_reason = f"lost stage {stage}: {reason}" if stage else reason
+            new_epoch = self.state.interrupt(full_reason, epoch)
+            oldest = min((p.submitted_at for p in self._pending.values()), default=None)
+            self.outages.lost(stage, reason, cause, new_epoch, oldest)
+            self._answer_pending(new_epoch, full_reason)
+        self._wakeup.set()
+
+    def _shrink_kv(self, blocks: int, asking: RemoteStage) -> None:
+        """``asking`` needs room for another head: use at most ``blocks`` KV blocks from now on.
+
+        Every stage is planned again at that size and the chain is rewired like after a loss
+        (the scheduler retires the blocks above ``blocks`` and its requests recompute), but it
+        counts as no loss. The head never grows back.
+        """
+        with self._lock:
+            if self._stopped or blocks >= self.kv.num_blocks:
+                return
+            reason = (
+                f"{asking} needs room for another head: this head's KV cache shrinks from "
+                f"{self.kv.num_blocks} to {blocks} blocks"
+            )
+            self.kv.num_blocks = self.state.kv_blocks_limit = blocks
+            for remote in self.chain.held():
+                remote.kv_cache_config = self.kv.for_stage(remote, self.chain.remotes)
+            self._rewire(reason, "kv_resize")
+
+    def _rewire(self, reason: str, cause: str) -> None:
+        """Interrupt the chain without a loss (``cause``: ``kv_resize`` or ``rebalance``): the
+        requests recompute and the maintenance thread wires the next chain."""
+        with self._lock:
+            new_epoch = self.state.interrupt(reason, cause=cause)
+            self.outages.rewiring(cause, reason, new_epoch)
+            self._answer_pending(new_epoch, reason)
+        self._wakeup.set()
+
+    def _answer_pending(self, epoch: int, reason: str) -> None:
+        """Answer every step in flight as lost to failure ``epoch`` (caller holds the lock)."""
+        pending, self._pending = self._pending, {}
+        for step_id in sorted(pending):
+            p = pending[step_id]
+            if not p.grammar.done():
+                p.grammar.set_result(None)
+            if not p.future.done():
+                p.future.set_result(lost_output(p.scheduler_output, epoch, reason))
+
+    def _watch(self) -> None:
+        """Deadline on steps: a stage that stops answering counts as lost."""
+        while not self._stopped:
+            time.sleep(1.0)
+            with self._lock:
+                oldest = min((p.submitted_at for p in self._pending.values()), default=None)
+                epoch = self.state.failed_epoch
+            if oldest is not None and time.monotonic() - oldest > self.head.step_timeout:
+                self._on_failure(
+                    f"no result within {self.head.step_timeout:g} s (stage unresponsive)",
+                    epoch,
+                    cause="timeout",
+                )
+
+    def _maintain(self) -> None:
+        """Keep a chain serving: restore it after a loss, move off leaving nodes, keep standbys."""
+        while not self._stopped:
+            self._wakeup.wait(timeout=self.head.swarm_refresh_interval)
+            self._wakeup.clear()
+            if self._stopped:
+                return
+            try:
+                if not self.state.chain_ready:
+                    self._restore()
+                elif self.chain.leaving_in_chain():
+                    self._move_off_leaving()
+                else:
+                    self.chain.prepare_standbys(self._serving_epoch)
+                    self._rebalance()
+            except Exception:  # this thread must outlive any single failure
+                logger.exception("chain maintenance failed")
+
+    def _rebalance(self) -> None:
+        """Move to less loaded replicas when the policy says so (:mod:`molink.core.rebalance`)."""
+        if self.rebalance.after_s <= 0:
+            return
+        option = self.chain.rebalance_option()
+        current, best = option if option is not None else (0.0, None)
+        offered = best.cost if best is not None else None
+        if not self.rebalance.should_move(current, offered, time.monotonic()) or best is None:
+            return
+        self._rewire(
+            f"moving to less loaded replicas: {best} costs {best.cost * 1e3:.1f} ms per token, "
+            f"this chain {current * 1e3:.1f} ms",
+            "rebalance",
+        )
+        self._restore()
+
+    def _move_off_leaving(self) -> None:
+        """A node of the chain is leaving: switch to a chain without it, if the swarm has one."""
+        leaving = self.chain.leaving_in_chain()
+        try:
+            self.chain.view.refresh()
+            self.chain.plan()
+        except ChainError as e:
+            logger.warning(
+                "%s is leaving, but no other chain exists yet (%s); keeping it while it stays",
+                ", ".join(str(r) for r in leaving),
+                e,
+            )
+            return
+        self._on_failure(
+            "it announced that it is leaving",
+            self.state.failed_epoch,
+            stage=", ".join(str(r) for r in leaving),
+            cause="leaving",
+        )
+        self._restore()
+
+    def _restore(self) -> None:
+        """Build and wire the next chain; retry until one serves or the head stops."""
+        last_message, next_log = "", 0.0
+        while not self._stopped and not self.state.chain_ready:
+            epoch = self.state.failed_epoch
+            try:
+                remotes, _ = self.chain.prepare_next_chain()
+                with self._lock:
+                    self.chain.commit(remotes)
+                    if epoch != self.state.failed_epoch:
+                        continue  # failed again meanwhile: wire it for the newer epoch
+                self._start_epoch(epoch)
+            except Exception as e:
+                message = str(e) or type(e).__name__
+                self.state.waiting_for = message
+                if message != last_message or time.monotonic() > next_log:
+                    logger.warning("Pipeline not restored yet: %s", message)
+                    last_message, next_log = message, time.monotonic() + 30
+                self._wakeup.wait(timeout=self.head.recovery_poll_interval)
+                self._wakeup.clear()
+                continue
+            self.state.waiting_for = ""
+            self.outages.restored(epoch, self.describe_chain(), len(self.chain.remotes) + 1)
