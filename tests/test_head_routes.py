@@ -9,12 +9,14 @@ missing), starts a node the allowlist doesn't name (never used), then a listed o
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import shutil
 import subprocess
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import openai
 import pytest
@@ -220,3 +222,30 @@ def test_swarm_needs_the_api_key_and_ready_does_not(demo_pipeline):
     assert code == 200 and json.loads(body)["ready"]
     assert get(demo_pipeline.base_url + "/ready")[0] == 200
     assert get(demo_pipeline.base_url + "/swarm/ui")[0] == 200
+
+
+def test_a_busy_engine_keeps_the_last_snapshot_a_silent_one_loses_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An engine stepping a heavy batch may miss the snapshot's deadline: /ready stays what it
+    was for a while (no flapping); after SNAPSHOT_STALE_OK_S of silence the head is not ready."""
+    from molink.entrypoints import head_routes
+
+    monkeypatch.setattr(head_routes, "SNAPSHOT_TIMEOUT_S", 0.05)
+    monkeypatch.setattr(head_routes, "SNAPSHOT_MAX_AGE_S", 0.0)
+    answers = [{"ready": True, "metrics": []}]
+
+    async def collective_rpc(method: str) -> list:
+        if not answers:
+            await asyncio.sleep(1)  # busy: misses the deadline
+        return [answers.pop(0)]
+
+    view = head_routes.PipelineView(SimpleNamespace(collective_rpc=collective_rpc))
+
+    async def run() -> None:
+        assert (await view.snapshot())["ready"]
+        assert (await view.snapshot())["ready"]  # busy, but it answered just now
+        monkeypatch.setattr(head_routes, "SNAPSHOT_STALE_OK_S", 0.0)
+        assert await view.snapshot() is None  # busy for too long
+
+    asyncio.run(run())

@@ -17,8 +17,10 @@ import copy
 import json
 from signal import SIGTERM
 
+import aiohttp
 import openai
 import pytest
+from aiohttp import web
 from conftest import QWEN3_ENGINE_FLAGS, NodeProcess, Swarm, free_port
 from probes import eventually, get, scrape, status, value
 from reference import STREAM_PROMPTS, STREAM_TOKENS, assert_same, pipeline_outputs
@@ -264,3 +266,35 @@ def test_the_head_with_least_outstanding_work_is_picked():
     directory.failed(b, "HTTP 503")
     assert directory.pick() is c and "HTTP 503" in directory.unavailable_cause()
     assert isinstance(a, Head)
+
+
+def test_a_head_that_flaps_keeps_the_event_its_streams_watch():
+    """A head busy for a moment (its /ready 503) and ready again is the same head: streams
+    opened before still watch the event that its exit sets."""
+
+    async def run() -> None:
+        statuses = [200, 503, 200]
+        app = web.Application()
+
+        async def ready(_: web.Request) -> web.Response:
+            return web.json_response({"ready": True}, status=statuses.pop(0))
+
+        app.router.add_get("/ready", ready)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        port = free_port()
+        site = web.TCPSite(runner, "127.0.0.1", port)
+        await site.start()
+        directory = HeadDirectory(None, static_urls=[f"http://127.0.0.1:{port}"])
+        (head,) = directory.heads.values()
+        async with aiohttp.ClientSession() as session:
+            await directory.refresh(session)
+            watched = head.gone  # what a stream opened now waits on
+            await directory.refresh(session)  # busy: 503
+            await directory.refresh(session)  # ready again
+            assert head.ready and head.gone is watched
+            await runner.cleanup()  # the head exits: nothing listens
+            await directory.refresh(session)
+        assert watched.is_set() and not head.ready
+
+    asyncio.run(run())

@@ -44,6 +44,7 @@ from molink.core.kv_regions import KVRegions, NoRoom, Region
 from molink.core.step import StepWork
 from molink.engine.stage_config import stage_engine_config
 from molink.engine.stage_engine import StageEngine
+from molink.engine.stage_fit import difference, kv_plan_misfit, same_worker
 from molink.security.swarm_security import SwarmSecurity
 from molink.stage_spec import StageConfig
 from molink.vllm_compat.kv_cache import plan_stage_kv_cache
@@ -156,14 +157,14 @@ class StageHost:
             )
         with self._lock:
             self.expire_claims()
-            if not _same_worker(self.config, config):
+            if not same_worker(self.config, config):
                 others = [s for s in self._serving() if s.id != session_id]
                 if others:
                     assert self.config is not None
                     raise ValueError(
                         f"this node serves layers {self.config.placement.start_layer}-"
                         f"{self.config.placement.end_layer} for {len(others)} other head(s) with "
-                        f"{_difference(self.config, config)}; heads sharing a node must ask for "
+                        f"{difference(self.config, config)}; heads sharing a node must ask for "
                         "the same layers and limits"
                     )
                 self._build(config)
@@ -264,11 +265,11 @@ class StageHost:
             session = self.sessions.get(session_id)
             if self.engine is None or session is None or session.config is None:
                 raise StageNotReady("StartStage before InitStage")
-            if not _same_worker(self.config, session.config):
+            if not same_worker(self.config, session.config):
                 raise StageNotReady("this node was rebuilt for another head since InitStage")
             if self.kv_cache_config is None:
                 self._allocate_kv(kv_cache_config.kv_cache_layout)
-            why = _incompatible(kv_cache_config, self.kv_cache_config)
+            why = kv_plan_misfit(kv_cache_config, self.kv_cache_config)
             if why:
                 raise ValueError(f"the head's KV cache plan doesn't fit this stage: {why}")
             if standby:
@@ -455,44 +456,3 @@ class StageHost:
         self.config = None
         self.kv_cache_config = None
         self.regions = KVRegions(0)
-
-
-def _same_worker(built: StageConfig | None, asked: StageConfig) -> bool:
-    """Whether a worker built for ``built`` serves ``asked`` (wire settings are per head)."""
-    return built is not None and (built.placement, built.model_hash, built.engine_overrides) == (
-        asked.placement,
-        asked.model_hash,
-        asked.engine_overrides,
-    )
-
-
-def _difference(built: StageConfig, asked: StageConfig) -> str:
-    """What differs between two heads' requests, for the refusal."""
-    if built.placement != asked.placement:
-        return f"another span (asked {asked.placement.start_layer}-{asked.placement.end_layer})"
-    keys = sorted(
-        k
-        for k in {*built.engine_overrides, *asked.engine_overrides}
-        if built.engine_overrides.get(k) != asked.engine_overrides.get(k)
-    )
-    return "other limits: " + ", ".join(
-        f"{k} {built.engine_overrides.get(k)} here, {asked.engine_overrides.get(k)} asked"
-        for k in keys
-    )
-
-
-def _incompatible(head: KVCacheConfig, own: KVCacheConfig | None) -> str | None:
-    """Why a head's KV plan for this stage can't map onto the stage's own KV cache, if so."""
-    if own is None:
-        return "the stage has no KV cache"
-    if head.num_blocks < 1:
-        return f"{head.num_blocks} blocks"
-    if head.kv_cache_layout != own.kv_cache_layout:
-        return f"layout {head.kv_cache_layout}, this stage's is {own.kv_cache_layout}"
-    # Layers and block size must agree (block ids name the same tokens); the spec's dtype may
-    # not: a stage computing in another dtype keeps its own pages.
-    mine = [(g.layer_names, g.kv_cache_spec.block_size) for g in own.kv_cache_groups]
-    theirs = [(g.layer_names, g.kv_cache_spec.block_size) for g in head.kv_cache_groups]
-    if mine != theirs:
-        return f"its KV cache groups (layers, block size) {theirs} differ from this stage's {mine}"
-    return None

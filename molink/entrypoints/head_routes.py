@@ -41,6 +41,9 @@ logger = init_logger(__name__)
 SNAPSHOT_TIMEOUT_S = 3.0
 #: A snapshot this recent is reused (several scrapes or page refreshes at once).
 SNAPSHOT_MAX_AGE_S = 0.25
+#: When the engine is too busy to answer in time, a snapshot this recent still stands (a head
+#: under load stays ready instead of flapping).
+SNAPSHOT_STALE_OK_S = 15.0
 
 _engine_metrics: EngineMetrics | None = None
 
@@ -62,10 +65,12 @@ class PipelineView:
         self.metrics = _metrics_collector()
         self._snapshot: dict[str, Any] | None = None
         self._fetched_at = float("-inf")
+        self._answered_at = float("-inf")  # when the engine last answered
         self._lock = asyncio.Lock()
 
     async def snapshot(self) -> dict[str, Any] | None:
-        """A fresh snapshot, or None when the engine did not answer in time."""
+        """A fresh snapshot; the last one when the engine is too busy to answer in time but
+        answered within :data:`SNAPSHOT_STALE_OK_S`; else None."""
         async with self._lock:
             if time.monotonic() - self._fetched_at < SNAPSHOT_MAX_AGE_S:
                 return self._snapshot
@@ -73,10 +78,16 @@ class PipelineView:
                 self._snapshot = await asyncio.wait_for(
                     call_executor(self.engine, PIPELINE_SNAPSHOT_RPC), SNAPSHOT_TIMEOUT_S
                 )
+                self._answered_at = time.monotonic()
             except Exception as e:  # noqa: BLE001  # a dead or busy engine: report, don't fail
-                if self._snapshot is not None or self._fetched_at == float("-inf"):
-                    logger.warning("The engine did not report its pipeline state: %r", e)
-                self._snapshot = None
+                busy = (
+                    isinstance(e, TimeoutError)
+                    and time.monotonic() - self._answered_at <= SNAPSHOT_STALE_OK_S
+                )
+                if not busy:
+                    if self._snapshot is not None or self._fetched_at == float("-inf"):
+                        logger.warning("The engine did not report its pipeline state: %r", e)
+                    self._snapshot = None
             self._fetched_at = time.monotonic()
             if self._snapshot is not None:
                 self.metrics.update(self._snapshot["metrics"])

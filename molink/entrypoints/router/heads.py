@@ -177,5 +177,6 @@ class HeadDirectory:
             ready, cause = False, f"unreachable ({type(e).__name__}: {e})"[:300]
         if ready and not head.ready:
             logger.info("Head %s is ready", head.url)
-            head.gone = asyncio.Event()
+            if head.gone.is_set():  # back after it exited: new streams watch a new event
+                head.gone = asyncio.Event()
         head.ready, head.cause = ready, cause
