@@ -14,8 +14,9 @@ core (a machine of its own would be better; its load is small).
    difference). Then at light load, ``--light-requests`` requests one at a time, each sent
    straight and through the router in turn: the TTFT the router adds when nothing queues.
 2. The second pipeline joins (its head picks the free follower by itself). ``2 x --streams``
-   requests through the router: the scale-out ratio against step 1, whose bound is 2.0 (two
-   pipelines on disjoint cores).
+   requests through the router, and in alternating rounds the same split evenly straight over
+   the two heads: the scale-out ratio against step 1, and the machine's own scaling (two
+   pipelines with no router; below 2.0 when the cores share memory bandwidth and cache).
 3. ``--streams`` greedy streams through the router; once each has ``--after`` tokens, one head
    is killed (``kill -9``), then (after a new head took its place) one is told to stop
    (SIGTERM). Every stream must complete with the tokens of an undisturbed run; the pause each
@@ -286,11 +287,14 @@ def main() -> None:
         log(f"    light load: TTFT p50 {light['direct_ttft_p50_ms']:.1f} ms straight, "
             f"{light['routed_ttft_p50_ms']:.1f} ms routed")  # fmt: skip
         log("the second pipeline joins on core 1")
-        swarm.start_pipeline(1)
+        head1 = swarm.start_pipeline(1)
         swarm.wait_router_heads(2)
-        two = throughput({"two pipelines, routed": [router]}, prompts, args)[
-            "two pipelines, routed"
-        ]
+        both = throughput(
+            {"two pipelines, direct": [head0, head1], "two pipelines, routed": [router]},
+            prompts,
+            args,
+        )
+        two, two_direct = both["two pipelines, routed"], both["two pipelines, direct"]
         losses = [lose_head(swarm, prompts[: args.streams], args, "kill -9")]
         # A new head takes the lost one's place (it finds the follower that lost its head).
         swarm.heads.append(swarm.start_node("head-again", 0, swarm.spans[0], "127.0.4.1"))
@@ -303,8 +307,11 @@ def main() -> None:
         "command": " ".join(["python -m benchmark.scale_out", *sys.argv[1:]]),
         "one_pipeline_direct": direct,
         "one_pipeline_routed": routed,
+        "two_pipelines_direct": two_direct,
         "two_pipelines_routed": two,
         "scale_out_ratio": two["output_throughput_tok_s"] / direct["output_throughput_tok_s"],
+        "machine_scale_out_ratio": two_direct["output_throughput_tok_s"]
+        / direct["output_throughput_tok_s"],
         "router_throughput_ratio": routed["output_throughput_tok_s"]
         / direct["output_throughput_tok_s"],
         "router_ttft_p50_added_ms": routed["ttft_p50_ms"] - direct["ttft_p50_ms"],
@@ -328,12 +335,15 @@ def main() -> None:
             for name, n, r in (
                 ("one pipeline, straight to its head", args.streams, direct),
                 ("one pipeline, through the router", args.streams, routed),
+                ("two pipelines, straight to their heads", 2 * args.streams, two_direct),
                 ("two pipelines, through the router", 2 * args.streams, two),
             )
         ),
         "",
         f"Scale-out: **{results['scale_out_ratio']:.2f}x** one pipeline (bound 2.0: two "
-        f"pipelines on disjoint cores). Router: **{results['router_throughput_ratio']:.3f}x** "
+        f"pipelines on disjoint cores; the two pipelines straight to their heads, no router, "
+        f"give {results['machine_scale_out_ratio']:.2f}x on this machine). Router: "
+        f"**{results['router_throughput_ratio']:.3f}x** "
         f"the throughput of going straight to the head, TTFT p50 "
         f"**{results['router_ttft_p50_added_ms']:+.1f} ms** under that load. At light load "
         f"({light['requests']} requests one at a time, each sent both ways in turn), TTFT p50 is "
