@@ -299,8 +299,8 @@ class MoLinkConfig:
         "--rebalance-after",
         type=_seconds_or_zero,
         help="Head: once its chain has served this many seconds, move to less loaded replicas "
-        "of the same spans when that makes the chain at least 25%% cheaper for 10 s (0: never; "
-        "default %(default)g).",
+        "of the same spans when that makes the chain at least 25%% cheaper for 10 s; 0: never "
+        "(default %(default)g).",
     )
     leave_timeout: float = flag(
         30.0,

@@ -33,6 +33,7 @@ SAMPLES = {
     "--chain-timeout": (["6"], 6.0),
     "--step-timeout": (["2.5"], 2.5),
     "--outage-timeout": (["9"], 9.0),
+    "--rebalance-after": (["0"], 0.0),
     "--leave-timeout": (["0"], 0.0),
     "--wire-dtype": (["bfloat16"], "bfloat16"),
     "--wire-compression": (["zlib"], "zlib"),

@@ -215,6 +215,39 @@ def _block_pool(monkeypatch: pytest.MonkeyPatch) -> None:
     _require(scheduler.cache_config.num_gpu_blocks == 6, "cache_config not updated")
 
 
+@contract("vllm.v1.engine.detokenizer.FastIncrementalDetokenizer.__init__")
+def _fast_detokenizer(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    from vllm import SamplingParams
+    from vllm.v1.engine.detokenizer import FastIncrementalDetokenizer
+
+    from molink.vllm_compat.detokenizer import fix_prompt_tail_detokenization
+
+    raw = Tokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    raw.train_from_iterator(
+        ["the quick brown fox"] * 8, trainers.BpeTrainer(initial_alphabet=alphabet)
+    )
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw)
+    ids = raw.encode("the fox \u00e9 fox").ids  # "é" is two byte tokens
+    cut = next(i for i in range(len(ids)) if raw.decode(ids[:i]).endswith("\ufffd"))
+    fix_prompt_tail_detokenization()
+    request = SimpleNamespace(
+        request_id="r", prompt_token_ids=ids[:cut], sampling_params=SamplingParams()
+    )
+    detokenizer = FastIncrementalDetokenizer(tokenizer, request)  # the prompt ends mid-"é"
+    for token_id in ids[cut:]:
+        detokenizer.update([token_id], False)
+    # vLLM alone gives "the fox é fox": the prompt's text again, then the new text.
+    _require(
+        detokenizer.output_text == "\u00e9 fox",
+        f"a prompt ending mid-character gives {detokenizer.output_text!r}, not 'é fox'",
+    )
+
+
 # ------------------------------------------------------------------------------ executor
 
 

@@ -26,6 +26,7 @@ from molink.entrypoints.http_auth import api_key_guard, api_keys, status_bind_ho
 from molink.entrypoints.node import Node
 from molink.security.settings import is_loopback
 from molink.telemetry import metrics
+from molink.vllm_compat.detokenizer import fix_prompt_tail_detokenization
 
 logger = init_logger(__name__)
 
@@ -35,6 +36,7 @@ async def run_node(
 ) -> None:
     """Start this node from parsed flags and serve until shut down; always leaves the swarm."""
     config = MoLinkConfig.from_args(args)
+    fix_prompt_tail_detokenization()  # the head's API server detokenizes
     keys = api_keys(args)
     node = Node(AsyncEngineArgs.from_cli_args(args), config)
     status_host = (

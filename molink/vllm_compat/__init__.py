@@ -24,6 +24,7 @@ Modules, by area:
 * :mod:`.serving`: the OpenAI serving layer: failure causes, ``/metrics`` routes.
 * :mod:`.openai_server`: vLLM's ``build_and_serve``, copied.
 * :mod:`.auth`: vLLM's ``--api-key`` check, for MoLink's own routes.
+* :mod:`.detokenizer`: vLLM's incremental detokenizer, right for prompts that end mid-character.
 * :mod:`.wire_classes`: the vLLM classes a step payload may name (the codec's allowlist).
 
 This package sits at the lowest layer: it imports only vLLM, torch, the standard library and
@@ -88,6 +89,12 @@ INTERNALS: tuple[Internal, ...] = (
         "the scheduler's kv_cache_manager.block_pool keeps block i at blocks[i] and the free ones "
         "in free_block_queue (remove(block)); allocation, usage and reset_prefix_cache count "
         "num_gpu_blocks, so cutting both retires the blocks above a size",
+    ),
+    Internal(
+        "vllm.v1.engine.detokenizer.FastIncrementalDetokenizer.__init__",
+        "detokenizer.fix_prompt_tail_detokenization",
+        "it primes DecodeStream(ids=request.prompt_token_ids) and sets self.stream, "
+        "self.tokenizer and self.skip_special_tokens; _protected_step(token_id) steps the stream",
     ),
     Internal(
         "vllm.v1.executor.abstract.Executor._init_executor",
@@ -223,6 +230,7 @@ PRIVATE_NAMES: frozenset[str] = frozenset(
         "_init_executor",
         "_init_mrope_positions",
         "_init_block_sizes",
+        "_protected_step",
     }
 )
 
@@ -243,6 +251,8 @@ PATCHED_ATTRIBUTES: frozenset[str] = frozenset(
         "requests",
         "execute_model_state",
         "logitsprocs",  # InputBatch
+        "__init__",  # FastIncrementalDetokenizer (vllm_compat.detokenizer)
+        "stream",  # its DecodeStream
     }
     | PRIVATE_NAMES
 )
