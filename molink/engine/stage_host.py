@@ -40,8 +40,9 @@ from molink.comm.links import NextHopLink, ResultStream, timings_from_proto
 from molink.comm.proto import molink_pb2
 from molink.comm.stage_service import StageNotReady
 from molink.core.head_session import HeadSession
-from molink.core.kv_regions import KVRegions, NoRoom, Region
+from molink.core.kv_regions import KVRegions, Region
 from molink.core.step import StepWork
+from molink.engine.kv_claims import claim_with_shrinks
 from molink.engine.stage_config import stage_engine_config
 from molink.engine.stage_engine import StageEngine
 from molink.engine.stage_fit import difference, kv_plan_misfit, same_worker
@@ -305,39 +306,24 @@ class StageHost:
             )
 
     def _claim(self, session: HeadSession, blocks: int) -> Region:
-        """Claim ``blocks`` blocks for ``session``; if they aren't free, ask the heads holding
-        more than their fair share to shrink and wait for them (caller holds the lock, which the
-        wait releases)."""
-        deadline = time.monotonic() + SHRINK_WAIT_S
-        asked: dict[str, int] = {}
-        while True:
-            try:
-                region = self.regions.claim(session.id, blocks)
-                self._room_freed.notify_all()  # it may have given blocks back
-                return region
-            except NoRoom as e:
-                if not asked:
-                    asked = self.regions.shrinks_for(session.id, blocks)
-                    for owner, share in asked.items():
-                        other = self.sessions[owner]
-                        if other.results is None:
-                            continue
-                        logger.info(
-                            "Asking head %s to shrink to %d KV blocks: head %s needs room",
-                            other.label or "?",
-                            share,
-                            session.label or "?",
-                        )
-                        other.results.ask_to_shrink(share)
-                    if not asked:
-                        raise
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise NoRoom(
-                        f"{e}; the heads asked to shrink to their fair share did not within "
-                        f"{SHRINK_WAIT_S:g} s"
-                    ) from None
-                self._room_freed.wait(left)
+        """Claim ``blocks`` blocks for ``session``, asking heads over their fair share to shrink
+        (caller holds the lock, which waiting for them releases)."""
+
+        def ask(owner: str, share: int) -> None:
+            other = self.sessions[owner]
+            if other.results is None:
+                return
+            logger.info(
+                "Asking head %s to shrink to %d KV blocks: head %s needs room",
+                other.label or "?",
+                share,
+                session.label or "?",
+            )
+            other.results.ask_to_shrink(share)
+
+        return claim_with_shrinks(
+            self.regions, session.id, blocks, ask, self._room_freed, SHRINK_WAIT_S
+        )
 
     def submit(self, msg: molink_pb2.Step) -> None:
         """Decode a step from the previous stage and queue it for compute."""
