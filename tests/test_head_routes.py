@@ -227,25 +227,37 @@ def test_swarm_needs_the_api_key_and_ready_does_not(demo_pipeline):
 def test_a_busy_engine_keeps_the_last_snapshot_a_silent_one_loses_it(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """An engine stepping a heavy batch may miss the snapshot's deadline: /ready stays what it
-    was for a while (no flapping); after SNAPSHOT_STALE_OK_S of silence the head is not ready."""
+    """An engine stepping a heavy batch may be slow to answer: /ready answers at once with the
+    last snapshot (no flapping, and well within a router's timeout), one fetch at a time; after
+    SNAPSHOT_STALE_OK_S of silence the head is not ready."""
     from molink.entrypoints import head_routes
 
     monkeypatch.setattr(head_routes, "SNAPSHOT_TIMEOUT_S", 0.05)
+    monkeypatch.setattr(head_routes, "SNAPSHOT_STALE_WAIT_S", 0.01)
     monkeypatch.setattr(head_routes, "SNAPSHOT_MAX_AGE_S", 0.0)
-    answers = [{"ready": True, "metrics": []}]
-
-    async def collective_rpc(method: str) -> list:
-        if not answers:
-            await asyncio.sleep(1)  # busy: misses the deadline
-        return [answers.pop(0)]
-
-    view = head_routes.PipelineView(SimpleNamespace(collective_rpc=collective_rpc))
+    calls = 0
 
     async def run() -> None:
-        assert (await view.snapshot())["ready"]
-        assert (await view.snapshot())["ready"]  # busy, but it answered just now
+        answer = asyncio.Event()
+        answer.set()
+
+        async def collective_rpc(method: str) -> list:
+            nonlocal calls
+            calls += 1
+            await answer.wait()
+            return [{"ready": True, "metrics": [], "call": calls}]
+
+        view = head_routes.PipelineView(SimpleNamespace(collective_rpc=collective_rpc))
+        assert (await view.snapshot())["call"] == 1
+        answer.clear()  # busy from now on
+        assert (await view.snapshot())["call"] == 1  # the last one stands in
+        assert (await view.snapshot())["call"] == 1
+        assert calls == 2  # the second caller did not start another fetch
+        answer.set()
+        await asyncio.sleep(0.05)
+        assert (await view.snapshot())["call"] >= 2
+        answer.clear()
         monkeypatch.setattr(head_routes, "SNAPSHOT_STALE_OK_S", 0.0)
-        assert await view.snapshot() is None  # busy for too long
+        assert await view.snapshot() is None  # silent for too long
 
     asyncio.run(run())

@@ -168,10 +168,14 @@ def test_no_stream_dies_with_its_head(scale_out, module_swarm, qwen3_model, how)
     router = scale_out["router"]
     reference = asyncio.run(streams(router, qwen3_model))
     assert all(len(r["ids"]) == STREAM_TOKENS for r in reference)
-    victim = scale_out["heads"][0]
     moved = router_metric(router, "molink_router_resumed_total")
+    victim = scale_out["heads"][0]
 
-    def lose_head() -> None:
+    def lose_head() -> None:  # the head with the most of the streams
+        nonlocal victim
+        busiest = max(json.loads(get(router.base_url + "/swarm")[1])["heads"],
+                      key=lambda h: h["outstanding"])  # fmt: skip
+        victim = next(h for h in scale_out["heads"] if h.base_url == busiest["url"])
         if how == "kill":
             victim.kill()
         else:
@@ -186,7 +190,7 @@ def test_no_stream_dies_with_its_head(scale_out, module_swarm, qwen3_model, how)
         # A new head takes the lost one's place: the router finds it without any change.
         peers = scale_out["followers"][:1]
         new = module_swarm.start("head3", qwen3_model, "0,2", HEAD_FLAGS, peers=peers)
-        scale_out["heads"] = [scale_out["heads"][1], new]
+        scale_out["heads"] = [*(h for h in scale_out["heads"] if h is not victim), new]
         eventually(lambda: len(ready_heads(router)) == 2, timeout=WAIT_S, what="the new head")
         # It took the replica the stopped head left idle (no flags).
         assert followers_of(scale_out["followers"]) == [1, 1]
@@ -296,5 +300,42 @@ def test_a_head_that_flaps_keeps_the_event_its_streams_watch():
             await runner.cleanup()  # the head exits: nothing listens
             await directory.refresh(session)
         assert watched.is_set() and not head.ready
+
+    asyncio.run(run())
+
+
+def test_a_head_slow_to_answer_is_busy_not_gone(monkeypatch: pytest.MonkeyPatch):
+    """A /ready that times out keeps the head's last answer for READY_GRACE_S, then it counts
+    as unreachable."""
+    from molink.entrypoints.router import heads
+
+    monkeypatch.setattr(heads, "READY_TIMEOUT_S", 0.05)
+
+    async def run() -> None:
+        delays = [0.0, 1.0, 1.0]
+        app = web.Application()
+
+        async def ready(_: web.Request) -> web.Response:
+            await asyncio.sleep(delays.pop(0))
+            return web.json_response({"ready": True})
+
+        app.router.add_get("/ready", ready)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        directory = HeadDirectory(None, static_urls=[f"http://127.0.0.1:{port}"])
+        (head,) = directory.heads.values()
+        try:
+            async with aiohttp.ClientSession() as session:
+                await directory.refresh(session)
+                assert head.ready
+                await directory.refresh(session)  # times out: busy
+                assert head.ready and not head.gone.is_set()
+                monkeypatch.setattr(heads, "READY_GRACE_S", 0.0)
+                await directory.refresh(session)  # times out, and has for too long
+                assert not head.ready and "Timeout" in head.cause
+        finally:
+            await runner.cleanup()
 
     asyncio.run(run())

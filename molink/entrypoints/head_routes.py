@@ -16,6 +16,7 @@ executor's ``collective_rpc`` (:data:`~molink.telemetry.engine_metrics.PIPELINE_
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from importlib import resources
 from typing import TYPE_CHECKING, Any
@@ -37,13 +38,16 @@ if TYPE_CHECKING:
 
 logger = init_logger(__name__)
 
-#: Seconds the API server waits for the engine's snapshot before answering with what it has.
+#: Seconds the API server waits for the engine's snapshot when it has none recent to stand in.
 SNAPSHOT_TIMEOUT_S = 3.0
 #: A snapshot this recent is reused (several scrapes or page refreshes at once).
 SNAPSHOT_MAX_AGE_S = 0.25
-#: When the engine is too busy to answer in time, a snapshot this recent still stands (a head
+#: When the engine is too busy to answer quickly, a snapshot this recent still stands (a head
 #: under load stays ready instead of flapping).
 SNAPSHOT_STALE_OK_S = 15.0
+#: How long a caller waits for a fresh snapshot when one within ``SNAPSHOT_STALE_OK_S`` can
+#: stand in: well under the router's ``/ready`` timeout, so a busy engine never looks dead.
+SNAPSHOT_STALE_WAIT_S = 0.5
 
 _engine_metrics: EngineMetrics | None = None
 
@@ -58,40 +62,50 @@ def _metrics_collector() -> EngineMetrics:
 
 
 class PipelineView:
-    """The engine process's pipeline snapshot, as last fetched by the API server process."""
+    """The engine process's pipeline snapshot, as last fetched by the API server process.
+
+    One fetch runs at a time, in the background: callers wait for it briefly when a recent
+    snapshot can stand in, longer when none can.
+    """
 
     def __init__(self, engine: EngineClient) -> None:
         self.engine = engine
         self.metrics = _metrics_collector()
         self._snapshot: dict[str, Any] | None = None
-        self._fetched_at = float("-inf")
         self._answered_at = float("-inf")  # when the engine last answered
-        self._lock = asyncio.Lock()
+        self._fetch: asyncio.Future[None] | None = None
+        self._failed_before = False
 
     async def snapshot(self) -> dict[str, Any] | None:
-        """A fresh snapshot; the last one when the engine is too busy to answer in time but
+        """A fresh snapshot; the last one when the engine is too busy to answer quickly but
         answered within :data:`SNAPSHOT_STALE_OK_S`; else None."""
-        async with self._lock:
-            if time.monotonic() - self._fetched_at < SNAPSHOT_MAX_AGE_S:
-                return self._snapshot
-            try:
-                self._snapshot = await asyncio.wait_for(
-                    call_executor(self.engine, PIPELINE_SNAPSHOT_RPC), SNAPSHOT_TIMEOUT_S
-                )
-                self._answered_at = time.monotonic()
-            except Exception as e:  # noqa: BLE001  # a dead or busy engine: report, don't fail
-                busy = (
-                    isinstance(e, TimeoutError)
-                    and time.monotonic() - self._answered_at <= SNAPSHOT_STALE_OK_S
-                )
-                if not busy:
-                    if self._snapshot is not None or self._fetched_at == float("-inf"):
-                        logger.warning("The engine did not report its pipeline state: %r", e)
-                    self._snapshot = None
-            self._fetched_at = time.monotonic()
-            if self._snapshot is not None:
-                self.metrics.update(self._snapshot["metrics"])
+        age = time.monotonic() - self._answered_at
+        if age < SNAPSHOT_MAX_AGE_S:
             return self._snapshot
+        if self._fetch is None or self._fetch.done():
+            self._fetch = asyncio.ensure_future(self._refresh())
+        stands_in = self._snapshot is not None and age <= SNAPSHOT_STALE_OK_S
+        wait_s = SNAPSHOT_STALE_WAIT_S if stands_in else SNAPSHOT_TIMEOUT_S
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self._fetch), wait_s)
+        if time.monotonic() - self._answered_at > SNAPSHOT_STALE_OK_S:
+            return None
+        return self._snapshot
+
+    async def _refresh(self) -> None:
+        try:
+            snapshot = await asyncio.wait_for(
+                call_executor(self.engine, PIPELINE_SNAPSHOT_RPC), SNAPSHOT_STALE_OK_S
+            )
+        except Exception as e:  # noqa: BLE001  # a dead or hung engine: report, don't fail
+            if not self._failed_before:
+                logger.warning("The engine did not report its pipeline state: %r", e)
+            self._failed_before = True
+            self._snapshot = None
+            return
+        self._snapshot, self._answered_at = snapshot, time.monotonic()
+        self._failed_before = False
+        self.metrics.update(snapshot["metrics"])
 
 
 def swarm_page() -> str:

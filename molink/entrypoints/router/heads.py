@@ -3,7 +3,8 @@
 :class:`HeadDirectory` follows the heads the swarm announces (each head announces its API URL),
 plus any given with ``--head URL``. Every ``poll_s`` it asks each head's ``/ready`` (and it
 reads the DHT again every :data:`DISCOVER_PERIOD_S`); a head that is not ready (or not
-reachable) gets no new request until it is again.
+reachable) gets no new request until it is again; one whose ``/ready`` only times out keeps its
+last answer for :data:`READY_GRACE_S` (a head stepping a heavy batch is busy, not gone).
 :meth:`HeadDirectory.pick` chooses the ready head with the fewest requests outstanding from this
 router (then the one that got the fewest so far).
 """
@@ -25,6 +26,8 @@ logger = init_logger(__name__)
 
 #: How long a head's ``/ready`` may take to answer.
 READY_TIMEOUT_S = 2.0
+#: A head whose ``/ready`` times out (busy, not gone) keeps its last answer this long.
+READY_GRACE_S = 10.0
 #: The DHT is read this often for heads that came or went (reads cost the swarm's DHT peers CPU).
 DISCOVER_PERIOD_S = 5.0
 
@@ -41,6 +44,7 @@ class Head:
     outstanding: int = 0  # requests this router has in flight on it
     sent: int = 0  # requests this router sent it
     resumed_from: int = 0  # streams continued elsewhere after this head failed them
+    answered_at: float = float("-inf")  # when its /ready last answered (monotonic)
     # Set when the head stops accepting connections (it exits, or is shutting down): streams
     # still open on it are given up and continued elsewhere.
     gone: asyncio.Event = field(default_factory=asyncio.Event)
@@ -173,8 +177,14 @@ class HeadDirectory:
             if not head.gone.is_set():
                 logger.warning("Head %s accepts no connections: its streams move on", head.url)
             head.gone.set()
-        except (TimeoutError, aiohttp.ClientError, ValueError) as e:
+        except TimeoutError as e:  # busy rather than gone: its last answer stands a while
+            if time.monotonic() - head.answered_at <= READY_GRACE_S:
+                return
             ready, cause = False, f"unreachable ({type(e).__name__}: {e})"[:300]
+        except (aiohttp.ClientError, ValueError) as e:
+            ready, cause = False, f"unreachable ({type(e).__name__}: {e})"[:300]
+        else:
+            head.answered_at = time.monotonic()
         if ready and not head.ready:
             logger.info("Head %s is ready", head.url)
             if head.gone.is_set():  # back after it exited: new streams watch a new event
