@@ -27,6 +27,7 @@ def test_missing_layers_are_named(swarm, qwen3_model):
 def test_other_model_is_refused(swarm, qwen3_model, tmp_path_factory):
     other = build_qwen3_checkpoint(tmp_path_factory.mktemp("other") / "qwen3-8", num_layers=8)
     follower = swarm.start("stage", other, "3,7")
+    follower.wait_healthy()  # up before the head's short --chain_timeout starts counting
     head = swarm.start("head", qwen3_model, "0,2", FAST_FAIL, peers=[follower])
     assert head.wait_exit(timeout=180) == 2
     assert "different model" in head.log()
@@ -44,6 +45,7 @@ def test_other_weights_in_one_layer_are_refused(swarm, qwen3_model, tmp_path_fac
             weights[name] = weights[name] * 1.01
             save_file(weights, shard, metadata={"format": "pt"})
     follower = swarm.start("stage", str(tuned), "3,5")
+    follower.wait_healthy()  # up before the head's short --chain_timeout starts counting
     head = swarm.start("head", qwen3_model, "0,2", FAST_FAIL, peers=[follower])
     assert head.wait_exit(timeout=180) == 2
     assert "serves layers 3-5 with different weights" in head.log()
