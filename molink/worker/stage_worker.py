@@ -157,7 +157,10 @@ class StageHooks:
         owner = self._batch_owner
         if owner == head:
             return
-        if owner is None:  # the first head keeps the runner's own batch
+        if owner is None:  # the first head, or the one after a head that left, takes it over
+            saved = self._other_batches.pop(head, None)
+            if saved is not None:  # (the batch left in the runner is the empty one)
+                swap_persistent_batch(runner, saved)
             self._batch_owner = head
             return
         fresh = self._other_batches.pop(head, None) or (new_persistent_batch(runner), {})
