@@ -3,7 +3,8 @@
     python -m benchmark.compare           # full run (over an hour on 2 cores) -> resources/
     python -m benchmark.compare --quick   # a few tiny requests per setup (smoke test)
 
-Setups (one at a time, same model, same flags, same cores): plain vLLM; MoLink with 2 and 3
+Setups (one at a time, same model, same flags, same cores; a server the next measurement needs
+too stays up for it, so the first pair's setups are measured last): plain vLLM; MoLink with 2 and 3
 stages on loopback; 2 and 3 stages with every hop behind an emulated link (``--delay-ms``,
 ``--rate-mbit``) and 2 stages behind a far one (``--far-delay-ms``); MoLink setups with
 micro-batching on (``--max-micro-batches`` default) and off (``--max-micro-batches 1``). vLLM and
@@ -35,7 +36,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from benchmark.link_emulator import LinkSpec
@@ -162,6 +163,41 @@ def server(setup: Setup, args: argparse.Namespace, slot: int = 0) -> Iterator[st
         yield s.base_url
 
 
+class Servers:
+    """The setups' servers, each kept up while the next measurement needs it too (a boot of a
+    big model costs minutes): at most two at once, in port slots 0 and 1."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self._up: dict[str, tuple[contextlib.ExitStack, str, int]] = {}  # key -> (, url, slot)
+
+    def only(self, wanted: list[Setup]) -> dict[str, str]:
+        """Stop every server but ``wanted``'s, start those not up; their base URLs by key."""
+        keys = [setup.key for setup in wanted]
+        for key in [k for k in self._up if k not in keys]:
+            self._up.pop(key)[0].close()
+        for setup in wanted:
+            if setup.key not in self._up:
+                slot = min({0, 1} - {slot for _, _, slot in self._up.values()})
+                stack = contextlib.ExitStack()
+                url = stack.enter_context(server(setup, self.args, slot))
+                self._up[setup.key] = (stack, url, slot)
+        return {key: self._up[key][1] for key in keys}
+
+    def __enter__(self) -> Servers:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.only([])
+
+
+def run_order(chosen: list[Setup], pairs: list[tuple[str, str]]) -> list[Setup]:
+    """``chosen`` with the setups of the first pair last, so that the paired rounds start on
+    servers that are up already."""
+    first = pairs[0] if pairs else ()
+    return sorted(chosen, key=lambda setup: first.index(setup.key) + 1 if setup.key in first else 0)
+
+
 def trace_path(setup: Setup, args: argparse.Namespace) -> Path:
     return args.output_dir / "logs" / f"{setup.key}.trace.jsonl"
 
@@ -200,7 +236,7 @@ def measure_throughput(
     }
 
 
-def measure_paired(args: argparse.Namespace, a: Setup, b: Setup) -> dict:
+def measure_paired(args: argparse.Namespace, servers: Servers, a: Setup, b: Setup) -> dict:
     """Setups ``a`` and ``b``, both up, loaded in alternating rounds; each pair of rounds (one
     of each) is one sample of every ratio between them.
 
@@ -214,32 +250,28 @@ def measure_paired(args: argparse.Namespace, a: Setup, b: Setup) -> dict:
     if args.heavy_requests and {a.key, b.key} <= set(HEAVY_SETUPS):
         loads.append((args.heavy_requests, max(2, args.paired_rounds // 2)))
     results = {}
-    with (
-        server(replace(a, key=f"paired_{a.key}"), args) as a_url,
-        server(replace(b, key=f"paired_{b.key}"), args, slot=1) as b_url,
-    ):
-        urls = {a.key: a_url, b.key: b_url}
-        for num_requests, num_rounds in loads:
-            prompts = make_prompts(num_requests, args.input_len, args.vocab, seed=1)
-            for url in urls.values():
-                burst(url, prompts[: max(2, num_requests // 4)], 16)  # warm-up, not counted
-            pairs = []
-            for i in range(num_rounds):
-                pair = {}
-                for key in (a.key, b.key) if i % 2 == 0 else (b.key, a.key):  # ABBA
-                    r = burst(urls[key], prompts, args.output_len)
-                    pair[key] = {
-                        TOK_S: r[TOK_S],
-                        TPOT: r["tpot_ms"]["p50"],
-                        "failed": r["failed"],
-                    }
-                pairs.append(pair)
-                log(
-                    f"    {num_requests} concurrent, pair {i + 1}/{num_rounds}: "
-                    + ", ".join(f"{key} {pair[key][TOK_S]:.1f}" for key in urls)
-                    + f" tok/s ({pair[a.key][TOK_S] / pair[b.key][TOK_S]:.2f})"
-                )
-            results[str(num_requests)] = {"pairs": pairs}
+    urls = servers.only([a, b])
+    for num_requests, num_rounds in loads:
+        prompts = make_prompts(num_requests, args.input_len, args.vocab, seed=1)
+        for url in urls.values():
+            burst(url, prompts[: max(2, num_requests // 4)], 16)  # warm-up, not counted
+        pairs = []
+        for i in range(num_rounds):
+            pair = {}
+            for key in (a.key, b.key) if i % 2 == 0 else (b.key, a.key):  # ABBA
+                r = burst(urls[key], prompts, args.output_len)
+                pair[key] = {
+                    TOK_S: r[TOK_S],
+                    TPOT: r["tpot_ms"]["p50"],
+                    "failed": r["failed"],
+                }
+            pairs.append(pair)
+            log(
+                f"    {num_requests} concurrent, pair {i + 1}/{num_rounds}: "
+                + ", ".join(f"{key} {pair[key][TOK_S]:.1f}" for key in urls)
+                + f" tok/s ({pair[a.key][TOK_S] / pair[b.key][TOK_S]:.2f})"
+            )
+        results[str(num_requests)] = {"pairs": pairs}
     return results
 
 
@@ -648,9 +680,10 @@ def main() -> None:
         ),
         "setups": {},
     }
-    for setup in chosen:
-        log(f"== {setup.label}")
-        with server(setup, args) as url:
+    with Servers(args) as servers:
+        for setup in run_order(chosen, args.paired if run_paired else []):
+            log(f"== {setup.label}")
+            url = servers.only([setup])[setup.key]
             row = measure_throughput(url, args, args.num_requests, args.rounds)
             if setup.stages:
                 row.update(pipeline_bound(url, args.num_requests))
@@ -661,17 +694,19 @@ def main() -> None:
             if setup.key == "molink3_wan":
                 log("    long prompt during decode streams")
                 results["long_prompt"] = measure_long_prompt(url, args)
-        if setup.stages and args.trace:
-            row["step_breakdown_ms"] = trace_breakdown(setup, args)
-        results["setups"][setup.key] = {"label": setup.label, **row}
-        log(f"    {row['output_throughput_tok_s']:.1f} tok/s")
-        write_report(results, args)
-    if run_paired:
-        results["paired"] = {}
-        for a, b in args.paired:
-            log(f"== paired rounds: {by_key[a].label} | {by_key[b].label}")
-            results["paired"][f"{a}:{b}"] = measure_paired(args, by_key[a], by_key[b])
+            if setup.stages and args.trace:
+                row["step_breakdown_ms"] = trace_breakdown(setup, args)
+            results["setups"][setup.key] = {"label": setup.label, **row}
+            results["setups"] = {k: results["setups"][k] for k in by_key if k in results["setups"]}
+            log(f"    {row['output_throughput_tok_s']:.1f} tok/s")
             write_report(results, args)
+        if run_paired:
+            results["paired"] = {}
+            for a, b in args.paired:
+                log(f"== paired rounds: {by_key[a].label} | {by_key[b].label}")
+                pair = measure_paired(args, servers, by_key[a], by_key[b])
+                results["paired"][f"{a}:{b}"] = pair
+                write_report(results, args)
     log(f"wrote {args.output_dir}/benchmark.md, .json, .png")
 
 
