@@ -15,12 +15,14 @@ def test_a_claim_waits_for_the_asked_head_to_shrink() -> None:
     regions.claim("a", 100)
     room_freed = threading.Condition()
     asked: list[tuple[str, int]] = []
+    waiting: list[set[str]] = []
 
     def shrink_later(owner: str, share: int) -> None:
         asked.append((owner, share))
 
         def shrink() -> None:  # what the asked head's next StartStage does
             with room_freed:
+                waiting.append(set(regions.waiting))  # a may not grow back meanwhile
                 regions.claim(owner, share)
                 room_freed.notify_all()
 
@@ -28,8 +30,9 @@ def test_a_claim_waits_for_the_asked_head_to_shrink() -> None:
 
     with room_freed:
         region = claim_with_shrinks(regions, "b", 50, shrink_later, room_freed, wait_s=10)
-    assert asked == [("a", 50)]
+    assert asked == [("a", 50)] and waiting == [{"b"}]
     assert region.blocks == 50 and regions.held("a").blocks == 50
+    assert regions.waiting == set()
 
 
 def test_a_claim_gives_up_when_nobody_shrinks() -> None:

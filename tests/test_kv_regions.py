@@ -76,3 +76,32 @@ def test_no_share_is_offered_that_cant_hold_one_request() -> None:
     regions.claim("b", 22)
     # A third's share would be 15 blocks, fewer than one request needs: only the free block.
     assert regions.offer("c", min_blocks=17) == 1
+    assert regions.offer("a", min_blocks=17) == 22  # the free block is beyond a's share
+
+
+def test_when_a_head_leaves_those_below_the_new_share_may_grow_to_it() -> None:
+    regions = KVRegions(90)
+    for owner in "abc":
+        regions.claim(owner, 30)  # three fair shares
+    assert regions.growth_offers() == {}
+    assert regions.offer("a", min_blocks=10) == 30  # holders: no more than their share
+    regions.release("c")
+    assert regions.growth_offers() == {"a": 45, "b": 45}
+    assert regions.offer("a", min_blocks=10) == 45
+    grown = regions.claim("a", 45)  # in place: its first 30 blocks stay
+    assert grown.ids[:30] == blocks(0, 30) and regions.free_blocks() == 15
+    regions.release("b")
+    assert regions.growth_offers() == {"a": 90}
+    regions.release("a")
+    assert regions.growth_offers() == {}
+
+
+def test_a_head_waiting_for_room_counts_among_the_holders() -> None:
+    regions = KVRegions(90)
+    regions.claim("a", 45)
+    regions.claim("b", 45)
+    regions.release("b")
+    assert regions.growth_offers() == {"a": 90}
+    regions.waiting.add("c")  # c waits for room: a may not grow into it
+    assert regions.growth_offers() == {} and regions.offer("a", min_blocks=10) == 45
+    assert regions.fair_share("c") == 45

@@ -2,12 +2,13 @@
 
 Two heads start on the one replica of the tail span there is (the second gets a fair share of its
 KV cache). When a second replica joins, one head moves to it, and only one: each head's chain
-then takes a different replica (no flags). A head that joins later takes the idle replica. The
-router (``python -m molink.entrypoints.router``) finds both heads in the DHT and
-serves the OpenAI API for them; greedy outputs through it equal one vLLM process. A head told to
-stop (SIGTERM) and a head killed (``kill -9``) during greedy streams: every stream completes
-through the other head, token for token and character for character as an undisturbed run, with
-one ``id`` and usage that adds up. The stitching itself is unit-tested at the end.
+then takes a different replica (no flags), and the head that shrank grows back. A head that joins
+later takes the idle replica. The router (``python -m molink.entrypoints.router``) finds both
+heads in the DHT and serves the OpenAI API for them; greedy outputs through it equal one vLLM
+process. A head told to stop (SIGTERM) and a head killed (``kill -9``) during greedy streams:
+every stream completes through the other head, token for token and character for character as
+an undisturbed run, with one ``id`` and usage that adds up. The stitching itself is unit-tested
+at the end.
 """
 
 from __future__ import annotations
@@ -81,10 +82,16 @@ def test_two_heads_on_one_replica_spread_when_another_joins(scale_out):
         return sorted(value(scrape(h), "molink_rewires_total", cause="rebalance") for h in heads)
 
     eventually(lambda: rebalances() == [0, 1], timeout=30, what="one rebalance, by one head")
-    rewires = [scrape(h) for h in heads]
-    # The second head got a fair share of the first replica's KV cache: the first shrank.
-    assert value(rewires[0], "molink_rewires_total", cause="kv_resize") == 1
-    assert all(value(r, "molink_stage_losses_total", cause="lost") == 0 for r in rewires)
+    # The second head got a fair share of the first replica's KV cache: the first shrank. Once
+    # they were apart, it grew back to a whole cache (the second started with a share).
+    eventually(
+        lambda: (
+            [value(scrape(h), "molink_rewires_total", cause="kv_resize") for h in heads] == [2, 0]
+        ),
+        timeout=60,
+        what="the first head shrunk, then grown back",
+    )
+    assert all(value(scrape(h), "molink_stage_losses_total", cause="lost") == 0 for h in heads)
 
 
 def test_the_router_answers_like_one_vllm_process(scale_out, qwen3_model, qwen3_reference):
@@ -183,7 +190,8 @@ def test_no_stream_dies_with_its_head(scale_out, module_swarm, qwen3_model, how)
 
     got = asyncio.run(streams(router, qwen3_model, during=lose_head))
     assert_streams_match(reference, got)
-    assert router_metric(router, "molink_router_resumed_total") > moved
+    if how == "kill":  # (a head told to stop may finish its streams itself before it exits)
+        assert router_metric(router, "molink_router_resumed_total") > moved
     eventually(lambda: len(ready_heads(router)) == 1, timeout=WAIT_S, what="the lost head gone")
     victim.kill()  # (after SIGTERM vLLM's shutdown sometimes hangs; see docs/deployment.md)
     if how == "sigterm":  # the next case needs two heads again

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import pytest
 from vllm.v1.request import RequestStatus
 
 from molink.core.scheduler import MAX_STAGE_LOSSES, PipelineScheduler
@@ -104,3 +105,55 @@ def test_a_kv_resize_recomputes_in_fewer_blocks_and_is_no_loss() -> None:
         scheduler._barrier(epoch)
     assert pool == [22]
     assert finished == [] and scheduler._stage_losses == {}
+
+
+def test_a_kv_resize_grows_the_pool_back_up_to_the_limit() -> None:
+    scheduler, finished = _barrier_scheduler("kv_resize", kv_blocks_limit=45)
+    pool = [22]
+    scheduler.kv_pool_blocks = lambda: pool[0]
+    scheduler.retire_kv_blocks = lambda num_blocks: pytest.fail("nothing to retire")
+
+    def grow(num_blocks: int) -> None:
+        pool[0] = num_blocks
+
+    scheduler.grow_kv_blocks = grow
+    scheduler._barrier(1)
+    assert pool == [45] and finished == [] and scheduler._stage_losses == {}
+
+
+def test_a_micro_batch_admits_no_request_beyond_max_num_seqs(qwen3_model: str) -> None:
+    """Decodes hidden from one micro-batch keep their slots: with 2 of 4 slots hidden, the 2
+    waiting requests wait (vLLM 0.32 admits by ``max_num_active_reqs``, and its engine dies on
+    ``assert len(self.running) <= self.max_num_running_reqs`` if they get in)."""
+    import torch
+    from vllm import SamplingParams
+    from vllm.config import CacheConfig, ModelConfig, SchedulerConfig, VllmConfig
+    from vllm.v1.core.sched.scheduler import Scheduler
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
+    from vllm.v1.request import Request
+    from vllm.v1.structured_output import StructuredOutputManager
+
+    from molink.vllm_compat.scheduler import SchedulerHooks
+
+    class Hooked(SchedulerHooks, Scheduler):
+        pass
+
+    cache = CacheConfig(block_size=16)
+    cache.num_gpu_blocks = 100
+    config = VllmConfig(
+        model_config=ModelConfig(model=qwen3_model, dtype="float32", max_model_len=512),
+        scheduler_config=SchedulerConfig(
+            max_num_seqs=4, max_num_batched_tokens=64, max_model_len=512, is_encoder_decoder=False
+        ),
+        cache_config=cache,
+    )
+    spec = FullAttentionSpec(block_size=16, num_kv_heads=1, head_size=64, dtype=torch.float32)
+    kv = KVCacheConfig(100, [], [KVCacheGroupSpec(["layer"], spec)])
+    scheduler = Hooked(config, kv, StructuredOutputManager(config), block_size=16)
+    for i in range(6):
+        scheduler.add_request(Request(f"r{i}", [1, 2, 3, 4], SamplingParams(max_tokens=8), None))
+    scheduler.schedule()
+    assert len(scheduler.running) == 4 and len(scheduler.waiting) == 2
+    scheduler.schedule_subset(hidden=scheduler.running[2:], token_budget=64)
+    assert len(scheduler.running) == 4 and len(scheduler.waiting) == 2
+    assert (scheduler.max_num_running_reqs, scheduler.max_num_active_reqs) == (4, 4)

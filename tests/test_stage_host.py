@@ -4,8 +4,9 @@ The follower (layers 3-5) has room for 45 KV blocks; the heads run on default KV
 one request of their ``--max-model-len`` needs 17 blocks. The first head takes all 45. A second
 head, started while the first streams, gets its fair share (22): the first shrinks to 22 and
 recomputes its running streams, which come out identical to an undisturbed run. A third head's
-share (15) can't hold one request: it is refused with the reason. ``kill -9`` of one head leaves
-the other's streams unchanged and frees its blocks, which a new head then gets.
+share (15) can't hold one request: it is refused with the reason. ``kill -9`` of the second head
+leaves the first one's streams unchanged and frees its blocks: the first grows back to all 45,
+and shrinks to its share again when a new head comes.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import re
 
 import pytest
 from conftest import QWEN3_ENGINE_FLAGS
-from probes import eventually, scrape, status, value
+from probes import eventually, get, scrape, status, value
 from reference import assert_same, pipeline_outputs, stream_all
 
 # One block holds 32 tokens of 3 layers, each 1 KV head of 64 float32 keys and values.
@@ -70,7 +71,8 @@ def test_a_second_head_gets_a_fair_share_while_the_first_streams(
     log = first.log()
     assert "this head's KV cache shrinks from 45 to 22 blocks" in log
     preempted = re.search(
-        r"Rewiring without a loss, the KV cache shrank for another head \(.*\): (\d+) running "
+        r"Rewiring without a loss, the KV cache was resized for the heads sharing a stage \(.*\): "
+        r"(\d+) running "
         r"request\(s\) preempted",
         log,
     )
@@ -102,17 +104,31 @@ def test_a_head_without_room_is_refused_with_the_reason(shared, module_swarm, qw
     assert len(status(follower)["heads"]) == 2
 
 
-def test_kill_9_of_one_head_leaves_the_other_unchanged(
+def test_kill_9_of_one_head_leaves_the_other_unchanged_and_it_grows_back(
     shared, module_swarm, qwen3_model, qwen3_reference
 ):
-    follower, (doomed, survivor) = shared
+    follower, (survivor, doomed) = shared  # the first head survives: it shrank for the second
     reference = asyncio.run(stream_all(survivor, qwen3_model))
     got = asyncio.run(stream_all(survivor, qwen3_model, during=doomed.kill))
     assert got == reference
     # The follower noticed the dead head's stream and freed its blocks...
     eventually(lambda: len(status(follower)["heads"]) == 1, timeout=60, what="the KV freed")
     assert "released this stage" in follower.log()
-    # ...which a new head gets.
+    # ...and offered them to the survivor, which grows back to the whole cache.
+    eventually(
+        lambda: [h["kv_blocks"] for h in status(follower)["heads"]] == [FOLLOWER_BLOCKS],
+        timeout=120,
+        what="the survivor grown back",
+    )
+    assert "this head's KV cache grows from 22 to 45 blocks" in survivor.log()
+    eventually(lambda: get(survivor.base_url + "/ready")[0] == 200, timeout=60, what="ready")
+    assert_same(qwen3_reference, asyncio.run(pipeline_outputs(survivor.base_url, qwen3_model)))
+    samples = scrape(survivor)
+    assert value(samples, "molink_rewires_total", cause="kv_resize") == 2
+    assert value(samples, "molink_stage_losses_total", cause="lost") == 0
+    # A new head gets its fair share of them again.
     new = module_swarm.start("head4", qwen3_model, "0,2", QWEN3_ENGINE_FLAGS, peers=[follower])
     new.wait_healthy()
-    assert_same(qwen3_reference, asyncio.run(pipeline_outputs(new.base_url, qwen3_model)))
+    assert sorted(h["kv_blocks"] for h in status(follower)["heads"]) == [22, 22]
+    for got in asyncio.run(both([survivor, new], qwen3_model)):
+        assert_same(qwen3_reference, got)

@@ -183,7 +183,12 @@ def _pause_state(monkeypatch: pytest.MonkeyPatch) -> None:
 def _running(monkeypatch: pytest.MonkeyPatch) -> None:
     from vllm.v1.core.sched.scheduler import Scheduler
 
-    for attr in ("running", "max_num_scheduled_tokens", "max_num_running_reqs"):
+    for attr in (
+        "running",
+        "max_num_scheduled_tokens",
+        "max_num_running_reqs",
+        "max_num_active_reqs",
+    ):
         _require(_assigns(Scheduler, attr), f"Scheduler no longer sets self.{attr}")
         _require(_reads(Scheduler.schedule, f"self.{attr}"), f"schedule() doesn't read {attr}")
 
@@ -211,8 +216,16 @@ def _block_pool(monkeypatch: pytest.MonkeyPatch) -> None:
     _require(pool.get_num_free_blocks() == 5, "the retired blocks are still free")
     _require(pool.get_usage() == 0.0, "usage doesn't count the smaller pool")
     _require(pool.reset_prefix_cache(), "reset_prefix_cache counts retired blocks as used")
-    _require(max(b.block_id for b in pool.get_new_blocks(5)) == 5, "a retired block was handed out")
+    handed = pool.get_new_blocks(5)
+    _require(max(b.block_id for b in handed) == 5, "a retired block was handed out")
     _require(scheduler.cache_config.num_gpu_blocks == 6, "cache_config not updated")
+    pool.free_blocks(handed)
+    SchedulerHooks.grow_kv_blocks(scheduler, 10)
+    _require(pool.get_num_free_blocks() == 9, "the blocks grown back are not free")
+    got = sorted(b.block_id for b in pool.get_new_blocks(9))
+    _require(got == list(range(1, 10)), f"grown back, the pool hands out blocks {got}")
+    _require(pool.get_usage() == 1.0, "usage doesn't count the grown pool")
+    _require(scheduler.cache_config.num_gpu_blocks == 10, "cache_config not updated on growth")
 
 
 @contract("vllm.v1.engine.detokenizer.FastIncrementalDetokenizer.__init__")

@@ -230,6 +230,10 @@ class ResultStream:
         """Ask the head to use at most ``blocks`` KV blocks here (another head needs room)."""
         self._queue.put(molink_pb2.StepResult(epoch=self.epoch, shrink_kv_blocks=blocks))
 
+    def offer_growth(self, blocks: int) -> None:
+        """Tell the head it may use up to ``blocks`` KV blocks here (another head left)."""
+        self._queue.put(molink_pb2.StepResult(epoch=self.epoch, grow_kv_blocks=blocks))
+
     def close(self) -> None:
         self._queue.put(_CLOSE)
 

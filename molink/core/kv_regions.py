@@ -11,6 +11,10 @@ holding more than their share then give back blocks (:meth:`KVRegions.shrinks_fo
 first, each down to the fair share. A share that can't hold one request of the heads'
 ``--max-model-len`` (``min_blocks``) is not offered: the head is offered only the free blocks, and
 refuses them with the reason.
+
+**Growing back.** When a head leaves, each head holding less than the new fair share
+(``total // n`` of the ``n`` left) is offered that share (:meth:`KVRegions.growth_offers`); a head
+takes what its own KV cache can hold of it.
 """
 
 from __future__ import annotations
@@ -49,6 +53,8 @@ class KVRegions:
     def __init__(self, total_blocks: int) -> None:
         self.total_blocks = total_blocks
         self._claims: dict[str, Region] = {}
+        # Heads waiting for others to shrink: they count among the holders for fair shares.
+        self.waiting: set[str] = set()
 
     def claim(self, owner: str, blocks: int) -> Region:
         """A region of ``blocks`` blocks for ``owner``.
@@ -93,13 +99,17 @@ class KVRegions:
 
     def fair_share(self, owner: str) -> int:
         """Blocks each head would hold if ``owner`` and every other holder shared evenly."""
-        others = len(self._claims) - (owner in self._claims)
+        others = len((set(self._claims) | self.waiting) - {owner})
         return self.total_blocks // (others + 1)
 
     def offer(self, owner: str, min_blocks: int) -> int:
         """The blocks ``owner`` may plan for: what is free, or else its fair share when that
-        holds ``min_blocks`` (other heads then shrink when it claims)."""
+        holds ``min_blocks`` (other heads then shrink when it claims). A head holding a region
+        already may grow into free blocks up to its fair share, and keeps what it holds."""
         room, share = self.room(owner), self.fair_share(owner)
+        held = self._claims.get(owner)
+        if held is not None:
+            return max(held.blocks, min(room, share))
         return share if room < share and share >= min_blocks else room
 
     def shrinks_for(self, owner: str, blocks: int) -> dict[str, int]:
@@ -127,6 +137,14 @@ class KVRegions:
             missing -= -negative_size - share
         # Enough: once every holder is down to the share, ``total - n * share >= share`` is free.
         return shrinks
+
+    def growth_offers(self) -> dict[str, int]:
+        """The heads holding less than their fair share among the holders, and that share:
+        what each may grow to (after a head left)."""
+        if not self._claims:
+            return {}
+        share = self.total_blocks // len(set(self._claims) | self.waiting)
+        return {o: share for o, r in self._claims.items() if r.blocks < share}
 
     def _free_ids(self, count: int) -> list[int]:
         """The ``count`` lowest block ids nobody holds."""

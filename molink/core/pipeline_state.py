@@ -2,10 +2,11 @@
 
 The executor (step threads) writes, the scheduler (engine thread) reads. A *failure epoch* counts
 interruptions of the chain: every stage loss bumps ``failed_epoch``, and so does a rewiring the
-head chooses (a KV resize, to make room for another head on a shared stage, or a rebalance, to
-move off a loaded replica; see :data:`CAUSES`); once a full chain is serving again the executor
-sets ``ready_epoch = failed_epoch``. Scheduler outputs are tagged with the epoch they were made
-in, so the executor can tell batches of a broken chain from batches of the rebuilt one.
+head chooses (a KV resize, to make room for another head on a shared stage or to take back the
+room one left, or a rebalance, to move off a loaded replica; see :data:`CAUSES`); once a full
+chain is serving again the executor sets ``ready_epoch = failed_epoch``. Scheduler outputs are
+tagged with the epoch they were made in, so the executor can tell batches of a broken chain from
+batches of the rebuilt one.
 
 It also holds the measured step costs (:class:`~molink.core.micro_batching.PipelineCostModel`)
 that the executor records and the scheduler's micro-batching policy reads.
@@ -28,7 +29,7 @@ EPOCH_ATTR = "molink_epoch"
 #: scheduler's log line and the recompute metric's ``cause`` name them.
 CAUSES = {
     "stage_loss": "its pipeline broke",
-    "kv_resize": "the KV cache shrank for another head",
+    "kv_resize": "the KV cache was resized for the heads sharing a stage",
     "rebalance": "the head moved to a less loaded replica",
 }
 
@@ -42,7 +43,8 @@ class PipelineState:
         self.ready_epoch = 0
         self.last_error = ""
         self.last_cause = "stage_loss"  # of the last interruption: a key of CAUSES
-        # The KV blocks the head may use (None: all it planned); only ever lowered.
+        # The KV blocks the head may use (None: all it planned): lowered when the head shrinks
+        # for another head on a shared stage, raised (up to what it planned) when one left.
         self.kv_blocks_limit: int | None = None
         # What recovery is waiting for (e.g. "no node serves layers 15-29"), while it waits.
         self.waiting_for = ""

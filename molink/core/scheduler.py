@@ -140,6 +140,8 @@ class PipelineScheduler(SchedulerHooks):
         limit = self.pipeline.kv_blocks_limit
         if limit is not None and limit < self.kv_pool_blocks() and not self.retire_kv_blocks(limit):
             logger.error("KV blocks above %d are still in use; retiring them next time", limit)
+        elif limit is not None and limit > self.kv_pool_blocks():
+            self.grow_kv_blocks(limit)
         if loss:
             logger.warning(
                 "Pipeline failure (%s): %d running request(s) preempted; they resume on the "

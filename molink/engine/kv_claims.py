@@ -32,22 +32,26 @@ def claim_with_shrinks(
     """
     deadline = time.monotonic() + wait_s
     asked: dict[str, int] = {}
-    while True:
-        try:
-            region = regions.claim(owner, blocks)
-            room_freed.notify_all()  # it may have given blocks back
-            return region
-        except NoRoom as e:
-            if not asked:
-                asked = regions.shrinks_for(owner, blocks)
+    try:
+        while True:
+            try:
+                region = regions.claim(owner, blocks)
+                room_freed.notify_all()  # it may have given blocks back
+                return region
+            except NoRoom as e:
                 if not asked:
-                    raise
-                for other, share in asked.items():
-                    ask_to_shrink(other, share)
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise NoRoom(
-                    f"{e}; the heads asked to shrink to their fair share did not within "
-                    f"{wait_s:g} s"
-                ) from None
-            room_freed.wait(left)
+                    asked = regions.shrinks_for(owner, blocks)
+                    if not asked:
+                        raise
+                    regions.waiting.add(owner)  # no one grows into the room it waits for
+                    for other, share in asked.items():
+                        ask_to_shrink(other, share)
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise NoRoom(
+                        f"{e}; the heads asked to shrink to their fair share did not within "
+                        f"{wait_s:g} s"
+                    ) from None
+                room_freed.wait(left)
+    finally:
+        regions.waiting.discard(owner)

@@ -19,8 +19,9 @@ the head's secret session id (:mod:`molink.core.head_session`):
 
 Steps of every head run in arrival order on the one worker. A head's claim ends when it stops
 listening to its result stream (it moved off, left or died), or after ``CLAIM_LEASE_S`` if it
-never listened; either frees its region for other heads. A node that is shutting down tells every
-head on its stream first.
+never listened; either frees its region for other heads, and the heads left below the new fair
+share are offered to grow to it. A node that is shutting down tells every head on its stream
+first.
 """
 
 from __future__ import annotations
@@ -376,6 +377,7 @@ class StageHost:
                 return
             self._end(session)
             logger.info("Head %s released this stage", session.label or "?")
+            self._offer_growth()
 
     def announce_leaving(self) -> bool:
         """Tell every head this node is leaving; False if no head is using it."""
@@ -410,6 +412,7 @@ class StageHost:
                 if not session.listening and now - session.claimed_at > CLAIM_LEASE_S:
                     logger.info("Head %s never came for its results: freeing its KV", session.label)
                     self._end(session)
+                    self._offer_growth()
 
     def _end(self, session: HeadSession) -> None:
         """Stop serving ``session``: links closed, requests forgotten, KV blocks freed."""
@@ -419,6 +422,15 @@ class StageHost:
         self.regions.release(session.id)
         session.region = None
         self._room_freed.notify_all()
+
+    def _offer_growth(self) -> None:
+        """A head left: offer the heads below the new fair share to grow to it (caller holds
+        the lock)."""
+        for owner, share in self.regions.growth_offers().items():
+            other = self.sessions.get(owner)
+            if other is not None and other.results is not None:
+                logger.info("Offering head %s up to %d KV blocks", other.label or "?", share)
+                other.results.offer_growth(share)
 
     @staticmethod
     def _close_links(session: HeadSession) -> None:

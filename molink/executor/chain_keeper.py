@@ -79,6 +79,11 @@ class ChainKeeper:
             head_peer_id=self.head_node.peer_id,
         )
 
+    def refresh_offers(self) -> None:
+        """Ask every stage of the chain again how much KV cache this head may hold there."""
+        for remote in self.remotes:
+            self._init(remote)
+
     @property
     def view(self) -> SwarmView:
         if self._view is None:

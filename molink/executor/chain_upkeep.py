@@ -7,10 +7,11 @@ that reacts when the chain stops serving a failure epoch, and the two threads th
   watchdog): every pending step is answered as lost, the failure epoch is bumped (the scheduler
   preempts its requests to recompute them) and the maintenance thread wires the next chain;
 * a **rewiring the head chooses**, which counts as no loss: a KV resize (a follower needs room
-  for another head, so every stage is planned again at fewer blocks) or a rebalance (a replica
-  would make the chain much cheaper, :mod:`molink.core.rebalance`);
+  for another head, so every stage is planned again at fewer blocks; or a head left one, and
+  every stage of the chain has room for more, up to what the head's own KV cache holds) or a
+  rebalance (a replica would make the chain much cheaper, :mod:`molink.core.rebalance`);
 * the **maintenance thread** restores a chain after either, moves off nodes that announce they
-  are leaving, and keeps standbys ready.
+  are leaving, takes growth offers, and keeps standbys ready.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ class ChainUpkeep:
     _wakeup: threading.Event
     _pending: dict[int, Any]
     _serving_epoch: int
+    _growth_offer: int
     _stopped: bool
 
     def _start_epoch(self, epoch: int) -> None:
@@ -78,19 +80,57 @@ class ChainUpkeep:
 
         Every stage is planned again at that size and the chain is rewired like after a loss
         (the scheduler retires the blocks above ``blocks`` and its requests recompute), but it
-        counts as no loss. The head never grows back.
+        counts as no loss.
         """
         with self._lock:
             if self._stopped or blocks >= self.kv.num_blocks:
                 return
-            reason = (
+            self._resize_kv(
+                blocks,
                 f"{asking} needs room for another head: this head's KV cache shrinks from "
-                f"{self.kv.num_blocks} to {blocks} blocks"
+                f"{self.kv.num_blocks} to {blocks} blocks",
             )
-            self.kv.num_blocks = self.state.kv_blocks_limit = blocks
-            for remote in self.chain.held():
-                remote.kv_cache_config = self.kv.for_stage(remote, self.chain.remotes)
-            self._rewire(reason, "kv_resize")
+
+    def _offer_growth(self, blocks: int, offering: RemoteStage | None) -> None:
+        """A head left ``offering``: this head may use up to ``blocks`` blocks there (None: a
+        shrunk head wired a new chain, which may have room). The maintenance thread takes it
+        when every stage of the chain has room too."""
+        if offering is not None:
+            logger.info("%s offers up to %d KV blocks (another head left)", offering, blocks)
+        with self._lock:
+            self._growth_offer = max(self._growth_offer, blocks)
+        self._wakeup.set()
+
+    def _grow_kv(self) -> None:
+        """Take a growth offer: grow to the least that the offer, every stage of the chain and
+        the head's own KV cache allow (the chain is rewired as for a shrink)."""
+        with self._lock:
+            offer, self._growth_offer = self._growth_offer, 0
+        blocks = min(offer, self.kv.allocated_blocks)
+        if blocks <= self.kv.num_blocks:
+            return
+        try:
+            self.chain.refresh_offers()
+        except Exception as e:  # noqa: BLE001  # a stage that fails now is handled as a loss
+            logger.warning("Could not ask the chain's stages for room: %s", e)
+            return
+        blocks = min([blocks, *(self.kv.blocks_offered(r) for r in self.chain.remotes)])
+        with self._lock:
+            if self._stopped or blocks <= self.kv.num_blocks or not self.state.chain_ready:
+                return
+            self._resize_kv(
+                blocks,
+                f"every stage of the chain has room for more: this head's KV cache grows from "
+                f"{self.kv.num_blocks} to {blocks} blocks",
+            )
+        self._restore()
+
+    def _resize_kv(self, blocks: int, reason: str) -> None:
+        """Plan every stage at ``blocks`` KV blocks and rewire (caller holds the lock)."""
+        self.kv.num_blocks = self.state.kv_blocks_limit = blocks
+        for remote in self.chain.held():
+            remote.kv_cache_config = self.kv.for_stage(remote, self.chain.remotes)
+        self._rewire(reason, "kv_resize")
 
     def _rewire(self, reason: str, cause: str) -> None:
         """Interrupt the chain without a loss (``cause``: ``kv_resize`` or ``rebalance``): the
@@ -137,6 +177,8 @@ class ChainUpkeep:
                     self._restore()
                 elif self.chain.leaving_in_chain():
                     self._move_off_leaving()
+                elif self._growth_offer:
+                    self._grow_kv()
                 else:
                     self.chain.prepare_standbys(self._serving_epoch)
                     self._rebalance()
@@ -203,3 +245,5 @@ class ChainUpkeep:
                 continue
             self.state.waiting_for = ""
             self.outages.restored(epoch, self.describe_chain(), len(self.chain.remotes) + 1)
+            if self.kv.num_blocks < self.kv.allocated_blocks:  # the new chain may have room
+                self._offer_growth(self.kv.allocated_blocks, None)

@@ -3,7 +3,7 @@
 vLLM's EngineCore plans every stage at the same number of blocks when the head starts (the
 minimum over the stages' offers). A stage that joins later must hold exactly that many, or the
 head's block ids would not fit; and when the head shrinks its KV cache for another head on a
-shared follower, every stage is planned again at the smaller count.
+shared follower, or grows it back once one left, every stage is planned again at the new count.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ class HeadKVPlan:
         self.vllm_config = vllm_config
         self.local_spec: dict[str, KVCacheSpec] | None = None  # the head's own stage 0
         self.num_blocks = 0  # set once EngineCore planned the first chain
+        self.allocated_blocks = 0  # what the head's own KV cache holds: the most it can use
 
     def check_offers(self, remotes: list[RemoteStage]) -> None:
         """Refuse, with the reason, a stage whose offer can't hold one request of
@@ -58,6 +59,13 @@ class HeadKVPlan:
         others = [r for r in chain if r is not remote and r.kv_cache_spec is not None]
         specs = [self.local_spec, *(r.kv_cache_spec for r in others), remote.kv_cache_spec]
         return plan_kv_cache_with_blocks(self.vllm_config, specs, self.num_blocks)
+
+    def blocks_offered(self, remote: RemoteStage) -> int:
+        """The blocks ``remote`` offered this head, at the size its plan gives a block."""
+        config = remote.kv_cache_config
+        assert config is not None
+        block_bytes = sum(t.size for t in config.kv_cache_tensors) // max(config.num_blocks, 1)
+        return remote.available_kv_bytes // max(block_bytes, 1)
 
     def for_joining_stage(self, remote: RemoteStage, chain: list[RemoteStage]) -> KVCacheConfig:
         """The plan of a stage joining a running pipeline; :class:`StageRefused` when the stage

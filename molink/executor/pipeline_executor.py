@@ -121,6 +121,7 @@ class PipelineExecutor(ChainUpkeep, ExecutorHooks):
         self._awaiting_sample: deque[tuple[Future, Future]] = deque()
         self._next_step_id = 1
         self._serving_epoch = 0
+        self._growth_offer = 0  # KV blocks a stage offered after another head left (0: none)
         self._link: NextHopLink | None = None
         self._stopped = False
         self._wakeup = threading.Event()
@@ -180,7 +181,7 @@ class PipelineExecutor(ChainUpkeep, ExecutorHooks):
         self.worker.initialize_from_config(kv_cache_configs)
         for remote, config in zip(self.chain.remotes, kv_cache_configs[1:], strict=True):
             remote.kv_cache_config = config
-        self.kv.num_blocks = kv_cache_configs[0].num_blocks
+        self.kv.num_blocks = self.kv.allocated_blocks = kv_cache_configs[0].num_blocks
         logger.info("KV cache: %d blocks on every stage", self.kv.num_blocks)
         self._start_epoch(0)
         self.outages.restored(0, self.describe_chain(), len(self.chain.remotes) + 1)
@@ -242,6 +243,9 @@ class PipelineExecutor(ChainUpkeep, ExecutorHooks):
                     continue
                 if result.shrink_kv_blocks:
                     self._shrink_kv(result.shrink_kv_blocks, remote)
+                    continue
+                if result.grow_kv_blocks:
+                    self._offer_growth(result.grow_kv_blocks, remote)
                     continue
                 if result.error:
                     self._on_failure(result.error, epoch, stage=str(remote))

@@ -80,15 +80,18 @@ INTERNALS: tuple[Internal, ...] = (
     Internal(
         "vllm.v1.core.sched.scheduler.Scheduler.running",
         "scheduler.SchedulerHooks.schedule_subset",
-        "schedule() reads the running list, max_num_scheduled_tokens and max_num_running_reqs "
-        "from the instance on every call, so they can be narrowed for one call",
+        "schedule() reads the running list, max_num_scheduled_tokens, max_num_running_reqs and "
+        "max_num_active_reqs (the admission cap) from the instance on every call, so they can "
+        "be narrowed for one call",
     ),
     Internal(
         "vllm.v1.core.block_pool.BlockPool.blocks",
         "scheduler.SchedulerHooks.retire_kv_blocks",
         "the scheduler's kv_cache_manager.block_pool keeps block i at blocks[i] and the free ones "
-        "in free_block_queue (remove(block)); allocation, usage and reset_prefix_cache count "
-        "num_gpu_blocks, so cutting both retires the blocks above a size",
+        "in free_block_queue (remove(block), append_n(blocks)); allocation, usage and "
+        "reset_prefix_cache count num_gpu_blocks, so cutting both retires the blocks above a "
+        "size, and KVCacheBlock(i, pool=pool) appended to both grows the pool back "
+        "(SchedulerHooks.grow_kv_blocks)",
     ),
     Internal(
         "vllm.v1.engine.detokenizer.FastIncrementalDetokenizer.__init__",
@@ -243,8 +246,9 @@ PATCHED_ATTRIBUTES: frozenset[str] = frozenset(
         "running",  # Scheduler, for one schedule() call
         "max_num_scheduled_tokens",
         "max_num_running_reqs",
+        "max_num_active_reqs",
         "num_gpu_blocks_override",  # CacheConfig, for one planning call
-        "num_gpu_blocks",  # BlockPool and CacheConfig, when the head's KV cache shrinks
+        "num_gpu_blocks",  # BlockPool and CacheConfig, when the head's KV cache is resized
         "kv_cache_layout",  # KVCacheConfig (as EngineCore does)
         "intermediate_tensors",  # the model runner
         "input_batch",

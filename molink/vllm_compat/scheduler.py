@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from vllm.v1.core.kv_cache_utils import KVCacheBlock
 from vllm.v1.core.sched.interface import PauseState
 from vllm.v1.core.sched.output import CachedRequestData, SchedulerOutput
 from vllm.v1.core.sched.scheduler import Scheduler
@@ -59,7 +60,8 @@ class SchedulerHooks(Scheduler):
 
     # ------------------------------------------------------------ the KV block pool
     def retire_kv_blocks(self, num_blocks: int) -> bool:
-        """Use only block ids below ``num_blocks`` from now on (the pool never grows back).
+        """Use only block ids below ``num_blocks`` from now on (:meth:`grow_kv_blocks` adds
+        them back).
 
         Returns False, changing nothing, while a block to retire is in use. Call it when no
         request holds blocks (after ``reset_prefix_cache(reset_running_requests=True)``).
@@ -81,6 +83,20 @@ class SchedulerHooks(Scheduler):
         pool.num_gpu_blocks = num_blocks
         self.cache_config.num_gpu_blocks = num_blocks
         return True
+
+    def grow_kv_blocks(self, num_blocks: int) -> None:
+        """Add free blocks up to ``num_blocks`` to the pool (after :meth:`retire_kv_blocks`; the
+        KV cache tensors must hold them).
+
+        Needs from vLLM: as :meth:`retire_kv_blocks`, and ``KVCacheBlock(block_id, pool=...)``
+        makes a free block; ``free_block_queue.append_n`` queues it.
+        """
+        pool = self.kv_cache_manager.block_pool
+        added = [KVCacheBlock(i, pool=pool) for i in range(len(pool.blocks), num_blocks)]
+        pool.blocks.extend(added)
+        pool.free_block_queue.append_n(added)
+        pool.num_gpu_blocks = len(pool.blocks)
+        self.cache_config.num_gpu_blocks = len(pool.blocks)
 
     def kv_pool_blocks(self) -> int:
         """Blocks in the KV block pool (the null block included)."""
@@ -107,24 +123,27 @@ class SchedulerHooks(Scheduler):
         most ``token_budget`` tokens (never more than the configured budget).
 
         The hidden requests stay running and go back to their places in ``running`` afterwards
-        (requests admitted by this call stay at the end); the running-request cap is lowered by
-        as many, so they keep their slots.
+        (requests admitted by this call stay at the end); the running-request cap and the
+        admission cap are lowered by as many, so they keep their slots.
 
-        Needs from vLLM: ``schedule()`` reads ``running``, ``max_num_scheduled_tokens`` and
-        ``max_num_running_reqs`` from the instance on each call.
+        Needs from vLLM: ``schedule()`` reads ``running``, ``max_num_scheduled_tokens``,
+        ``max_num_running_reqs`` (asserted) and ``max_num_active_reqs`` (what admits waiting
+        requests) from the instance on each call.
         """
         hidden_ids = {id(r) for r in hidden}
         order = {id(r): i for i, r in enumerate(self.running)}
         hidden_reqs = [r for r in self.running if id(r) in hidden_ids]
-        saved_budget, saved_running_cap = self.max_num_scheduled_tokens, self.max_num_running_reqs
+        saved_budget = self.max_num_scheduled_tokens
+        saved_caps = self.max_num_running_reqs, self.max_num_active_reqs
         self.running = [r for r in self.running if id(r) not in hidden_ids]
         self.max_num_scheduled_tokens = min(saved_budget, token_budget)
-        self.max_num_running_reqs = saved_running_cap - len(hidden_reqs)
+        self.max_num_running_reqs = saved_caps[0] - len(hidden_reqs)
+        self.max_num_active_reqs = saved_caps[1] - len(hidden_reqs)
         try:
             return super().schedule(throttle_prefills)
         finally:
             self.max_num_scheduled_tokens = saved_budget
-            self.max_num_running_reqs = saved_running_cap
+            self.max_num_running_reqs, self.max_num_active_reqs = saved_caps
             self.running = sorted(
                 self.running + hidden_reqs, key=lambda r: order.get(id(r), float("inf"))
             )

@@ -127,7 +127,7 @@ class Step(_message.Message):
     def __init__(self, step_id: _Optional[int] = ..., epoch: _Optional[int] = ..., scheduler_output: _Optional[bytes] = ..., sample: _Optional[bool] = ..., grammar_output: _Optional[bytes] = ..., tensors: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., error: _Optional[str] = ..., timings: _Optional[_Iterable[_Union[StageTiming, _Mapping]]] = ..., session: _Optional[str] = ...) -> None: ...
 
 class StepResult(_message.Message):
-    __slots__ = ("step_id", "epoch", "model_runner_output", "error", "timings", "leaving", "shrink_kv_blocks")
+    __slots__ = ("step_id", "epoch", "model_runner_output", "error", "timings", "leaving", "shrink_kv_blocks", "grow_kv_blocks")
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     MODEL_RUNNER_OUTPUT_FIELD_NUMBER: _ClassVar[int]
@@ -135,6 +135,7 @@ class StepResult(_message.Message):
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     LEAVING_FIELD_NUMBER: _ClassVar[int]
     SHRINK_KV_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    GROW_KV_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     step_id: int
     epoch: int
     model_runner_output: bytes
@@ -142,7 +143,8 @@ class StepResult(_message.Message):
     timings: _containers.RepeatedCompositeFieldContainer[StageTiming]
     leaving: bool
     shrink_kv_blocks: int
-    def __init__(self, step_id: _Optional[int] = ..., epoch: _Optional[int] = ..., model_runner_output: _Optional[bytes] = ..., error: _Optional[str] = ..., timings: _Optional[_Iterable[_Union[StageTiming, _Mapping]]] = ..., leaving: _Optional[bool] = ..., shrink_kv_blocks: _Optional[int] = ...) -> None: ...
+    grow_kv_blocks: int
+    def __init__(self, step_id: _Optional[int] = ..., epoch: _Optional[int] = ..., model_runner_output: _Optional[bytes] = ..., error: _Optional[str] = ..., timings: _Optional[_Iterable[_Union[StageTiming, _Mapping]]] = ..., leaving: _Optional[bool] = ..., shrink_kv_blocks: _Optional[int] = ..., grow_kv_blocks: _Optional[int] = ...) -> None: ...
 
 class ResultsRequest(_message.Message):
     __slots__ = ("epoch", "session")
