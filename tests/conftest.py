@@ -29,6 +29,8 @@ NODE_ENV = {
     "HF_HUB_OFFLINE": "1",
 }
 QWEN3_LAYERS = 6
+#: Seconds a node gets to exit after SIGTERM at teardown before it is killed.
+TEARDOWN_GRACE_S = 10.0
 # Engine limits for pipelines of the tiny Qwen3 checkpoint: small batches chunk prefills.
 QWEN3_ENGINE_FLAGS = [
     "--max-model-len", "512",
@@ -186,9 +188,10 @@ class Swarm:
 
     def stop_all(self) -> None:
         # Heads first: a follower told to stop while a head uses it waits for the head to move
-        # off (--leave_timeout); once its head is gone it exits at once.
+        # off (--leave_timeout); once its head is gone it exits at once. A head's vLLM server
+        # may hang after SIGTERM (docs/deployment.md): at teardown it gets 10 s, then SIGKILL.
         for node in sorted(self.nodes, key=lambda n: not n.is_head):
-            node.stop()
+            node.stop(grace=TEARDOWN_GRACE_S)
 
 
 @contextlib.contextmanager
