@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 
 import pytest
 from conftest import QWEN3_ENGINE_FLAGS
@@ -39,13 +40,19 @@ def shared(module_swarm, qwen3_model):
     return follower, [first]
 
 
-async def rounds_until_started(head, model: str, start) -> tuple[list, object]:
-    """Stream ``stream_all`` rounds on ``head`` back to back until ``start()`` (run in a thread)
-    returns; return every round and what ``start`` returned."""
+async def rounds_until_started(head, model: str, start, round_s: float) -> tuple[list, object]:
+    """Stream ``stream_all`` rounds on ``head`` until ``start()`` (run in a thread) returns, in
+    two loops of back-to-back rounds half a round (``round_s``) apart, so that streams run at
+    every moment; return every round and what ``start`` returned."""
     started = asyncio.ensure_future(asyncio.to_thread(start))
-    rounds = []
-    while not started.done():
-        rounds.append(await stream_all(head, model))
+    rounds: list = []
+
+    async def loop(delay: float) -> None:
+        await asyncio.sleep(delay)
+        while not started.done():
+            rounds.append(await stream_all(head, model))
+
+    await asyncio.gather(loop(0.0), loop(round_s / 2))
     return rounds, await started
 
 
@@ -55,7 +62,9 @@ def test_a_second_head_gets_a_fair_share_while_the_first_streams(
     follower, heads = shared
     first = heads[0]
     assert [h["kv_blocks"] for h in status(follower)["heads"]] == [FOLLOWER_BLOCKS]
+    began = time.monotonic()
     reference = asyncio.run(stream_all(first, qwen3_model))
+    round_s = time.monotonic() - began
 
     def start_second():
         second = module_swarm.start(
@@ -64,7 +73,7 @@ def test_a_second_head_gets_a_fair_share_while_the_first_streams(
         second.wait_healthy()
         return second
 
-    rounds, second = asyncio.run(rounds_until_started(first, qwen3_model, start_second))
+    rounds, second = asyncio.run(rounds_until_started(first, qwen3_model, start_second, round_s))
     heads.append(second)
     assert all(got == reference for got in rounds)
     # The first head shrank while its streams ran, and recomputed them...
