@@ -96,6 +96,8 @@ def test_two_heads_on_one_replica_spread_when_another_joins(scale_out):
 
 def test_the_router_answers_like_one_vllm_process(scale_out, qwen3_model, qwen3_reference):
     router = scale_out["router"]
+    # (a head that just grew back rewires once: both must be ready again before the load)
+    eventually(lambda: len(ready_heads(router)) == 2, timeout=WAIT_S, what="two ready heads")
     client = openai.OpenAI(base_url=router.base_url + "/v1", api_key=ROUTER_KEY, max_retries=0)
     assert [m.id for m in client.models.list().data] == [qwen3_model]
     got = asyncio.run(pipeline_outputs(router.base_url, qwen3_model, key=ROUTER_KEY))

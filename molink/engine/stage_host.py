@@ -12,16 +12,14 @@ the head's secret session id (:mod:`molink.core.head_session`):
   weights.
 * ``StartStage`` claims the head's region of the KV cache (the blocks it planned), forgets the
   head's requests, and wires its output to the next stage (or to the head's result stream).
-  When the blocks aren't free, the heads holding more than their fair share are asked, on their
-  result streams, to shrink (they recompute their requests in fewer blocks and claim again), and
-  the claim waits up to :data:`SHRINK_WAIT_S` for them. After a pipeline failure the head calls
-  it again with a new epoch. A *standby* ``StartStage`` claims nothing: the node is kept ready.
+  When the blocks aren't free, heads over their fair share are asked to shrink, and the claim
+  waits up to :data:`SHRINK_WAIT_S` (:mod:`molink.engine.kv_claims`). After a failure the head
+  calls it again with a new epoch. A *standby* ``StartStage`` claims nothing.
 
 Steps of every head run in arrival order on the one worker. A head's claim ends when it stops
 listening to its result stream (it moved off, left or died), or after ``CLAIM_LEASE_S`` if it
-never listened; either frees its region for other heads, and the heads left below the new fair
-share are offered to grow to it. A node that is shutting down tells every head on its stream
-first.
+never listened; either frees its region, and heads left below the new fair share may grow to it.
+A node that is shutting down tells every head on its stream first.
 """
 
 from __future__ import annotations
@@ -145,8 +143,7 @@ class StageHost:
     def init_stage(
         self, config: StageConfig, session_id: str, label: str = ""
     ) -> tuple[bytes, int]:
-        """Build the worker (once per span and limits); return (KV spec payload, KV bytes this
-        head can claim)."""
+        """Build the worker (once per span and limits); return (KV spec, KV bytes to claim)."""
         if not session_id:
             raise ValueError("InitStage without a session id (the head runs an older MoLink)")
         if config.model_hash != self.model_hash:
@@ -307,8 +304,7 @@ class StageHost:
             )
 
     def _claim(self, session: HeadSession, blocks: int) -> Region:
-        """Claim ``blocks`` blocks for ``session``, asking heads over their fair share to shrink
-        (caller holds the lock, which waiting for them releases)."""
+        """Claim ``blocks`` for ``session``, asking heads over their share to shrink."""
 
         def ask(owner: str, share: int) -> None:
             other = self.sessions[owner]
@@ -424,11 +420,9 @@ class StageHost:
         self._room_freed.notify_all()
 
     def _offer_growth(self) -> None:
-        """A head left: offer the heads below the new fair share to grow to it (caller holds
-        the lock)."""
+        """A head left: offer the heads below the new fair share to grow to it (under lock)."""
         for owner, share in self.regions.growth_offers().items():
-            other = self.sessions.get(owner)
-            if other is not None and other.results is not None:
+            if (other := self.sessions.get(owner)) and other.results is not None:
                 logger.info("Offering head %s up to %d KV blocks", other.label or "?", share)
                 other.results.offer_growth(share)
 
