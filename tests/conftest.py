@@ -16,9 +16,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from checkpoints import build_qwen3_checkpoint
 
 from benchmark.processes import ManagedProcess, ProcessExited
+from benchmark.tiny_models import build_checkpoint
 
 # Several processes share two cores: no thread pinning, KV cache sized explicitly.
 NODE_ENV = {
@@ -219,7 +219,7 @@ def qwen3_model(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A random-weight 6-layer Qwen3 checkpoint (head_dim 64) with a tiny tokenizer."""
     with made_once(tmp_path_factory, "ckpt") as (folder, to_make):
         path = folder / "qwen3-tiny"
-        return build_qwen3_checkpoint(path, QWEN3_LAYERS) if to_make else str(path)
+        return build_checkpoint(path, "qwen3", QWEN3_LAYERS) if to_make else str(path)
 
 
 @pytest.fixture(scope="session")

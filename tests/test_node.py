@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import shutil
 
-from checkpoints import build_qwen3_checkpoint
 from safetensors.torch import load_file, save_file
 from test_dht import make_ann
 
+from benchmark.tiny_models import build_checkpoint
 from molink.comm.membership import Membership
 from molink.config import ModelIdentity
 from molink.entrypoints.node import choose_own_span
@@ -25,7 +25,7 @@ def test_missing_layers_are_named(swarm, qwen3_model):
 
 
 def test_other_model_is_refused(swarm, qwen3_model, tmp_path_factory):
-    other = build_qwen3_checkpoint(tmp_path_factory.mktemp("other") / "qwen3-8", num_layers=8)
+    other = build_checkpoint(tmp_path_factory.mktemp("other") / "qwen3-8", "qwen3", num_layers=8)
     follower = swarm.start("stage", other, "3,7")
     follower.wait_healthy()  # up before the head's short --chain_timeout starts counting
     head = swarm.start("head", qwen3_model, "0,2", FAST_FAIL, peers=[follower])

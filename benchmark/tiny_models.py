@@ -1,15 +1,19 @@
-"""Tiny random-weight checkpoints for tests, built offline (no HF hub access).
+"""Tiny random-weight checkpoints of many model families, built offline (no HF hub access).
 
-Plain helper functions, no pytest fixtures; a conftest can wrap them, e.g.::
+Tests and benchmarks build the models they run here, in seconds, instead of downloading any:
 
-    @pytest.fixture(scope="session")
-    def qwen3_path(tmp_path_factory):
-        return build_qwen3_checkpoint(tmp_path_factory.getbasetemp() / "qwen3-tiny")
+    path = build_checkpoint("/tmp/ckpt/qwen3-tiny", "qwen3", num_layers=6)
 
+* :data:`FAMILIES` lists the families, each as a transformers config and model class with small
+  shapes (hidden 128, head_dim 64, which vLLM's CPU attention needs; 2 query heads), plus what the
+  family exercises in a pipeline (MoE layers, sliding windows, MLA, SSM state). Layer-dependent
+  settings put different layer kinds in the two halves of the stack, so that a two-stage split
+  gives each stage one kind.
 * :func:`build_tokenizer` trains a small byte-level BPE tokenizer on :data:`CORPUS` and saves it
-  as a ``PreTrainedTokenizerFast`` with ``<s>``/``</s>`` and a ChatML-style chat template.
-* :func:`build_qwen3_checkpoint` saves a random float32 Qwen3 model (head_dim 64, which vLLM's
-  CPU attention needs) together with that tokenizer; vLLM can load the folder directly.
+  as a ``PreTrainedTokenizerFast`` with ``<s>``/``</s>`` and a ChatML-style chat template; every
+  family shares it.
+* :func:`build_checkpoint` saves a random float32 model of a family, with that tokenizer; vLLM
+  can load the folder directly.
 
 Both are deterministic and cached by path: a finished folder (its marker file is written last)
 is returned without rebuilding.
@@ -24,7 +28,8 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -235,27 +240,249 @@ def _init_weights(model: Any, seed: int) -> None:
                 param.copy_(std * torch.randn(param.shape, generator=generator))
 
 
-def build_qwen3_checkpoint(path: str | os.PathLike[str], num_layers: int = 6, seed: int = 0) -> str:
-    """Build a random-weight float32 Qwen3 checkpoint (with tokenizer) that vLLM can load.
+def _halves(num_layers: int, first: str, second: str) -> list[str]:
+    """``first`` for the lower half of the layers, ``second`` for the upper half."""
+    return [first if i < num_layers // 2 else second for i in range(num_layers)]
 
-    Shape: hidden 128, 2 attention heads and 1 KV head of head_dim 64, intermediate 256,
-    ``num_layers`` decoder layers, untied lm_head, vocab = the test tokenizer's size,
-    2048 positions. The same ``seed`` always gives the same weights.
+
+#: A sliding window short enough that the test prompts (up to ~200 tokens) outgrow it.
+SLIDING_WINDOW = 32
+
+
+@dataclass(frozen=True)
+class Family:
+    """A model family: its transformers classes and the small shape its tiny checkpoint gets.
+
+    ``config(num_layers)`` returns the family's own config fields on top of :data:`BASE_CONFIG`;
+    ``exercises`` says what a pipeline meets in it.
+    """
+
+    name: str
+    config_class: str
+    model_class: str
+    config: Callable[[int], dict[str, Any]]
+    exercises: str
+
+
+def _granite_hybrid(num_layers: int, experts: int) -> dict[str, Any]:
+    """Granite 4.0-H style: Mamba2 layers, then attention layers; MoE when ``experts``."""
+    return {
+        "head_dim": None,
+        "layer_types": _halves(num_layers, "linear_attention", "full_attention"),
+        "num_local_experts": experts,
+        "num_experts_per_tok": min(2, experts),
+        "shared_intermediate_size": 128,
+        "mamba_n_heads": 4,
+        "mamba_d_head": 64,
+        "mamba_n_groups": 1,
+        "mamba_d_state": 16,
+        "mamba_chunk_size": 64,
+    }
+
+
+#: Fields every family's config gets (a family may override them).
+BASE_CONFIG: dict[str, Any] = {
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+    "head_dim": 64,
+    "max_position_embeddings": 2048,
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": False,
+}
+
+FAMILIES: dict[str, Family] = {
+    family.name: family
+    for family in [
+        Family("llama", "LlamaConfig", "LlamaForCausalLM", lambda n: {}, "dense, GQA"),
+        Family("qwen2", "Qwen2Config", "Qwen2ForCausalLM", lambda n: {}, "dense, QKV bias"),
+        Family("qwen3", "Qwen3Config", "Qwen3ForCausalLM", lambda n: {}, "dense, QK norm"),
+        Family(
+            "mistral",
+            "MistralConfig",
+            "MistralForCausalLM",
+            lambda n: {"sliding_window": None},
+            "dense",
+        ),
+        Family(
+            "gemma2",
+            "Gemma2Config",
+            "Gemma2ForCausalLM",
+            lambda n: {
+                "layer_types": _halves(n, "sliding_attention", "full_attention"),
+                "sliding_window": SLIDING_WINDOW,
+                "query_pre_attn_scalar": 64,
+                "tie_word_embeddings": True,  # vLLM's Gemma has no lm_head of its own
+            },
+            "sliding-window layers on one stage, full attention on the other; logit soft-capping",
+        ),
+        Family(
+            "gemma3_text",
+            "Gemma3TextConfig",
+            "Gemma3ForCausalLM",
+            lambda n: {
+                "layer_types": _halves(n, "sliding_attention", "full_attention"),
+                "sliding_window": SLIDING_WINDOW,
+                "query_pre_attn_scalar": 64,
+                "tie_word_embeddings": True,  # vLLM's Gemma has no lm_head of its own
+            },
+            "sliding-window layers on one stage, full attention on the other; two RoPE bases",
+        ),
+        Family(
+            "phi3",
+            "Phi3Config",
+            "Phi3ForCausalLM",
+            lambda n: {"head_dim": None},
+            "fused QKV and gate-up projections",
+        ),
+        Family("olmo2", "Olmo2Config", "Olmo2ForCausalLM", lambda n: {}, "post-norm, QK norm"),
+        Family(
+            "qwen3_moe",
+            "Qwen3MoeConfig",
+            "Qwen3MoeForCausalLM",
+            lambda n: {
+                "num_experts": 4,
+                "num_experts_per_tok": 2,
+                "moe_intermediate_size": 64,
+                "mlp_only_layers": list(range(n // 2)),
+            },
+            "dense layers on one stage, MoE layers on the other",
+        ),
+        Family(
+            "mixtral",
+            "MixtralConfig",
+            "MixtralForCausalLM",
+            lambda n: {"num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": None},
+            "MoE in every layer",
+        ),
+        Family(
+            "deepseek_v2",
+            "DeepseekV2Config",
+            "DeepseekV2ForCausalLM",
+            lambda n: {
+                "num_key_value_heads": 2,
+                "head_dim": None,
+                "kv_lora_rank": 512,
+                "q_lora_rank": None,
+                "qk_rope_head_dim": 64,
+                "qk_nope_head_dim": 64,
+                "v_head_dim": 64,
+                "moe_intermediate_size": 64,
+                "n_routed_experts": 4,
+                "n_shared_experts": 1,
+                "num_experts_per_tok": 2,
+                "first_k_dense_replace": n // 2,
+                "topk_method": "greedy",
+                "n_group": 1,
+                "topk_group": 1,
+            },
+            "MLA (compressed latent KV); dense layers on one stage, MoE on the other",
+        ),
+        Family(
+            "gpt_oss",
+            "GptOssConfig",
+            "GptOssForCausalLM",
+            lambda n: {
+                "num_local_experts": 4,
+                "num_experts_per_tok": 2,
+                "layer_types": _halves(n, "sliding_attention", "full_attention"),
+                "sliding_window": SLIDING_WINDOW,
+            },
+            "attention sinks; sliding-window layers on one stage, full on the other; MoE",
+        ),
+        Family(
+            "jamba",
+            "JambaConfig",
+            "JambaForCausalLM",
+            lambda n: {
+                "head_dim": None,
+                "attn_layer_period": n,
+                "attn_layer_offset": n - 1,
+                "expert_layer_period": n + 1,
+                "expert_layer_offset": n,
+                "mamba_d_state": 16,
+                "mamba_d_conv": 4,
+                "mamba_expand": 2,
+                "mamba_dt_rank": 8,
+            },
+            "hybrid: Mamba layers (SSM state, no paged KV) and one attention layer",
+        ),
+        Family(
+            "granitemoehybrid",
+            "GraniteMoeHybridConfig",
+            "GraniteMoeHybridForCausalLM",
+            lambda n: _granite_hybrid(n, experts=0),
+            "hybrid: Mamba2 layers (SSM state) on one stage, attention on the other",
+        ),
+        Family(
+            "granitemoehybrid_moe",
+            "GraniteMoeHybridConfig",
+            "GraniteMoeHybridForCausalLM",
+            lambda n: _granite_hybrid(n, experts=4),
+            "hybrid as above, with MoE layers",
+        ),
+        Family(
+            "lfm2",
+            "Lfm2Config",
+            "Lfm2ForCausalLM",
+            lambda n: {
+                "head_dim": None,
+                "layer_types": _halves(n, "conv", "full_attention"),
+                "full_attn_idxs": None,
+                "block_auto_adjust_ff_dim": False,
+                # Older config names, which LFM2 checkpoints carry and vLLM reads.
+                "conv_dim": 128,
+                "block_dim": 128,
+            },
+            "hybrid: short-convolution layers (conv state) on one stage, attention on the other",
+        ),
+        Family(
+            "mamba2",
+            "Mamba2Config",
+            "Mamba2ForCausalLM",
+            lambda n: {
+                "head_dim": 64,
+                "num_heads": 4,
+                "n_groups": 1,
+                "state_size": 16,
+                "expand": 2,
+                "conv_kernel": 4,
+                "num_key_value_heads": None,
+            },
+            "pure SSM: per-request state, no paged KV",
+        ),
+    ]
+}
+
+
+def build_checkpoint(
+    path: str | os.PathLike[str], family: str = "qwen3", num_layers: int = 4, seed: int = 0
+) -> str:
+    """Build a random-weight float32 checkpoint of ``family`` (with tokenizer) that vLLM loads.
+
+    The shape is :data:`BASE_CONFIG` with the family's own fields, ``num_layers`` decoder layers,
+    untied lm_head, vocab = the test tokenizer's size. The same ``seed`` always gives the same
+    weights.
 
     Args:
         path: output folder; returned as is when it already holds this exact checkpoint.
-        num_layers: number of decoder layers (pipeline tests split these across stages).
+        family: a key of :data:`FAMILIES`.
+        num_layers: number of decoder layers (pipelines split these across stages).
         seed: seed for the weights.
 
     Returns:
         The absolute path of the checkpoint folder.
     """
+    if family not in FAMILIES:
+        raise ValueError(f"unknown model family {family!r}; known: {', '.join(FAMILIES)}")
     target = Path(path).absolute()
     wanted = {
         "format_version": FORMAT_VERSION,
-        "kind": "qwen3",
+        "kind": family,
         "num_layers": num_layers,
         "seed": seed,
+        "fields": FAMILIES[family].config(num_layers),  # a changed family is rebuilt
     }
     if _read_marker(target) == wanted:
         return str(target)
@@ -268,38 +495,34 @@ def build_qwen3_checkpoint(path: str | os.PathLike[str], num_layers: int = 6, se
             logger.warning("Rebuilding %s: it holds %s, wanted %s", target, marker, wanted)
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
         try:
-            _write_qwen3(staging, num_layers=num_layers, seed=seed)
+            _write_model(staging, FAMILIES[family], num_layers=num_layers, seed=seed)
             _publish(staging, target, wanted)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-    logger.info("Random Qwen3 checkpoint (%d layers, seed %d) at %s", num_layers, seed, target)
+    logger.info("Random %s checkpoint (%d layers, seed %d) at %s", family, num_layers, seed, target)
     return str(target)
 
 
-def _write_qwen3(folder: Path, num_layers: int, seed: int) -> None:
-    """Write the Qwen3 model, its generation config and the tokenizer into ``folder``."""
+def _write_model(folder: Path, family: Family, num_layers: int, seed: int) -> None:
+    """Write ``family``'s model, its generation config and the tokenizer into ``folder``."""
     import torch
-    from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
+    import transformers
+    from transformers import GenerationConfig
 
     tokenizer = build_tokenizer(folder)
-    config = Qwen3Config(
-        vocab_size=len(tokenizer),
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=num_layers,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=64,
-        max_position_embeddings=2048,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=False,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        dtype="float32",
-    )
-    config.architectures = ["Qwen3ForCausalLM"]
-    model = Qwen3ForCausalLM(config).to(torch.float32)
+    fields = {
+        **BASE_CONFIG,
+        "vocab_size": len(tokenizer),
+        "num_hidden_layers": num_layers,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        **family.config(num_layers),
+    }
+    fields = {key: value for key, value in fields.items() if value is not None}
+    config = getattr(transformers, family.config_class)(**fields, dtype="float32")
+    config.architectures = [family.model_class]
+    model = getattr(transformers, family.model_class)(config).to(torch.float32)
     _init_weights(model, seed)
     model.eval()
     model.save_pretrained(folder, safe_serialization=True)
