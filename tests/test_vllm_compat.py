@@ -329,6 +329,32 @@ def _num_gpu_blocks_override(monkeypatch: pytest.MonkeyPatch) -> None:
     _require(params[:3] == ["vllm_config", "kv_cache_specs", "available_memory"], str(params))
 
 
+@contract("vllm.v1.core.kv_cache_utils.get_kv_cache_config_from_groups")
+def _kv_cache_config_from_groups(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vllm.v1.core import kv_cache_utils
+
+    params = _params(kv_cache_utils.get_kv_cache_config_from_groups)
+    _require(params[:3] == ["vllm_config", "kv_cache_groups", "available_memory"], str(params))
+    planner = _source(kv_cache_utils.get_kv_cache_configs)
+    _require(
+        "_project_kv_cache_groups_to_worker" in planner
+        and "get_kv_cache_config_from_groups(" in planner,
+        "get_kv_cache_configs no longer plans each stage from the global groups projected onto "
+        "its layers (plan_stage_kv_cache must do what it does now)",
+    )
+
+
+@contract("vllm.v1.worker.utils.allocate_kv_cache")
+def _allocate_kv_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vllm.v1.worker import utils
+
+    _require(
+        "must share one backing allocation" in _source(utils.allocate_kv_cache),
+        "allocate_kv_cache no longer backs every KVCacheTensor of a plan with one allocation "
+        "of tensor.size bytes (kv_cache_bytes must count what it allocates now)",
+    )
+
+
 @contract("vllm.v1.kv_cache_interface.KVCacheConfig.kv_cache_layout")
 def _kv_cache_layout(monkeypatch: pytest.MonkeyPatch) -> None:
     from vllm.config import CacheConfig

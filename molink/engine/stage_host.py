@@ -47,7 +47,7 @@ from molink.engine.stage_engine import StageEngine
 from molink.engine.stage_fit import difference, kv_plan_misfit, same_worker
 from molink.security.swarm_security import SwarmSecurity
 from molink.stage_spec import StageConfig
-from molink.vllm_compat.kv_cache import plan_stage_kv_cache
+from molink.vllm_compat.kv_cache import kv_cache_bytes, plan_stage_kv_cache
 
 logger = init_logger(__name__)
 
@@ -223,13 +223,13 @@ class StageHost:
         self.engine = StageEngine(worker, (placement.start_layer, placement.end_layer))
         self.config = config
 
-    def _allocate_kv(self, layout: str | None) -> None:
-        """Allocate the KV cache for every head, in the layout the first head's engine resolved
-        (caller holds the lock; no head holds blocks yet)."""
+    def _allocate_kv(self, head_plan: KVCacheConfig) -> None:
+        """Allocate the KV cache for every head, in the groups and layout of the first head's
+        plan (caller holds the lock; no head holds blocks yet)."""
+        if head_plan.kv_cache_layout is not None:  # the planner reads it
+            self.worker.set_kv_cache_layout(head_plan.kv_cache_layout)
+        own = plan_stage_kv_cache(self._vllm_config, self._kv_spec, self._kv_available, head_plan)
         try:
-            if layout is not None:
-                self.worker.set_kv_cache_layout(layout)
-            own = plan_stage_kv_cache(self._vllm_config, self._kv_spec, self._kv_available, layout)
             self.worker.initialize_from_config([own])
             self.worker.compile_or_warm_up_model()
         except Exception:
@@ -238,7 +238,7 @@ class StageHost:
             raise
         self.kv_cache_config = own
         self.regions = KVRegions(own.num_blocks)
-        self.block_bytes = sum(t.size for t in own.kv_cache_tensors) // max(own.num_blocks, 1)
+        self.block_bytes = kv_cache_bytes(own) // max(own.num_blocks, 1)
         self.kv_capacity_bytes = own.num_blocks * self.block_bytes
         logger.info(
             "KV cache: %d blocks (%.2f GiB) for the heads this node serves",
@@ -267,7 +267,7 @@ class StageHost:
             if not same_worker(self.config, session.config):
                 raise StageNotReady("this node was rebuilt for another head since InitStage")
             if self.kv_cache_config is None:
-                self._allocate_kv(kv_cache_config.kv_cache_layout)
+                self._allocate_kv(kv_cache_config)
             why = kv_plan_misfit(kv_cache_config, self.kv_cache_config)
             if why:
                 raise ValueError(f"the head's KV cache plan doesn't fit this stage: {why}")

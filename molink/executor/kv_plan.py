@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from vllm.config import VllmConfig
 from vllm.v1.kv_cache_interface import KVCacheConfig, KVCacheSpec
 
-from molink.vllm_compat.kv_cache import plan_kv_cache_with_blocks
+from molink.vllm_compat.kv_cache import kv_cache_bytes, plan_kv_cache_with_blocks
 
 if TYPE_CHECKING:
     from molink.executor.remote_stage import RemoteStage
@@ -64,14 +64,14 @@ class HeadKVPlan:
         """The blocks ``remote`` offered this head, at the size its plan gives a block."""
         config = remote.kv_cache_config
         assert config is not None
-        block_bytes = sum(t.size for t in config.kv_cache_tensors) // max(config.num_blocks, 1)
+        block_bytes = kv_cache_bytes(config) // max(config.num_blocks, 1)
         return remote.available_kv_bytes // max(block_bytes, 1)
 
     def for_joining_stage(self, remote: RemoteStage, chain: list[RemoteStage]) -> KVCacheConfig:
         """The plan of a stage joining a running pipeline; :class:`StageRefused` when the stage
         didn't offer room for it."""
         config = self.for_stage(remote, chain)
-        needed = sum(t.size for t in config.kv_cache_tensors)
+        needed = kv_cache_bytes(config)
         if config.num_blocks != self.num_blocks or needed > remote.available_kv_bytes:
             raise StageRefused(
                 f"{remote} has room for {remote.available_kv_bytes} bytes of KV cache; this "

@@ -17,7 +17,8 @@ Modules, by area:
 * :mod:`.scheduler`: :class:`~.scheduler.SchedulerHooks`, the scheduler's private methods and
   state.
 * :mod:`.executor`: :class:`~.executor.ExecutorHooks` and the ``collective_rpc`` side channel.
-* :mod:`.kv_cache`: KV cache planning at a forced block count and the layout EngineCore stamps.
+* :mod:`.kv_cache`: KV cache planning at a forced block count, a follower's plan in its head's
+  cache groups, the bytes a plan allocates, and the layout EngineCore stamps.
 * :mod:`.model_runner`: the model runner's persistent batch, request table and buffers.
 * :mod:`.worker`: the platform worker a stage worker extends; the V1 runner switch.
 * :mod:`.parallel_state`: "pipeline rank r of N" without peers (``parallel_state._PP``).
@@ -115,6 +116,19 @@ INTERNALS: tuple[Internal, ...] = (
         "kv_cache.plan_kv_cache_with_blocks",
         "get_kv_cache_configs(vllm_config, specs, available_memory) plans exactly "
         "cache_config.num_gpu_blocks_override blocks when it is set",
+    ),
+    Internal(
+        "vllm.v1.core.kv_cache_utils.get_kv_cache_config_from_groups",
+        "kv_cache.plan_stage_kv_cache",
+        "get_kv_cache_config_from_groups(vllm_config, kv_cache_groups, available_memory) plans "
+        "one worker from the whole model's groups projected onto its layers, as "
+        "get_kv_cache_configs does for every pipeline stage",
+    ),
+    Internal(
+        "vllm.v1.worker.utils.allocate_kv_cache",
+        "kv_cache.kv_cache_bytes",
+        "every KVCacheTensor of a plan places its layers in one backing allocation of "
+        "tensor.size bytes (cache groups alias it)",
     ),
     Internal(
         "vllm.v1.kv_cache_interface.KVCacheConfig.kv_cache_layout",

@@ -7,12 +7,17 @@ cache; both go through vLLM's planner, and both get the layout EngineCore would 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from typing import Any
 
 from vllm.config import VllmConfig
-from vllm.v1.core.kv_cache_utils import get_kv_cache_configs
-from vllm.v1.kv_cache_interface import KVCacheConfig, KVCacheSpec
+from vllm.v1.core.kv_cache_utils import get_kv_cache_config_from_groups, get_kv_cache_configs
+from vllm.v1.kv_cache_interface import (
+    KVCacheConfig,
+    KVCacheGroupSpec,
+    KVCacheSpec,
+    UniformTypeKVCacheSpecs,
+)
 
 
 def stamp_kv_cache_layout(config: KVCacheConfig, layout: str | None) -> KVCacheConfig:
@@ -50,10 +55,68 @@ def plan_kv_cache_with_blocks(
     return stamp_kv_cache_layout(config, cache.kv_cache_layout)
 
 
+def kv_cache_bytes(config: KVCacheConfig) -> int:
+    """The bytes a worker allocates for ``config``.
+
+    Needs from vLLM: every ``KVCacheTensor`` of a plan places its layers in one backing
+    allocation of ``size`` bytes (``vllm.v1.worker.utils.allocate_kv_cache``); the tensors of
+    different cache groups alias it, so their sizes must not be added up.
+    """
+    return max((tensor.size for tensor in config.kv_cache_tensors), default=0)
+
+
 def plan_stage_kv_cache(
-    vllm_config: VllmConfig, spec: dict[str, Any], available_bytes: int, layout: str | None
+    vllm_config: VllmConfig,
+    spec: dict[str, KVCacheSpec],
+    available_bytes: int,
+    head_plan: KVCacheConfig,
 ) -> KVCacheConfig:
-    """A follower's own KV cache plan: all of ``available_bytes``, in ``layout`` (the one its
-    first head's engine resolved)."""
-    own = get_kv_cache_configs(vllm_config, [spec], [available_bytes])[0]
-    return stamp_kv_cache_layout(own, layout)
+    """A follower's own KV cache plan: all of ``available_bytes``, in the cache groups and
+    layout of its first head's plan for it.
+
+    The groups come from the head because vLLM groups the layers of the whole model (a hybrid
+    model's sliding-window and full-attention layers, or its Mamba and attention layers, each
+    get groups of the same size): a follower planning its own span alone would group them
+    otherwise, and a head's block ids name one list per group. This is what vLLM does for its
+    own pipeline stages: ``get_kv_cache_configs`` plans every worker with the global groups
+    projected onto the worker's layers (some may be empty), through
+    ``get_kv_cache_config_from_groups(vllm_config, groups, available_memory)``.
+
+    Raises ``ValueError`` when the head's groups don't hold exactly the layers of ``spec``.
+    """
+    planned = {name for group in head_plan.kv_cache_groups for name in group.layer_names}
+    if planned != set(spec):
+        raise ValueError(
+            f"the head's KV cache plan is for layers {sorted(planned)}, this stage serves "
+            f"{sorted(spec)}"
+        )
+    groups = [_in_stage_dtypes(group, spec) for group in head_plan.kv_cache_groups]
+    own = get_kv_cache_config_from_groups(vllm_config, groups, available_bytes)
+    own.kv_tp_replicas = head_plan.kv_tp_replicas
+    return stamp_kv_cache_layout(own, head_plan.kv_cache_layout)
+
+
+def _in_stage_dtypes(group: KVCacheGroupSpec, spec: dict[str, KVCacheSpec]) -> KVCacheGroupSpec:
+    """The head's ``group``, with each layer's KV in the dtype(s) this stage keeps it in
+    (``spec``): a follower may compute in another dtype than its head, and then keeps its own
+    pages. Everything else (block size, sliding window, ...) is the head's."""
+
+    def own(head_spec: KVCacheSpec, mine: KVCacheSpec) -> KVCacheSpec:
+        changes = {
+            name: getattr(mine, name)
+            for name in ("dtype", "dtypes")
+            if hasattr(head_spec, name) and getattr(head_spec, name) != getattr(mine, name, None)
+        }
+        return dataclasses.replace(head_spec, **changes) if changes else head_spec
+
+    if not group.layer_names:
+        return group
+    head_spec = group.kv_cache_spec
+    if isinstance(head_spec, UniformTypeKVCacheSpecs):
+        layer_specs = {n: own(s, spec[n]) for n, s in head_spec.kv_cache_specs.items()}
+        stage_spec: KVCacheSpec = UniformTypeKVCacheSpecs(
+            block_size=head_spec.block_size, kv_cache_specs=layer_specs
+        )
+    else:
+        stage_spec = own(head_spec, spec[group.layer_names[0]])
+    return dataclasses.replace(group, kv_cache_spec=stage_spec)
