@@ -57,10 +57,14 @@ def make_requests(n: int = 14) -> list[dict]:
 REQUESTS = make_requests()
 
 
-def reference_outputs(model: str, tmp: Path, requests: list[dict] = REQUESTS) -> list[dict]:
-    """Greedy token ids, logprobs and text of ``requests`` from one vLLM process (``ENGINE``)."""
+def reference_outputs(
+    model: str, tmp: Path, requests: list[dict] = REQUESTS, engine: dict | None = None
+) -> list[dict]:
+    """Greedy token ids, logprobs and text of ``requests`` from one vLLM process (``engine``,
+    default ``ENGINE``)."""
     spec, out = tmp / "spec.json", tmp / "out.json"
-    spec.write_text(json.dumps({"model": model, "engine": ENGINE, "requests": requests}))
+    engine = ENGINE if engine is None else engine
+    spec.write_text(json.dumps({"model": model, "engine": engine, "requests": requests}))
     cmd = [sys.executable, str(Path(__file__).parent / "reference_run.py"), str(spec), str(out)]
     subprocess.run(cmd, check=True, env={**os.environ, **NODE_ENV}, timeout=600)
     return json.loads(out.read_text())
@@ -98,7 +102,18 @@ async def pipeline_outputs(
 def assert_same(reference: list[dict], got: list[dict]) -> None:
     """Identical tokens and text, logprobs within ``LOGPROB_TOLERANCE``."""
     for i, (ref, out) in enumerate(zip(reference, got, strict=True)):
-        assert out["token_ids"] == ref["token_ids"], f"request {i}: tokens differ"
+        if out["token_ids"] != ref["token_ids"]:
+            pairs = zip(out["token_ids"], ref["token_ids"], strict=False)
+            at = next(
+                (k for k, (a, b) in enumerate(pairs) if a != b),
+                min(len(out["token_ids"]), len(ref["token_ids"])),
+            )
+            raise AssertionError(
+                f"request {i}: tokens differ from token {at} of {len(ref['token_ids'])}: "
+                f"{out['token_ids'][at : at + 3]} (logprobs {out['logprobs'][at : at + 3]}), "
+                f"one vLLM process {ref['token_ids'][at : at + 3]} "
+                f"(logprobs {ref['logprobs'][at : at + 3]})"
+            )
         assert out["text"] == ref["text"]
         for a, b in zip(out["logprobs"], ref["logprobs"], strict=True):
             assert abs(a - b) <= LOGPROB_TOLERANCE, f"request {i}: logprob {a} vs {b}"

@@ -32,6 +32,7 @@ from molink.config import ModelIdentity, MoLinkConfig, model_identity
 from molink.core.scheduler import SCHEDULER_CLS
 from molink.core.span_choice import choose_span, coverage, needs_move
 from molink.engine.head_config import HeadConfig, RemoteStageSpec
+from molink.engine.model_support import check_servable
 from molink.engine.stage_host import StageHost
 from molink.executor.pipeline_executor import PipelineExecutor
 from molink.security.settings import check_exposure
@@ -112,6 +113,7 @@ class Node:
         self.security = SwarmSecurity.from_files(config.security_files)
         use_v1_model_runner()
         self.identity = model_identity(engine_args.model, engine_args.trust_remote_code)
+        check_servable(engine_args, self.identity.name)
         self.weights = weight_digests(engine_args.model, self.identity.num_layers)
         if config.chooses_span:
             # Decided once the swarm is visible (start()); never the head's layer 0.
