@@ -62,3 +62,20 @@ def test_a_head_without_a_region_or_a_heads_own_stage() -> None:
     so = step([new_request("a", [1])])
     own.admit(so)  # the head's own stage: nothing to check or move
     assert so.scheduled_new_reqs[0].block_ids == ([1],)
+
+
+def test_block_copies_map_into_the_heads_region() -> None:
+    """A hybrid model's scheduler asks stages to copy blocks (Mamba state): both ends move into
+    the head's region, and a copy reaching outside it is refused."""
+    from vllm.v1.core.kv_cache_utils import KVCacheBlockCopy
+
+    session = HeadSession("s", region=Region(tuple(range(100, 110))))
+    so = step()
+    so.kv_cache_block_copies = [KVCacheBlockCopy(1, 2), KVCacheBlockCopy(9, 0)]
+    session.admit(so)
+    assert so.kv_cache_block_copies == [KVCacheBlockCopy(101, 102), KVCacheBlockCopy(109, 100)]
+    for bad in ([KVCacheBlockCopy(1, 10)], [(1, 2)]):
+        so = step()
+        so.kv_cache_block_copies = bad
+        with pytest.raises(StepRefused):
+            session.admit(so)

@@ -61,6 +61,17 @@ class HeadSession:
         ]
         if so.new_block_ids_to_zero:
             so.new_block_ids_to_zero = self._move((so.new_block_ids_to_zero,))[0]
+        if so.kv_cache_block_copies:  # (src, dst) block pairs to copy, e.g. Mamba state
+            if not all(type(c).__name__ == "KVCacheBlockCopy" for c in so.kv_cache_block_copies):
+                raise StepRefused("kv_cache_block_copies holds something else than block copies")
+            so.kv_cache_block_copies = [
+                copy._replace(src_block_id=src, dst_block_id=dst)
+                for copy, (src, dst) in zip(
+                    so.kv_cache_block_copies,
+                    self._move((c.src_block_id, c.dst_block_id) for c in so.kv_cache_block_copies),
+                    strict=True,
+                )
+            ]
 
     def _move(self, groups: Iterable[Iterable[int]]) -> tuple[list[int], ...]:
         """Block ids per KV cache group, from the head's numbering to the stage's."""

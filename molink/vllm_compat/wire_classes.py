@@ -33,6 +33,8 @@ VLLM_WIRE_CLASSES: dict[str, tuple[str, ...]] = {
     ),
     "vllm.pooling_params": ("PoolingParams", "LateInteractionParams"),
     "vllm.lora.request": ("LoRARequest",),
+    # SchedulerOutput.kv_cache_block_copies (hybrid models aligning Mamba state)
+    "vllm.v1.core.kv_cache_utils": ("KVCacheBlockCopy",),
     "vllm.config.ec_manager_config": ("EncoderCacheManagerMetadata",),
     # model runner side
     "vllm.v1.outputs": (
