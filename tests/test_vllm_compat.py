@@ -344,6 +344,29 @@ def _kv_cache_config_from_groups(monkeypatch: pytest.MonkeyPatch) -> None:
     )
 
 
+@contract("vllm.config.CacheConfig.mamba_cache_mode")
+def _mamba_cache_mode(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vllm.config import CacheConfig
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.worker import mamba_utils
+
+    _require(
+        "mamba_cache_mode" in {f.name for f in dataclasses.fields(CacheConfig)},
+        "CacheConfig has no mamba_cache_mode field",
+    )
+    runner = _source(_runner_class().execute_model)
+    _require(
+        'self.cache_config.mamba_cache_mode == "align"' in runner and "preprocess_mamba" in runner,
+        'execute_model no longer reads cache_config.mamba_cache_mode == "align" each step to '
+        "preprocess Mamba state",
+    )
+    try:
+        mamba_utils.get_mamba_groups(KVCacheConfig(1, [], []))
+    except AssertionError:
+        return
+    raise AssertionError("get_mamba_groups accepts a plan without Mamba layers now: drop the skip")
+
+
 @contract("vllm.v1.worker.utils.allocate_kv_cache")
 def _allocate_kv_cache(monkeypatch: pytest.MonkeyPatch) -> None:
     from vllm.v1.worker import utils

@@ -125,6 +125,13 @@ INTERNALS: tuple[Internal, ...] = (
         "get_kv_cache_configs does for every pipeline stage",
     ),
     Internal(
+        "vllm.config.CacheConfig.mamba_cache_mode",
+        "kv_cache.skip_mamba_alignment_without_mamba",
+        'in "align" mode the model runner preprocesses Mamba state every step and '
+        "mamba_utils.get_mamba_groups asserts the worker's plan holds a Mamba layer; the mode is "
+        "read from cache_config at each step",
+    ),
+    Internal(
         "vllm.v1.worker.utils.allocate_kv_cache",
         "kv_cache.kv_cache_bytes",
         "every KVCacheTensor of a plan places its layers in one backing allocation of "
