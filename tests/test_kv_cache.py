@@ -82,22 +82,3 @@ def test_a_plan_for_other_layers_is_refused(vllm_config):
     plan = head_plan_for_stage(vllm_config)
     with pytest.raises(ValueError, match="plan is for layers"):
         plan_stage_kv_cache(vllm_config, {"layers.5.attn": full()}, 1 << 20, plan)
-
-
-def test_a_stage_without_mamba_layers_aligns_no_mamba_state(vllm_config):
-    """A hybrid model's stage holding only attention layers turns Mamba alignment off (vLLM's
-    runner would assert it holds a Mamba layer); a stage holding one keeps it."""
-    from vllm.v1.kv_cache_interface import KVCacheConfig, KVCacheGroupSpec, MambaSpec
-
-    from molink.vllm_compat.kv_cache import skip_mamba_alignment_without_mamba
-
-    mamba = MambaSpec(block_size=BLOCK, shapes=((4, 8),), dtypes=(torch.float32,))
-    cache = vllm_config.cache_config
-    for mamba_layers, mode in ((["layers.0.conv"], "align"), ([], "none")):
-        cache.mamba_cache_mode = "align"
-        plan = KVCacheConfig(
-            8, [], [KVCacheGroupSpec(mamba_layers, mamba), KVCacheGroupSpec(STAGE_LAYERS, full())]
-        )
-        skip_mamba_alignment_without_mamba(vllm_config, plan)
-        assert cache.mamba_cache_mode == mode
-    cache.mamba_cache_mode = "none"

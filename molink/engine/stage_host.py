@@ -47,11 +47,7 @@ from molink.engine.stage_engine import StageEngine
 from molink.engine.stage_fit import difference, kv_plan_misfit, same_worker
 from molink.security.swarm_security import SwarmSecurity
 from molink.stage_spec import StageConfig
-from molink.vllm_compat.kv_cache import (
-    kv_cache_bytes,
-    plan_stage_kv_cache,
-    skip_mamba_alignment_without_mamba,
-)
+from molink.vllm_compat.kv_cache import kv_cache_bytes, plan_stage_kv_cache
 
 logger = init_logger(__name__)
 
@@ -233,7 +229,6 @@ class StageHost:
         if head_plan.kv_cache_layout is not None:  # the planner reads it
             self.worker.set_kv_cache_layout(head_plan.kv_cache_layout)
         own = plan_stage_kv_cache(self._vllm_config, self._kv_spec, self._kv_available, head_plan)
-        skip_mamba_alignment_without_mamba(self._vllm_config, own)
         try:
             self.worker.initialize_from_config([own])
             self.worker.compile_or_warm_up_model()

@@ -126,8 +126,8 @@ INTERNALS: tuple[Internal, ...] = (
     ),
     Internal(
         "vllm.config.CacheConfig.mamba_cache_mode",
-        "kv_cache.skip_mamba_alignment_without_mamba",
-        'in "align" mode the model runner preprocesses Mamba state every step and '
+        "model_runner.mamba_alignment_where_held",
+        'in "align" mode execute_model preprocesses Mamba state every step and '
         "mamba_utils.get_mamba_groups asserts the worker's plan holds a Mamba layer; the mode is "
         "read from cache_config at each step",
     ),

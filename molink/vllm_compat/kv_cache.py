@@ -16,7 +16,6 @@ from vllm.v1.kv_cache_interface import (
     KVCacheConfig,
     KVCacheGroupSpec,
     KVCacheSpec,
-    MambaSpec,
     UniformTypeKVCacheSpecs,
 )
 
@@ -121,28 +120,3 @@ def _in_stage_dtypes(group: KVCacheGroupSpec, spec: dict[str, KVCacheSpec]) -> K
     else:
         stage_spec = own(head_spec, spec[group.layer_names[0]])
     return dataclasses.replace(group, kv_cache_spec=stage_spec)
-
-
-def skip_mamba_alignment_without_mamba(vllm_config: VllmConfig, plan: KVCacheConfig) -> None:
-    """Turn Mamba state alignment off on a stage whose ``plan`` holds no Mamba layer.
-
-    Needs from vLLM: with ``cache_config.mamba_cache_mode == "align"`` (a hybrid model) the model
-    runner prepares Mamba state copies every step (``GPUModelRunner.execute_model`` calls
-    ``mamba_utils.preprocess_mamba``), and ``mamba_utils.get_mamba_groups`` asserts that the
-    worker's plan holds a Mamba layer; so a pipeline stage of a hybrid model that holds only
-    attention layers fails its first step (a vLLM pipeline too). Such a stage keeps no state to
-    align; the head's scheduler still aligns the state of the stages that do.
-    """
-    cache = vllm_config.cache_config
-    holds_mamba = any(
-        group.layer_names
-        and isinstance(
-            group.kv_cache_spec.first_spec
-            if isinstance(group.kv_cache_spec, UniformTypeKVCacheSpecs)
-            else group.kv_cache_spec,
-            MambaSpec,
-        )
-        for group in plan.kv_cache_groups
-    )
-    if cache.mamba_cache_mode == "align" and not holds_mamba:
-        cache.mamba_cache_mode = "none"

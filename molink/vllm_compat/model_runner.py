@@ -6,6 +6,8 @@ extends it): its activation buffer, its request table, its persistent batch.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -14,6 +16,7 @@ from vllm.pooling_params import PoolingParams
 from vllm.sampling_params import SamplingParams, SamplingType
 from vllm.utils.platform_utils import is_pin_memory_available
 from vllm.v1.core.sched.output import SchedulerOutput
+from vllm.v1.kv_cache_interface import KVCacheConfig, MambaSpec, UniformTypeKVCacheSpecs
 from vllm.v1.sample.logits_processor import build_logitsprocs
 from vllm.v1.worker.gpu_input_batch import CachedRequestState
 
@@ -167,3 +170,38 @@ def reset_model_runner(runner: Any) -> None:
     reset = SchedulerOutput.make_empty()
     reset.finished_req_ids = set(runner.requests)
     runner.execute_model(reset)
+
+
+@contextlib.contextmanager
+def mamba_alignment_where_held(runner: Any) -> Iterator[None]:
+    """Run one step with Mamba state alignment off when ``runner`` holds no Mamba layer.
+
+    A stage of a hybrid model may hold only attention layers. Its KV plan still has the model's
+    Mamba groups (empty here), sized for alignment, and the head's steps name their blocks.
+
+    Needs from vLLM: with ``cache_config.mamba_cache_mode == "align"``, ``execute_model``
+    prepares Mamba state copies every step (``mamba_utils.preprocess_mamba``), and
+    ``mamba_utils.get_mamba_groups`` asserts that the worker's plan holds a Mamba layer, so such
+    a stage (of a vLLM pipeline too) fails its first step. The mode is read at each step; the
+    block tables keep the widths they were built with (``MambaSpec.max_num_blocks_per_req``
+    reads the mode when a batch is built), so it is turned off for the step only.
+    """
+    cache = runner.cache_config
+    if cache.mamba_cache_mode != "align" or _holds_mamba_layer(runner.kv_cache_config):
+        yield
+        return
+    cache.mamba_cache_mode = "none"
+    try:
+        yield
+    finally:
+        cache.mamba_cache_mode = "align"
+
+
+def _holds_mamba_layer(plan: KVCacheConfig) -> bool:
+    for group in plan.kv_cache_groups:
+        spec = group.kv_cache_spec
+        if isinstance(spec, UniformTypeKVCacheSpecs):
+            spec = spec.first_spec
+        if group.layer_names and isinstance(spec, MambaSpec):
+            return True
+    return False

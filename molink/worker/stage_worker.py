@@ -33,6 +33,7 @@ from molink.stage_spec import ADDITIONAL_CONFIG_KEY, StagePlacement, placement_f
 from molink.vllm_compat.model_runner import (
     ensure_intermediate_tensors,
     install_request_state,
+    mamba_alignment_where_held,
     new_persistent_batch,
     request_block_ids,
     reset_model_runner,
@@ -113,7 +114,8 @@ class StageHooks:
         if snapshots:
             self._install(snapshots)
         intermediate = IntermediateTensors(tensors) if tensors is not None else None
-        output = self.model_runner.execute_model(scheduler_output, intermediate)
+        with mamba_alignment_where_held(self.model_runner):
+            output = self.model_runner.execute_model(scheduler_output, intermediate)
         if isinstance(output, IntermediateTensors):
             return self.staging.to_host(output.tensors)
         if output is None and get_pp_group().is_last_rank:
