@@ -57,11 +57,16 @@ UPSTREAM = {
     "mamba2": "vLLM's `Mamba2ForCausalLM` doesn't implement `SupportsPP` "
     "(vllm/model_executor/models/mamba2.py:170): MoLink refuses it at start, as vLLM refuses a "
     "pipeline of it (vllm/config/model.py:1557)",
-    "granitemoehybrid_moe": "vLLM's GraniteMoeHybrid weight loader doesn't skip a pipeline "
-    "stage's missing MoE router weights: `_load` (vllm/model_executor/models/"
-    "granitemoehybrid.py:447) indexes `params_dict` without the `is_pp_missing_parameter` "
-    "check `_load_shard` has (:454); any vLLM pipeline of a MoE Granite hybrid fails the same "
-    "way. Without MoE (granitemoehybrid) it serves",
+    "qwen3_moe_dense_half": "vLLM's `Qwen3MoeForCausalLM` raises `No Qwen3MoE layer found` on "
+    "a pipeline stage whose layers are all dense (vllm/model_executor/models/qwen3_moe.py:607): "
+    "a vLLM pipeline fails the same way. Released Qwen3-MoE models have no dense layers "
+    "(qwen3_moe serves)",
+    "granitemoehybrid": "vLLM's GraniteMoeHybrid weight loader doesn't skip the weights of layers "
+    "another pipeline stage holds: `_load` (vllm/model_executor/models/granitemoehybrid.py:447) "
+    "indexes `params_dict` without the `is_pp_missing_parameter` check that `_load_shard` has "
+    "(:455), and loads every plain weight (:578); any vLLM pipeline of it fails the same way",
+    "granitemoehybrid_moe": "as granitemoehybrid (its MoE router weights go through the same "
+    "`_load`, :568)",
 }
 ENV = {
     "VLLM_CPU_KVCACHE_SPACE": "1",
@@ -233,11 +238,15 @@ def family_row(name: str, stages: list[int], work: Path, port: int) -> dict:
         run = run_pipeline(model, args, n, prompts, fam_work, port)
         row["pipelines"][run.setup] = {**compare(reference, run), "seconds": round(run.seconds)}
         print(f"{name}: {run.setup}: {row['pipelines'][run.setup]['detail']}", file=sys.stderr)
+    return row
+
+
+def note(row: dict) -> str:
+    """Why ``row``'s family failed (a known upstream cause), or how it was run."""
     failed = row["reference"] != "ok" or any(
         p["result"] == "failed" for p in row["pipelines"].values()
     )
-    row["note"] = UPSTREAM.get(name, "") if failed else ONE_AT_A_TIME.get(name, "")
-    return row
+    return (UPSTREAM if failed else ONE_AT_A_TIME).get(row["family"], "")
 
 
 def markdown(rows: list[dict], commands: list[str]) -> str:
@@ -258,10 +267,11 @@ def markdown(rows: list[dict], commands: list[str]) -> str:
             cells = [f"vLLM alone fails: {row['reference']}"] + [""] * (len(setups) - 1)
         else:
             cells = [row["pipelines"].get(s, {}).get("detail", "not run") for s in setups]
+        cells = [cell.replace("|", "\\|") for cell in [*cells, note(row)]]
         lines.append(
             f"| {row['family']} | `{row['architecture']}` | {row['exercises']} | "
             + " | ".join(cells)
-            + f" | {row.get('note', '')} |"
+            + " |"
         )
     return "\n".join(lines) + "\n"
 

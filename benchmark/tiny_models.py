@@ -264,6 +264,16 @@ class Family:
     exercises: str
 
 
+def _qwen3_moe(dense_layers: int) -> dict[str, Any]:
+    """Qwen3-MoE: 4 experts, 2 a token; the first ``dense_layers`` layers have plain MLPs."""
+    return {
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 64,
+        "mlp_only_layers": list(range(dense_layers)),
+    }
+
+
 def _granite_hybrid(num_layers: int, experts: int) -> dict[str, Any]:
     """Granite 4.0-H style: Mamba2 layers, then attention layers; MoE when ``experts``."""
     return {
@@ -341,13 +351,15 @@ FAMILIES: dict[str, Family] = {
             "qwen3_moe",
             "Qwen3MoeConfig",
             "Qwen3MoeForCausalLM",
-            lambda n: {
-                "num_experts": 4,
-                "num_experts_per_tok": 2,
-                "moe_intermediate_size": 64,
-                "mlp_only_layers": list(range(n // 2)),
-            },
-            "dense layers on one stage, MoE layers on the other",
+            lambda n: _qwen3_moe(dense_layers=0),
+            "MoE in every layer (as released Qwen3-MoE models)",
+        ),
+        Family(
+            "qwen3_moe_dense_half",
+            "Qwen3MoeConfig",
+            "Qwen3MoeForCausalLM",
+            lambda n: _qwen3_moe(dense_layers=n // 2),
+            "dense layers (mlp_only_layers) on one stage, MoE layers on the other",
         ),
         Family(
             "mixtral",

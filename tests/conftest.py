@@ -54,6 +54,7 @@ SLOWEST_FIRST = (
     "test_stage_host",
     "shared_follower_quick_run",
     "test_head_routes",
+    "test_model_support",
     "test_swarm_security",
 )
 
