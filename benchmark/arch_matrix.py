@@ -47,6 +47,9 @@ ONE_AT_A_TIME = {
     "deepseek_v2": "vLLM 0.32's CPU MLA path gives batch-dependent, run-to-run different "
     "outputs when several requests share a step (one process, --max-num-seqs 8); with one "
     "request per step it is deterministic",
+    "lfm2": "vLLM 0.32's CPU short-convolution path gives batch-dependent outputs when several "
+    "requests share a step (one process, --max-num-seqs 8); with one request per step it is "
+    "deterministic",
 }
 #: Known upstream causes of a family's failure, shown when it fails (a fixed vLLM drops them).
 UPSTREAM = {
