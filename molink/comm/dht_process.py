@@ -103,8 +103,8 @@ def start_dht(dht_args: dict[str, Any], startup_timeout: float) -> hivemind.DHT:
     """Start hivemind's DHT process and wait until it is ready, noticing if it dies.
 
     ``hivemind.DHT(start=True)`` waits for readiness without a bound, so a DHT process that
-    crashes while starting (a forked child of a process with gRPC threads, rarely) would hang
-    the node forever; here that is retried once, then raised.
+    crashes or hangs while starting (a forked child of a process with gRPC threads, rarely)
+    would hang the node forever; here that is retried once, then raised.
     """
     import hivemind
 
@@ -119,12 +119,20 @@ def start_dht(dht_args: dict[str, Any], startup_timeout: float) -> hivemind.DHT:
             except TimeoutError:
                 if time.monotonic() > deadline:
                     dht.shutdown()
-                    raise TimeoutError(f"no DHT after {startup_timeout:.0f} s") from None
-                if not dht.is_alive():
+                    if attempt == 2:
+                        raise TimeoutError(f"no DHT after {startup_timeout:.0f} s") from None
+                    logger.warning(
+                        "The DHT process isn't ready after %.0f s; starting it again",
+                        startup_timeout,
+                    )
                     break
-        logger.warning("The DHT process died while starting (exit code %s)", dht.exitcode)
-        if attempt == 2:
-            raise RuntimeError("the DHT process died while starting, twice")
+                if not dht.is_alive():
+                    logger.warning(
+                        "The DHT process died while starting (exit code %s)", dht.exitcode
+                    )
+                    if attempt == 2:
+                        raise RuntimeError("the DHT process died while starting, twice") from None
+                    break
     raise AssertionError("unreachable")
 
 
