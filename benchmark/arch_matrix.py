@@ -150,7 +150,8 @@ def _error_line(logs: list[Path]) -> str:
 
 def engine_args(family: str) -> list[str]:
     """The engine flags of ``family``'s reference and nodes."""
-    return [*ENGINE_ARGS, "--max-num-seqs", "1"] if family in ONE_AT_A_TIME else ENGINE_ARGS
+    one_at_a_time = ["--max-num-seqs", "1"] if family in ONE_AT_A_TIME else []
+    return [*ENGINE_ARGS, *one_at_a_time, *FAMILIES[family].engine_args]
 
 
 def run_reference(model: str, args: list[str], prompts: list[str], work: Path, port: int) -> Run:

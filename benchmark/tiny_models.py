@@ -254,7 +254,8 @@ class Family:
     """A model family: its transformers classes and the small shape its tiny checkpoint gets.
 
     ``config(num_layers)`` returns the family's own config fields on top of :data:`BASE_CONFIG`;
-    ``exercises`` says what a pipeline meets in it.
+    ``exercises`` says what a pipeline meets in it; ``engine_args`` are the vLLM flags its
+    float32 checkpoint needs on every node (and on the reference), with the reason beside them.
     """
 
     name: str
@@ -262,6 +263,7 @@ class Family:
     model_class: str
     config: Callable[[int], dict[str, Any]]
     exercises: str
+    engine_args: tuple[str, ...] = ()
 
 
 def _qwen3_moe(dense_layers: int) -> dict[str, Any]:
@@ -390,6 +392,10 @@ FAMILIES: dict[str, Family] = {
                 "topk_group": 1,
             },
             "MLA (compressed latent KV); dense layers on one stage, MoE on the other",
+            # On a CPU with AMX, vLLM 0.32 picks its AMX MLA backend, which takes 16-bit weights
+            # only (vllm/v1/attention/backends/mla/amx_mla.py:303); the reference one takes
+            # float32 (vllm/platforms/cpu.py:156).
+            engine_args=("--attention-backend", "CPU_MLA"),
         ),
         Family(
             "gpt_oss",

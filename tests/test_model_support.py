@@ -20,7 +20,7 @@ from reference import (
 )
 from vllm.engine.arg_utils import EngineArgs
 
-from benchmark.tiny_models import build_checkpoint, build_tokenizer
+from benchmark.tiny_models import FAMILIES, build_checkpoint, build_tokenizer
 from molink.engine.model_support import UnsupportedModel, check_servable
 from molink.entrypoints.openai.api_server import main
 
@@ -73,12 +73,15 @@ def test_the_node_exits_at_start_with_the_reason(tmp_path: Path, capfd) -> None:
 # default size (no block-count override, which would fall short of max_model_len at 16). And
 # vLLM 0.32's CPU MLA isn't exact when requests share a step (one process gives batch-dependent,
 # run-to-run different outputs; benchmark/arch_matrix.py), so requests run one at a time, where
-# it is deterministic, and both sides can be compared token for token.
+# it is deterministic, and both sides can be compared token for token. The reference CPU MLA
+# backend is chosen on both sides: on a CPU with AMX vLLM would pick one that refuses float32
+# (FAMILIES["deepseek_v2"].engine_args).
 MLA_ENGINE = {
     **{key: value for key, value in ENGINE.items() if key != "num_gpu_blocks_override"},
     "max_num_seqs": 1,
+    "attention_backend": "CPU_MLA",
 }
-MLA_FLAGS = [*QWEN3_ENGINE_FLAGS, "--max-num-seqs", "1"]
+MLA_FLAGS = [*QWEN3_ENGINE_FLAGS, "--max-num-seqs", "1", *FAMILIES["deepseek_v2"].engine_args]
 
 
 @pytest.fixture(scope="module")
