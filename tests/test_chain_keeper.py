@@ -18,7 +18,7 @@ from types import SimpleNamespace
 import pytest
 from conftest import QWEN3_ENGINE_FLAGS, NodeProcess, Swarm
 from probes import eventually, scrape, status, value
-from reference import STREAM_TOKENS, stream_all
+from reference import STREAM_TOKENS, assert_same, pipeline_outputs, stream_all
 
 from molink.comm.announcement import NodeAnnouncement
 from molink.comm.chain import Hop
@@ -161,6 +161,24 @@ def test_restarted_head_finds_the_followers(churn, module_swarm, qwen3_model):
     new_head = module_swarm.start("head2", qwen3_model, "0,2", HEAD_FLAGS, peers=followers)
     new_head.wait_healthy()
     assert asyncio.run(stream_all(new_head, qwen3_model)) == reference
+
+
+def test_an_unreachable_node_is_left_out_and_the_head_waits_for_a_reachable_one(
+    swarm: Swarm, qwen3_model: str, qwen3_reference: list[dict]
+) -> None:
+    """The only follower announces an address where nothing listens (it listens on 127.0.0.1):
+    the head names the cause, stays up, and serves as soon as a reachable node covers the span."""
+    head = swarm.start("head", qwen3_model, "0,2", FLAGS)
+    ghost_flags = [*FLAGS, "--announce_host", "127.0.0.2"]
+    ghost = swarm.start("ghost", qwen3_model, "3,5", ghost_flags, peers=[head])
+    cause = f"127.0.0.2:{ghost.grpc_port} is unreachable (UNAVAILABLE)"
+    eventually(lambda: cause in head.log(), timeout=WAIT_S, what="the unreachable node named")
+    assert re.search(r"Leaving node \S+ out of chains for \d+ s: StageUnreachable", head.log())
+    assert head.poll() is None, "the head must not exit"
+    good = swarm.start("good", qwen3_model, "3,5", FLAGS, peers=[head])
+    head.wait_healthy()
+    assert f"127.0.0.1:{good.grpc_port} [3-5]" in head.log()
+    assert_same(qwen3_reference, asyncio.run(pipeline_outputs(head.base_url, qwen3_model)))
 
 
 # ------------------------------------------------------------ rebalancing, no processes

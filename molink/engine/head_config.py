@@ -50,6 +50,7 @@ class HeadConfig:
     step_trace: str | None = None  # write a step trace here (scheduler + executor)
     step_timeout: float = MoLinkConfig.step_timeout  # --step-timeout's default
     stage_init_timeout: float = 600.0
+    chain_timeout: float = MoLinkConfig.chain_timeout  # --chain-timeout's default
     outage_timeout: float = MoLinkConfig.outage_timeout  # --outage-timeout's default
     rebalance_after: float = MoLinkConfig.rebalance_after  # --rebalance-after's default
     recovery_poll_interval: float = 1.0

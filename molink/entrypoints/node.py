@@ -363,6 +363,7 @@ class Node:
             step_trace=self.config.step_trace,
             step_timeout=self.config.step_timeout,
             outage_timeout=self.config.outage_timeout,
+            chain_timeout=self.config.chain_timeout,
             rebalance_after=self.config.rebalance_after,
             security=self.config.security_files,
             weights=self.weights.to_dict() if self.weights else None,

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import grpc
 from vllm.logger import init_logger
 from vllm.v1.kv_cache_interface import KVCacheConfig
 
@@ -36,6 +37,13 @@ EXCLUDE_S = 30.0
 
 def _describe(remote: RemoteStage) -> dict[str, Any]:
     return {"peer_id": remote.peer_id, "address": remote.address, "layers": list(remote.span)}
+
+
+def _cause(error: BaseException) -> str:
+    """Why a node failed to start its stage, in one line."""
+    if isinstance(error, grpc.RpcError):
+        return f"{error.code().name}: {error.details()}"  # type: ignore[attr-defined]
+    return f"{type(error).__name__}: {error}"
 
 
 class ChainKeeper:
@@ -64,12 +72,53 @@ class ChainKeeper:
 
     # ------------------------------------------------------------------ set-up
     def init_stages(self) -> None:
-        """Build the first chain's stages (``InitStage`` on every node at once)."""
-        if not self.remotes:
-            return
-        with ThreadPoolExecutor(max_workers=len(self.remotes)) as pool:
-            for future in [pool.submit(self._init, r) for r in self.remotes]:
-                future.result()
+        """Build the first chain's stages (``InitStage`` on every node at once).
+
+        A node that can't be reached or refuses is left out, with its cause in the log, and the
+        chain is planned again without it: one bad node never stops the head. Waits up to
+        ``--chain-timeout`` for a chain whose nodes all start, then raises ``ChainIncomplete``.
+        """
+        deadline = time.monotonic() + self.head.chain_timeout
+        while self.remotes:
+            with ThreadPoolExecutor(max_workers=len(self.remotes)) as pool:
+                started = [(r, pool.submit(self._init, r)) for r in self.remotes]
+            failed = {r.peer_id: _cause(f.exception()) for r, f in started if f.exception()}
+            if not failed:
+                return
+            for peer_id, why in failed.items():
+                self.exclude(peer_id, why)
+            kept = {(r.peer_id, r.span): r for r in self.remotes if r.peer_id not in failed}
+            hops = self._wait_for_plan(deadline).stages[1:]
+            self.remotes = [
+                kept.pop((hop.peer_id, (hop.start_layer, hop.end_layer)), None)
+                or RemoteStage(RemoteStageSpec.from_hop(hop), self.security, self.session)
+                for hop in hops
+            ]
+            for remote in kept.values():
+                remote.close()
+            for remote, _ in started:
+                if remote.peer_id in failed:
+                    remote.close()
+
+    def _wait_for_plan(self, deadline: float) -> Chain:
+        """The best chain without the nodes left out, once the swarm offers one (polled)."""
+        next_log = 0.0
+        while True:
+            try:
+                self.view.refresh()
+                return self.plan()
+            except ChainError as e:
+                now = time.monotonic()
+                if now >= deadline:
+                    raise
+                if now >= next_log:
+                    logger.info("Waiting for a chain without the nodes left out: %s", e)
+                    next_log = now + 10.0
+            except Exception as e:  # noqa: BLE001  # a DHT hiccup must not end the wait
+                logger.warning("Could not read the swarm: %s", e)
+                if time.monotonic() >= deadline:
+                    raise
+            time.sleep(1.0)
 
     def _init(self, remote: RemoteStage) -> None:
         logger.info("Initializing stage %s", remote)

@@ -24,6 +24,10 @@ class StageImpostor(RuntimeError):
     """The process at a stage's address is not the node that announced it."""
 
 
+class StageUnreachable(ConnectionError):
+    """Nothing answers at a stage's announced address (down, firewalled, or behind NAT)."""
+
+
 class RemoteStage:
     """gRPC handle on a node serving ``spec``'s layers, and what the head planned for it."""
 
@@ -55,12 +59,12 @@ class RemoteStage:
     def init(self, config: StageConfig, timeout: float, head_peer_id: str = "") -> None:
         """Have the node build this span's worker (loads weights unless already built).
 
-        Raises ``StageImpostor`` if the process at the address can't prove it is the node that
-        announced it.
+        Raises ``StageUnreachable`` if nothing answers at the address, ``StageImpostor`` if the
+        process there can't prove it is the node that announced it.
         """
         info, why = self._identify()
-        if info is not None and why is not None:
-            raise StageImpostor(why)
+        if why is not None:
+            raise StageImpostor(why) if info is not None else StageUnreachable(why)
         reply = self.stub.InitStage(
             molink_pb2.InitStageRequest(
                 stage_config_json=config.to_json(), session=self.session, head_peer_id=head_peer_id
