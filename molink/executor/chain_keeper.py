@@ -66,7 +66,7 @@ class ChainKeeper:
         self.security = SwarmSecurity.from_files(head.security)
         self.remotes = [RemoteStage(spec, self.security, session) for spec in head.stages]
         self._standby: dict[str, RemoteStage] = {}  # peer -> prepared stage not in the chain
-        self._excluded: dict[str, float] = {}  # peer -> until (monotonic)
+        self._excluded: dict[str, tuple[float, str]] = {}  # peer -> (until (monotonic), why)
         self._leaving: set[str] = set()
         self._view: SwarmView | None = None
 
@@ -149,14 +149,14 @@ class ChainKeeper:
 
     def _exclusions(self) -> set[str]:
         now = time.monotonic()
-        self._excluded = {p: t for p, t in self._excluded.items() if t > now}
+        self._excluded = {p: e for p, e in self._excluded.items() if e[0] > now}
         return set(self._excluded) | self._leaving
 
     def exclude(self, peer_id: str, why: str) -> None:
         """Leave ``peer_id`` out of chains for :data:`EXCLUDE_S` (logged once per exclusion)."""
         if peer_id not in self._exclusions():
             logger.warning("Leaving node %s out of chains for %.0f s: %s", peer_id, EXCLUDE_S, why)
-        self._excluded[peer_id] = time.monotonic() + EXCLUDE_S
+        self._excluded[peer_id] = (time.monotonic() + EXCLUDE_S, why)
 
     def held(self) -> list[RemoteStage]:
         """Every stage that holds a span for this head: the chain's, then the standbys'."""
@@ -178,7 +178,7 @@ class ChainKeeper:
     def describe_exclusions(self) -> dict[str, str]:
         """Peers left out of chains now, and why (dead, refused, or leaving)."""
         now = time.monotonic()
-        found = {p: "unreachable or refused" for p, t in list(self._excluded.items()) if t > now}
+        found = {p: why for p, (until, why) in list(self._excluded.items()) if until > now}
         found.update(dict.fromkeys(list(self._leaving), "leaving"))
         return found
 
