@@ -15,6 +15,7 @@ from vllm.v1.kv_cache_interface import FullAttentionSpec, SlidingWindowSpec
 
 from molink.engine.stage_fit import kv_plan_misfit
 from molink.vllm_compat.kv_cache import (
+    align_mamba_block_size,
     kv_cache_bytes,
     plan_kv_cache_with_blocks,
     plan_stage_kv_cache,
@@ -82,3 +83,21 @@ def test_a_plan_for_other_layers_is_refused(vllm_config):
     plan = head_plan_for_stage(vllm_config)
     with pytest.raises(ValueError, match="plan is for layers"):
         plan_stage_kv_cache(vllm_config, {"layers.5.attn": full()}, 1 << 20, plan)
+
+
+def test_mamba_blocks_match_the_attention_block_in_align_mode() -> None:
+    """A hybrid model's head resolved its block size after vLLM set the Mamba block size (16
+    against 128 here, on the head of an LFM2 whose stages held the other Mamba layers): every
+    stage's Mamba layers must take the attention block size, as in one vLLM process."""
+    from types import SimpleNamespace
+
+    late = SimpleNamespace(
+        cache_config=CacheConfig(block_size=128, mamba_cache_mode="align", mamba_block_size=16)
+    )
+    align_mamba_block_size(late)  # type: ignore[arg-type]
+    assert late.cache_config.mamba_block_size == 128
+    without_prefix_caching = SimpleNamespace(
+        cache_config=CacheConfig(block_size=128, mamba_cache_mode="none", mamba_block_size=512)
+    )
+    align_mamba_block_size(without_prefix_caching)  # type: ignore[arg-type]
+    assert without_prefix_caching.cache_config.mamba_block_size == 512

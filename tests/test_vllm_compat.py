@@ -367,6 +367,29 @@ def _mamba_cache_mode(monkeypatch: pytest.MonkeyPatch) -> None:
     raise AssertionError("get_mamba_groups accepts a plan without Mamba layers now: drop the skip")
 
 
+@contract("vllm.config.CacheConfig.mamba_block_size")
+def _mamba_block_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vllm.config import CacheConfig
+    from vllm.model_executor.layers.mamba.abstract import MambaBase
+    from vllm.platforms.interface import Platform
+
+    _require(
+        "mamba_block_size" in {f.name for f in dataclasses.fields(CacheConfig)},
+        "CacheConfig has no mamba_block_size field",
+    )
+    _require(
+        "block_size=mamba_block_size" in _source(MambaBase.get_kv_cache_spec)
+        and "cache_config.mamba_block_size" in _source(MambaBase.get_kv_cache_spec),
+        "a Mamba layer's MambaSpec no longer takes cache_config.mamba_block_size as its block size",
+    )
+    _require(
+        "cache_config.mamba_block_size = cache_config.block_size"
+        in _source(Platform.update_block_size_for_backend)
+        + _source(Platform._align_hybrid_block_size),
+        'vLLM no longer makes mamba_block_size equal to block_size in "align" mode',
+    )
+
+
 @contract("vllm.v1.worker.utils.allocate_kv_cache")
 def _allocate_kv_cache(monkeypatch: pytest.MonkeyPatch) -> None:
     from vllm.v1.worker import utils

@@ -132,6 +132,12 @@ INTERNALS: tuple[Internal, ...] = (
         "read from cache_config at each step",
     ),
     Internal(
+        "vllm.config.CacheConfig.mamba_block_size",
+        "kv_cache.align_mamba_block_size",
+        "a Mamba layer's MambaSpec takes cache_config.mamba_block_size as its block size, and in "
+        '"align" mode vLLM makes it equal to block_size',
+    ),
+    Internal(
         "vllm.v1.worker.utils.allocate_kv_cache",
         "kv_cache.kv_cache_bytes",
         "every KVCacheTensor of a plan places its layers in one backing allocation of "

@@ -20,6 +20,26 @@ from vllm.v1.kv_cache_interface import (
 )
 
 
+def align_mamba_block_size(vllm_config: VllmConfig) -> None:
+    """In Mamba "align" mode (a hybrid model with prefix caching), make every Mamba layer's
+    block as large as the attention block, as one vLLM process does.
+
+    vLLM sets ``mamba_block_size`` to ``block_size`` twice: when the config is built (while a
+    platform default block size may still be unresolved) and after the model loads, in
+    ``Platform.update_block_size_for_backend``, which only reaches it when the worker holds an
+    attention layer. A stage holding only Mamba layers, or a head whose block size was resolved
+    late, would keep a smaller Mamba block than the other stages; the head's plan then holds Mamba
+    groups of different block sizes, and ``mamba_utils.preprocess_mamba`` moves every group's
+    state by the first group's block size (wrong states on the stages of the others).
+
+    Needs from vLLM: ``CacheConfig.mamba_block_size`` is what a Mamba layer's ``MambaSpec``
+    takes as its block size, and in "align" mode it equals ``block_size``.
+    """
+    cache = vllm_config.cache_config
+    if cache.mamba_cache_mode == "align" and cache.mamba_block_size != cache.block_size:
+        cache.mamba_block_size = cache.block_size
+
+
 def stamp_kv_cache_layout(config: KVCacheConfig, layout: str | None) -> KVCacheConfig:
     """Set ``config``'s KV cache layout, as EngineCore sets it on every worker's plan.
 

@@ -30,6 +30,7 @@ from molink.core.request_snapshot import RequestSnapshot
 from molink.core.step import HostActivations
 from molink.distributed.parallel_state import init_stage_parallel_state
 from molink.stage_spec import ADDITIONAL_CONFIG_KEY, StagePlacement, placement_from_dict
+from molink.vllm_compat.kv_cache import align_mamba_block_size
 from molink.vllm_compat.model_runner import (
     ensure_intermediate_tensors,
     install_request_state,
@@ -224,6 +225,7 @@ class StageWorker(StageHooks, platform_worker_class()):  # type: ignore[misc]
 def create_stage_worker(vllm_config: VllmConfig, rank: int) -> WorkerWrapperBase:
     """Build, place and load the worker of pipeline rank ``rank`` (weights of its slice only)."""
     vllm_config.parallel_config.worker_cls = WORKER_CLS
+    align_mamba_block_size(vllm_config)
     wrapper = WorkerWrapperBase(rpc_rank=0, global_rank=0)
     kwargs: dict[str, Any] = {
         "vllm_config": vllm_config,
