@@ -279,13 +279,22 @@ class Swarm:
         self.nodes[0].wait_healthy(self.spec.ready_timeout, also=self.nodes[1:])
 
     def stop(self) -> None:
-        for node in self.nodes:
-            node.stop()
-        self.nodes.clear()
-        for emulator in self.emulators:
-            emulator.stop()
-        self.emulators.clear()
-        self._remove_namespaces()
+        """Stop every node and link emulator and remove the namespaces. A second Ctrl-C or
+        SIGTERM while the nodes stop kills them all at once (SIGKILL to each node's group)
+        instead of leaving the ones not yet reached running."""
+        try:
+            for node in self.nodes:
+                node.stop()
+        except BaseException:
+            for node in self.nodes:
+                node.signal_group(signal.SIGKILL)
+            raise
+        finally:
+            self.nodes.clear()
+            for emulator in self.emulators:
+                emulator.stop()
+            self.emulators.clear()
+            self._remove_namespaces()
 
     # ------------------------------------------------------------ namespaces
     def _make_namespaces(self) -> None:

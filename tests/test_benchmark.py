@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -171,6 +172,43 @@ def test_compare_quick_run(qwen3_model, tmp_path):
             assert all(p[k]["failed"] == 0 for p in load["pairs"] for k in pair.split(":"))
     assert "2 stages loopback / vLLM, tok/s (6 concurrent, paired rounds" in table
     assert "micro-batching on / off, tok/s (3 concurrent, paired rounds" in table
+
+
+def test_a_second_sigterm_while_a_swarm_stops_leaves_no_node_running(tmp_path):
+    """``benchmark.swarm``: SIGTERM (or Ctrl-C) again while the nodes stop kills every node,
+    instead of leaving the ones not yet reached running."""
+    from benchmark.processes import ManagedProcess
+    from benchmark.swarm import Swarm, SwarmSpec
+
+    exits_in_1_s = (
+        "import signal, sys, time\n"
+        "signal.signal(signal.SIGTERM, lambda *_: (time.sleep(1), sys.exit(0)))\n"
+        "print('up', flush=True)\n"
+        "time.sleep(120)"
+    )
+    swarm = Swarm(SwarmSpec(model="unused", layers=[(0, 0), (1, 1)], log_dir=tmp_path))
+    nodes = [
+        ManagedProcess([sys.executable, "-c", exits_in_1_s], tmp_path / f"node{i}.log")
+        for i in range(2)
+    ]
+    swarm.nodes = list(nodes)
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # as the CLI does
+    try:
+        deadline = time.monotonic() + 30
+        while not all("up" in n.log() for n in nodes) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        again = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM))
+        again.start()
+        with pytest.raises(SystemExit):
+            swarm.stop()  # node 0 takes 1 s to exit: the second SIGTERM comes meanwhile
+            again.join()
+            time.sleep(1.0)  # (a late signal is handled here, with both nodes stopped)
+        for node in nodes:
+            node.wait_exit(timeout=10)  # raises if a node still runs
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        for node in nodes:
+            node.kill()
 
 
 def test_launcher_fails_early_and_stops_the_whole_group(tmp_path):
