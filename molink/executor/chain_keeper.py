@@ -112,7 +112,12 @@ class ChainKeeper:
                 if now >= deadline:
                     raise
                 if now >= next_log:
-                    logger.info("Waiting for a chain without the nodes left out: %s", e)
+                    left_out = "; ".join(
+                        f"{p}: {why}" for p, why in self.describe_exclusions().items()
+                    )
+                    logger.info(
+                        "Waiting for a chain without the nodes left out (%s): %s", left_out, e
+                    )
                     next_log = now + 10.0
             except Exception as e:  # noqa: BLE001  # a DHT hiccup must not end the wait
                 logger.warning("Could not read the swarm: %s", e)
