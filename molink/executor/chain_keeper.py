@@ -87,17 +87,15 @@ class ChainKeeper:
                 return
             for peer_id, why in failed.items():
                 self.exclude(peer_id, why)
-            kept = {(r.peer_id, r.span): r for r in self.remotes if r.peer_id not in failed}
-            hops = self._wait_for_plan(deadline).stages[1:]
+            previous = self.remotes
+            kept = {(r.peer_id, r.span): r for r in previous if r.peer_id not in failed}
             self.remotes = [
                 kept.pop((hop.peer_id, (hop.start_layer, hop.end_layer)), None)
                 or RemoteStage(RemoteStageSpec.from_hop(hop), self.security, self.session)
-                for hop in hops
+                for hop in self._wait_for_plan(deadline).stages[1:]
             ]
-            for remote in kept.values():
-                remote.close()
-            for remote, _ in started:
-                if remote.peer_id in failed:
+            for remote in previous:
+                if not any(remote is r for r in self.remotes):
                     remote.close()
 
     def _wait_for_plan(self, deadline: float) -> Chain:
