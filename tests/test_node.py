@@ -24,18 +24,12 @@ def test_missing_layers_are_named(swarm, qwen3_model):
     assert "Can't assemble the pipeline" in log and "3-5" in log
 
 
-def test_other_model_is_refused(swarm, qwen3_model, tmp_path_factory):
+def test_other_model_and_other_weights_are_refused(swarm, qwen3_model, tmp_path_factory):
+    """Two followers offer layers 3-5, and the head refuses each with its own cause: one serves
+    another model (8 layers), the other has this model's config with one tensor of layer 4
+    changed (a fine-tune, a bad download), which the head finds by comparing the follower's
+    announced weights digest with its own checkpoint's."""
     other = build_checkpoint(tmp_path_factory.mktemp("other") / "qwen3-8", "qwen3", num_layers=8)
-    follower = swarm.start("stage", other, "3,7")
-    follower.wait_healthy()  # up before the head's short --chain_timeout starts counting
-    head = swarm.start("head", qwen3_model, "0,2", FAST_FAIL, peers=[follower])
-    assert head.wait_exit(timeout=180) == 2
-    assert "different model" in head.log()
-
-
-def test_other_weights_in_one_layer_are_refused(swarm, qwen3_model, tmp_path_factory):
-    """Same config, one tensor of layer 4 changed (a fine-tune, a bad download): the head
-    compares the follower's announced weights digest with its own checkpoint's."""
     tuned = tmp_path_factory.mktemp("tuned") / "qwen3-tuned"
     shutil.copytree(qwen3_model, tuned, ignore=shutil.ignore_patterns(CACHE_NAME))
     for shard in tuned.glob("*.safetensors"):
@@ -44,11 +38,15 @@ def test_other_weights_in_one_layer_are_refused(swarm, qwen3_model, tmp_path_fac
         if name is not None:
             weights[name] = weights[name] * 1.01
             save_file(weights, shard, metadata={"format": "pt"})
-    follower = swarm.start("stage", str(tuned), "3,5")
-    follower.wait_healthy()  # up before the head's short --chain_timeout starts counting
-    head = swarm.start("head", qwen3_model, "0,2", FAST_FAIL, peers=[follower])
+    followers = [swarm.start("other", other, "3,7"), swarm.start("tuned", str(tuned), "3,5")]
+    for follower in followers:
+        follower.wait_healthy()  # up before the head's short --chain_timeout starts counting
+    head = swarm.start("head", qwen3_model, "0,2", FAST_FAIL, peers=followers)
     assert head.wait_exit(timeout=180) == 2
-    assert "serves layers 3-5 with different weights" in head.log()
+    log = head.log()
+    assert "Can't assemble the pipeline" in log
+    assert "serves layers 3-7 of a different model" in log
+    assert "serves layers 3-5 with different weights" in log
 
 
 def test_bad_serving_layers_is_a_clear_error(swarm, qwen3_model):
