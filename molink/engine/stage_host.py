@@ -391,11 +391,18 @@ class StageHost:
             time.sleep(0.1)
         return True
 
-    def shutdown(self) -> None:
+    def shutdown(self, exiting: bool = False) -> None:
+        """Close every head's links and drop the stage. ``exiting``: the process ends next, so
+        vLLM's worker teardown (which unfreezes and collects the whole heap: seconds of CPU)
+        is skipped; its memory goes back with the process."""
         with self._lock:
             for session in list(self.sessions.values()):
                 self._close_links(session)
-            self._shutdown_worker()
+            if exiting and self.engine is not None:
+                self.engine.shutdown()  # its compute thread; the worker is left as it is
+                self.engine = None
+            if not exiting:
+                self._shutdown_worker()
 
     def _serving(self) -> list[HeadSession]:
         return [s for s in list(self.sessions.values()) if s.results is not None]

@@ -11,6 +11,7 @@ it is leaving and keeps serving until the head has moved off it (:meth:`Node.lea
 from __future__ import annotations
 
 import dataclasses
+import gc
 import random
 import threading
 import time
@@ -409,10 +410,15 @@ class Node:
             logger.warning("The head still uses this node after %.0f s", self.config.leave_timeout)
 
     def shutdown(self) -> None:
-        """Leave the swarm and stop serving (idempotent)."""
+        """Leave the swarm and stop serving (idempotent); the process ends after this.
+
+        The heap (vLLM, torch) is frozen first: the garbage collections still to come (the
+        interpreter's at exit) then skip it, which saves seconds of CPU on every stop.
+        """
         self._stopped.set()
+        gc.freeze()
         if self.host is not None:
-            self.host.shutdown()
+            self.host.shutdown(exiting=True)
         if self.membership is not None:
             self.membership.shutdown()
             self.membership = None
