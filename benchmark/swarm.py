@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from benchmark.link_emulator import LinkEmulator, LinkSpec
-from benchmark.processes import ManagedProcess
+from benchmark.processes import ManagedProcess, stop_all
 
 BRIDGE = "molinkbr0"
 SUBNET = "10.213.0"
@@ -283,8 +283,10 @@ class Swarm:
         SIGTERM while the nodes stop kills them all at once (SIGKILL to each node's group)
         instead of leaving the ones not yet reached running."""
         try:
-            for node in self.nodes:
-                node.stop()
+            # Heads first, together: a follower stopped while a head uses it waits up to
+            # --leave_timeout for the head to move off; once its heads are gone it exits at once.
+            stop_all([node for i, node in enumerate(self.nodes) if i in self.heads])
+            stop_all(self.nodes)
         except BaseException:
             for node in self.nodes:
                 node.signal_group(signal.SIGKILL)

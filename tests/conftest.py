@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmark.processes import ManagedProcess, ProcessExited
+from benchmark.processes import ManagedProcess, ProcessExited, stop_all
 from benchmark.tiny_models import build_checkpoint
 
 # Several processes share two cores: no thread pinning, KV cache sized explicitly.
@@ -188,11 +188,12 @@ class Swarm:
         return node
 
     def stop_all(self) -> None:
-        # Heads first: a follower told to stop while a head uses it waits for the head to move
-        # off (--leave_timeout); once its head is gone it exits at once. A head's vLLM server
-        # may hang after SIGTERM (docs/deployment.md): at teardown it gets 10 s, then SIGKILL.
-        for node in sorted(self.nodes, key=lambda n: not n.is_head):
-            node.stop(grace=TEARDOWN_GRACE_S)
+        # Heads first, together: a follower told to stop while a head uses it waits for the
+        # head to move off (--leave_timeout); once its heads are gone it exits at once. A head's
+        # vLLM server may hang after SIGTERM (docs/deployment.md): at teardown the heads get
+        # 10 s in all, then SIGKILL.
+        stop_all([node for node in self.nodes if node.is_head], grace=TEARDOWN_GRACE_S)
+        stop_all(self.nodes, grace=TEARDOWN_GRACE_S)
 
 
 @contextlib.contextmanager
