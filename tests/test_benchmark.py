@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DEMO_API_KEY
+from conftest import DEMO_API_KEY, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = ["--input-len", "16", "--output-len", "8", "--vocab-range", "100", "1000"]
@@ -103,7 +103,7 @@ def test_link_emulator_relays_bytes_after_the_delay():
 
     with socket.create_server(("127.0.0.1", 0)) as echo_server:
         threading.Thread(target=_echo_once, args=(echo_server,), daemon=True).start()
-        relay_port = _free_port()
+        relay_port = free_port()
         target = echo_server.getsockname()
         emulator = LinkEmulator(("127.0.0.1", relay_port), target, LinkSpec(30.0, 0.0, 10.0))
         emulator.start()
@@ -264,12 +264,6 @@ def _echo_once(server: socket.socket) -> None:
     with conn:
         while data := conn.recv(65536):
             conn.sendall(data)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _model(node) -> list[str]:
