@@ -10,6 +10,7 @@ Finally the head is restarted and finds the followers already in the swarm.
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 from dataclasses import replace
 from signal import SIGSTOP, SIGTERM
@@ -17,7 +18,7 @@ from types import SimpleNamespace
 
 import pytest
 from conftest import QWEN3_ENGINE_FLAGS, NodeProcess, Swarm
-from probes import eventually, scrape, status, value
+from probes import eventually, get, scrape, status, value
 from reference import STREAM_TOKENS, assert_same, pipeline_outputs, stream_all
 
 from molink.comm.announcement import NodeAnnouncement
@@ -167,14 +168,19 @@ def test_an_unreachable_node_is_left_out_and_the_head_waits_for_a_reachable_one(
     swarm: Swarm, qwen3_model: str, qwen3_reference: list[dict]
 ) -> None:
     """The only follower announces an address where nothing listens (it listens on 127.0.0.1):
-    the head names the cause, stays up, and serves as soon as a reachable node covers the span."""
+    the head names the cause in its log and in ``/ready``'s 503, stays up, and serves as soon as
+    a reachable node covers the span."""
     head = swarm.start("head", qwen3_model, "0,2", FLAGS)
     ghost_flags = [*FLAGS, "--announce_host", "127.0.0.2"]
     ghost = swarm.start("ghost", qwen3_model, "3,5", ghost_flags, peers=[head])
     cause = f"127.0.0.2:{ghost.grpc_port} is unreachable (UNAVAILABLE)"
     eventually(lambda: cause in head.log(), timeout=WAIT_S, what="the unreachable node named")
-    assert re.search(r"Leaving node \S+ out of chains for \d+ s: StageUnreachable", head.log())
+    left_out = r"Leaving node \S+ out of the chain for \d+ s: " + re.escape(cause)
+    assert re.search(left_out, head.log())
     assert head.poll() is None, "the head must not exit"
+    for route in ("/ready", "/health"):  # the port answers while the head waits
+        code, body = get(head.base_url + route)
+        assert code == 503 and cause in json.loads(body)["cause"], (route, code, body)
     good = swarm.start("good", qwen3_model, "3,5", FLAGS, peers=[head])
     head.wait_healthy()
     assert f"127.0.0.1:{good.grpc_port} [3-5]" in head.log()

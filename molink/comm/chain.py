@@ -25,7 +25,7 @@ import hashlib
 import statistics
 import threading
 import time
-from collections.abc import Container, Iterable, Mapping, Sequence
+from collections.abc import Callable, Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -365,12 +365,13 @@ def wait_for_chain(
     log_interval: float = 10.0,
     exclude_peers: Container[str] = (),
     weights: WeightDigests | None = None,
+    on_wait: Callable[[str], object] | None = None,
 ) -> Chain:
     """Poll ``membership.nodes()`` until :func:`assemble_chain` succeeds and return the chain.
 
-    Logs what is still missing every ``log_interval`` seconds and raises :class:`ChainIncomplete`
-    (naming the missing layers) after ``timeout`` seconds. Errors from the DHT are logged and
-    polling goes on.
+    Logs what is still missing every ``log_interval`` seconds (and passes it to ``on_wait`` on
+    every poll that finds no chain) and raises :class:`ChainIncomplete` (naming the missing
+    layers) after ``timeout`` seconds. Errors from the DHT are logged and polling goes on.
     """
     deadline = time.monotonic() + timeout
     next_log = time.monotonic() + log_interval
@@ -385,6 +386,8 @@ def wait_for_chain(
             chain = assemble_chain(head, nodes, exclude_peers, weights=weights)
         except ChainIncomplete as e:
             last = e
+            if on_wait is not None:
+                on_wait(str(e))
         else:
             logger.info("chain assembled: %s", chain)
             return chain

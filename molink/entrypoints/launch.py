@@ -2,8 +2,8 @@
 
 :func:`run_node` starts the node; on a follower it serves only ``/health``, ``/ready``,
 ``/status`` and ``/metrics`` over HTTP (the head serves the API); on the head it waits for the
-chain and hands vLLM engine arguments that drive it, and the node, to the server's own
-``serve_head``.
+chain (its port answering ``/health`` and ``/ready`` with 503 and the cause meanwhile) and hands
+vLLM engine arguments that drive it, and the node, to the server's own ``serve_head``.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from prometheus_client import REGISTRY as PROCESS_REGISTRY
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.logger import init_logger
 
+from molink.comm.chain import Chain
 from molink.config import MoLinkConfig
 from molink.entrypoints.http_auth import api_key_guard, api_keys, status_bind_host
 from molink.entrypoints.node import Node
@@ -57,7 +58,7 @@ async def run_node(
             await serve_stage_status(node, status_host, args.port, keys)
             await asyncio.to_thread(node.leave)  # told to stop: let the head move off first
             return
-        chain = await asyncio.to_thread(node.wait_for_chain)
+        chain = await wait_for_chain_answering_ready(node, args)
         logger.info(
             "Pipeline assembled: %s",
             " -> ".join(f"{s.grpc_address} [{s.start_layer}-{s.end_layer}]" for s in chain.stages),
@@ -65,6 +66,43 @@ async def run_node(
         await serve_head(node.head_engine_args(chain), node)
     finally:
         node.shutdown()
+
+
+async def wait_for_chain_answering_ready(node: Node, args: argparse.Namespace) -> Chain:
+    """Head: wait for a chain (:meth:`Node.wait_for_chain`) while the API port answers
+    ``/health`` and ``/ready`` with 503 and what the head waits for; vLLM's server takes the
+    port once there is a chain."""
+    config = uvicorn.Config(
+        build_waiting_app(node),
+        host=args.host or "0.0.0.0",
+        port=args.port,
+        ssl_keyfile=getattr(args, "ssl_keyfile", None),
+        ssl_certfile=getattr(args, "ssl_certfile", None),
+        log_level="warning",
+        timeout_graceful_shutdown=1,
+    )
+    server = uvicorn.Server(config)
+    serving = asyncio.ensure_future(server.serve())
+    try:
+        return await asyncio.to_thread(node.wait_for_chain)
+    finally:
+        server.should_exit = True
+        await serving
+
+
+def build_waiting_app(node: Node) -> FastAPI:
+    """The head's app before its engine starts: ``/health`` and ``/ready`` answer 503 with the
+    cause (missing layers, nodes left out and why)."""
+    app = FastAPI(title="MoLink head, waiting for a chain")
+
+    async def waiting() -> JSONResponse:
+        cause = node.waiting_for_chain or "starting the engine"
+        body = {"ready": False, "state": "waiting for a chain", "cause": cause}
+        return JSONResponse(body, status_code=503)
+
+    app.get("/health")(waiting)
+    app.get("/ready")(waiting)
+    return app
 
 
 def _url_host(host: str) -> str:
