@@ -26,6 +26,7 @@ from molink.comm.chain import Hop
 from molink.core.rebalance import GAIN, first_in_line
 from molink.engine.head_config import HeadConfig, RemoteStageSpec
 from molink.executor.chain_keeper import ChainKeeper
+from molink.executor.remote_stage import StageUnreachable
 
 FLAGS = QWEN3_ENGINE_FLAGS
 # The head splits the streams into 2 micro-batches: a loss finds 2 batches in flight. A step
@@ -237,3 +238,29 @@ def test_of_two_heads_on_one_node_the_first_in_line_moves_to_an_idle_replica() -
     # A head alone on its node never moves, however cheap another replica looks.
     alone = replace(shared, heads=1, head_ids=(first,), throughput=10.0)
     assert keeper_on(alone, first, [alone, idle]).rebalance_option() is None
+
+
+def test_init_stages_leaves_a_node_that_fails_out_and_plans_again_without_it() -> None:
+    """In the engine (a node that turned unreachable after the head's probe): the stage whose
+    ``InitStage`` fails is left out with its cause, and the next chain takes the replica."""
+    ghost = follower("12D3KooWGhost", 50051, ())
+    good = follower("12D3KooWGood", 50052, ())
+    keeper = keeper_on(ghost, "12D3KooWHead", [ghost, good])
+    keeper._view.refresh = lambda: None  # type: ignore[attr-defined]
+    keeper.head = replace(keeper.head, chain_timeout=5.0)
+    initialized = []
+
+    def init(remote) -> None:
+        if remote.peer_id == ghost.peer_id:
+            raise StageUnreachable(f"{remote.address} is unreachable (UNAVAILABLE)")
+        initialized.append(remote.peer_id)
+
+    keeper._init = init  # type: ignore[method-assign]
+    keeper.init_stages()
+    remotes = [r.peer_id for r in keeper.remotes]
+    for remote in keeper.remotes:
+        remote.close()
+    assert remotes == [good.peer_id] == initialized
+    assert keeper.describe_exclusions() == {
+        ghost.peer_id: "StageUnreachable: 127.0.0.1:50051 is unreachable (UNAVAILABLE)"
+    }
