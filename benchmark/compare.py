@@ -473,11 +473,11 @@ def write_report(results: dict, args: argparse.Namespace) -> None:
         "counts the tokens a stream decodes while the burst's prompts are still being "
         "prefilled, in longer steps.",
         "",
-        "![throughput](benchmark.png)",
-        "",
     ]
+    if rows:  # (a run of paired rounds only has no setup of its own to plot)
+        md += ["![throughput](benchmark.png)", ""]
+        plot(rows, out / "benchmark.png")
     (out / "benchmark.md").write_text("\n".join(md))
-    plot(rows, out / "benchmark.png")
 
 
 def plot(rows: dict, path: Path) -> None:

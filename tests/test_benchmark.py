@@ -174,6 +174,35 @@ def test_compare_quick_run(qwen3_model, tmp_path):
     assert "micro-batching on / off, tok/s (3 concurrent, paired rounds" in table
 
 
+def test_compare_report_of_paired_rounds_only(tmp_path):
+    """``compare --only paired``: the report holds the paired table and no plot (there is no
+    setup of its own to plot)."""
+    import argparse
+
+    from benchmark.compare import write_report
+
+    run = {"output_throughput_tok_s": 100.0, "tpot_p50_ms": 12.0, "failed": 0}
+    pair = {"molink2_off": run, "molink2": run}
+    results = {
+        "date": "2026-12-06",
+        "hardware": "test",
+        "model_name": "tiny",
+        "command": "python -m benchmark.compare --only paired",
+        "layers": "2 stages 0-2 | 3-5",
+        "setups": {},
+        "paired": {"molink2_off:molink2": {"3": {"pairs": [pair, pair]}}},
+    }
+    args = argparse.Namespace(
+        output_dir=tmp_path, num_requests=3, input_len=16, output_len=8, rounds=1,
+        heavy_requests=6, long_prompt_len=64, streams=2, delay_ms=20.0, far_delay_ms=50.0,
+        rate_mbit=100.0, wire_dtype="float16", engine_args=["--dtype", "float32"],
+    )  # fmt: skip
+    write_report(results, args)
+    table = (tmp_path / "benchmark.md").read_text()
+    assert "micro-batching on / off, tok/s (3 concurrent, paired rounds" in table
+    assert "benchmark.png" not in table and not (tmp_path / "benchmark.png").exists()
+
+
 def test_a_second_sigterm_while_a_swarm_stops_leaves_no_node_running(tmp_path):
     """``benchmark.swarm``: SIGTERM (or Ctrl-C) again while the nodes stop kills every node,
     instead of leaving the ones not yet reached running."""
