@@ -198,9 +198,8 @@ class Swarm:
 
     def stop_all(self) -> None:
         # Heads first, together: a follower told to stop while a head uses it waits for the
-        # head to move off (--leave_timeout); once its heads are gone it exits at once. A head's
-        # vLLM server may hang after SIGTERM (docs/deployment.md): at teardown the heads get
-        # 10 s in all, then SIGKILL.
+        # head to move off (--leave_timeout); once its heads are gone it exits at once. At
+        # teardown the heads get 10 s in all, then SIGKILL.
         stop_all([node for node in self.nodes if node.is_head], grace=TEARDOWN_GRACE_S)
         stop_all(self.nodes, grace=TEARDOWN_GRACE_S)
 

@@ -264,6 +264,43 @@ def _fast_detokenizer(monkeypatch: pytest.MonkeyPatch) -> None:
 # ------------------------------------------------------------------------------ executor
 
 
+@contract("vllm.v1.utils.kill_process_tree")
+def _kill_process_tree(monkeypatch: pytest.MonkeyPatch) -> None:
+    import inspect
+    import subprocess
+
+    import psutil
+    import vllm.v1.utils as v1_utils
+    from vllm.utils.system_utils import kill_process_tree
+
+    from molink.vllm_compat.shutdown import tolerate_vanishing_children
+
+    _require(
+        "kill_process_tree(" in inspect.getsource(v1_utils.shutdown),
+        "vllm.v1.utils.shutdown no longer calls kill_process_tree",
+    )
+    gone = subprocess.Popen(["true"])
+    vanished = psutil.Process(gone.pid)  # listed as a child, then exits and is reaped
+    gone.wait()
+    monkeypatch.setattr(psutil.Process, "children", lambda self, recursive=False: [vanished])
+    target = subprocess.Popen(["sleep", "60"])
+    try:
+        try:
+            kill_process_tree(target.pid)
+            raised = False
+        except psutil.NoSuchProcess:
+            raised = True
+        _require(raised, "vLLM's own kill_process_tree skips vanished children: drop the patch")
+        _require(target.poll() is None, "vLLM's kill went on past the vanished child")
+        monkeypatch.setattr(v1_utils, "kill_process_tree", v1_utils.kill_process_tree)
+        tolerate_vanishing_children()
+        v1_utils.kill_process_tree(target.pid)
+        _require(target.wait(timeout=10) == -9, "the patched kill did not kill the process")
+    finally:
+        target.kill()
+        target.wait()
+
+
 @contract("vllm.v1.executor.abstract.Executor._init_executor")
 def _init_executor(monkeypatch: pytest.MonkeyPatch) -> None:
     from vllm.v1.executor.abstract import Executor

@@ -28,6 +28,7 @@ from molink.entrypoints.node import Node
 from molink.security.settings import is_loopback
 from molink.telemetry import metrics
 from molink.vllm_compat.detokenizer import fix_prompt_tail_detokenization
+from molink.vllm_compat.shutdown import tolerate_vanishing_children
 
 logger = init_logger(__name__)
 
@@ -38,6 +39,7 @@ async def run_node(
     """Start this node from parsed flags and serve until shut down; always leaves the swarm."""
     config = MoLinkConfig.from_args(args)
     fix_prompt_tail_detokenization()  # the head's API server detokenizes
+    tolerate_vanishing_children()  # ... and stops its EngineCore, whose DHT child stops too
     keys = api_keys(args)
     node = Node(AsyncEngineArgs.from_cli_args(args), config)
     status_host = (

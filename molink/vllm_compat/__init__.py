@@ -27,6 +27,7 @@ Modules, by area:
 * :mod:`.auth`: vLLM's ``--api-key`` check, for MoLink's own routes.
 * :mod:`.detokenizer`: vLLM's incremental detokenizer, right for prompts that end mid-character.
 * :mod:`.wire_classes`: the vLLM classes a step payload may name (the codec's allowlist).
+* :mod:`.shutdown`: vLLM's process-tree kill at shutdown, for children that exit meanwhile.
 
 This package sits at the lowest layer: it imports only vLLM, torch, the standard library and
 MoLink's layer-0 modules.
@@ -99,6 +100,13 @@ INTERNALS: tuple[Internal, ...] = (
         "detokenizer.fix_prompt_tail_detokenization",
         "it primes DecodeStream(ids=request.prompt_token_ids) and sets self.stream, "
         "self.tokenizer and self.skip_special_tokens; _protected_step(token_id) steps the stream",
+    ),
+    Internal(
+        "vllm.v1.utils.kill_process_tree",
+        "shutdown.tolerate_vanishing_children",
+        "vllm.v1.utils.shutdown calls kill_process_tree(pid), by the name vllm.v1.utils "
+        "imported, for each engine process alive after its timeout; vLLM's own raises "
+        "psutil.NoSuchProcess for a child that exits meanwhile",
     ),
     Internal(
         "vllm.v1.executor.abstract.Executor._init_executor",
@@ -269,6 +277,7 @@ PRIVATE_NAMES: frozenset[str] = frozenset(
 PATCHED_ATTRIBUTES: frozenset[str] = frozenset(
     {
         "max_concurrent_batches",  # VllmConfig, class property
+        "kill_process_tree",  # the vllm.v1.utils module's name for it
         "generate",  # the engine client instance
         "running",  # Scheduler, for one schedule() call
         "max_num_scheduled_tokens",
