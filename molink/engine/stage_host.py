@@ -391,18 +391,14 @@ class StageHost:
             time.sleep(0.1)
         return True
 
-    def shutdown(self, exiting: bool = False) -> None:
-        """Close every head's links and drop the stage. ``exiting``: the process ends next, so
-        vLLM's worker teardown (which unfreezes and collects the whole heap: seconds of CPU)
-        is skipped; its memory goes back with the process."""
+    def shutdown(self) -> None:
+        """Close every head's links and stop the compute thread, as the process ends. vLLM's
+        worker teardown is skipped (it collects the whole heap: seconds of CPU)."""
         with self._lock:
             for session in list(self.sessions.values()):
                 self._close_links(session)
-            if exiting and self.engine is not None:
-                self.engine.shutdown()  # its compute thread; the worker is left as it is
-                self.engine = None
-            if not exiting:
-                self._shutdown_worker()
+            if self.engine is not None:
+                self.engine.shutdown()
 
     def _serving(self) -> list[HeadSession]:
         return [s for s in list(self.sessions.values()) if s.results is not None]

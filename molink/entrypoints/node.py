@@ -25,7 +25,7 @@ from vllm.logger import init_logger
 import molink
 from molink.comm.announcement import NodeAnnouncement, is_peer_id
 from molink.comm.bootstrap import resolve_initial_peers
-from molink.comm.chain import Chain, ChainIncomplete, Hop, wait_for_chain
+from molink.comm.chain import Chain, Hop
 from molink.comm.membership import Membership
 from molink.comm.proto import molink_pb2
 from molink.comm.stage_service import StageService, start_grpc_server
@@ -35,8 +35,8 @@ from molink.core.span_choice import choose_span, coverage, needs_move
 from molink.engine.head_config import HeadConfig, RemoteStageSpec
 from molink.engine.model_support import check_servable
 from molink.engine.stage_host import StageHost
+from molink.executor.first_chain import wait_for_reachable_chain
 from molink.executor.pipeline_executor import PipelineExecutor
-from molink.executor.remote_stage import RemoteStage
 from molink.security.settings import check_exposure
 from molink.security.swarm_security import SwarmSecurity
 from molink.telemetry import metrics
@@ -50,8 +50,6 @@ logger = init_logger(__name__)
 
 # A node choosing its span waits this long for others' simultaneous choices to show in the DHT.
 SPAN_SETTLE_S = 2.0
-# A chain node that doesn't answer at its announced address is left out this long (head, start).
-UNREACHABLE_RETRY_S = 20.0
 # A follower announces its load (heads, sequences, busy share) this often when it changed ...
 LOAD_PERIOD_S = 2.0
 # ... and re-measures the throughput it announces this often (seconds) ...
@@ -342,68 +340,28 @@ class Node:
 
     def wait_for_chain(self) -> Chain:
         """Head: block until reachable nodes cover every layer once (raises ChainError after
-        ``--chain_timeout``). A node of the chain that doesn't answer at its announced address
-        is left out for :data:`UNREACHABLE_RETRY_S` seconds, with its cause; meanwhile
+        ``--chain_timeout``; see :mod:`molink.executor.first_chain`); meanwhile
         :attr:`waiting_for_chain` says what the head waits for."""
         assert self.membership is not None and self.is_head
-        if self.end_layer == self.identity.num_layers - 1:
-            self.waiting_for_chain = None
-            return Chain(stages=(Hop(self.announcement(), 0, self.end_layer),))
-        logger.info(
-            "Waiting up to %.0f s for nodes serving layers %d-%d",
-            self.config.chain_timeout,
-            self.end_layer + 1,
-            self.identity.num_layers - 1,
-        )
-        deadline = time.monotonic() + self.config.chain_timeout
-        left_out: dict[str, tuple[float, str]] = {}  # peer id -> (until, why)
-
-        def waiting(missing: str) -> str:
-            causes = [f"node {peer} left out: {why}" for peer, (_, why) in left_out.items()]
-            self.waiting_for_chain = "; ".join([missing, *causes])
-            return self.waiting_for_chain
-
-        while True:
-            now = time.monotonic()
-            for peer in [p for p, (until, _) in left_out.items() if until <= now]:
-                del left_out[peer]
-            try:
-                chain = wait_for_chain(
-                    self.membership,
-                    self.announcement(),
-                    max(0.0, deadline - now),
-                    exclude_peers=left_out,
-                    weights=self.weights,
-                    on_wait=waiting,
-                )
-            except ChainIncomplete as e:
-                raise ChainIncomplete(waiting(str(e)), e.missing) from None
-            unreachable = self._unreachable_stages(chain)
-            if not unreachable:
-                self.waiting_for_chain = None
-                return chain
-            for peer, why in unreachable.items():
-                logger.warning(
-                    "Leaving node %s out of the chain for %.0f s: %s",
-                    peer,
-                    UNREACHABLE_RETRY_S,
-                    why,
-                )
-                left_out[peer] = (time.monotonic() + UNREACHABLE_RETRY_S, why)
-
-    def _unreachable_stages(self, chain: Chain) -> dict[str, str]:
-        """The chain's nodes that don't answer as themselves at their announced addresses,
-        each with why (a NATed or firewalled node announces an address nobody can dial)."""
-        out = {}
-        for hop in chain.stages[1:]:
-            stage = RemoteStage(RemoteStageSpec.from_hop(hop), self.security, session="")
-            try:
-                why = stage.probe()
-            finally:
-                stage.close()
-            if why is not None:
-                out[hop.node.peer_id] = why
-        return out
+        if self.end_layer < self.identity.num_layers - 1:
+            logger.info(
+                "Waiting up to %.0f s for nodes serving layers %d-%d",
+                self.config.chain_timeout,
+                self.end_layer + 1,
+                self.identity.num_layers - 1,
+            )
+            chain = wait_for_reachable_chain(
+                self.membership,
+                self.announcement(),
+                self.config.chain_timeout,
+                self.security,
+                self.weights,
+                on_wait=lambda cause: setattr(self, "waiting_for_chain", cause),
+            )
+        else:
+            chain = Chain(stages=(Hop(self.announcement(), 0, self.end_layer),))
+        self.waiting_for_chain = None
+        return chain
 
     def head_engine_args(self, chain: Chain) -> AsyncEngineArgs:
         """vLLM engine arguments that run this head's chain as a pipeline."""
@@ -473,7 +431,7 @@ class Node:
         self._stopped.set()
         gc.freeze()
         if self.host is not None:
-            self.host.shutdown(exiting=True)
+            self.host.shutdown()
         if self.membership is not None:
             self.membership.shutdown()
             self.membership = None
