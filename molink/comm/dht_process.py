@@ -29,6 +29,9 @@ logger = init_logger(__name__)
 
 # How long shutdown waits for the p2pd child to disappear before killing it.
 _P2PD_EXIT_TIMEOUT = 5.0
+#: Times a DHT process that dies or hangs while starting is started (forking a process with
+#: gRPC threads crashes the child now and then, sometimes twice in a row).
+DHT_START_ATTEMPTS = 3
 # Inside the DHT process: keeps the parent watchdog task referenced.
 _WATCHDOG_TASKS: set[asyncio.Task[None]] = set()
 
@@ -104,11 +107,11 @@ def start_dht(dht_args: dict[str, Any], startup_timeout: float) -> hivemind.DHT:
 
     ``hivemind.DHT(start=True)`` waits for readiness without a bound, so a DHT process that
     crashes or hangs while starting (a forked child of a process with gRPC threads, rarely)
-    would hang the node forever; here that is retried once, then raised.
+    would hang the node forever; here it is tried :data:`DHT_START_ATTEMPTS` times, then raised.
     """
     import hivemind
 
-    for attempt in (1, 2):
+    for attempt in range(1, DHT_START_ATTEMPTS + 1):
         dht = hivemind.DHT(**dht_args)
         dht.run_in_background(await_ready=False)
         deadline = time.monotonic() + startup_timeout + 10.0
@@ -119,7 +122,7 @@ def start_dht(dht_args: dict[str, Any], startup_timeout: float) -> hivemind.DHT:
             except TimeoutError:
                 if time.monotonic() > deadline:
                     dht.shutdown()
-                    if attempt == 2:
+                    if attempt == DHT_START_ATTEMPTS:
                         raise TimeoutError(f"no DHT after {startup_timeout:.0f} s") from None
                     logger.warning(
                         "The DHT process isn't ready after %.0f s; starting it again",
@@ -130,8 +133,11 @@ def start_dht(dht_args: dict[str, Any], startup_timeout: float) -> hivemind.DHT:
                     logger.warning(
                         "The DHT process died while starting (exit code %s)", dht.exitcode
                     )
-                    if attempt == 2:
-                        raise RuntimeError("the DHT process died while starting, twice") from None
+                    if attempt == DHT_START_ATTEMPTS:
+                        raise RuntimeError(
+                            f"the DHT process died while starting, {attempt} times"
+                        ) from None
+                    time.sleep(1.0)  # (a crash of the fork is a race: a moment later it isn't)
                     break
     raise AssertionError("unreachable")
 
