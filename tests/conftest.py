@@ -91,19 +91,24 @@ def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> 
         item.funcargs["session_swarm"].stop_all()  # its teardown at session end is then a no-op
 
 
-_handed_out: set[int] = set()
+_PORTS_PER_WORKER = 2000
+_next_port = [10000 + _PORTS_PER_WORKER * int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:])]
 
 
 def free_port() -> int:
-    """A free TCP port on 127.0.0.1, never one this process handed out before (the kernel may
-    offer a just-closed port again: a node's HTTP and gRPC ports would then collide)."""
+    """A free TCP port on 127.0.0.1 that no other test took: each xdist worker counts up through
+    its own block of ports below the kernel's ephemeral range (32768+). An ephemeral port
+    (``bind(0)``) is no good: between handing it out and the node binding it, any process's
+    outgoing connection or p2pd listener may take it."""
     while True:
+        port = _next_port[0]
+        _next_port[0] += 1
         with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port not in _handed_out:
-            _handed_out.add(port)
-            return port
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue  # held by something outside the suite
+        return port
 
 
 class NodeProcess(ManagedProcess):
