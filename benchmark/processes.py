@@ -55,12 +55,16 @@ class ManagedProcess:
         self.log_path = Path(log_path)
         self.url = url
         self.name = name or self.log_path.stem
+        self.proc = self._launch(env or {})
+
+    def _launch(self, env: Mapping[str, str]) -> subprocess.Popen:
+        """Start ``cmd`` in a new session, output to the log, ``env`` added."""
         with open(self.log_path, "wb") as log:  # the child keeps its own descriptor
-            self.proc = subprocess.Popen(
+            return subprocess.Popen(
                 self.cmd,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                env={**os.environ, **(env or {})},
+                env={**os.environ, **env},
                 start_new_session=True,
             )
 

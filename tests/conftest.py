@@ -12,10 +12,11 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import pytest
+from warm_start import ForkedProcess, close_zygote, cold_start, zygote
 
 from benchmark.processes import ManagedProcess, ProcessExited, stop_all
 from benchmark.tiny_models import build_checkpoint
@@ -91,6 +92,11 @@ def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> 
         item.funcargs["session_swarm"].stop_all()  # its teardown at session end is then a no-op
 
 
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Every node is stopped by now (fixture teardowns ran): end the warm interpreter."""
+    close_zygote()
+
+
 _PORTS_PER_WORKER = 2000
 _next_port = [10000 + _PORTS_PER_WORKER * int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:])]
 
@@ -128,6 +134,7 @@ class NodeProcess(ManagedProcess):
         self.is_head = False
         self.port = port
         self.grpc_port = grpc_port
+        self.module, self.args = module, args
         super().__init__(
             [sys.executable, "-m", module, *args],
             log_dir / f"{name}.log",
@@ -135,6 +142,13 @@ class NodeProcess(ManagedProcess):
             url=f"http://127.0.0.1:{port}",
             name=name,
         )
+
+    def _launch(self, env: Mapping[str, str]) -> subprocess.Popen | ForkedProcess:
+        """Forked from this worker's warm interpreter (``warm_start``), unless cold starts
+        are asked for."""
+        if cold_start():
+            return super()._launch(env)
+        return zygote(NODE_ENV).start(self.module, self.args, env, self.log_path)
 
     @property
     def grpc_address(self) -> str:

@@ -16,27 +16,30 @@ import sys
 import uuid
 from collections.abc import AsyncGenerator
 
-import uvicorn
-from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
-from vllm.engine.arg_utils import AsyncEngineArgs
-from vllm.engine.protocol import EngineClient
-from vllm.entrypoints.launchers.api_server.entry import (
-    build_async_engine_client_from_engine_args,
-)
-from vllm.exceptions import VLLMClientError
-from vllm.logger import configure_logging_from_args, init_logger
-from vllm.sampling_params import SamplingParams
-from vllm.usage.usage_lib import UsageContext
-from vllm.utils.argparse_utils import FlexibleArgumentParser
+from molink.entrypoints import imports_without_gc
 
-from molink.comm.chain import ChainError
-from molink.config import add_molink_args
-from molink.entrypoints.failure_reasons import failure_cause
-from molink.entrypoints.head_routes import install_head_routes
-from molink.entrypoints.http_auth import api_key_guard, api_keys
-from molink.entrypoints.launch import run_node
-from molink.entrypoints.node import Node
+with imports_without_gc():
+    import uvicorn
+    from fastapi import Depends, FastAPI, Request
+    from fastapi.responses import JSONResponse, Response, StreamingResponse
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.engine.protocol import EngineClient
+    from vllm.entrypoints.launchers.api_server.entry import (
+        build_async_engine_client_from_engine_args,
+    )
+    from vllm.exceptions import VLLMClientError
+    from vllm.logger import configure_logging_from_args, init_logger
+    from vllm.sampling_params import SamplingParams
+    from vllm.usage.usage_lib import UsageContext
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    from molink.comm.chain import ChainError
+    from molink.config import add_molink_args
+    from molink.entrypoints.failure_reasons import failure_cause
+    from molink.entrypoints.head_routes import install_head_routes
+    from molink.entrypoints.http_auth import api_key_guard, api_keys
+    from molink.entrypoints.launch import run_node
+    from molink.entrypoints.node import Node
 
 logger = init_logger("molink.entrypoints.api_server")
 

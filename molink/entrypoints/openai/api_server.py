@@ -15,25 +15,28 @@ import asyncio
 import socket
 import sys
 
-from vllm.engine.arg_utils import AsyncEngineArgs
-from vllm.engine.protocol import EngineClient
-from vllm.entrypoints.launchers.api_server.entry import (
-    build_async_engine_client_from_engine_args,
-)
-from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
-from vllm.entrypoints.launchers.launcher import setup_server
-from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
-from vllm.logger import configure_logging_from_args, init_logger
-from vllm.utils.argparse_utils import FlexibleArgumentParser
+from molink.entrypoints import imports_without_gc
 
-from molink.comm.chain import ChainError
-from molink.config import add_molink_args
-from molink.entrypoints.failure_reasons import report_failure_causes
-from molink.entrypoints.head_routes import install_head_routes
-from molink.entrypoints.http_auth import api_keys
-from molink.entrypoints.launch import run_node
-from molink.entrypoints.node import Node
-from molink.vllm_compat.openai_server import build_api_app, serve_api_app
+with imports_without_gc():
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.engine.protocol import EngineClient
+    from vllm.entrypoints.launchers.api_server.entry import (
+        build_async_engine_client_from_engine_args,
+    )
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
+    from vllm.entrypoints.launchers.launcher import setup_server
+    from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
+    from vllm.logger import configure_logging_from_args, init_logger
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    from molink.comm.chain import ChainError
+    from molink.config import add_molink_args
+    from molink.entrypoints.failure_reasons import report_failure_causes
+    from molink.entrypoints.head_routes import install_head_routes
+    from molink.entrypoints.http_auth import api_keys
+    from molink.entrypoints.launch import run_node
+    from molink.entrypoints.node import Node
+    from molink.vllm_compat.openai_server import build_api_app, serve_api_app
 
 logger = init_logger("molink.entrypoints.openai.api_server")
 
