@@ -6,6 +6,7 @@
 * :class:`ResultStream` is the sink of the last stage (sampled tokens) and the channel of every
   remote stage for errors and its leave notice: the head subscribes to it with ``Results``.
 A broken stream is reported through the ``on_broken`` callback, never raised into compute code.
+:func:`encode_step` and :func:`decode_step` turn a stage's work into a ``Step`` message and back.
 """
 
 from __future__ import annotations
@@ -13,9 +14,11 @@ from __future__ import annotations
 import math
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 
 import grpc
+import torch
 from vllm.logger import init_logger
 
 from molink.comm import codec
@@ -109,6 +112,33 @@ def encode_step(work: StepWork, output: StageOutput, wire: codec.WireFormat) -> 
         tensors=tensors,
         timings=timings_to_proto(work.timings),
         session=work.session,
+    )
+
+
+def decode_step(msg: molink_pb2.Step, dtype: torch.dtype, pin: bool) -> StepWork:
+    """The work a ``Step`` message from the previous stage carries (see :func:`encode_step`);
+    activations decoded to ``dtype`` (``pin``: into pinned host memory, for a GPU stage)."""
+    arrived_unix, started = time.time(), time.monotonic()
+    snapshots: dict = {}
+    so, tensors = None, None
+    if not msg.error:
+        so, snapshots = codec.loads_step(msg.scheduler_output)
+        tensors = codec.decode_tensors(list(msg.tensors), dtype, pin) or None
+    grammar = codec.loads(msg.grammar_output) if msg.grammar_output else None
+    return StepWork(
+        step_id=msg.step_id,
+        epoch=msg.epoch,
+        scheduler_output=so,  # type: ignore[arg-type]
+        scheduler_output_bytes=msg.scheduler_output,
+        snapshots=snapshots,
+        tensors=tensors,
+        sample=msg.sample,
+        grammar=lambda: grammar,
+        error=msg.error,
+        timings=timings_from_proto(msg.timings),
+        arrived_unix=arrived_unix,
+        decode_s=time.monotonic() - started,
+        session=msg.session,
     )
 
 

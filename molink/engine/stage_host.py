@@ -35,12 +35,11 @@ from vllm.logger import init_logger
 from vllm.v1.kv_cache_interface import KVCacheConfig
 
 from molink.comm import codec
-from molink.comm.links import NextHopLink, ResultStream, timings_from_proto
+from molink.comm.links import NextHopLink, ResultStream, decode_step
 from molink.comm.proto import molink_pb2
 from molink.comm.stage_service import StageNotReady
 from molink.core.head_session import HeadSession
 from molink.core.kv_regions import KVRegions, Region
-from molink.core.step import StepWork
 from molink.engine.kv_claims import claim_with_shrinks
 from molink.engine.stage_config import stage_engine_config
 from molink.engine.stage_engine import StageEngine
@@ -324,38 +323,10 @@ class StageHost:
 
     def submit(self, msg: molink_pb2.Step) -> None:
         """Decode a step from the previous stage and queue it for compute."""
-        arrived_unix, started = time.time(), time.monotonic()
         engine = self.engine
         if engine is None:
             raise StageNotReady("steps before InitStage")
-        snapshots: dict = {}
-        if msg.error:
-            so = None
-            tensors = None
-        else:
-            so, snapshots = codec.loads_step(msg.scheduler_output)
-            tensors = (
-                codec.decode_tensors(list(msg.tensors), self.model_dtype, self.pin_activations)
-                or None
-            )
-        grammar = codec.loads(msg.grammar_output) if msg.grammar_output else None
-        engine.submit(
-            StepWork(
-                step_id=msg.step_id,
-                epoch=msg.epoch,
-                scheduler_output=so,  # type: ignore[arg-type]
-                scheduler_output_bytes=msg.scheduler_output,
-                snapshots=snapshots,
-                tensors=tensors,
-                sample=msg.sample,
-                grammar=lambda: grammar,
-                error=msg.error,
-                timings=timings_from_proto(msg.timings),
-                arrived_unix=arrived_unix,
-                decode_s=time.monotonic() - started,
-                session=msg.session,
-            )
-        )
+        engine.submit(decode_step(msg, self.model_dtype, self.pin_activations))
 
     def result_stream(self, session_id: str, epoch: int) -> ResultStream:
         session = self.sessions.get(session_id)
