@@ -56,6 +56,11 @@ class ForkedProcess:
             self.returncode = self._zygote.exit_status(self.pid)
         return self.returncode
 
+    def send_signal(self, sig: int) -> None:
+        """Send ``sig`` to the process (not its group), unless it has exited."""
+        if self.poll() is None:
+            os.kill(self.pid, sig)
+
     def wait(self, timeout: float | None = None) -> int:
         """Wait for the exit; raises ``subprocess.TimeoutExpired`` after ``timeout`` seconds."""
         self.returncode = self._zygote.wait_exit(self.pid, timeout)
@@ -99,6 +104,7 @@ class Zygote:
     ) -> ForkedProcess:
         """Fork a child that runs ``python -m module *args`` with ``env`` added, output to
         ``log_path``."""
+        log_path.write_bytes(b"")  # there at once, as a cold start's is
         request = {"module": module, "args": list(args), "env": dict(env), "log": str(log_path)}
         assert self._proc.stdin is not None
         with self._lock, self._changed:
@@ -152,7 +158,7 @@ def close_zygote() -> None:
 def _run_child(request: dict) -> None:
     """In the forked child: become the node process, run the module as ``__main__``, exit."""
     os.setsid()
-    log = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    log = os.open(request["log"], os.O_WRONLY | os.O_APPEND)
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
     os.dup2(log, 1)
