@@ -25,6 +25,7 @@ import json
 import os
 import runpy
 import selectors
+import shlex
 import subprocess
 import sys
 import threading
@@ -32,6 +33,8 @@ import traceback
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+
+import setproctitle
 
 #: The entry modules the zygote imports before it forks.
 ENTRY_MODULES = ("molink.entrypoints.openai.api_server", "molink.entrypoints.api_server")
@@ -166,7 +169,9 @@ def _run_child(request: dict) -> None:
     os.close(log)
     os.close(null)
     os.environ.update(request["env"])
-    sys.argv = [request["module"], *request["args"]]  # runpy sets argv[0] to the file
+    command = [sys.executable, "-m", request["module"], *request["args"]]
+    setproctitle.setproctitle(shlex.join(command))  # what ps shows, as for a cold start
+    sys.argv = command[2:]  # runpy sets argv[0] to the module's file
     code: int | str | None = 0
     try:
         with warnings.catch_warnings():  # "found in sys.modules": the zygote imported it

@@ -64,11 +64,13 @@ def wait_for_reachable_chain(
         unreachable = unreachable_stages(chain, security)
         if not unreachable:
             return chain
+        until = time.monotonic() + UNREACHABLE_RETRY_S
+        left_out.update((peer, (until, why)) for peer, why in unreachable.items())
+        waiting("no chain of reachable nodes yet")  # /ready says why before the log does
         for peer, why in unreachable.items():
             logger.warning(
                 "Leaving node %s out of the chain for %.0f s: %s", peer, UNREACHABLE_RETRY_S, why
             )
-            left_out[peer] = (time.monotonic() + UNREACHABLE_RETRY_S, why)
 
 
 def unreachable_stages(chain: Chain, security: SwarmSecurity) -> dict[str, str]:
