@@ -21,7 +21,7 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 def imports_without_gc() -> Iterator[None]:
     """Pause the cyclic garbage collector while an entry module imports vLLM, torch and
     transformers, then freeze what they built. The heap only grows while modules load, yet the
-    collector walks it again and again: about a tenth of an import that costs 10-20 s of CPU,
+    collector walks it again and again: about a third of an import that costs 15-20 s of CPU,
     paid twice by a head (its server, and its EngineCore, which the spawn start method makes
     import the entry module again)."""
     gc.disable()
