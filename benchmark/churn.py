@@ -1,15 +1,18 @@
 """Churn benchmark: kill or stop a serving node mid-decode and measure what clients see.
 
     python -m benchmark.churn                       # 2 and 3 stages, kill -9 then SIGTERM
+    python -m benchmark.churn --stages 3 --victim middle --events "kill -9"
     python -m benchmark.churn --stages 2 --quick    # a smoke run
 
-For each pipeline size it starts a swarm on this machine (``benchmark.swarm``) with the layers
-split evenly plus one extra node for the last span (a replica), then:
+For each pipeline size and each head ``--recovery`` mode (replay and recompute) it starts a
+swarm on this machine (``benchmark.swarm``) with the layers split evenly plus one extra node for
+the victim's span (a replica; ``--victim last`` or ``middle``), then:
 
 1. runs ``--streams`` concurrent greedy streams of ``--output-len`` tokens undisturbed (the
    reference);
 2. runs them again and, once every stream has ``--kill-after`` tokens, ``kill -9``s the node
-   serving the last span; the head recomputes the affected requests on the replica;
+   serving the victim's span; the replica takes it over (refilled by replay, or every request
+   recomputes);
 3. starts a new node for that span (it becomes the standby), runs them again and SIGTERMs the
    serving node: it announces that it is leaving, the head moves off it, then it exits.
 
@@ -44,6 +47,7 @@ from benchmark.swarm import Swarm, SwarmSpec, demo_model, even_split, num_hidden
 @dataclass
 class RunReport:
     setup: str
+    recovery: str  # the head's --recovery
     event: str
     streams: int
     failed: int
@@ -88,10 +92,13 @@ def idle_prefill_rate(url: str, model: str, tokens: int) -> float:
     return tokens / (stream.arrivals[0] - started)
 
 
-def restore_seconds(head_log: Path, epoch: int) -> float | None:
-    """The head's "Pipeline restored (epoch N) X s after the loss" for ``epoch``."""
-    match = re.search(rf"Pipeline restored \(epoch {epoch}\) ([0-9.]+) s", head_log.read_text())
-    return float(match.group(1)) if match else None
+def restore_seconds(head_log: Path, epoch: int) -> tuple[float | None, str]:
+    """The head's "Pipeline restored (epoch N) X s after the loss ..., by MODE" for ``epoch``:
+    the seconds and how the requests recovered (replay or recompute)."""
+    match = re.search(
+        rf"Pipeline restored \(epoch {epoch}\) ([0-9.]+) s [^,]*, by (\w+)", head_log.read_text()
+    )
+    return (float(match.group(1)), match.group(2)) if match else (None, "?")
 
 
 def get_status(port: int) -> dict:
@@ -122,6 +129,7 @@ def wait_for_standby(log: Path, port: int, timeout: float = 600.0) -> None:
 
 def report(
     setup: str,
+    recovery: str,
     event: str,
     reference: list[Stream],
     streams: list[Stream],
@@ -135,6 +143,7 @@ def report(
     reprefill = sum(prompt_len + len([t for t in s.arrivals if t <= fired_at]) for s in streams)
     return RunReport(
         setup=setup,
+        recovery=recovery,
         event=event,
         streams=len(streams),
         failed=sum(1 for s in streams if s.error),
@@ -149,17 +158,20 @@ def report(
     )
 
 
-def run_setup(args: argparse.Namespace, model: str, stages: int) -> list[RunReport]:
-    """One swarm of ``stages`` stages plus a replica of the last span: kill -9, then SIGTERM."""
+def run_setup(args: argparse.Namespace, model: str, stages: int, recovery: str) -> list[RunReport]:
+    """One swarm of ``stages`` stages plus a replica of the victim's span, its head recovering
+    by ``recovery``: the ``--events`` (kill -9, then SIGTERM)."""
     layers = even_split(num_hidden_layers(model), stages)
-    last = layers[-1]
+    if args.victim == "middle" and stages < 3:
+        raise SystemExit("--victim middle needs --stages 3 or more")
+    last = layers[-1] if args.victim == "last" else layers[len(layers) // 2]
     spec = SwarmSpec(
         model=model,
         layers=[*layers, last],
         node_args=["--dtype", "float32", "--enforce-eager", "--max-model-len", "1024"],
-        head_args=["--disable-uvicorn-access-log"],
+        head_args=["--disable-uvicorn-access-log", "--recovery", recovery],
         env={"VLLM_CPU_KVCACHE_SPACE": "1"},
-        log_dir=args.log_dir / f"{stages}-stages",
+        log_dir=args.log_dir / f"{stages}-stages-{recovery}",
         shared_cores=True,  # more nodes than cores here; recovery, not speed, is measured
     )
     setup = f"{stages} stages + 1 replica of layers {last[0]}-{last[1]}"
@@ -178,7 +190,7 @@ def run_setup(args: argparse.Namespace, model: str, stages: int) -> list[RunRepo
             f"prefill {rate:.0f} tok/s",
             file=sys.stderr,
         )
-        for epoch, event in enumerate(("kill -9", "SIGTERM"), 1):
+        for epoch, event in enumerate(args.events, 1):
             if event == "SIGTERM":  # a new node for the span becomes the standby
                 swarm.add_node(*last)
             victim = serving_follower(swarm, last[0])
@@ -203,14 +215,16 @@ def run_setup(args: argparse.Namespace, model: str, stages: int) -> list[RunRepo
                 run_streams(url, model, prompts, args.output_len, args.kill_after, fire)
             )
             assert fired_at is not None
+            restore_s, mode = restore_seconds(head_log, epoch)
             results.append(
                 report(
                     setup,
+                    mode,
                     event,
                     reference,
                     streams,
                     fired_at,
-                    restore_seconds(head_log, epoch),
+                    restore_s,
                     args.input_len,
                     rate,
                     time.monotonic() - started,
@@ -224,14 +238,14 @@ def run_setup(args: argparse.Namespace, model: str, stages: int) -> list[RunRepo
 
 def markdown(results: list[RunReport]) -> str:
     lines = [
-        "| setup | event | failed | differing | pause p50 (s) | pause p99 (s) | restore (s) "
-        "| re-prefilled tokens | re-prefill at idle rate (s) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| setup | recovered by | event | failed | differing | pause p50 (s) | pause p99 (s) "
+        "| restore (s) | tokens before the event | their prefill at idle rate (s) |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         restore = "" if r.restore_s is None else f"{r.restore_s:.1f}"
         lines.append(
-            f"| {r.setup} | {r.event} | {r.failed}/{r.streams} | {r.differing} | "
+            f"| {r.setup} | {r.recovery} | {r.event} | {r.failed}/{r.streams} | {r.differing} | "
             f"{r.pause_p50_s:.2f} | {r.pause_p99_s:.2f} | {restore} | {r.reprefill_tokens} | "
             f"{r.reprefill_estimate_s:.1f} |"
         )
@@ -246,6 +260,26 @@ def main() -> None:
     )
     parser.add_argument("--model", default=None, help="model path (default: the demo model)")
     parser.add_argument("--stages", type=int, nargs="+", default=[2, 3])
+    parser.add_argument(
+        "--recovery",
+        nargs="+",
+        choices=("replay", "recompute"),
+        default=["replay", "recompute"],
+        help="the head's --recovery modes to run, each on its own swarm (default both)",
+    )
+    parser.add_argument(
+        "--victim",
+        choices=("last", "middle"),
+        default="last",
+        help="whose span loses its node: the last stage's or the middle one's (default last)",
+    )
+    parser.add_argument(
+        "--events",
+        nargs="+",
+        choices=("kill -9", "SIGTERM"),
+        default=["kill -9", "SIGTERM"],
+        help="what happens to the serving node, in order (default both)",
+    )
     parser.add_argument("--streams", type=int, default=32, help="concurrent streams (default 32)")
     parser.add_argument("--input-len", type=int, default=64, help="prompt tokens (default 64)")
     parser.add_argument("--output-len", type=int, default=256, help="tokens per stream (256)")
@@ -263,7 +297,12 @@ def main() -> None:
         args.streams, args.output_len, args.kill_after = 4, 32, 8
     model = args.model or demo_model()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    results = [r for stages in args.stages for r in run_setup(args, model, stages)]
+    results = [
+        r
+        for stages in args.stages
+        for recovery in args.recovery
+        for r in run_setup(args, model, stages, recovery)
+    ]
     print(markdown(results))
     if args.result_json is not None:
         args.result_json.write_text(json.dumps([asdict(r) for r in results], indent=2))

@@ -63,3 +63,8 @@ def scrape(node: NodeProcess) -> dict[tuple[str, tuple], float]:
 def value(samples: dict, name: str, **labels: str) -> float:
     """One sample of :func:`scrape`'s result (0 when absent)."""
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def total(samples: dict, name: str) -> float:
+    """The sum of a metric's samples over all its labels."""
+    return sum(v for (n, _), v in samples.items() if n == name)

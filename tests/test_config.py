@@ -34,6 +34,8 @@ SAMPLES = {
     "--step-timeout": (["2.5"], 2.5),
     "--outage-timeout": (["9"], 9.0),
     "--rebalance-after": (["0"], 0.0),
+    "--recovery": (["recompute"], "recompute"),
+    "--replay-log-mb": (["64"], 64),
     "--leave-timeout": (["0"], 0.0),
     "--wire-dtype": (["bfloat16"], "bfloat16"),
     "--wire-compression": (["zlib"], "zlib"),

@@ -21,7 +21,7 @@ from types import SimpleNamespace
 import openai
 import pytest
 from conftest import DEMO_API_KEY, QWEN3_ENGINE_FLAGS, NodeProcess, Swarm
-from probes import eventually, get, scrape, status, value
+from probes import eventually, get, scrape, status, total, value
 
 from molink.security.node_key import NodeKey
 
@@ -211,7 +211,7 @@ def test_a_lost_stage_shows_in_ready_swarm_metrics_and_log(
         r"Pipeline restored \(epoch 1\) [0-9.]+ s after the loss was detected", head.log()
     )
     samples = scrape(head)
-    assert value(samples, "molink_recoveries_total") == 1
+    assert total(samples, "molink_recoveries_total") == 1
     assert value(samples, "molink_recovery_seconds_count") == 1
     assert swarm_doc(head)["events"][-1]["kind"] == "restore"
 

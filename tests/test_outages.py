@@ -31,7 +31,9 @@ def test_loss_and_restore_lines_name_the_stage_cause_and_times(molink_logs):
     loss, restore = molink_logs.messages[-2:]
     assert loss.startswith("Lost stage 10.0.0.2:50052 [10-29]: its result stream broke")
     assert "detected 0.5" in loss and "(epoch 1)" in loss
-    assert restore.startswith("Pipeline restored (epoch 1) 0.0 s after the loss was detected: ")
+    assert restore.startswith(
+        "Pipeline restored (epoch 1) 0.0 s after the loss was detected, by recompute: "
+    )
     assert restore.endswith("10.0.0.3:50052 [10-29]")
     kinds = [(e["kind"], e["epoch"]) for e in record.recent()]
     assert kinds == [("restore", 0), ("loss", 1), ("restore", 1)]

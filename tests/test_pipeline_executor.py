@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 import urllib.request
 
@@ -163,7 +164,20 @@ def test_three_uneven_stages_in_four_micro_batches_match_single_process(
 
     assert asyncio.run(stream_all(head, qwen3_model, during=replace_the_middle)) == undisturbed
     assert f"Lost stage 127.0.0.1:{s1.grpc_port} [1-3]" in head.log()
-    assert "Pipeline restored (epoch 1)" in head.log()
+    # Only the new middle node was refilled, from the head's replay log; stage 2 kept its KV.
+    assert re.search(r"Pipeline restored \(epoch 1\) [0-9.]+ s .*, by replay: ", head.log())
+    assert metric(head.base_url, 'molink_recoveries_total{mode="replay"}') == 1
+
+    # The last stage dies: its input log would be on stage 1, a follower (not built), so the
+    # head says why and every request recomputes; the streams are still exact.
+    def replace_the_last() -> None:
+        s2.kill()
+        swarm.start("stage2b", qwen3_model, "4,5", ENGINE_FLAGS, peers=[head])
+
+    assert asyncio.run(stream_all(head, qwen3_model, during=replace_the_last)) == undisturbed
+    assert "Recovering by recompute, not replay: " in head.log()
+    assert "whose input log is on a follower" in head.log()
+    assert metric(head.base_url, 'molink_recoveries_total{mode="recompute"}') == 1
 
 
 def test_a_stage_in_another_dtype_serves_in_the_same_pipeline(swarm, qwen3_model, qwen3_reference):

@@ -228,6 +228,58 @@ def _block_pool(monkeypatch: pytest.MonkeyPatch) -> None:
     _require(scheduler.cache_config.num_gpu_blocks == 10, "cache_config not updated on growth")
 
 
+@contract("vllm.v1.request.Request.num_in_flight_tokens")
+def _in_flight_tokens(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vllm.v1.core.sched.scheduler import Scheduler
+    from vllm.v1.request import Request
+
+    _require(_assigns(Request, "num_in_flight_tokens"), "Request has no num_in_flight_tokens")
+    after = _source(Scheduler._update_after_schedule)
+    _require("request.num_computed_tokens += num_scheduled_token" in after, "not counted")
+    _require("request.num_in_flight_tokens += num_scheduled_token" in after, "not counted")
+    _require(
+        "request.num_in_flight_tokens -= num_tokens_scheduled"
+        in _source(Scheduler.update_from_output),
+        "update_from_output doesn't take a step's tokens off num_in_flight_tokens",
+    )
+
+
+@contract("vllm.v1.core.sched.scheduler.Scheduler.prev_step_scheduled_req_ids")
+def _preempt_keeping(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vllm.v1.core.block_pool import BlockPool
+    from vllm.v1.core.kv_cache_manager import KVCacheManager
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    reset = _source(Scheduler.reset_prefix_cache)
+    _require(
+        "self._preempt_request(request, timestamp, drop_stale_output=True)" in reset,
+        "reset_prefix_cache preempts differently",
+    )
+    _require("self.prev_step_scheduled_req_ids.clear()" in reset, "it no longer clears it")
+    _require(_params(KVCacheManager.evict_blocks)[:2] == ["self", "block_ids"], "evict_blocks")
+    _require(
+        _reads(Scheduler.schedule, "self.kv_cache_manager.get_computed_blocks"),
+        "schedule() no longer looks resumed requests up in the prefix cache",
+    )
+    _require(
+        _reads(BlockPool.evict_blocks, "self._maybe_evict_cached_block"),
+        "BlockPool.evict_blocks no longer drops a block's hash from the prefix cache",
+    )
+
+
+@contract("vllm.v1.worker.gpu_input_batch.InputBatch.req_ids")
+def _row_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vllm.v1.worker.gpu_input_batch import InputBatch
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    _require(isinstance(inspect.getattr_static(InputBatch, "req_ids"), property), "req_ids")
+    prepare = _source(GPUModelRunner._prepare_inputs)
+    _require(
+        "self.input_batch.req_ids" in prepare or "input_batch.req_ids" in prepare,
+        "_prepare_inputs no longer orders rows by input_batch.req_ids",
+    )
+
+
 @contract("vllm.v1.engine.detokenizer.FastIncrementalDetokenizer.__init__")
 def _fast_detokenizer(monkeypatch: pytest.MonkeyPatch) -> None:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

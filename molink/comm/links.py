@@ -112,6 +112,7 @@ def encode_step(work: StepWork, output: StageOutput, wire: codec.WireFormat) -> 
         tensors=tensors,
         timings=timings_to_proto(work.timings),
         session=work.session,
+        replay=work.replay,
     )
 
 
@@ -139,6 +140,7 @@ def decode_step(msg: molink_pb2.Step, dtype: torch.dtype, pin: bool) -> StepWork
         arrived_unix=arrived_unix,
         decode_s=time.monotonic() - started,
         session=msg.session,
+        replay=msg.replay,
     )
 
 
@@ -231,7 +233,11 @@ class ResultStream:
         self._lock = threading.Lock()
 
     def emit(self, work: StepWork, output: StageOutput) -> None:
-        if work.sample:  # the head waits only for steps that sampled
+        if work.replay:  # the head waits for each replay step's acknowledgement
+            self._queue.put(
+                molink_pb2.StepResult(step_id=work.step_id, epoch=work.epoch, replayed=True)
+            )
+        elif work.sample:  # the head waits only for steps that sampled
             self._queue.put(
                 molink_pb2.StepResult(
                     step_id=work.step_id,

@@ -9,7 +9,9 @@ tagged with the epoch they were made in, so the executor can tell batches of a b
 batches of the rebuilt one.
 
 It also holds the measured step costs (:class:`~molink.core.micro_batching.PipelineCostModel`)
-that the executor records and the scheduler's micro-batching policy reads.
+that the executor records and the scheduler's micro-batching policy reads, and, with
+``--recovery replay``, the head's replay log and the replay handshake
+(:mod:`molink.core.replay_plan`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from vllm.v1.outputs import ModelRunnerOutput
 
 from molink.config import MoLinkConfig
 from molink.core.micro_batching import PipelineCostModel
+from molink.core.replay_log import ReplayLog
+from molink.core.replay_plan import ReplayHandshake
 
 EPOCH_ATTR = "molink_epoch"
 
@@ -51,6 +55,10 @@ class PipelineState:
         # Set by the executor (built before the scheduler) from --outage-timeout.
         self.outage_timeout = MoLinkConfig.outage_timeout
         self.costs = PipelineCostModel()
+        # Recovery by replay (--recovery replay): the executor sets the log of the head's
+        # boundary; the scheduler and the executor agree on each replay through ``replay``.
+        self.replay_log: ReplayLog | None = None
+        self.replay = ReplayHandshake()
 
     def interrupt(self, reason: str, epoch: int | None = None, cause: str = "stage_loss") -> int:
         """Record a stage loss seen while running ``epoch`` (default: the current one), or

@@ -9,6 +9,11 @@ stage (the executor bumps the failure epoch either way), this scheduler
   rebuilt chain each request re-prefills its prompt and the tokens it generated so far and goes
   on, so a client's stream only pauses; after a KV resize, the blocks above the new size are
   retired from vLLM's block pool first; a rewiring the head chose counts as no loss;
+* after a stage loss with ``--recovery replay``, keeps in the prefix cache exactly the full
+  blocks that every surviving stage computed and that the replay log can refill on the lost
+  span's new node (:mod:`molink.core.replay_plan`): the requests resume from those blocks and
+  recompute only their last, partial block; if the refill fails, the blocks are dropped and
+  they recompute everything;
 * attaches a :class:`~molink.core.request_snapshot.RequestSnapshot` to the first step that
   resumes a request the stages of the new epoch have not seen;
 * holds all work while no full chain exists, and after ``outage_timeout`` fails the waiting
@@ -37,6 +42,7 @@ from vllm.v1.request import Request, RequestStatus
 
 from molink.core.micro_batching import MicroBatchPlan, plan_micro_batch
 from molink.core.pipeline_state import CAUSES, EPOCH_ATTR, PIPELINE_STATE, StageLostOutput
+from molink.core.replay_plan import ReplayItem, ReplayPlan
 from molink.core.request_snapshot import SNAPSHOTS_ATTR, RequestSnapshot
 from molink.stage_spec import ADDITIONAL_CONFIG_KEY
 from molink.telemetry import metrics
@@ -81,6 +87,11 @@ class PipelineScheduler(SchedulerHooks):
         self._known: set[str] = set()
         self._stage_losses: dict[str, int] = {}
         self._barrier_cause = ""  # while a barrier preempts: "stage_loss" or "kv_resize"
+        # Recovery by replay: the epoch whose plan kept KV blocks for its requests (until the
+        # executor's outcome is read), those blocks, and the tokens each request keeps.
+        self._replay_epoch: int | None = None
+        self._replay_kept: set[int] = set()
+        self._replaying: dict[str, int] = {}
         self._failure_causes: dict[str, str] = {}
 
     def cached_request_data(self, data: CachedRequestData) -> CachedRequestData:
@@ -126,8 +137,17 @@ class PipelineScheduler(SchedulerHooks):
         )
         num_running = len(self.running)
         self._barrier_cause = cause
+        self._replay_epoch = None
+        plan = self._replay_plan() if loss else None
         try:
-            self.reset_prefix_cache(reset_running_requests=True)
+            if plan is not None and self.pipeline.replay.offer(epoch, plan):
+                self._replaying = {rid: item.num_tokens for rid, item in plan.items()}
+                self._replay_kept = {b for item in plan.values() for b in item.block_ids}
+                self._replay_epoch = epoch
+                self.preempt_all_keeping(self._replay_kept)
+            else:
+                self.pipeline.replay.offer(epoch, None)  # (declined: the executor won't wait)
+                self.reset_prefix_cache(reset_running_requests=True)
         except RuntimeError as e:  # blocks held outside the running set (KV connectors)
             logger.error("Can't recompute after the pipeline failure (%s): failing requests", e)
             self._fail(
@@ -136,13 +156,22 @@ class PipelineScheduler(SchedulerHooks):
             self.reset_prefix_cache()
         finally:
             self._barrier_cause = ""
+            self._replaying = {}
         self._known.clear()
         limit = self.pipeline.kv_blocks_limit
         if limit is not None and limit < self.kv_pool_blocks() and not self.retire_kv_blocks(limit):
             logger.error("KV blocks above %d are still in use; retiring them next time", limit)
         elif limit is not None and limit > self.kv_pool_blocks():
             self.grow_kv_blocks(limit)
-        if loss:
+        if loss and self._replay_epoch is not None:
+            logger.warning(
+                "Pipeline failure (%s): %d running request(s) preempted; every surviving "
+                "stage keeps %d of their tokens, which the lost span's new node gets replayed",
+                last,
+                num_running,
+                sum(item.num_tokens for item in plan.values()) if plan else 0,
+            )
+        elif loss:
             logger.warning(
                 "Pipeline failure (%s): %d running request(s) preempted; they resume on the "
                 "rebuilt chain",
@@ -158,6 +187,40 @@ class PipelineScheduler(SchedulerHooks):
                 num_running,
                 self.kv_pool_blocks(),
             )
+
+    def _replay_plan(self) -> ReplayPlan | None:
+        """What the lost span's new node can be refilled with: per running request, its full
+        KV blocks whose step came back from every stage and whose activations the replay log
+        holds. None when this head recovers by recompute (``--recovery recompute``, or a KV
+        layout a replay can't fill)."""
+        log = self.pipeline.replay_log
+        if log is None or not self.cache_config.enable_prefix_caching:
+            return None
+        if not self.full_attention_only():
+            return None
+        plan: ReplayPlan = {}
+        size = self.block_size
+        for request in self.running:
+            rid = request.request_id
+            num = min(self.confirmed_tokens(request), log.length(rid)) // size * size
+            if num > 0:
+                blocks = self.request_block_ids(request)[: num // size]
+                plan[rid] = ReplayItem(rid, tuple(request.all_token_ids[:num]), tuple(blocks), num)
+        return plan
+
+    def _check_replay(self) -> None:
+        """On the first step of a rebuilt chain: if the lost span's new node was not refilled,
+        drop the blocks the barrier kept for it, so that their requests recompute them."""
+        epoch, self._replay_epoch = self._replay_epoch, None
+        if epoch != self._epoch or self.pipeline.replay.outcome(epoch):
+            return
+        logger.warning(
+            "The lost span's new node was not refilled: the %d KV blocks kept for it are "
+            "dropped and their requests recompute",
+            len(self._replay_kept),
+        )
+        self.forget_cached_blocks(self._replay_kept)
+        self._replay_kept = set()
 
     def _fail(self, request_ids: list[str], cause: str, kind: str) -> None:
         """Finish requests with an error whose message (the client's) is ``cause``; ``kind``
@@ -188,6 +251,7 @@ class PipelineScheduler(SchedulerHooks):
 
     def on_request_preempted(self, request: Request, recomputed: int) -> None:
         cause = self._barrier_cause or "kv_cache_full"
+        recomputed -= self._replaying.get(request.request_id, 0)
         metrics.RECOMPUTED_TOKENS.labels(cause).inc(recomputed)
         request_logger.info(
             "Request %s preempted (%s): its %d computed tokens will be recomputed",
@@ -233,6 +297,8 @@ class PipelineScheduler(SchedulerHooks):
         if self.pipeline.ready_epoch < self._epoch:
             output = self._hold(throttle_prefills)
         else:
+            if self._replay_epoch is not None:
+                self._check_replay()
             self._down_since = None
             self._waiting_since.clear()
             started = time.monotonic()

@@ -47,6 +47,9 @@ class StepWork:
     decode_s: float = 0.0
     # The secret id of the head's session (molink.core.head_session), checked by every stage.
     session: str = ""
+    # A replay step (molink.executor.span_replay): it fills this stage's KV cache only; the
+    # stage acknowledges it to the head and sends nothing on.
+    replay: bool = False
 
 
 class HostActivations:

@@ -53,6 +53,8 @@ class HeadConfig:
     chain_timeout: float = MoLinkConfig.chain_timeout  # --chain-timeout's default
     outage_timeout: float = MoLinkConfig.outage_timeout  # --outage-timeout's default
     rebalance_after: float = MoLinkConfig.rebalance_after  # --rebalance-after's default
+    recovery: str = MoLinkConfig.recovery  # --recovery's default
+    replay_log_mb: int = MoLinkConfig.replay_log_mb  # --replay-log-mb's default
     recovery_poll_interval: float = 1.0
     swarm_refresh_interval: float = 2.0
     security: SecurityFiles = SecurityFiles()  # key file paths (never the keys themselves)

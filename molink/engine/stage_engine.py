@@ -121,6 +121,8 @@ class StageEngine:
     def _run(self, work: StepWork) -> None:
         session = self.sessions.get(work.session)
         sink = session.sink if session else None
+        if work.replay and session is not None:
+            sink = session.results
         if session is None or work.epoch != session.epoch or sink is None:
             logger.debug("%s: dropping step %d of epoch %d", self.name, work.step_id, work.epoch)
             return
@@ -165,4 +167,6 @@ class StageEngine:
         self._step_seconds.observe(compute)
         self._queue_wait.observe(wait)
         self._tokens.inc(tokens)
+        if work.replay:  # its KV is written: acknowledge it, forget its request, send nothing on
+            self.worker.reset_stage(session.id, quiet=True)
         sink.emit(work, output)

@@ -379,6 +379,8 @@ class Node:
             outage_timeout=self.config.outage_timeout,
             chain_timeout=self.config.chain_timeout,
             rebalance_after=self.config.rebalance_after,
+            recovery=self.config.recovery,
+            replay_log_mb=self.config.replay_log_mb,
             security=self.config.security_files,
             weights=self.weights.to_dict() if self.weights else None,
         )

@@ -11,7 +11,9 @@ that reacts when the chain stops serving a failure epoch, and the two threads th
   every stage of the chain has room for more, up to what the head's own KV cache holds) or a
   rebalance (a replica would make the chain much cheaper, :mod:`molink.core.rebalance`);
 * the **maintenance thread** restores a chain after either, moves off nodes that announce they
-  are leaving, takes growth offers, and keeps standbys ready.
+  are leaving, takes growth offers, and keeps standbys ready;
+* after a loss, the new chain's lost span is **refilled by replay** when it can be
+  (:mod:`molink.executor.span_replay`); else every request recomputes.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from vllm.logger import init_logger
 
 from molink.comm.chain import ChainError
 from molink.core.pipeline_state import lost_output
+from molink.executor.span_replay import ReplayFailed
 
 if TYPE_CHECKING:
     from molink.core.pipeline_state import PipelineState
@@ -33,6 +36,7 @@ if TYPE_CHECKING:
     from molink.executor.kv_plan import HeadKVPlan
     from molink.executor.outages import OutageRecord
     from molink.executor.remote_stage import RemoteStage
+    from molink.executor.span_replay import SpanReplay
 
 logger = init_logger(__name__)
 
@@ -53,8 +57,18 @@ class ChainUpkeep:
     _serving_epoch: int
     _growth_offer: int
     _stopped: bool
+    replay: SpanReplay | None
+    recovery_mode: str
+
+    _wired: list[RemoteStage]
+    _wired_blocks: int
+    _link: Any
+    session: Any
 
     def _start_epoch(self, epoch: int) -> None:
+        raise NotImplementedError
+
+    def _new_step_id(self) -> int:
         raise NotImplementedError
 
     def describe_chain(self) -> str:
@@ -64,11 +78,13 @@ class ChainUpkeep:
     def _on_failure(self, reason: str, epoch: int, stage: str = "", cause: str = "lost") -> None:
         """A stage (``stage``, if known) or link failed while serving ``epoch``: answer every
         pending step and start recovery. ``cause`` is ``lost``, ``timeout`` or ``leaving``."""
+        # What clients and /ready are told, e.g. "lost stage 10.0.0.2:50051 [15-29]: ...".
+        full_reason = f"lost stage {stage}: {reason}" if stage else reason
+        if self.replay is not None:  # a replay into the new chain of ``epoch`` stops
+            self.replay.abort(epoch, full_reason)
         with self._lock:
             if self._stopped or epoch != self.state.failed_epoch or not self.state.chain_ready:
                 return
-            # What clients and /ready are told, e.g. "lost stage 10.0.0.2:50051 [15-29]: ...".
-            full_reason = f"lost stage {stage}: {reason}" if stage else reason
             new_epoch = self.state.interrupt(full_reason, epoch)
             oldest = min((p.submitted_at for p in self._pending.values()), default=None)
             self.outages.lost(stage, reason, cause, new_epoch, oldest)
@@ -150,6 +166,60 @@ class ChainUpkeep:
                 p.grammar.set_result(None)
             if not p.future.done():
                 p.future.set_result(lost_output(p.scheduler_output, epoch, reason))
+
+    def _refill(self, epoch: int) -> str:
+        """After a loss: fill the lost span's new node by replay, if the scheduler kept blocks
+        for it (:mod:`molink.executor.span_replay`). Returns how the requests recover, ``replay``
+        or ``recompute``. Raises when the chain fails during the replay (restore tries again).
+        """
+        if epoch == 0 or self.replay is None:
+            return "recompute"
+        # The scheduler answers at its first sight of the failure; with no request running it
+        # may not look (and there is nothing to replay).
+        _, plan = self.state.replay.take(epoch, 10.0 if len(self.replay.log) else 0.0)
+        if plan is None:
+            return "recompute"
+        reason = self.replay.reason_not_to(self._wired, self.chain.remotes)
+        if not reason and self._wired_blocks != self.kv.num_blocks:
+            reason = "the KV cache was resized"
+        if reason:
+            logger.warning("Recovering by recompute, not replay: %s", reason)
+            self.state.replay.finish(epoch, False)
+            return "recompute"
+        first = self.chain.remotes[0]
+        if not plan:  # no request kept a block
+            self.state.replay.finish(epoch, False)
+            return "recompute"
+        if first is self._wired[0]:  # no stage lost its KV cache
+            self.state.replay.finish(epoch, True)
+            return "replay"
+        started = time.monotonic()
+        try:
+            assert self._link is not None
+            tokens = self.replay.run(
+                plan,
+                epoch,
+                self.session.id,
+                self._new_step_id,
+                self._link.emit,
+                self.head.step_timeout,
+            )
+        except ReplayFailed as e:
+            self.state.replay.finish(epoch, False)
+            logger.warning("Replay into %s failed (%s): its requests recompute", first, e)
+            if self.state.failed_epoch == epoch and not self.replay.aborted:
+                return "recompute"
+            raise
+        self.state.replay.finish(epoch, True)
+        logger.info(
+            "Replayed %d positions of %d request(s) into %s in %.2f s; every other stage kept "
+            "its KV cache",
+            tokens,
+            len(plan),
+            first,
+            time.monotonic() - started,
+        )
+        return "replay"
 
     def _watch(self) -> None:
         """Deadline on steps: a stage that stops answering counts as lost."""
@@ -244,6 +314,8 @@ class ChainUpkeep:
                 self._wakeup.clear()
                 continue
             self.state.waiting_for = ""
-            self.outages.restored(epoch, self.describe_chain(), len(self.chain.remotes) + 1)
+            self.outages.restored(
+                epoch, self.describe_chain(), len(self.chain.remotes) + 1, self.recovery_mode
+            )
             if self.kv.num_blocks < self.kv.allocated_blocks:  # the new chain may have room
                 self._offer_growth(self.kv.allocated_blocks, None)

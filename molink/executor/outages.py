@@ -95,8 +95,9 @@ class OutageRecord:
         metrics.CHAIN_READY.set(0)
         logger.warning("%s; rewiring (epoch %d)", reason, epoch)
 
-    def restored(self, epoch: int, chain: str, stages: int) -> None:
-        """A full chain (``chain`` described, ``stages`` long, the head's included) serves."""
+    def restored(self, epoch: int, chain: str, stages: int, mode: str = "recompute") -> None:
+        """A full chain (``chain`` described, ``stages`` long, the head's included) serves;
+        after a loss its requests go on by ``mode``: ``replay`` or ``recompute``."""
         now = time.monotonic()
         with self._lock:
             detected_at, self._detected_at = self._detected_at, None
@@ -109,6 +110,7 @@ class OutageRecord:
                     "chain": chain,
                     "restore_s": restore_s,
                     "epoch": epoch,
+                    "mode": mode,
                 }
             )
         metrics.CHAIN_READY.set(1)
@@ -124,12 +126,13 @@ class OutageRecord:
                 chain,
             )
             return
-        metrics.RECOVERIES.inc()
+        metrics.RECOVERIES.labels(mode).inc()
         metrics.RECOVERY_SECONDS.observe(restore_s)
         logger.info(
-            "Pipeline restored (epoch %d) %.1f s after the loss was detected: %s",
+            "Pipeline restored (epoch %d) %.1f s after the loss was detected, by %s: %s",
             epoch,
             restore_s,
+            mode,
             chain,
         )
 

@@ -41,6 +41,7 @@ from molink.core.head_session import HeadSession
 from molink.core.micro_batching import StageTiming
 from molink.core.pipeline_state import PIPELINE_STATE, epoch_of, lost_output
 from molink.core.rebalance import RebalancePolicy
+from molink.core.replay_log import ReplayLog
 from molink.core.request_snapshot import snapshots_of
 from molink.core.step import StageOutput, StepWork, changes_stage_state
 from molink.engine.head_config import HeadConfig
@@ -51,6 +52,7 @@ from molink.executor.chain_upkeep import ChainUpkeep
 from molink.executor.kv_plan import HeadKVPlan
 from molink.executor.outages import OutageRecord
 from molink.executor.remote_stage import RemoteStage
+from molink.executor.span_replay import SpanReplay
 from molink.stage_spec import StageConfig, StagePlacement
 from molink.telemetry import metrics
 from molink.telemetry.engine_metrics import PIPELINE_SNAPSHOT_RPC, export_metrics
@@ -123,6 +125,9 @@ class PipelineExecutor(ChainUpkeep, ExecutorHooks):
         self._serving_epoch = 0
         self._growth_offer = 0  # KV blocks a stage offered after another head left (0: none)
         self._link: NextHopLink | None = None
+        self._wired: list[RemoteStage] = []  # the chain of the last epoch wired
+        self._wired_blocks = 0  # and its KV blocks
+        self.recovery_mode = "recompute"  # how the last wiring recovered: replay or recompute
         self._stopped = False
         self._wakeup = threading.Event()
         self.outages = OutageRecord()
@@ -139,12 +144,23 @@ class PipelineExecutor(ChainUpkeep, ExecutorHooks):
         init = threading.Thread(target=self._init_remotes, name="molink-init", daemon=True)
         init.start()
         self.worker = create_stage_worker(self.vllm_config, 0)
+        self.replay = self._replay_log() if self.head.recovery == "replay" else None
         init.join()
         if self._init_error is not None:
             raise self._init_error
         self.engine = StageEngine(self.worker, (0, self.head.placement.end_layer))
         self._watchdog = threading.Thread(target=self._watch, name="molink-watchdog", daemon=True)
         self._maintainer = threading.Thread(target=self._maintain, name="molink-chain", daemon=True)
+
+    def _replay_log(self) -> SpanReplay:
+        """Stage 0 logs what it sends to stage 1, for a recovery by replay."""
+        log = ReplayLog(self.head.replay_log_mb << 20)
+        self.worker.worker.replay_log = self.state.replay_log = log
+        return SpanReplay(
+            log,
+            self.vllm_config.cache_config.block_size,
+            self.vllm_config.scheduler_config.max_num_batched_tokens,
+        )
 
     def _init_remotes(self) -> None:
         try:
@@ -227,15 +243,27 @@ class PipelineExecutor(ChainUpkeep, ExecutorHooks):
         self.state.costs.reset(
             [self.head.head_host] + [r.address.rpartition(":")[0] for r in remotes]
         )
+        self.recovery_mode = self._refill(epoch)
+        self._wired, self._wired_blocks = list(remotes), self.kv.num_blocks
         self._serving_epoch = epoch
         self.rebalance.wired(time.monotonic())
         self.state.mark_ready(epoch)
+
+    def _new_step_id(self) -> int:
+        with self._lock:
+            step_id = self._next_step_id
+            self._next_step_id += 1
+            return step_id
 
     def _read_results(self, remote: RemoteStage, call: Any, epoch: int, is_last: bool) -> None:
         received = metrics.BYTES_RECEIVED.labels("results")
         try:
             for result in call:
                 received.inc(result.ByteSize())
+                if result.replayed:
+                    if self.replay is not None:
+                        self.replay.acknowledged(result.step_id)
+                    continue
                 if result.leaving:
                     logger.info("Stage %s says it is leaving", remote)
                     self.chain.mark_leaving(remote.peer_id)

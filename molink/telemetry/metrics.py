@@ -116,7 +116,19 @@ STAGE_LOSSES = Counter(
 )
 RECOVERIES = Counter(
     "molink_recoveries",
-    "Times the head had a full chain serving again after a loss.",
+    "Times the head had a full chain serving again after a loss: mode=replay (only the lost "
+    "span was refilled, from the replay log) or recompute (every request recomputed).",
+    ["mode"],
+    registry=HEAD_REGISTRY,
+)
+REPLAYED_TOKENS = Counter(
+    "molink_replayed_tokens",
+    "Token positions replayed through a lost span's replacement from the replay log.",
+    registry=HEAD_REGISTRY,
+)
+REPLAY_LOG_BYTES = Gauge(
+    "molink_replay_log_bytes",
+    "Bytes the head's replay log holds (the activations it sent to stage 1, per request).",
     registry=HEAD_REGISTRY,
 )
 RECOVERY_SECONDS = Histogram(

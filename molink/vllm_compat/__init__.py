@@ -96,6 +96,26 @@ INTERNALS: tuple[Internal, ...] = (
         "(SchedulerHooks.grow_kv_blocks)",
     ),
     Internal(
+        "vllm.v1.request.Request.num_in_flight_tokens",
+        "scheduler.SchedulerHooks.confirmed_tokens",
+        "_update_after_schedule adds each step's scheduled tokens to num_computed_tokens and "
+        "num_in_flight_tokens; update_from_output takes them off num_in_flight_tokens",
+    ),
+    Internal(
+        "vllm.v1.core.sched.scheduler.Scheduler.prev_step_scheduled_req_ids",
+        "scheduler.SchedulerHooks.preempt_all_keeping",
+        "reset_prefix_cache(reset_running_requests=True) preempts with _preempt_request(request, "
+        "timestamp, drop_stale_output=True) and clears prev_step_scheduled_req_ids; preempted "
+        "blocks keep their hashes until kv_cache_manager.evict_blocks(ids), and a resumed "
+        "request looks its blocks up in the prefix cache",
+    ),
+    Internal(
+        "vllm.v1.worker.gpu_input_batch.InputBatch.req_ids",
+        "model_runner.scheduled_rows",
+        "the model runner lays each scheduled request's tokens out as one run of rows, in "
+        "input_batch.req_ids order (_prepare_inputs reads num_scheduled_tokens by that order)",
+    ),
+    Internal(
         "vllm.v1.engine.detokenizer.FastIncrementalDetokenizer.__init__",
         "detokenizer.fix_prompt_tail_detokenization",
         "it primes DecodeStream(ids=request.prompt_token_ids) and sets self.stream, "

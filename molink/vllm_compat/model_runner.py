@@ -205,3 +205,23 @@ def _holds_mamba_layer(plan: KVCacheConfig) -> bool:
         if group.layer_names and isinstance(spec, MambaSpec):
             return True
     return False
+
+
+def scheduled_rows(runner: Any, scheduler_output: SchedulerOutput) -> list[tuple[str, int, int]]:
+    """Which rows of the step ``runner`` just ran belong to which request: ``(request id, first
+    position, number of tokens)`` in row order (the rows of the activations it produced).
+
+    Needs from vLLM: ``execute_model`` lays out each scheduled request's tokens as one run of
+    rows, in the order of ``runner.input_batch.req_ids`` (``_prepare_inputs``); the scheduler
+    output gives each request's computed tokens before the step (``num_computed_tokens`` of
+    ``NewRequestData`` and ``CachedRequestData``).
+    """
+    computed = {r.req_id: r.num_computed_tokens for r in scheduler_output.scheduled_new_reqs}
+    cached = scheduler_output.scheduled_cached_reqs
+    computed.update(zip(cached.req_ids, cached.num_computed_tokens, strict=True))
+    scheduled = scheduler_output.num_scheduled_tokens
+    return [
+        (req_id, computed[req_id], scheduled[req_id])
+        for req_id in runner.input_batch.req_ids
+        if req_id in scheduled
+    ]

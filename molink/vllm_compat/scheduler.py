@@ -9,13 +9,18 @@ touches the private state, and calls public-named hook methods that the subclass
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
+from vllm.sampling_params import SamplingParams
 from vllm.v1.core.kv_cache_utils import KVCacheBlock
 from vllm.v1.core.sched.interface import PauseState
-from vllm.v1.core.sched.output import CachedRequestData, SchedulerOutput
+from vllm.v1.core.sched.output import CachedRequestData, NewRequestData, SchedulerOutput
 from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.kv_cache_interface import FullAttentionSpec, MLAAttentionSpec
 from vllm.v1.request import Request
+
+_FULL_ATTENTION_SPECS = (FullAttentionSpec, MLAAttentionSpec)
 
 
 class SchedulerHooks(Scheduler):
@@ -98,6 +103,49 @@ class SchedulerHooks(Scheduler):
         pool.num_gpu_blocks = len(pool.blocks)
         self.cache_config.num_gpu_blocks = len(pool.blocks)
 
+    def preempt_all_keeping(self, keep: set[int]) -> None:
+        """Preempt every running request back to waiting, dropping its in-flight outputs, and
+        keep only the blocks ``keep`` in the prefix cache: the requests resume from the ones
+        their own prompt and output still match (vLLM's prefix-cache lookup on resume).
+
+        Needs from vLLM: as ``reset_prefix_cache(reset_running_requests=True)``, which preempts
+        with ``_preempt_request(request, timestamp, drop_stale_output=True)`` and clears
+        ``prev_step_scheduled_req_ids``; freed blocks keep their hashes until evicted
+        (``kv_cache_manager.evict_blocks``).
+        """
+        timestamp = time.monotonic()
+        while self.running:
+            self._preempt_request(self.running.pop(), timestamp, drop_stale_output=True)
+        self.prev_step_scheduled_req_ids.clear()
+        pool = self.kv_cache_manager.block_pool
+        self.kv_cache_manager.evict_blocks({b.block_id for b in pool.blocks} - keep)
+
+    def forget_cached_blocks(self, block_ids: set[int]) -> None:
+        """Drop ``block_ids`` from the prefix cache (their requests recompute them)."""
+        self.kv_cache_manager.evict_blocks(block_ids)
+
+    def confirmed_tokens(self, request: Request) -> int:
+        """Tokens of ``request`` whose step came back from every stage.
+
+        Needs from vLLM: ``num_computed_tokens`` counts scheduled tokens as soon as they are
+        scheduled, and ``num_in_flight_tokens`` those of steps not yet through
+        ``update_from_output``.
+        """
+        return request.num_computed_tokens - request.num_in_flight_tokens
+
+    def full_attention_only(self) -> bool:
+        """Whether the KV cache is one group of full-attention layers (no sliding window, no
+        Mamba state): the layout a replay fills block by block.
+
+        Needs from vLLM: ``kv_cache_config.kv_cache_groups[i].kv_cache_spec``.
+        """
+        groups = self.kv_cache_config.kv_cache_groups
+        return len(groups) == 1 and type(groups[0].kv_cache_spec) in _FULL_ATTENTION_SPECS
+
+    def request_block_ids(self, request: Request) -> list[int]:
+        """The blocks of ``request`` (one KV cache group)."""
+        return list(self.kv_cache_manager.get_block_ids(request.request_id)[0])
+
     def kv_pool_blocks(self) -> int:
         """Blocks in the KV block pool (the null block included)."""
         return self.kv_cache_manager.block_pool.num_gpu_blocks
@@ -147,3 +195,32 @@ class SchedulerHooks(Scheduler):
             self.running = sorted(
                 self.running + hidden_reqs, key=lambda r: order.get(id(r), float("inf"))
             )
+
+
+def replay_scheduler_output(
+    req_id: str, token_ids: list[int], block_ids: list[int], start: int, end: int
+) -> SchedulerOutput:
+    """A step that computes positions [start, end) of one new request on a stage whose KV
+    cache holds nothing of it: positions below ``start`` count as cached (like a prefix-cache
+    hit), ``token_ids`` are the request's first ``end`` tokens and ``block_ids`` its blocks (one
+    KV cache group). Its sampled token, on a last stage, is thrown away.
+
+    Needs from vLLM: ``NewRequestData(num_computed_tokens=start)`` makes the runner compute only
+    the tokens after ``start`` and write their KV into ``block_ids``.
+    """
+    output = SchedulerOutput.make_empty()
+    output.scheduled_new_reqs = [
+        NewRequestData(
+            req_id=req_id,
+            prompt_token_ids=list(token_ids[:end]),
+            mm_features=[],
+            sampling_params=SamplingParams(max_tokens=1, temperature=0.0),
+            pooling_params=None,
+            block_ids=(list(block_ids),),
+            num_computed_tokens=start,
+            lora_request=None,
+        )
+    ]
+    output.num_scheduled_tokens = {req_id: end - start}
+    output.total_num_scheduled_tokens = end - start
+    return output

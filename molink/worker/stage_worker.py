@@ -26,6 +26,7 @@ from vllm.v1.core.sched.output import GrammarOutput, SchedulerOutput
 from vllm.v1.outputs import ModelRunnerOutput
 from vllm.v1.worker.worker_base import WorkerWrapperBase
 
+from molink.core.replay_log import ReplayLog
 from molink.core.request_snapshot import RequestSnapshot
 from molink.core.step import HostActivations
 from molink.distributed.parallel_state import init_stage_parallel_state
@@ -39,6 +40,7 @@ from molink.vllm_compat.model_runner import (
     request_block_ids,
     reset_model_runner,
     runner_requests,
+    scheduled_rows,
     swap_persistent_batch,
 )
 from molink.vllm_compat.parallel_state import set_pp_layer_partition
@@ -67,6 +69,8 @@ class StageHooks:
     vllm_config: VllmConfig
     model_runner: Any
     staging: ActivationStaging
+    #: The head's stage 0 logs what it sends to stage 1 here (``--recovery replay``).
+    replay_log: ReplayLog | None = None
 
     def init_device(self) -> None:
         placement = stage_placement(self.vllm_config)
@@ -117,11 +121,27 @@ class StageHooks:
         intermediate = IntermediateTensors(tensors) if tensors is not None else None
         with mamba_alignment_where_held(self.model_runner):
             output = self.model_runner.execute_model(scheduler_output, intermediate)
+        if self.replay_log is not None:
+            self._log_for_replay(scheduler_output, output)
         if isinstance(output, IntermediateTensors):
             return self.staging.to_host(output.tensors)
         if output is None and get_pp_group().is_last_rank:
             output = self.model_runner.sample_tokens(grammar() if sample else None)
         return output
+
+    def _log_for_replay(self, scheduler_output: SchedulerOutput, output: Any) -> None:
+        """Log each request's rows of the activations this step sends on (see
+        :class:`~molink.core.replay_log.ReplayLog`); forget finished requests."""
+        log = self.replay_log
+        assert log is not None
+        log.drop(scheduler_output.finished_req_ids)
+        if not isinstance(output, IntermediateTensors):
+            return
+        row = 0
+        for req_id, start, num in scheduled_rows(self.model_runner, scheduler_output):
+            # each [num, hidden_size]
+            log.record(req_id, start, {k: t[row : row + num] for k, t in output.tensors.items()})
+            row += num
 
     def _install(self, snapshots: dict[str, RequestSnapshot]) -> None:
         """Give the model runner the state of resumed requests it doesn't hold.
@@ -207,15 +227,16 @@ class StageHooks:
         return len(used), config.num_blocks
 
     @torch.inference_mode()
-    def reset_stage(self, head: str) -> None:
-        """Forget every request of ``head``, after a pipeline failure or when the head leaves;
-        weights and KV memory are kept. A head that never ran a step here has nothing to forget
-        (and gets no batch made for it)."""
+    def reset_stage(self, head: str, quiet: bool = False) -> None:
+        """Forget every request of ``head``, after a pipeline failure, when the head leaves, or
+        after a replay step (``quiet``: not logged); weights and KV memory are kept. A head that
+        never ran a step here has nothing to forget (and gets no batch made for it)."""
         if head != self._batch_owner and head not in self._other_batches:
             return
         self.use_batch_of(head)
         reset_model_runner(self.model_runner)
-        logger.info("Stage %d reset", get_pp_group().rank_in_group)
+        if not quiet:
+            logger.info("Stage %d reset", get_pp_group().rank_in_group)
 
 
 class StageWorker(StageHooks, platform_worker_class()):  # type: ignore[misc]

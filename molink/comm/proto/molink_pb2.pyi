@@ -105,7 +105,7 @@ class StartStageRequest(_message.Message):
     def __init__(self, kv_cache_config: _Optional[bytes] = ..., next_address: _Optional[str] = ..., epoch: _Optional[int] = ..., standby: _Optional[bool] = ..., session: _Optional[str] = ...) -> None: ...
 
 class Step(_message.Message):
-    __slots__ = ("step_id", "epoch", "scheduler_output", "sample", "grammar_output", "tensors", "error", "timings", "session")
+    __slots__ = ("step_id", "epoch", "scheduler_output", "sample", "grammar_output", "tensors", "error", "timings", "session", "replay")
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     SCHEDULER_OUTPUT_FIELD_NUMBER: _ClassVar[int]
@@ -115,6 +115,7 @@ class Step(_message.Message):
     ERROR_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     SESSION_FIELD_NUMBER: _ClassVar[int]
+    REPLAY_FIELD_NUMBER: _ClassVar[int]
     step_id: int
     epoch: int
     scheduler_output: bytes
@@ -124,10 +125,11 @@ class Step(_message.Message):
     error: str
     timings: _containers.RepeatedCompositeFieldContainer[StageTiming]
     session: str
-    def __init__(self, step_id: _Optional[int] = ..., epoch: _Optional[int] = ..., scheduler_output: _Optional[bytes] = ..., sample: _Optional[bool] = ..., grammar_output: _Optional[bytes] = ..., tensors: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., error: _Optional[str] = ..., timings: _Optional[_Iterable[_Union[StageTiming, _Mapping]]] = ..., session: _Optional[str] = ...) -> None: ...
+    replay: bool
+    def __init__(self, step_id: _Optional[int] = ..., epoch: _Optional[int] = ..., scheduler_output: _Optional[bytes] = ..., sample: _Optional[bool] = ..., grammar_output: _Optional[bytes] = ..., tensors: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., error: _Optional[str] = ..., timings: _Optional[_Iterable[_Union[StageTiming, _Mapping]]] = ..., session: _Optional[str] = ..., replay: _Optional[bool] = ...) -> None: ...
 
 class StepResult(_message.Message):
-    __slots__ = ("step_id", "epoch", "model_runner_output", "error", "timings", "leaving", "shrink_kv_blocks", "grow_kv_blocks")
+    __slots__ = ("step_id", "epoch", "model_runner_output", "error", "timings", "leaving", "shrink_kv_blocks", "grow_kv_blocks", "replayed")
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     MODEL_RUNNER_OUTPUT_FIELD_NUMBER: _ClassVar[int]
@@ -136,6 +138,7 @@ class StepResult(_message.Message):
     LEAVING_FIELD_NUMBER: _ClassVar[int]
     SHRINK_KV_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     GROW_KV_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    REPLAYED_FIELD_NUMBER: _ClassVar[int]
     step_id: int
     epoch: int
     model_runner_output: bytes
@@ -144,7 +147,8 @@ class StepResult(_message.Message):
     leaving: bool
     shrink_kv_blocks: int
     grow_kv_blocks: int
-    def __init__(self, step_id: _Optional[int] = ..., epoch: _Optional[int] = ..., model_runner_output: _Optional[bytes] = ..., error: _Optional[str] = ..., timings: _Optional[_Iterable[_Union[StageTiming, _Mapping]]] = ..., leaving: _Optional[bool] = ..., shrink_kv_blocks: _Optional[int] = ..., grow_kv_blocks: _Optional[int] = ...) -> None: ...
+    replayed: bool
+    def __init__(self, step_id: _Optional[int] = ..., epoch: _Optional[int] = ..., model_runner_output: _Optional[bytes] = ..., error: _Optional[str] = ..., timings: _Optional[_Iterable[_Union[StageTiming, _Mapping]]] = ..., leaving: _Optional[bool] = ..., shrink_kv_blocks: _Optional[int] = ..., grow_kv_blocks: _Optional[int] = ..., replayed: _Optional[bool] = ...) -> None: ...
 
 class ResultsRequest(_message.Message):
     __slots__ = ("epoch", "session")

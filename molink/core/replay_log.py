@@ -1,0 +1,142 @@
+"""The replay log of a pipeline boundary: the activations a stage sent downstream, per request.
+
+For every running request, a stage keeps the rows of activations (``hidden_states``/``residual``,
+one row per token position) it sent to the next stage. They are the next span's inputs: when the
+node serving that span is lost, the node that takes its place is filled by replaying them through
+its span only (:mod:`molink.executor.span_replay`), and every other stage keeps its KV cache.
+
+The log is bounded: past ``capacity_bytes`` it drops the largest request's log (that request
+falls back to recomputing, see :mod:`molink.core.scheduler`). A request's log is dropped when it
+finishes; when its positions restart (it was preempted and recomputes), the rows from the restart
+on replace the old ones. A log with a gap (positions not logged) is dropped until it restarts
+from position 0.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+import torch
+from vllm.logger import init_logger
+
+from molink.telemetry import metrics
+
+logger = init_logger(__name__)
+
+#: The default cap on a head's replay log, in MiB (``--replay-log-mb``).
+DEFAULT_CAPACITY_MB = 1024
+
+
+@dataclass
+class _RequestLog:
+    """Rows [0, length) of one request, as chunks in position order."""
+
+    chunks: list[dict[str, torch.Tensor]] = field(default_factory=list)  # each [n, hidden]
+    length: int = 0
+    nbytes: int = 0
+
+
+class ReplayLog:
+    """Activations sent downstream, per request (thread-safe: the stage's compute thread
+    writes, the scheduler and the executor read)."""
+
+    def __init__(self, capacity_bytes: int) -> None:
+        self.capacity_bytes = capacity_bytes
+        self._lock = threading.Lock()
+        self._logs: dict[str, _RequestLog] = {}
+        self._nbytes = 0
+
+    def record(self, req_id: str, start: int, rows: dict[str, torch.Tensor]) -> None:
+        """Log the rows of positions [start, start + n) of ``req_id``; each tensor [n, hidden]
+        (copied: the caller may reuse its buffers)."""
+        num = next(iter(rows.values())).shape[0]
+        if num == 0:
+            return
+        copied = {name: t.to("cpu", copy=True) for name, t in rows.items()}
+        size = sum(t.numel() * t.element_size() for t in copied.values())
+        with self._lock:
+            log = self._logs.get(req_id)
+            if log is None:
+                if start != 0:  # a gap: nothing to replay until it restarts
+                    return
+                log = self._logs[req_id] = _RequestLog()
+            if start < log.length:
+                self._truncate(log, start)
+            elif start > log.length:
+                self._drop(req_id)
+                return
+            log.chunks.append(copied)
+            log.length += num
+            log.nbytes += size
+            self._nbytes += size
+            while self._nbytes > self.capacity_bytes and self._logs:
+                largest = max(self._logs, key=lambda r: self._logs[r].nbytes)
+                logger.warning(
+                    "Replay log over %d MiB: dropping request %s's log (it recomputes if its "
+                    "next stage is lost)",
+                    self.capacity_bytes >> 20,
+                    largest,
+                )
+                self._drop(largest)
+            metrics.REPLAY_LOG_BYTES.set(self._nbytes)
+
+    def drop(self, req_ids: set[str] | list[str]) -> None:
+        """Forget finished requests."""
+        with self._lock:
+            for req_id in req_ids:
+                if req_id in self._logs:
+                    self._drop(req_id)
+            metrics.REPLAY_LOG_BYTES.set(self._nbytes)
+
+    def length(self, req_id: str) -> int:
+        """How many leading positions of ``req_id`` the log holds."""
+        with self._lock:
+            log = self._logs.get(req_id)
+            return log.length if log is not None else 0
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._logs)
+
+    @property
+    def nbytes(self) -> int:
+        return self._nbytes
+
+    def rows(self, req_id: str, start: int, end: int) -> dict[str, torch.Tensor] | None:
+        """Rows of positions [start, end) of ``req_id`` (each [end - start, hidden]), or None
+        when the log doesn't hold them all."""
+        with self._lock:
+            log = self._logs.get(req_id)
+            if log is None or end > log.length or start >= end:
+                return None
+            pieces: dict[str, list[torch.Tensor]] = {name: [] for name in log.chunks[0]}
+            offset = 0
+            for chunk in log.chunks:
+                n = next(iter(chunk.values())).shape[0]
+                lo, hi = max(start, offset), min(end, offset + n)
+                if lo < hi:
+                    for name, t in chunk.items():
+                        pieces[name].append(t[lo - offset : hi - offset])
+                offset += n
+                if offset >= end:
+                    break
+        return {name: torch.cat(parts) for name, parts in pieces.items()}
+
+    def _truncate(self, log: _RequestLog, length: int) -> None:
+        kept: list[dict[str, torch.Tensor]] = []
+        offset = 0
+        for chunk in log.chunks:
+            n = next(iter(chunk.values())).shape[0]
+            if offset + n <= length:
+                kept.append(chunk)
+            elif offset < length:
+                kept.append({name: t[: length - offset].clone() for name, t in chunk.items()})
+            offset += n
+        nbytes = sum(t.numel() * t.element_size() for c in kept for t in c.values())
+        self._nbytes += nbytes - log.nbytes
+        log.chunks, log.length, log.nbytes = kept, length, nbytes
+
+    def _drop(self, req_id: str) -> None:
+        log = self._logs.pop(req_id)
+        self._nbytes -= log.nbytes

@@ -1,0 +1,79 @@
+"""What a recovery by replay refills, and how the scheduler and the executor agree on it.
+
+After a stage loss, the head's scheduler (engine thread) knows each running request's blocks and
+how many of its tokens every stage computed; the executor (its maintenance thread) wires the new
+chain and fills the node that took the lost span. They meet here, in the head's
+:class:`~molink.core.pipeline_state.PipelineState`:
+
+1. the scheduler *offers* a plan for the failure epoch: the requests' full KV blocks that every
+   surviving stage holds and that the replay log covers (it keeps exactly those blocks in vLLM's
+   prefix cache, so the requests resume from them);
+2. the executor *takes* it (or gives up waiting, when no request was running), replays it
+   through the new node and *finishes* the epoch with the outcome;
+3. the scheduler reads the outcome before it schedules on the new chain: after a failed replay it
+   drops the kept blocks from the prefix cache, and the requests recompute everything.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ReplayItem:
+    """Positions [0, num_tokens) of one request, to be replayed into ``block_ids``."""
+
+    req_id: str
+    token_ids: tuple[int, ...]  # the request's first num_tokens tokens
+    block_ids: tuple[int, ...]  # one per block_size tokens, in order
+    num_tokens: int
+
+
+ReplayPlan = dict[str, ReplayItem]
+
+
+class ReplayHandshake:
+    """The scheduler's plan and the executor's outcome of each recovery (thread-safe)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._plans: dict[int, ReplayPlan | None] = {}
+        self._given_up: set[int] = set()
+        self._outcomes: dict[int, bool] = {}
+
+    def offer(self, epoch: int, plan: ReplayPlan | None) -> bool:
+        """The scheduler's plan for failure ``epoch`` (None: it recomputes, nothing to replay).
+        False when the executor has already wired that epoch without waiting for it (the
+        scheduler must then recompute)."""
+        with self._cond:
+            if epoch in self._given_up:
+                return False
+            self._plans[epoch] = plan
+            self._cond.notify_all()
+            return True
+
+    def take(self, epoch: int, timeout: float) -> tuple[bool, ReplayPlan | None]:
+        """``(answered, plan)``: the scheduler's answer for ``epoch``, waiting up to ``timeout``
+        s for it. Without an answer, the scheduler's offer for that epoch is refused from now
+        on."""
+        with self._cond:
+            if epoch in self._outcomes:  # taken already (a retry of the same epoch)
+                return True, None
+            answered = self._cond.wait_for(lambda: epoch in self._plans, timeout)
+            if not answered:
+                self._given_up.add(epoch)
+                return False, None
+            return True, self._plans.pop(epoch)
+
+    def finish(self, epoch: int, replayed: bool) -> None:
+        """The executor's outcome for ``epoch``: True when the new node holds the plan's KV."""
+        with self._cond:
+            self._outcomes[epoch] = replayed
+            self._plans = {e: p for e, p in self._plans.items() if e > epoch}
+            self._given_up = {e for e in self._given_up if e >= epoch}
+
+    def outcome(self, epoch: int) -> bool:
+        """Whether the plan of ``epoch`` was replayed (False when unknown; read once)."""
+        with self._cond:
+            return self._outcomes.pop(epoch, False)

@@ -1,0 +1,90 @@
+"""Replay steps into a lost span's new node (molink.executor.span_replay), without a network:
+the acknowledgements come from a stand-in for the node's result stream."""
+
+from __future__ import annotations
+
+import threading
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from molink.comm import codec
+from molink.core.replay_log import ReplayLog
+from molink.core.replay_plan import ReplayItem
+from molink.executor.span_replay import WINDOW, ReplayFailed, SpanReplay
+
+BLOCK = 4
+
+
+def stage(span: tuple[int, int], name: str) -> SimpleNamespace:
+    return SimpleNamespace(span=span, __str__=lambda: name)
+
+
+def test_only_a_new_stage_1_on_the_same_spans_is_replayed():
+    a, b, c, c2 = stage((1, 3), "a"), stage((4, 5), "b"), stage((1, 3), "c"), stage((4, 5), "c2")
+    assert SpanReplay.reason_not_to([a, b], [c, b]) == ""
+    assert SpanReplay.reason_not_to([a, b], [a, b]) == ""  # nothing lost its KV cache
+    assert "on a follower" in SpanReplay.reason_not_to([a, b], [a, c2])
+    assert "differently" in SpanReplay.reason_not_to([a, b], [stage((1, 4), "d"), b])
+    assert "differently" in SpanReplay.reason_not_to([a, b], [stage((1, 5), "e")])
+
+
+def logged(num: int) -> ReplayLog:
+    log = ReplayLog(1 << 20)
+    values = torch.arange(num, dtype=torch.float32)[:, None].expand(num, 2).clone()
+    log.record("r", 0, {"hidden_states": values, "residual": values + 0.5})
+    return log
+
+
+def test_a_request_is_replayed_in_chunks_into_its_blocks():
+    replay = SpanReplay(logged(12), BLOCK, chunk_tokens=9)  # chunks of 8: two blocks
+    item = ReplayItem("r", tuple(range(100, 112)), (7, 3, 9), 12)
+    sent = []
+    ids = iter(range(1, 100))
+
+    def send(work, activations):
+        sent.append((work, activations.wait()))
+        replay.acknowledged(work.step_id)
+
+    assert replay.run({"r": item}, 5, "s", lambda: next(ids), send, timeout=5) == 12
+    assert [w.step_id for w, _ in sent] == [1, 2]
+    for (work, tensors), (start, end, blocks) in zip(
+        sent, [(0, 8, [7, 3]), (8, 12, [7, 3, 9])], strict=True
+    ):
+        assert work.replay and not work.sample and work.epoch == 5 and work.session == "s"
+        new = work.scheduler_output.scheduled_new_reqs[0]
+        assert new.num_computed_tokens == start and new.block_ids == (blocks,)
+        assert new.prompt_token_ids == list(range(100, 100 + end))
+        assert work.scheduler_output.num_scheduled_tokens == {new.req_id: end - start}
+        assert tensors["hidden_states"][:, 0].tolist() == list(range(start, end))
+        # The step crosses the wire like any other.
+        decoded, _ = codec.loads_step(work.scheduler_output_bytes)
+        assert decoded.scheduled_new_reqs[0].num_computed_tokens == start
+
+
+def test_steps_wait_for_acknowledgements_and_a_failure_aborts():
+    replay = SpanReplay(logged(40), BLOCK, chunk_tokens=BLOCK)
+    item = ReplayItem("r", tuple(range(40)), tuple(range(10)), 40)
+    ids = iter(range(1, 100))
+    sent = []
+
+    def send(work, _):
+        sent.append(work.step_id)
+        if len(sent) == WINDOW:  # the chain fails while the replay waits
+            threading.Timer(0.1, replay.abort, args=(3, "lost stage x")).start()
+
+    with pytest.raises(ReplayFailed, match="lost stage x"):
+        replay.run({"r": item}, 3, "s", lambda: next(ids), send, timeout=5)
+    assert len(sent) == WINDOW  # the fifth waits for the first's acknowledgement
+    assert replay.aborted
+
+    with pytest.raises(ReplayFailed, match="no acknowledgement within 0.2 s"):
+        replay.run({"r": item}, 4, "s", lambda: next(ids), lambda *_: None, timeout=0.2)
+
+
+def test_a_log_without_the_positions_fails_the_replay():
+    replay = SpanReplay(logged(4), BLOCK, chunk_tokens=64)
+    item = ReplayItem("r", tuple(range(8)), (1, 2), 8)
+    with pytest.raises(ReplayFailed, match="lost request r's positions"):
+        replay.run({"r": item}, 1, "s", lambda: 1, lambda *_: None, timeout=1)
