@@ -194,10 +194,10 @@ def run_setup(args: argparse.Namespace, model: str, stages: int, recovery: str) 
             if event == "SIGTERM":  # a new node for the span becomes the standby
                 swarm.add_node(*last)
             victim = serving_follower(swarm, last[0])
-            spare = next(
+            spare = next(  # the newest other node of the victim's span: the standby
                 i
                 for i in range(len(swarm.nodes) - 1, 0, -1)
-                if i != victim and swarm.nodes[i].poll() is None
+                if i != victim and swarm.layers[i] == last and swarm.nodes[i].poll() is None
             )
             wait_for_standby(head_log, spec.grpc_base_port + spare)
             node = swarm.nodes[victim]

@@ -168,15 +168,28 @@ def test_three_uneven_stages_in_four_micro_batches_match_single_process(
     assert re.search(r"Pipeline restored \(epoch 1\) [0-9.]+ s .*, by replay: ", head.log())
     assert metric(head.base_url, 'molink_recoveries_total{mode="replay"}') == 1
 
-    # The last stage dies: its input log would be on stage 1, a follower (not built), so the
-    # head says why and every request recomputes; the streams are still exact.
+    # The last stage dies: stage 1, a follower, replays what it logged into the new node.
     def replace_the_last() -> None:
         s2.kill()
         swarm.start("stage2b", qwen3_model, "4,5", ENGINE_FLAGS, peers=[head])
 
     assert asyncio.run(stream_all(head, qwen3_model, during=replace_the_last)) == undisturbed
-    assert "Recovering by recompute, not replay: " in head.log()
-    assert "whose input log is on a follower" in head.log()
+    assert re.search(r"Pipeline restored \(epoch 2\) [0-9.]+ s .*, by replay: ", head.log())
+    assert metric(head.base_url, 'molink_recoveries_total{mode="replay"}') == 2
+
+    # The middle dies again and a node for layers 1-5 takes over: the chain is split
+    # differently, so the head says why, drops the blocks it kept, and every request
+    # recomputes; the streams are still exact.
+    stage1b = next(n for n in swarm.nodes if n.name == "stage1b")
+
+    def replace_both() -> None:
+        stage1b.kill()
+        swarm.start("stage12", qwen3_model, "1,5", ENGINE_FLAGS, peers=[head])
+
+    assert asyncio.run(stream_all(head, qwen3_model, during=replace_both)) == undisturbed
+    assert "Recovering by recompute, not replay: the new chain splits the layers differently" in (
+        head.log()
+    )
     assert metric(head.base_url, 'molink_recoveries_total{mode="recompute"}') == 1
 
 

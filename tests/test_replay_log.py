@@ -80,11 +80,11 @@ def test_handshake_plan_then_outcome():
     assert handshake.offer(3, plan)
     assert handshake.take(3, 0.0) == (True, plan)
     assert handshake.take(3, 0.0) == (False, None)  # taken once
-    assert not handshake.outcome(3)  # not finished yet
-    handshake.finish(3, True)
+    assert handshake.outcome(3) == (False, frozenset())  # not finished yet
+    handshake.finish(3, True, frozenset({"b"}))
     assert handshake.take(3, 5.0) == (True, None)  # a retry of the epoch gets no plan again
-    assert handshake.outcome(3)
-    assert not handshake.outcome(3)  # read once
+    assert handshake.outcome(3) == (True, frozenset({"b"}))
+    assert handshake.outcome(3) == (False, frozenset())  # read once
 
 
 def test_handshake_waits_for_the_scheduler_and_refuses_a_late_offer():

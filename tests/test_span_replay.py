@@ -21,13 +21,14 @@ def stage(span: tuple[int, int], name: str) -> SimpleNamespace:
     return SimpleNamespace(span=span, __str__=lambda: name)
 
 
-def test_only_a_new_stage_1_on_the_same_spans_is_replayed():
+def test_one_new_node_on_the_same_spans_is_replayed():
     a, b, c, c2 = stage((1, 3), "a"), stage((4, 5), "b"), stage((1, 3), "c"), stage((4, 5), "c2")
-    assert SpanReplay.reason_not_to([a, b], [c, b]) == ""
-    assert SpanReplay.reason_not_to([a, b], [a, b]) == ""  # nothing lost its KV cache
-    assert "on a follower" in SpanReplay.reason_not_to([a, b], [a, c2])
-    assert "differently" in SpanReplay.reason_not_to([a, b], [stage((1, 4), "d"), b])
-    assert "differently" in SpanReplay.reason_not_to([a, b], [stage((1, 5), "e")])
+    assert SpanReplay.new_node([a, b], [c, b]) == (0, "")
+    assert SpanReplay.new_node([a, b], [a, c2]) == (1, "")
+    assert SpanReplay.new_node([a, b], [a, b]) == (None, "")  # nothing lost its KV cache
+    assert SpanReplay.new_node([a, b], [c, c2]) == (None, "2 stages of the new chain are new nodes")
+    assert "differently" in SpanReplay.new_node([a, b], [stage((1, 4), "d"), b])[1]
+    assert "differently" in SpanReplay.new_node([a, b], [stage((1, 5), "e")])[1]
 
 
 def logged(num: int) -> ReplayLog:
@@ -47,12 +48,13 @@ def test_a_request_is_replayed_in_chunks_into_its_blocks():
         sent.append((work, activations.wait()))
         replay.acknowledged(work.step_id)
 
-    assert replay.run({"r": item}, 5, "s", lambda: next(ids), send, timeout=5) == 12
+    assert replay.run({"r": item}, 5, (3, True), "s", lambda: next(ids), send, 5) == (12, set())
     assert [w.step_id for w, _ in sent] == [1, 2]
     for (work, tensors), (start, end, blocks) in zip(
         sent, [(0, 8, [7, 3]), (8, 12, [7, 3, 9])], strict=True
     ):
         assert work.replay and not work.sample and work.epoch == 5 and work.session == "s"
+        assert work.replay_layer == 3
         new = work.scheduler_output.scheduled_new_reqs[0]
         assert new.num_computed_tokens == start and new.block_ids == (blocks,)
         assert new.prompt_token_ids == list(range(100, 100 + end))
@@ -75,16 +77,36 @@ def test_steps_wait_for_acknowledgements_and_a_failure_aborts():
             threading.Timer(0.1, replay.abort, args=(3, "lost stage x")).start()
 
     with pytest.raises(ReplayFailed, match="lost stage x"):
-        replay.run({"r": item}, 3, "s", lambda: next(ids), send, timeout=5)
+        replay.run({"r": item}, 3, (1, True), "s", lambda: next(ids), send, 5)
     assert len(sent) == WINDOW  # the fifth waits for the first's acknowledgement
     assert replay.aborted
 
     with pytest.raises(ReplayFailed, match="no acknowledgement within 0.2 s"):
-        replay.run({"r": item}, 4, "s", lambda: next(ids), lambda *_: None, timeout=0.2)
+        replay.run({"r": item}, 4, (1, True), "s", lambda: next(ids), lambda *_: None, 0.2)
 
 
-def test_a_log_without_the_positions_fails_the_replay():
-    replay = SpanReplay(logged(4), BLOCK, chunk_tokens=64)
-    item = ReplayItem("r", tuple(range(8)), (1, 2), 8)
-    with pytest.raises(ReplayFailed, match="lost request r's positions"):
-        replay.run({"r": item}, 1, "s", lambda: 1, lambda *_: None, timeout=1)
+def test_requests_without_logged_rows_recompute_alone():
+    """The head's log lacks one request (the head is the source); a follower source says it
+    lacks another (an acknowledgement with an error): only those two recompute."""
+    replay = SpanReplay(logged(8), BLOCK, chunk_tokens=64)
+    plan = {
+        "r": ReplayItem("r", tuple(range(8)), (1, 2), 8),
+        "gone": ReplayItem("gone", tuple(range(8)), (3, 4), 8),
+    }
+    ids = iter(range(1, 100))
+    acks = {}
+
+    def send(work, activations):
+        acks[work.step_id] = activations
+        replay.acknowledged(work.step_id)
+
+    assert replay.run(plan, 1, (1, True), "s", lambda: next(ids), send, 1) == (8, {"gone"})
+    assert len(acks) == 1  # "gone" was never sent
+
+    def from_a_follower(work, activations):
+        assert activations is None  # the stage before the target adds the rows
+        name = work.scheduler_output.scheduled_new_reqs[0].req_id
+        replay.acknowledged(work.step_id, "no rows" if name.endswith("gone") else "")
+
+    got = replay.run(plan, 2, (4, False), "s", lambda: next(ids), from_a_follower, 1)
+    assert got == (8, {"gone"})

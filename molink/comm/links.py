@@ -113,6 +113,7 @@ def encode_step(work: StepWork, output: StageOutput, wire: codec.WireFormat) -> 
         timings=timings_to_proto(work.timings),
         session=work.session,
         replay=work.replay,
+        replay_layer=work.replay_layer,
     )
 
 
@@ -141,6 +142,7 @@ def decode_step(msg: molink_pb2.Step, dtype: torch.dtype, pin: bool) -> StepWork
         decode_s=time.monotonic() - started,
         session=msg.session,
         replay=msg.replay,
+        replay_layer=msg.replay_layer,
     )
 
 
@@ -234,9 +236,7 @@ class ResultStream:
 
     def emit(self, work: StepWork, output: StageOutput) -> None:
         if work.replay:  # the head waits for each replay step's acknowledgement
-            self._queue.put(
-                molink_pb2.StepResult(step_id=work.step_id, epoch=work.epoch, replayed=True)
-            )
+            self.replayed(work)
         elif work.sample:  # the head waits only for steps that sampled
             self._queue.put(
                 molink_pb2.StepResult(
@@ -248,7 +248,18 @@ class ResultStream:
             )
 
     def fail(self, work: StepWork, error: str) -> None:
-        self.report(error, work.step_id, work.epoch)
+        if work.replay:  # a replay that fails fails alone: its requests recompute
+            self.replayed(work, error)
+        else:
+            self.report(error, work.step_id, work.epoch)
+
+    def replayed(self, work: StepWork, error: str = "") -> None:
+        """Acknowledge replay step ``work`` (``error``: it could not be done)."""
+        self._queue.put(
+            molink_pb2.StepResult(
+                step_id=work.step_id, epoch=work.epoch, replayed=True, error=error
+            )
+        )
 
     def report(self, error: str, step_id: int = 0, epoch: int | None = None) -> None:
         """Tell the head that this stage can't go on (e.g. its next hop is gone)."""

@@ -6,12 +6,13 @@ chain and fills the node that took the lost span. They meet here, in the head's
 :class:`~molink.core.pipeline_state.PipelineState`:
 
 1. the scheduler *offers* a plan for the failure epoch: the requests' full KV blocks that every
-   surviving stage holds and that the replay log covers (it keeps exactly those blocks in vLLM's
-   prefix cache, so the requests resume from them);
+   surviving stage holds (it keeps exactly those blocks in vLLM's prefix cache, so the requests
+   resume from them);
 2. the executor *takes* it (or gives up waiting, when no request was running), replays it
    through the new node and *finishes* the epoch with the outcome;
 3. the scheduler reads the outcome before it schedules on the new chain: after a failed replay it
-   drops the kept blocks from the prefix cache, and the requests recompute everything.
+   drops the kept blocks from the prefix cache, and the requests recompute everything; after a
+   replay that failed for some requests (their rows were not in the log), it drops theirs.
 """
 
 from __future__ import annotations
@@ -32,6 +33,18 @@ class ReplayItem:
 
 ReplayPlan = dict[str, ReplayItem]
 
+_REPLAY_PREFIX = "molink-replay-"
+
+
+def replay_request_id(req_id: str) -> str:
+    """The id a replay step gives request ``req_id`` (it never meets the request's own)."""
+    return _REPLAY_PREFIX + req_id
+
+
+def replayed_request(replay_id: str) -> str | None:
+    """The request a replay step's id names (None: not a replay id)."""
+    return replay_id[len(_REPLAY_PREFIX) :] if replay_id.startswith(_REPLAY_PREFIX) else None
+
 
 class ReplayHandshake:
     """The scheduler's plan and the executor's outcome of each recovery (thread-safe)."""
@@ -40,7 +53,7 @@ class ReplayHandshake:
         self._cond = threading.Condition()
         self._plans: dict[int, ReplayPlan | None] = {}
         self._given_up: set[int] = set()
-        self._outcomes: dict[int, bool] = {}
+        self._outcomes: dict[int, tuple[bool, frozenset[str]]] = {}
 
     def offer(self, epoch: int, plan: ReplayPlan | None) -> bool:
         """The scheduler's plan for failure ``epoch`` (None: it recomputes, nothing to replay).
@@ -66,14 +79,16 @@ class ReplayHandshake:
                 return False, None
             return True, self._plans.pop(epoch)
 
-    def finish(self, epoch: int, replayed: bool) -> None:
-        """The executor's outcome for ``epoch``: True when the new node holds the plan's KV."""
+    def finish(self, epoch: int, replayed: bool, failed: frozenset[str] = frozenset()) -> None:
+        """The executor's outcome for ``epoch``: ``replayed`` when the new node holds the plan's
+        KV, but for the requests ``failed``."""
         with self._cond:
-            self._outcomes[epoch] = replayed
+            self._outcomes[epoch] = (replayed, failed)
             self._plans = {e: p for e, p in self._plans.items() if e > epoch}
             self._given_up = {e for e in self._given_up if e >= epoch}
 
-    def outcome(self, epoch: int) -> bool:
-        """Whether the plan of ``epoch`` was replayed (False when unknown; read once)."""
+    def outcome(self, epoch: int) -> tuple[bool, frozenset[str]]:
+        """Whether the plan of ``epoch`` was replayed, and the requests it failed for
+        ((False, {}) when unknown; read once)."""
         with self._cond:
-            return self._outcomes.pop(epoch, False)
+            return self._outcomes.pop(epoch, (False, frozenset()))

@@ -90,7 +90,7 @@ class PipelineScheduler(SchedulerHooks):
         # Recovery by replay: the epoch whose plan kept KV blocks for its requests (until the
         # executor's outcome is read), those blocks, and the tokens each request keeps.
         self._replay_epoch: int | None = None
-        self._replay_kept: set[int] = set()
+        self._replay_kept: dict[str, set[int]] = {}
         self._replaying: dict[str, int] = {}
         self._failure_causes: dict[str, str] = {}
 
@@ -142,9 +142,9 @@ class PipelineScheduler(SchedulerHooks):
         try:
             if plan is not None and self.pipeline.replay.offer(epoch, plan):
                 self._replaying = {rid: item.num_tokens for rid, item in plan.items()}
-                self._replay_kept = {b for item in plan.values() for b in item.block_ids}
+                self._replay_kept = {rid: set(item.block_ids) for rid, item in plan.items()}
                 self._replay_epoch = epoch
-                self.preempt_all_keeping(self._replay_kept)
+                self.preempt_all_keeping({b for kept in self._replay_kept.values() for b in kept})
             else:
                 self.pipeline.replay.offer(epoch, None)  # (declined: the executor won't wait)
                 self.reset_prefix_cache(reset_running_requests=True)
@@ -190,11 +190,9 @@ class PipelineScheduler(SchedulerHooks):
 
     def _replay_plan(self) -> ReplayPlan | None:
         """What the lost span's new node can be refilled with: per running request, its full
-        KV blocks whose step came back from every stage and whose activations the replay log
-        holds. None when this head recovers by recompute (``--recovery recompute``, or a KV
-        layout a replay can't fill)."""
-        log = self.pipeline.replay_log
-        if log is None or not self.cache_config.enable_prefix_caching:
+        KV blocks whose step came back from every stage. None when this head recovers by
+        recompute (``--recovery recompute``, or a KV layout a replay can't fill)."""
+        if self.pipeline.replay_log is None or not self.cache_config.enable_prefix_caching:
             return None
         if not self.full_attention_only():
             return None
@@ -202,7 +200,7 @@ class PipelineScheduler(SchedulerHooks):
         size = self.block_size
         for request in self.running:
             rid = request.request_id
-            num = min(self.confirmed_tokens(request), log.length(rid)) // size * size
+            num = self.confirmed_tokens(request) // size * size
             if num > 0:
                 blocks = self.request_block_ids(request)[: num // size]
                 plan[rid] = ReplayItem(rid, tuple(request.all_token_ids[:num]), tuple(blocks), num)
@@ -212,15 +210,24 @@ class PipelineScheduler(SchedulerHooks):
         """On the first step of a rebuilt chain: if the lost span's new node was not refilled,
         drop the blocks the barrier kept for it, so that their requests recompute them."""
         epoch, self._replay_epoch = self._replay_epoch, None
-        if epoch != self._epoch or self.pipeline.replay.outcome(epoch):
+        kept, self._replay_kept = self._replay_kept, {}
+        replayed, failed = self.pipeline.replay.outcome(epoch)
+        if epoch != self._epoch:
             return
+        dropped = kept if not replayed else {rid: kept[rid] for rid in failed if rid in kept}
+        if not dropped:
+            return
+        blocks = {b for ids in dropped.values() for b in ids}
         logger.warning(
-            "The lost span's new node was not refilled: the %d KV blocks kept for it are "
-            "dropped and their requests recompute",
-            len(self._replay_kept),
+            "The lost span's new node was not refilled for %d request(s): their %d kept KV "
+            "blocks are dropped and they recompute",
+            len(dropped),
+            len(blocks),
         )
-        self.forget_cached_blocks(self._replay_kept)
-        self._replay_kept = set()
+        self.forget_cached_blocks(blocks)
+        metrics.RECOMPUTED_TOKENS.labels("stage_loss").inc(
+            sum(len(ids) for ids in dropped.values()) * self.block_size
+        )
 
     def _fail(self, request_ids: list[str], cause: str, kind: str) -> None:
         """Finish requests with an error whose message (the client's) is ``cause``; ``kind``

@@ -47,9 +47,11 @@ class StepWork:
     decode_s: float = 0.0
     # The secret id of the head's session (molink.core.head_session), checked by every stage.
     session: str = ""
-    # A replay step (molink.executor.span_replay): it fills this stage's KV cache only; the
-    # stage acknowledges it to the head and sends nothing on.
+    # A replay step (molink.executor.span_replay) fills the KV cache of the stage whose span
+    # starts at replay_layer; the stage before it adds the rows from its replay log, the stages
+    # before that pass it on; the target acknowledges it to the head and sends nothing on.
     replay: bool = False
+    replay_layer: int = 0
 
 
 class HostActivations:

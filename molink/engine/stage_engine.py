@@ -23,7 +23,7 @@ from vllm.logger import init_logger
 
 from molink.core.head_session import HeadSession, StepRefused
 from molink.core.micro_batching import StageTiming
-from molink.core.step import StepSink, StepWork
+from molink.core.step import HostActivations, StepSink, StepWork
 from molink.telemetry import metrics
 
 logger = init_logger(__name__)
@@ -38,6 +38,7 @@ class StageEngine:
         """``worker`` is a ``WorkerWrapperBase`` around a :class:`StageWorker` serving the
         (inclusive) span ``layers``."""
         self.worker = worker
+        self.layers = layers
         self.name = f"layers {layers[0]}-{layers[1]}"
         label = f"{layers[0]}-{layers[1]}"
         self._step_seconds = metrics.STEP_SECONDS.labels(label)
@@ -118,16 +119,32 @@ class StageEngine:
         except Exception:  # a reset must not kill the loop; the next step will report
             logger.exception("%s: reset failed", self.name)
 
+    def _pass_replay(self, work: StepWork, session: HeadSession, sink: StepSink) -> None:
+        """A replay step for a later stage: the stage just before it adds its logged rows of
+        the step's request (or tells the head it can't); the ones before pass it on."""
+        if work.replay_layer != self.layers[1] + 1:
+            sink.emit(work, None)
+            return
+        rows = self.worker.replay_rows(work.session, work.scheduler_output)
+        if rows is None:
+            session.results.replayed(work, f"{self.name} does not hold its logged positions")
+            return
+        sink.emit(work, HostActivations(rows))
+
     def _run(self, work: StepWork) -> None:
         session = self.sessions.get(work.session)
         sink = session.sink if session else None
-        if work.replay and session is not None:
+        target = work.replay and work.replay_layer == self.layers[0]
+        if target and session is not None:
             sink = session.results
         if session is None or work.epoch != session.epoch or sink is None:
             logger.debug("%s: dropping step %d of epoch %d", self.name, work.step_id, work.epoch)
             return
         if work.error:
             sink.fail(work, work.error)
+            return
+        if work.replay and not target:
+            self._pass_replay(work, session, sink)
             return
         try:
             session.admit(work.scheduler_output)

@@ -179,26 +179,25 @@ class ChainUpkeep:
         _, plan = self.state.replay.take(epoch, 10.0 if len(self.replay.log) else 0.0)
         if plan is None:
             return "recompute"
-        reason = self.replay.reason_not_to(self._wired, self.chain.remotes)
+        index, reason = self.replay.new_node(self._wired, self.chain.remotes)
         if not reason and self._wired_blocks != self.kv.num_blocks:
             reason = "the KV cache was resized"
-        if reason:
-            logger.warning("Recovering by recompute, not replay: %s", reason)
+        if reason or not plan:
+            if reason:
+                logger.warning("Recovering by recompute, not replay: %s", reason)
             self.state.replay.finish(epoch, False)
             return "recompute"
-        first = self.chain.remotes[0]
-        if not plan:  # no request kept a block
-            self.state.replay.finish(epoch, False)
-            return "recompute"
-        if first is self._wired[0]:  # no stage lost its KV cache
+        if index is None:  # no stage lost its KV cache
             self.state.replay.finish(epoch, True)
             return "replay"
+        node = self.chain.remotes[index]
         started = time.monotonic()
         try:
             assert self._link is not None
-            tokens = self.replay.run(
+            tokens, failed = self.replay.run(
                 plan,
                 epoch,
+                (node.span[0], index == 0),
                 self.session.id,
                 self._new_step_id,
                 self._link.emit,
@@ -206,18 +205,19 @@ class ChainUpkeep:
             )
         except ReplayFailed as e:
             self.state.replay.finish(epoch, False)
-            logger.warning("Replay into %s failed (%s): its requests recompute", first, e)
+            logger.warning("Replay into %s failed (%s): its requests recompute", node, e)
             if self.state.failed_epoch == epoch and not self.replay.aborted:
                 return "recompute"
             raise
-        self.state.replay.finish(epoch, True)
+        self.state.replay.finish(epoch, True, failed)
         logger.info(
-            "Replayed %d positions of %d request(s) into %s in %.2f s; every other stage kept "
-            "its KV cache",
+            "Replayed %d positions of %d request(s) into %s in %.2f s (%d request(s) recompute); "
+            "every other stage kept its KV cache",
             tokens,
-            len(plan),
-            first,
+            len(plan) - len(failed),
+            node,
             time.monotonic() - started,
+            len(failed),
         )
         return "replay"
 

@@ -41,7 +41,6 @@ from molink.core.head_session import HeadSession
 from molink.core.micro_batching import StageTiming
 from molink.core.pipeline_state import PIPELINE_STATE, epoch_of, lost_output
 from molink.core.rebalance import RebalancePolicy
-from molink.core.replay_log import ReplayLog
 from molink.core.request_snapshot import snapshots_of
 from molink.core.step import StageOutput, StepWork, changes_stage_state
 from molink.engine.head_config import HeadConfig
@@ -154,8 +153,8 @@ class PipelineExecutor(ChainUpkeep, ExecutorHooks):
 
     def _replay_log(self) -> SpanReplay:
         """Stage 0 logs what it sends to stage 1, for a recovery by replay."""
-        log = ReplayLog(self.head.replay_log_mb << 20)
-        self.worker.worker.replay_log = self.state.replay_log = log
+        log = self.worker.keep_replay_log(self.session.id, self.head.replay_log_mb << 20)
+        self.state.replay_log = log
         return SpanReplay(
             log,
             self.vllm_config.cache_config.block_size,
@@ -176,6 +175,7 @@ class PipelineExecutor(ChainUpkeep, ExecutorHooks):
             engine_overrides=head_engine_overrides(self.vllm_config),
             wire_dtype=self.head.wire_dtype,
             wire_compression=self.head.wire_compression,
+            replay_log_mb=self.head.replay_log_mb if self.head.recovery == "replay" else 0,
         )
 
     def get_kv_cache_specs(self) -> list[dict[str, KVCacheSpec]]:
@@ -262,7 +262,7 @@ class PipelineExecutor(ChainUpkeep, ExecutorHooks):
                 received.inc(result.ByteSize())
                 if result.replayed:
                     if self.replay is not None:
-                        self.replay.acknowledged(result.step_id)
+                        self.replay.acknowledged(result.step_id, result.error)
                     continue
                 if result.leaving:
                     logger.info("Stage %s says it is leaving", remote)

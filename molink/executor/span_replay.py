@@ -1,16 +1,19 @@
-"""Recovery by replay: refill only the node that took a lost span, from the head's replay log.
+"""Recovery by replay: refill only the node that took a lost span, from a replay log.
 
 After a stage loss, the scheduler keeps the full KV blocks that every surviving stage computed
-(:mod:`molink.core.replay_plan`). The head's stage 0 logged what it sent to stage 1
-(:class:`~molink.core.replay_log.ReplayLog`); when the new chain differs from the lost one only
-in the node of stage 1, that node is the only stage missing those blocks, and replaying the
-logged activations through its span fills them. Each replay step is one request's chunk of
-positions; the node computes it into the request's blocks, sends nothing on, and acknowledges
-it. Then the requests resume from their kept blocks on every stage.
+(:mod:`molink.core.replay_plan`). Every stage logs what it sent to the next one
+(:class:`~molink.core.replay_log.ReplayLog`): the head for stage 1, each follower for the stage
+after it. When the new chain differs from the lost one only in the node of one span, that node is
+the only stage missing those blocks, and replaying the activations logged at its input through
+its span fills them. Each replay step is one request's chunk of positions, sent down the chain
+like any step: the stage before the new node adds the logged rows (the head, when it is stage 1),
+the new node computes them into the request's blocks, sends nothing on and acknowledges the step.
+Then the requests resume from their kept blocks on every stage. A request whose rows are no
+longer logged (dropped over the cap) recomputes alone.
 
-Anything else falls back to recompute, with the reason logged: a loss of a later stage (its
-upstream log is on a follower; replay from a follower is not built yet), a chain that splits the
-layers differently, a KV cache that was resized, a replay step that fails or times out.
+Anything else falls back to recompute, with the reason logged: a chain that splits the layers
+differently, more than one new node, a KV cache that was resized, a replay that fails or times
+out.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from vllm.logger import init_logger
 
 from molink.comm import codec
 from molink.core.replay_log import ReplayLog
-from molink.core.replay_plan import ReplayPlan
+from molink.core.replay_plan import ReplayPlan, replay_request_id
 from molink.core.step import HostActivations, StepWork
 from molink.telemetry import metrics
 from molink.vllm_compat.scheduler import replay_scheduler_output
@@ -52,24 +55,21 @@ class SpanReplay:
         self.block_size = block_size
         self.chunk_tokens = max(block_size, chunk_tokens // block_size * block_size)
         self._cond = threading.Condition()
-        self._acked: set[int] = set()
+        self._acked: dict[int, str] = {}  # step id -> "" or why it failed
         self._epoch = -1  # of the replay running
         self._aborted = ""
 
     @staticmethod
-    def reason_not_to(before: list[RemoteStage], after: list[RemoteStage]) -> str:
-        """Why the chain ``after`` can't be refilled by replay after losing one of ``before``
-        ("" when it can: every stage but stage 1 is the same node serving the same span)."""
+    def new_node(before: list[RemoteStage], after: list[RemoteStage]) -> tuple[int | None, str]:
+        """Which remote stage of the chain ``after`` must be refilled after losing a stage of
+        ``before``: ``(index, "")``, ``(None, "")`` when none (every stage is the same node
+        serving the same span), or ``(None, why)`` when a replay can't refill it."""
         if [r.span for r in before] != [r.span for r in after]:
-            return "the new chain splits the layers differently"
+            return None, "the new chain splits the layers differently"
         replaced = [i for i, (a, b) in enumerate(zip(before, after, strict=True)) if a is not b]
-        later = [str(after[i]) for i in replaced if i > 0]
-        if later:
-            return (
-                f"{', '.join(later)} took a span after stage 1, whose input log is on a "
-                "follower (replay from a follower is not built yet)"
-            )
-        return ""
+        if len(replaced) > 1:
+            return None, f"{len(replaced)} stages of the new chain are new nodes"
+        return (replaced[0] if replaced else None), ""
 
     def abort(self, epoch: int, reason: str) -> None:
         """The chain of ``epoch`` failed: a replay into it stops."""
@@ -83,39 +83,47 @@ class SpanReplay:
         """Whether the last replay stopped because its chain failed."""
         return bool(self._aborted)
 
-    def acknowledged(self, step_id: int) -> None:
-        """The new node computed replay step ``step_id`` (from its result stream)."""
+    def acknowledged(self, step_id: int, error: str = "") -> None:
+        """Replay step ``step_id`` is done (from a result stream; ``error``: it could not be)."""
         with self._cond:
-            self._acked.add(step_id)
+            self._acked[step_id] = error
             self._cond.notify_all()
 
     def run(
         self,
         plan: ReplayPlan,
         epoch: int,
+        target: tuple[int, bool],
         session: str,
         next_step_id: Callable[[], int],
-        send: Callable[[StepWork, HostActivations], None],
+        send: Callable[[StepWork, HostActivations | None], None],
         timeout: float,
-    ) -> int:
-        """Replay ``plan`` through the first remote stage; returns the positions replayed.
+    ) -> tuple[int, frozenset[str]]:
+        """Replay ``plan`` into the stage whose span starts at layer ``target[0]``; the head
+        adds the logged rows when ``target[1]`` (the target is stage 1), else the stage before
+        the target does. ``send`` puts a step on the head's link to stage 1; each
+        acknowledgement must come within ``timeout`` s.
 
-        ``send`` puts a step on the link to it; each acknowledgement must come within
-        ``timeout`` s. Raises :class:`ReplayFailed`, also when :meth:`abort` is called.
+        Returns the positions replayed and the requests that could not be (their rows were
+        not logged). Raises :class:`ReplayFailed`, also when :meth:`abort` is called.
         """
+        layer, head_is_source = target
         with self._cond:
-            self._epoch, self._aborted, self._acked = epoch, "", set()
-        sent: list[int] = []
-        replayed = 0
+            self._epoch, self._aborted, self._acked = epoch, "", {}
+        sent: list[tuple[int, str, int]] = []  # (step id, request, positions)
+        failed: set[str] = set()
         for item in plan.values():
             for start in range(0, item.num_tokens, self.chunk_tokens):
                 end = min(start + self.chunk_tokens, item.num_tokens)
-                rows = self.log.rows(item.req_id, start, end)  # each [end - start, hidden]
-                if rows is None:
-                    raise ReplayFailed(f"the log lost request {item.req_id}'s positions")
+                rows = None
+                if head_is_source:
+                    rows = self.log.rows(item.req_id, start, end)  # each [end - start, hidden]
+                    if rows is None:
+                        failed.add(item.req_id)
+                        break
                 blocks = list(item.block_ids[: math.ceil(end / self.block_size)])
                 so = replay_scheduler_output(
-                    f"molink-replay-{item.req_id}", list(item.token_ids), blocks, start, end
+                    replay_request_id(item.req_id), list(item.token_ids), blocks, start, end
                 )
                 step_id = next_step_id()
                 work = StepWork(
@@ -125,16 +133,23 @@ class SpanReplay:
                     scheduler_output_bytes=codec.dumps_step(so, {}),
                     session=session,
                     replay=True,
+                    replay_layer=layer,
                 )
                 if len(sent) >= WINDOW:
-                    self._wait(sent[-WINDOW], timeout)
-                send(work, HostActivations(rows))
-                sent.append(step_id)
-                replayed += end - start
+                    self._wait(sent[-WINDOW][0], timeout)
+                send(work, None if rows is None else HostActivations(rows))
+                sent.append((step_id, item.req_id, end - start))
         if sent:
-            self._wait(sent[-1], timeout)
+            self._wait(sent[-1][0], timeout)
+        with self._cond:
+            errors = {step_id: self._acked.get(step_id, "") for step_id, _, _ in sent}
+        for step_id, req_id, _ in sent:
+            if errors[step_id]:
+                logger.warning("Replay of request %s failed: %s", req_id, errors[step_id])
+                failed.add(req_id)
+        replayed = sum(n for _, req_id, n in sent if req_id not in failed)
         metrics.REPLAYED_TOKENS.inc(replayed)
-        return replayed
+        return replayed, frozenset(failed)
 
     def _wait(self, step_id: int, timeout: float) -> None:
         """Until ``step_id`` is acknowledged (steps run in order: so are the ones before it)."""
@@ -147,4 +162,3 @@ class SpanReplay:
                 if left <= 0:
                     raise ReplayFailed(f"no acknowledgement within {timeout:g} s")
                 self._cond.wait(min(left, 0.5))
-            self._acked = {s for s in self._acked if s > step_id}

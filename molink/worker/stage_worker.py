@@ -27,6 +27,7 @@ from vllm.v1.outputs import ModelRunnerOutput
 from vllm.v1.worker.worker_base import WorkerWrapperBase
 
 from molink.core.replay_log import ReplayLog
+from molink.core.replay_plan import replayed_request
 from molink.core.request_snapshot import RequestSnapshot
 from molink.core.step import HostActivations
 from molink.distributed.parallel_state import init_stage_parallel_state
@@ -69,8 +70,6 @@ class StageHooks:
     vllm_config: VllmConfig
     model_runner: Any
     staging: ActivationStaging
-    #: The head's stage 0 logs what it sends to stage 1 here (``--recovery replay``).
-    replay_log: ReplayLog | None = None
 
     def init_device(self) -> None:
         placement = stage_placement(self.vllm_config)
@@ -85,6 +84,8 @@ class StageHooks:
         # Heads' persistent batches (see use_batch_of): whose is in the runner, and the others.
         self._batch_owner: str | None = None
         self._other_batches: dict[str, tuple[Any, dict]] = {}
+        # Per head: what this stage sent on for its running requests (--recovery replay).
+        self.replay_logs: dict[str, ReplayLog] = {}
         # vLLM's CPU path forgets the buffer later stages copy received activations into.
         if not get_pp_group().is_first_rank:
             ensure_intermediate_tensors(runner)
@@ -121,26 +122,55 @@ class StageHooks:
         intermediate = IntermediateTensors(tensors) if tensors is not None else None
         with mamba_alignment_where_held(self.model_runner):
             output = self.model_runner.execute_model(scheduler_output, intermediate)
-        if self.replay_log is not None:
-            self._log_for_replay(scheduler_output, output)
+        log = self.replay_logs.get(head)
+        if log is not None:
+            self._log_for_replay(log, scheduler_output, output)
         if isinstance(output, IntermediateTensors):
             return self.staging.to_host(output.tensors)
         if output is None and get_pp_group().is_last_rank:
             output = self.model_runner.sample_tokens(grammar() if sample else None)
         return output
 
-    def _log_for_replay(self, scheduler_output: SchedulerOutput, output: Any) -> None:
-        """Log each request's rows of the activations this step sends on (see
-        :class:`~molink.core.replay_log.ReplayLog`); forget finished requests."""
-        log = self.replay_log
-        assert log is not None
+    def keep_replay_log(self, head: str, capacity_bytes: int) -> ReplayLog:
+        """Log what this stage sends on for ``head``'s requests, up to ``capacity_bytes`` (a
+        head asks for it when it recovers by replay); returns the log."""
+        log = self.replay_logs.get(head)
+        if log is None:
+            log = self.replay_logs[head] = ReplayLog(capacity_bytes)
+        log.capacity_bytes = capacity_bytes
+        return log
+
+    def replay_rows(
+        self, head: str, scheduler_output: SchedulerOutput
+    ) -> dict[str, torch.Tensor] | None:
+        """The logged rows a replay step of ``head`` asks for: its one request's positions
+        [computed, computed + scheduled), each [n, hidden_size]; None when not logged."""
+        log = self.replay_logs.get(head)
+        if log is None or len(scheduler_output.scheduled_new_reqs) != 1:
+            return None
+        new = scheduler_output.scheduled_new_reqs[0]
+        req_id = replayed_request(new.req_id)
+        num = scheduler_output.num_scheduled_tokens.get(new.req_id, 0)
+        if req_id is None or num <= 0:
+            return None
+        return log.rows(req_id, new.num_computed_tokens, new.num_computed_tokens + num)
+
+    def _log_for_replay(
+        self, log: ReplayLog, scheduler_output: SchedulerOutput, output: Any
+    ) -> None:
+        """Log each request's rows of the activations this step sends on, or (a replay step)
+        would send on (see :class:`~molink.core.replay_log.ReplayLog`); forget finished
+        requests."""
         log.drop(scheduler_output.finished_req_ids)
         if not isinstance(output, IntermediateTensors):
             return
         row = 0
         for req_id, start, num in scheduled_rows(self.model_runner, scheduler_output):
+            # A replay step's rows are its request's: a refilled stage can be a source next.
+            logged_id = replayed_request(req_id) or req_id
             # each [num, hidden_size]
-            log.record(req_id, start, {k: t[row : row + num] for k, t in output.tensors.items()})
+            rows = {k: t[row : row + num] for k, t in output.tensors.items()}
+            log.record(logged_id, start, rows)
             row += num
 
     def _install(self, snapshots: dict[str, RequestSnapshot]) -> None:
@@ -191,7 +221,9 @@ class StageHooks:
         self._batch_owner = head
 
     def forget_batch_of(self, head: str) -> None:
-        """Drop a head's batch (after :meth:`reset_stage` forgot its requests)."""
+        """Drop a head's batch and replay log (after :meth:`reset_stage` forgot its
+        requests)."""
+        self.replay_logs.pop(head, None)
         if self._batch_owner == head:
             self._batch_owner = None  # the next head adopts the (empty) current batch
         else:
