@@ -59,6 +59,7 @@ class RunReport:
     reprefill_tokens: int
     reprefill_estimate_s: float  # reprefill_tokens at the idle pipeline's prefill rate
     wall_s: float
+    reference_tok_s: float = 0.0  # output tokens per second of the undisturbed run
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -184,10 +185,12 @@ def run_setup(args: argparse.Namespace, model: str, stages: int, recovery: str) 
         head_log = spec.log_dir / "node0.log"
         asyncio.run(run_streams(url, model, prompts[:2], 8))  # warm-up
         rate = idle_prefill_rate(url, model, args.prefill_probe)
+        started = time.monotonic()
         reference, _ = asyncio.run(run_streams(url, model, prompts, args.output_len))
+        reference_tok_s = sum(len(s.tokens) for s in reference) / (time.monotonic() - started)
         print(
             f"[churn] reference: {sum(len(s.tokens) for s in reference)} tokens, "
-            f"prefill {rate:.0f} tok/s",
+            f"{reference_tok_s:.1f} tok/s; prefill {rate:.0f} tok/s",
             file=sys.stderr,
         )
         for epoch, event in enumerate(args.events, 1):
@@ -230,6 +233,7 @@ def run_setup(args: argparse.Namespace, model: str, stages: int, recovery: str) 
                     time.monotonic() - started,
                 )
             )
+            results[-1].reference_tok_s = round(reference_tok_s, 1)
             print(f"[churn] {asdict(results[-1])}", file=sys.stderr)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 node.wait_exit(timeout=60)

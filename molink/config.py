@@ -307,20 +307,21 @@ class MoLinkConfig:
         "--recovery",
         choices=("replay", "recompute"),
         help="Head: how requests go on after a stage is lost. replay: only the node that takes "
-        "the lost span is filled, from the activations the head logged for it, and every other "
-        "stage keeps its KV cache (it falls back to recompute where it can't replay, and says "
-        "why); recompute: every request recomputes its prompt and output through every stage "
-        "(default %(default)s).",
+        "the lost span is filled, from the activations the stage before it logged, and every "
+        "other stage keeps its KV cache (it falls back to recompute where it can't replay, and "
+        "says why); recompute: every request recomputes its prompt and output through every "
+        "stage (default %(default)s).",
     )
     replay_log_mb: int = flag(
         1024,
         "--replay-log-mb",
         type=_positive_int,
-        help="Head: MiB of host memory for the replay log, the activations sent to stage 1 for "
-        "every token of every running request (a token costs 2 x hidden size x dtype bytes: "
-        "3.5 KiB for a 0.5B model in float16, 14 KiB for a 7B one, so the default holds 73,000 "
-        "tokens of a 7B model). Past it, the largest requests' logs are dropped and those "
-        "requests recompute after a loss (default %(default)s).",
+        help="Head: MiB of host memory each stage of its chain may keep for the replay log, the "
+        "activations it sent to the next stage for every token of every running request (a "
+        "token costs 2 x hidden size x dtype bytes: 3.5 KiB for a 0.5B model in float16, 14 KiB "
+        "for a 7B one, so the default holds about 75,000 tokens of a 7B model). Past it, the "
+        "largest requests' logs are dropped and those requests recompute after a loss "
+        "(default %(default)s).",
     )
     leave_timeout: float = flag(
         30.0,

@@ -87,20 +87,19 @@ def test_kill_9_of_a_serving_stage_loses_no_request(churn, qwen3_model):
     split = "molink_micro_batch_steps_total"
     assert value(at_loss, split, batches="2") > value(before, split, batches="2")
     log = head.log()
-    # The replacement serves the same span: only it is refilled, from the head's replay log
-    # (the streams' full KV blocks); every request recomputes only its last, partial block.
-    assert "every surviving stage keeps" in log
+    # The replacement serves the same span: only it is refilled, from the head's replay log;
+    # the requests keep running and recompute nothing.
+    assert "running request(s) keep running; every surviving stage keeps the" in log
     assert re.search(r"Replayed \d+ positions of \d+ request\(s\) into 127\S+ \[3-5\]", log)
     assert "Pipeline restored (epoch 1)" in log and ", by replay: " in log
-    # Each request's loss is logged and counted, with the tokens it recomputes.
-    assert re.search(r"Request cmpl-\S+ preempted \(its pipeline broke\): its \d+ computed", log)
+    assert "preempted (its pipeline broke)" not in log
     after = scrape(head)
 
     def added(name: str, **labels: str) -> float:
         return value(after, name, **labels) - value(before, name, **labels)
 
     assert added("molink_replayed_tokens_total") > 0
-    assert added("molink_recomputed_tokens_total", cause="stage_loss") > 0
+    assert added("molink_recomputed_tokens_total", cause="stage_loss") == 0
     assert added("molink_recoveries_total", mode="replay") == 1
     assert added("molink_requests_failed_total", cause="outage") == 0
     followers.remove(victim)

@@ -245,26 +245,38 @@ def _in_flight_tokens(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @contract("vllm.v1.core.sched.scheduler.Scheduler.prev_step_scheduled_req_ids")
-def _preempt_keeping(monkeypatch: pytest.MonkeyPatch) -> None:
+def _roll_back(monkeypatch: pytest.MonkeyPatch) -> None:
     from vllm.v1.core.block_pool import BlockPool
     from vllm.v1.core.kv_cache_manager import KVCacheManager
     from vllm.v1.core.sched.scheduler import Scheduler
+    from vllm.v1.request import Request
 
-    reset = _source(Scheduler.reset_prefix_cache)
+    for attr in ("num_stale_output_tokens", "drop_stale_output", "spec_token_ids"):
+        _require(_assigns(Request, attr), f"Request has no {attr}")
+    preempt = _source(Scheduler._preempt_request)
+    _require("request.num_stale_output_tokens = request.num_in_flight_tokens" in preempt, "stale")
+    update = _source(Scheduler.update_from_output)
     _require(
-        "self._preempt_request(request, timestamp, drop_stale_output=True)" in reset,
-        "reset_prefix_cache preempts differently",
+        "if output_is_stale and request.drop_stale_output:" in update,
+        "update_from_output no longer drops a stale output under drop_stale_output",
     )
-    _require("self.prev_step_scheduled_req_ids.clear()" in reset, "it no longer clears it")
+    _require("request.num_stale_output_tokens -= num_tokens_scheduled" in update, "not drained")
+    _require(_assigns(Scheduler, "prev_step_scheduled_req_ids"), "prev_step_scheduled_req_ids")
     _require(_params(KVCacheManager.evict_blocks)[:2] == ["self", "block_ids"], "evict_blocks")
-    _require(
-        _reads(Scheduler.schedule, "self.kv_cache_manager.get_computed_blocks"),
-        "schedule() no longer looks resumed requests up in the prefix cache",
-    )
     _require(
         _reads(BlockPool.evict_blocks, "self._maybe_evict_cached_block"),
         "BlockPool.evict_blocks no longer drops a block's hash from the prefix cache",
     )
+
+
+@contract("vllm.v1.worker.gpu_model_runner.GPUModelRunner._update_states")
+def _resumed(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    update = _source(GPUModelRunner._update_states)
+    _require("req_id in req_data.resumed_req_ids" in update, "resumed requests not told apart")
+    _require("req_state.block_ids = new_block_ids" in update, "resumed block ids not replaced")
+    _require("reqs_to_add.append(req_state)" in update, "a request outside the batch not added")
 
 
 @contract("vllm.v1.worker.gpu_input_batch.InputBatch.req_ids")

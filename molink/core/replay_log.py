@@ -15,12 +15,11 @@ from position 0.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from vllm.logger import init_logger
-
-from molink.telemetry import metrics
 
 logger = init_logger(__name__)
 
@@ -41,8 +40,10 @@ class ReplayLog:
     """Activations sent downstream, per request (thread-safe: the stage's compute thread
     writes, the scheduler and the executor read)."""
 
-    def __init__(self, capacity_bytes: int) -> None:
+    def __init__(self, capacity_bytes: int, on_size: Callable[[int], None] | None = None) -> None:
+        """``on_size`` is told the log's bytes after each change (the head's gauge)."""
         self.capacity_bytes = capacity_bytes
+        self.on_size = on_size
         self._lock = threading.Lock()
         self._logs: dict[str, _RequestLog] = {}
         self._nbytes = 0
@@ -79,7 +80,8 @@ class ReplayLog:
                     largest,
                 )
                 self._drop(largest)
-            metrics.REPLAY_LOG_BYTES.set(self._nbytes)
+            if self.on_size is not None:
+                self.on_size(self._nbytes)
 
     def drop(self, req_ids: set[str] | list[str]) -> None:
         """Forget finished requests."""
@@ -87,7 +89,8 @@ class ReplayLog:
             for req_id in req_ids:
                 if req_id in self._logs:
                     self._drop(req_id)
-            metrics.REPLAY_LOG_BYTES.set(self._nbytes)
+            if self.on_size is not None:
+                self.on_size(self._nbytes)
 
     def length(self, req_id: str) -> int:
         """How many leading positions of ``req_id`` the log holds."""

@@ -9,11 +9,10 @@ stage (the executor bumps the failure epoch either way), this scheduler
   rebuilt chain each request re-prefills its prompt and the tokens it generated so far and goes
   on, so a client's stream only pauses; after a KV resize, the blocks above the new size are
   retired from vLLM's block pool first; a rewiring the head chose counts as no loss;
-* after a stage loss with ``--recovery replay``, keeps in the prefix cache exactly the full
-  blocks that every surviving stage computed and that the replay log can refill on the lost
-  span's new node (:mod:`molink.core.replay_plan`): the requests resume from those blocks and
-  recompute only their last, partial block; if the refill fails, the blocks are dropped and
-  they recompute everything;
+* after a stage loss with ``--recovery replay``, keeps the running requests running instead,
+  each rolled back to the tokens every stage computed, while the lost span's new node is
+  refilled from a replay log (:mod:`molink.core.replay_plan`); only the steps in flight at the
+  loss run again. Requests the refill missed (all, if it failed) are preempted to recompute;
 * attaches a :class:`~molink.core.request_snapshot.RequestSnapshot` to the first step that
   resumes a request the stages of the new epoch have not seen;
 * holds all work while no full chain exists, and after ``outage_timeout`` fails the waiting
@@ -87,22 +86,30 @@ class PipelineScheduler(SchedulerHooks):
         self._known: set[str] = set()
         self._stage_losses: dict[str, int] = {}
         self._barrier_cause = ""  # while a barrier preempts: "stage_loss" or "kv_resize"
-        # Recovery by replay: the epoch whose plan kept KV blocks for its requests (until the
-        # executor's outcome is read), those blocks, and the tokens each request keeps.
+        # Recovery by replay: the epoch whose plan kept its requests running (until the
+        # executor's outcome is read), the tokens each keeps, and the running requests the
+        # stages of the new epoch must be given again (as resumed, with all their blocks).
         self._replay_epoch: int | None = None
-        self._replay_kept: dict[str, set[int]] = {}
-        self._replaying: dict[str, int] = {}
+        self._replay_kept: dict[str, int] = {}
+        self._reintroduce: set[str] = set()
         self._failure_causes: dict[str, str] = {}
 
     def cached_request_data(self, data: CachedRequestData) -> CachedRequestData:
-        """vLLM's, without ``all_token_ids``.
+        """vLLM's, without ``all_token_ids``, and with the requests a replay kept running
+        marked resumed.
 
-        vLLM fills it with the whole token list of every request that missed the previous step.
-        With micro-batches in flight that is every request of every step, which the head would
-        encode and every stage decode, for a field only async scheduling reads (off:
-        ``PipelineExecutor.supports_async_scheduling``).
+        vLLM fills ``all_token_ids`` with the whole token list of every request that missed the
+        previous step. With micro-batches in flight that is every request of every step, which
+        the head would encode and every stage decode, for a field only async scheduling reads
+        (off: ``PipelineExecutor.supports_async_scheduling``).
+
+        After a recovery by replay the stages of the new epoch hold none of the running
+        requests: each one's first step carries all its blocks, as for a request resumed from
+        preemption, and a snapshot (:meth:`_attach_snapshots`).
         """
         data.all_token_ids = {}
+        if self._reintroduce:
+            self.mark_resumed(data, self._reintroduce)
         return data
 
     def _barrier(self, epoch: int) -> None:
@@ -138,13 +145,17 @@ class PipelineScheduler(SchedulerHooks):
         num_running = len(self.running)
         self._barrier_cause = cause
         self._replay_epoch = None
+        self._reintroduce.clear()
         plan = self._replay_plan() if loss else None
         try:
             if plan is not None and self.pipeline.replay.offer(epoch, plan):
-                self._replaying = {rid: item.num_tokens for rid, item in plan.items()}
-                self._replay_kept = {rid: set(item.block_ids) for rid, item in plan.items()}
+                self._replay_kept = {rid: item.num_tokens for rid, item in plan.items()}
                 self._replay_epoch = epoch
-                self.preempt_all_keeping({b for kept in self._replay_kept.values() for b in kept})
+                self._reintroduce = {r.request_id for r in self.running}
+                size = self.block_size
+                self.roll_back_to_confirmed(
+                    {b for item in plan.values() for b in item.block_ids[: item.num_tokens // size]}
+                )
             else:
                 self.pipeline.replay.offer(epoch, None)  # (declined: the executor won't wait)
                 self.reset_prefix_cache(reset_running_requests=True)
@@ -156,7 +167,6 @@ class PipelineScheduler(SchedulerHooks):
             self.reset_prefix_cache()
         finally:
             self._barrier_cause = ""
-            self._replaying = {}
         self._known.clear()
         limit = self.pipeline.kv_blocks_limit
         if limit is not None and limit < self.kv_pool_blocks() and not self.retire_kv_blocks(limit):
@@ -165,11 +175,12 @@ class PipelineScheduler(SchedulerHooks):
             self.grow_kv_blocks(limit)
         if loss and self._replay_epoch is not None:
             logger.warning(
-                "Pipeline failure (%s): %d running request(s) preempted; every surviving "
-                "stage keeps %d of their tokens, which the lost span's new node gets replayed",
+                "Pipeline failure (%s): %d running request(s) keep running; every surviving "
+                "stage keeps the %d tokens they computed, which the lost span's new node gets "
+                "replayed",
                 last,
                 num_running,
-                sum(item.num_tokens for item in plan.values()) if plan else 0,
+                sum(self._replay_kept.values()),
             )
         elif loss:
             logger.warning(
@@ -189,45 +200,46 @@ class PipelineScheduler(SchedulerHooks):
             )
 
     def _replay_plan(self) -> ReplayPlan | None:
-        """What the lost span's new node can be refilled with: per running request, its full
-        KV blocks whose step came back from every stage. None when this head recovers by
-        recompute (``--recovery recompute``, or a KV layout a replay can't fill)."""
-        if self.pipeline.replay_log is None or not self.cache_config.enable_prefix_caching:
-            return None
-        if not self.full_attention_only():
+        """What the lost span's new node can be refilled with: per running request, the
+        positions whose step came back from every stage, and their blocks. None when this head
+        recovers by recompute (``--recovery recompute``, or a KV layout a replay can't fill)."""
+        if self.pipeline.replay_log is None or not self.full_attention_only():
             return None
         plan: ReplayPlan = {}
         size = self.block_size
         for request in self.running:
             rid = request.request_id
-            num = self.confirmed_tokens(request) // size * size
+            num = self.confirmed_tokens(request)
             if num > 0:
-                blocks = self.request_block_ids(request)[: num // size]
+                blocks = self.request_block_ids(request)[: -(-num // size)]
                 plan[rid] = ReplayItem(rid, tuple(request.all_token_ids[:num]), tuple(blocks), num)
         return plan
 
     def _check_replay(self) -> None:
-        """On the first step of a rebuilt chain: if the lost span's new node was not refilled,
-        drop the blocks the barrier kept for it, so that their requests recompute them."""
+        """On the first step of a rebuilt chain: the requests the lost span's new node was
+        not refilled for (all of them, if the replay failed) are preempted to recompute."""
         epoch, self._replay_epoch = self._replay_epoch, None
         kept, self._replay_kept = self._replay_kept, {}
         replayed, failed = self.pipeline.replay.outcome(epoch)
         if epoch != self._epoch:
             return
-        dropped = kept if not replayed else {rid: kept[rid] for rid in failed if rid in kept}
+        dropped = set(kept) if not replayed else failed & set(kept)
         if not dropped:
             return
-        blocks = {b for ids in dropped.values() for b in ids}
         logger.warning(
-            "The lost span's new node was not refilled for %d request(s): their %d kept KV "
-            "blocks are dropped and they recompute",
+            "The lost span's new node was not refilled for %d request(s): they recompute",
             len(dropped),
-            len(blocks),
         )
-        self.forget_cached_blocks(blocks)
-        metrics.RECOMPUTED_TOKENS.labels("stage_loss").inc(
-            sum(len(ids) for ids in dropped.values()) * self.block_size
-        )
+        self._barrier_cause = "stage_loss"
+        try:
+            if not replayed:
+                self._reintroduce.clear()
+                self.reset_prefix_cache(reset_running_requests=True)
+            else:
+                self._reintroduce -= dropped
+                self.preempt_running(dropped)
+        finally:
+            self._barrier_cause = ""
 
     def _fail(self, request_ids: list[str], cause: str, kind: str) -> None:
         """Finish requests with an error whose message (the client's) is ``cause``; ``kind``
@@ -258,7 +270,7 @@ class PipelineScheduler(SchedulerHooks):
 
     def on_request_preempted(self, request: Request, recomputed: int) -> None:
         cause = self._barrier_cause or "kv_cache_full"
-        recomputed -= self._replaying.get(request.request_id, 0)
+        self._reintroduce.discard(request.request_id)  # vLLM resumes it with all its blocks
         metrics.RECOMPUTED_TOKENS.labels(cause).inc(recomputed)
         request_logger.info(
             "Request %s preempted (%s): its %d computed tokens will be recomputed",

@@ -154,6 +154,7 @@ class PipelineExecutor(ChainUpkeep, ExecutorHooks):
     def _replay_log(self) -> SpanReplay:
         """Stage 0 logs what it sends to stage 1, for a recovery by replay."""
         log = self.worker.keep_replay_log(self.session.id, self.head.replay_log_mb << 20)
+        log.on_size = metrics.REPLAY_LOG_BYTES.set
         self.state.replay_log = log
         return SpanReplay(
             log,

@@ -144,7 +144,7 @@ class SpanReplay:
         with self._cond:
             errors = {step_id: self._acked.get(step_id, "") for step_id, _, _ in sent}
         for step_id, req_id, _ in sent:
-            if errors[step_id]:
+            if errors[step_id] and req_id not in failed:
                 logger.warning("Replay of request %s failed: %s", req_id, errors[step_id])
                 failed.add(req_id)
         replayed = sum(n for _, req_id, n in sent if req_id not in failed)

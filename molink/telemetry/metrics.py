@@ -128,7 +128,7 @@ REPLAYED_TOKENS = Counter(
 )
 REPLAY_LOG_BYTES = Gauge(
     "molink_replay_log_bytes",
-    "Bytes the head's replay log holds (the activations it sent to stage 1, per request).",
+    "Bytes the head's own replay log holds (the activations it sent to stage 1).",
     registry=HEAD_REGISTRY,
 )
 RECOVERY_SECONDS = Histogram(

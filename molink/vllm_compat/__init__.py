@@ -103,11 +103,17 @@ INTERNALS: tuple[Internal, ...] = (
     ),
     Internal(
         "vllm.v1.core.sched.scheduler.Scheduler.prev_step_scheduled_req_ids",
-        "scheduler.SchedulerHooks.preempt_all_keeping",
-        "reset_prefix_cache(reset_running_requests=True) preempts with _preempt_request(request, "
-        "timestamp, drop_stale_output=True) and clears prev_step_scheduled_req_ids; preempted "
-        "blocks keep their hashes until kv_cache_manager.evict_blocks(ids), and a resumed "
-        "request looks its blocks up in the prefix cache",
+        "scheduler.SchedulerHooks.roll_back_to_confirmed",
+        "update_from_output drops a step's output while the request's num_stale_output_tokens "
+        "covers it under drop_stale_output (as _preempt_request(request, timestamp, "
+        "drop_stale_output=True) sets them); prev_step_scheduled_req_ids is cleared when "
+        "requests must be told again; kv_cache_manager.evict_blocks(ids) drops cached hashes",
+    ),
+    Internal(
+        "vllm.v1.worker.gpu_model_runner.GPUModelRunner._update_states",
+        "scheduler.SchedulerHooks.mark_resumed",
+        "a worker replaces a resumed request's block ids with new_block_ids (all its blocks) "
+        "and adds it to its persistent batch",
     ),
     Internal(
         "vllm.v1.worker.gpu_input_batch.InputBatch.req_ids",

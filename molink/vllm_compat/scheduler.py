@@ -103,22 +103,49 @@ class SchedulerHooks(Scheduler):
         pool.num_gpu_blocks = len(pool.blocks)
         self.cache_config.num_gpu_blocks = len(pool.blocks)
 
-    def preempt_all_keeping(self, keep: set[int]) -> None:
-        """Preempt every running request back to waiting, dropping its in-flight outputs, and
-        keep only the blocks ``keep`` in the prefix cache: the requests resume from the ones
-        their own prompt and output still match (vLLM's prefix-cache lookup on resume).
+    def roll_back_to_confirmed(self, keep: set[int]) -> None:
+        """Keep every running request running, with only the tokens whose step came back
+        counted as computed (the steps in flight are scheduled again) and the outputs of those
+        steps dropped when they arrive; keep only the blocks ``keep`` in the prefix cache.
 
-        Needs from vLLM: as ``reset_prefix_cache(reset_running_requests=True)``, which preempts
-        with ``_preempt_request(request, timestamp, drop_stale_output=True)`` and clears
-        ``prev_step_scheduled_req_ids``; freed blocks keep their hashes until evicted
-        (``kv_cache_manager.evict_blocks``).
+        Needs from vLLM: ``num_computed_tokens`` counts scheduled tokens and
+        ``num_in_flight_tokens`` those of steps not yet through ``update_from_output``, which
+        drops a step's output while ``num_stale_output_tokens`` covers it under
+        ``drop_stale_output`` (as after ``_preempt_request(..., drop_stale_output=True)``);
+        ``prev_step_scheduled_req_ids`` decides what the next step tells the workers; cached
+        blocks keep their hashes until ``kv_cache_manager.evict_blocks``.
         """
-        timestamp = time.monotonic()
-        while self.running:
-            self._preempt_request(self.running.pop(), timestamp, drop_stale_output=True)
+        for request in self.running:
+            request.num_computed_tokens -= request.num_in_flight_tokens
+            request.num_stale_output_tokens = request.num_in_flight_tokens
+            request.drop_stale_output = request.num_in_flight_tokens > 0
+            request.spec_token_ids = []
         self.prev_step_scheduled_req_ids.clear()
         pool = self.kv_cache_manager.block_pool
         self.kv_cache_manager.evict_blocks({b.block_id for b in pool.blocks} - keep)
+
+    def preempt_running(self, request_ids: set[str]) -> None:
+        """Preempt the running requests ``request_ids`` to recompute, dropping their in-flight
+        outputs (as ``reset_prefix_cache(reset_running_requests=True)`` does for all)."""
+        timestamp = time.monotonic()
+        for request in [r for r in self.running if r.request_id in request_ids]:
+            blocks = set(self.request_block_ids(request))
+            self.running.remove(request)
+            self._preempt_request(request, timestamp, drop_stale_output=True)
+            self.kv_cache_manager.evict_blocks(blocks)
+
+    def mark_resumed(self, data: CachedRequestData, request_ids: set[str]) -> None:
+        """Make the running requests of ``request_ids`` in ``data`` resumed ones, each with all
+        its blocks (a worker that dropped them takes them back), and take them off the set.
+
+        Needs from vLLM: a worker replaces a resumed request's block ids with ``new_block_ids``
+        and adds it to its batch (``GPUModelRunner._update_states``).
+        """
+        for i, req_id in enumerate(data.req_ids):
+            if req_id in request_ids:
+                request_ids.discard(req_id)
+                data.resumed_req_ids.add(req_id)
+                data.new_block_ids[i] = self.kv_cache_manager.get_block_ids(req_id)
 
     def forget_cached_blocks(self, block_ids: set[int]) -> None:
         """Drop ``block_ids`` from the prefix cache (their requests recompute them)."""
