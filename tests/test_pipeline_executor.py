@@ -92,7 +92,7 @@ def test_lost_stage_without_replacement_fails_with_its_cause_then_recovers(
         assert "layers 3-5 are not served by any node" in str(error), error
         assert f"lost stage 127.0.0.1:{follower.grpc_port} [3-5]" in str(error), error
     log = head.log()
-    assert "running request(s) preempted" in log  # held for recompute first
+    assert "running request(s) keep running" in log  # held for a replay first
     assert f"No full pipeline for {OUTAGE_S} s" in log
     assert "no result within" not in log  # detected from the broken stream
 

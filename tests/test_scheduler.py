@@ -7,6 +7,7 @@ from types import SimpleNamespace
 import pytest
 from vllm.v1.request import RequestStatus
 
+from molink.core.replay_plan import ReplayHandshake
 from molink.core.scheduler import MAX_STAGE_LOSSES, PipelineScheduler
 
 
@@ -29,6 +30,7 @@ def test_cached_requests_carry_no_token_lists() -> None:
     scheduler.scheduler_config = SimpleNamespace(async_scheduling=False)
     scheduler.use_v2_model_runner = False
     scheduler.prev_step_scheduled_req_ids = set()  # the other micro-batch ran last
+    scheduler._reintroduce = set()  # no recovery by replay under way
     requests = [_request("a", list(range(300))), _request("b", list(range(200)))]
     blocks = SimpleNamespace(get_block_ids=lambda allow_none: None)
 
@@ -56,7 +58,10 @@ def _barrier_scheduler(
         last_error="lost stage 10.0.0.2:50051 [3-5]",
         last_cause=last_cause,
         kv_blocks_limit=kv_blocks_limit,
+        replay_log=None,  # --recovery recompute
+        replay=ReplayHandshake(),
     )
+    scheduler._replay_epoch, scheduler._reintroduce = None, set()
     scheduler._down_since = None
     scheduler._stage_losses, scheduler._failure_causes = {}, {}
     scheduler._pending_errors, scheduler._known = [], set()
