@@ -39,7 +39,7 @@ def logged(num: int) -> ReplayLog:
 
 
 def test_a_request_is_replayed_in_chunks_into_its_blocks():
-    replay = SpanReplay(logged(12), BLOCK, chunk_tokens=9)  # chunks of 8: two blocks
+    replay = SpanReplay(logged(12), BLOCK, chunk_tokens=8, max_requests=4)
     item = ReplayItem("r", tuple(range(100, 112)), (7, 3, 9), 12)
     sent = []
     ids = iter(range(1, 100))
@@ -65,8 +65,39 @@ def test_a_request_is_replayed_in_chunks_into_its_blocks():
         assert decoded.scheduled_new_reqs[0].num_computed_tokens == start
 
 
+def test_requests_share_steps_up_to_the_token_budget_and_batch_size():
+    log = ReplayLog(1 << 20)
+    for req_id, num in (("a", 5), ("b", 6)):
+        values = torch.arange(num, dtype=torch.float32)[:, None] + (100 if req_id == "b" else 0)
+        log.record(req_id, 0, {"hidden_states": values, "residual": values})
+    plan = {
+        "a": ReplayItem("a", tuple(range(5)), (1, 2), 5),
+        "b": ReplayItem("b", tuple(range(6)), (3, 4), 6),
+    }
+    ids = iter(range(1, 100))
+    sent = []
+
+    def send(work, activations):
+        new = work.scheduler_output.scheduled_new_reqs
+        sent.append(
+            ([(n.req_id[-1], n.num_computed_tokens) for n in new], activations.wait()["residual"])
+        )
+        replay.acknowledged(work.step_id)
+
+    replay = SpanReplay(log, BLOCK, chunk_tokens=8, max_requests=4)
+    assert replay.run(plan, 1, (1, True), "s", lambda: next(ids), send, 5) == (11, set())
+    assert [pieces for pieces, _ in sent] == [[("a", 0), ("b", 0)], [("b", 3)]]
+    assert sent[0][1][:, 0].tolist() == [0, 1, 2, 3, 4, 100, 101, 102]  # rows in step order
+    assert sent[1][1][:, 0].tolist() == [103, 104, 105]
+
+    sent.clear()
+    replay = SpanReplay(log, BLOCK, chunk_tokens=8, max_requests=1)
+    assert replay.run(plan, 2, (1, True), "s", lambda: next(ids), send, 5) == (11, set())
+    assert [pieces for pieces, _ in sent] == [[("a", 0)], [("b", 0)]]
+
+
 def test_steps_wait_for_acknowledgements_and_a_failure_aborts():
-    replay = SpanReplay(logged(40), BLOCK, chunk_tokens=BLOCK)
+    replay = SpanReplay(logged(40), BLOCK, chunk_tokens=BLOCK, max_requests=4)
     item = ReplayItem("r", tuple(range(40)), tuple(range(10)), 40)
     ids = iter(range(1, 100))
     sent = []
@@ -88,7 +119,7 @@ def test_steps_wait_for_acknowledgements_and_a_failure_aborts():
 def test_requests_without_logged_rows_recompute_alone():
     """The head's log lacks one request (the head is the source); a follower source says it
     lacks another (an acknowledgement with an error): only those two recompute."""
-    replay = SpanReplay(logged(8), BLOCK, chunk_tokens=64)
+    replay = SpanReplay(logged(8), BLOCK, chunk_tokens=64, max_requests=1)
     plan = {
         "r": ReplayItem("r", tuple(range(8)), (1, 2), 8),
         "gone": ReplayItem("gone", tuple(range(8)), (3, 4), 8),

@@ -184,6 +184,10 @@ class StageEngine:
         self._step_seconds.observe(compute)
         self._queue_wait.observe(wait)
         self._tokens.inc(tokens)
-        if work.replay:  # its KV is written: acknowledge it, forget its request, send nothing on
+        if work.replay:  # its KV is written: acknowledge it, forget its requests, send nothing on
+            in_order = self.worker.rows_in_step_order(work.scheduler_output)
             self.worker.reset_stage(session.id, quiet=True)
+            if not in_order:  # its requests recompute, which rewrites their KV
+                sink.fail(work, f"{self.name}: the replay step's rows were not in its order")
+                return
         sink.emit(work, output)

@@ -160,6 +160,7 @@ class PipelineExecutor(ChainUpkeep, ExecutorHooks):
             log,
             self.vllm_config.cache_config.block_size,
             self.vllm_config.scheduler_config.max_num_batched_tokens,
+            self.vllm_config.scheduler_config.max_num_seqs,
         )
 
     def _init_remotes(self) -> None:

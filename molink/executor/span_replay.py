@@ -5,10 +5,11 @@ After a stage loss, the scheduler keeps the full KV blocks that every surviving 
 (:class:`~molink.core.replay_log.ReplayLog`): the head for stage 1, each follower for the stage
 after it. When the new chain differs from the lost one only in the node of one span, that node is
 the only stage missing those blocks, and replaying the activations logged at its input through
-its span fills them. Each replay step is one request's chunk of positions, sent down the chain
-like any step: the stage before the new node adds the logged rows (the head, when it is stage 1),
-the new node computes them into the request's blocks, sends nothing on and acknowledges the step.
-Then the requests resume from their kept blocks on every stage. A request whose rows are no
+its span fills them. Each replay step carries chunks of positions of several requests, up to
+the stages' token budget, and goes down the chain like any step: the stage before the new node
+adds the logged rows (the head, when it is stage 1), the new node computes them into the
+requests' blocks, sends nothing on and acknowledges the step. Then the requests, which kept
+running, go on from there on every stage. A request whose rows are no
 longer logged (dropped over the cap) recomputes alone.
 
 Anything else falls back to recompute, with the reason logged: a chain that splits the layers
@@ -22,13 +23,15 @@ import math
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import torch
 from vllm.logger import init_logger
 
 from molink.comm import codec
 from molink.core.replay_log import ReplayLog
-from molink.core.replay_plan import ReplayPlan, replay_request_id
+from molink.core.replay_plan import ReplayItem, ReplayPlan, replay_request_id
 from molink.core.step import HostActivations, StepWork
 from molink.telemetry import metrics
 from molink.vllm_compat.scheduler import replay_scheduler_output
@@ -42,6 +45,15 @@ logger = init_logger(__name__)
 WINDOW = 4
 
 
+@dataclass(frozen=True)
+class Piece:
+    """Positions [start, end) of one request, in one replay step."""
+
+    item: ReplayItem
+    start: int
+    end: int
+
+
 class ReplayFailed(RuntimeError):
     """The replay could not fill the new node (the requests recompute instead)."""
 
@@ -49,11 +61,15 @@ class ReplayFailed(RuntimeError):
 class SpanReplay:
     """Replays the head's log into a new stage-1 node (one per head executor)."""
 
-    def __init__(self, log: ReplayLog, block_size: int, chunk_tokens: int) -> None:
-        """``chunk_tokens``: most positions per replay step (the stages' token budget)."""
+    def __init__(
+        self, log: ReplayLog, block_size: int, chunk_tokens: int, max_requests: int
+    ) -> None:
+        """``chunk_tokens``, ``max_requests``: most positions and requests per replay step (the
+        stages' token budget and batch size)."""
         self.log = log
         self.block_size = block_size
-        self.chunk_tokens = max(block_size, chunk_tokens // block_size * block_size)
+        self.chunk_tokens = chunk_tokens
+        self.max_requests = max_requests
         self._cond = threading.Condition()
         self._acked: dict[int, str] = {}  # step id -> "" or why it failed
         self._epoch = -1  # of the replay running
@@ -110,46 +126,88 @@ class SpanReplay:
         layer, head_is_source = target
         with self._cond:
             self._epoch, self._aborted, self._acked = epoch, "", {}
-        sent: list[tuple[int, str, int]] = []  # (step id, request, positions)
+        sent: list[tuple[int, list[Piece]]] = []
         failed: set[str] = set()
-        for item in plan.values():
-            for start in range(0, item.num_tokens, self.chunk_tokens):
-                end = min(start + self.chunk_tokens, item.num_tokens)
-                rows = None
-                if head_is_source:
-                    rows = self.log.rows(item.req_id, start, end)  # each [end - start, hidden]
-                    if rows is None:
-                        failed.add(item.req_id)
-                        break
-                blocks = list(item.block_ids[: math.ceil(end / self.block_size)])
-                so = replay_scheduler_output(
-                    replay_request_id(item.req_id), list(item.token_ids), blocks, start, end
-                )
-                step_id = next_step_id()
-                work = StepWork(
-                    step_id=step_id,
-                    epoch=epoch,
-                    scheduler_output=so,
-                    scheduler_output_bytes=codec.dumps_step(so, {}),
-                    session=session,
-                    replay=True,
-                    replay_layer=layer,
-                )
-                if len(sent) >= WINDOW:
-                    self._wait(sent[-WINDOW][0], timeout)
-                send(work, None if rows is None else HostActivations(rows))
-                sent.append((step_id, item.req_id, end - start))
+        for pieces in self._steps(plan):
+            rows = None
+            if head_is_source:
+                rows = self._rows(pieces, failed)
+                pieces = [p for p in pieces if p.item.req_id not in failed]
+                if not pieces:
+                    continue
+            so = replay_scheduler_output(
+                [
+                    (
+                        replay_request_id(p.item.req_id),
+                        list(p.item.token_ids),
+                        list(p.item.block_ids[: math.ceil(p.end / self.block_size)]),
+                        p.start,
+                        p.end,
+                    )
+                    for p in pieces
+                ]
+            )
+            step_id = next_step_id()
+            work = StepWork(
+                step_id=step_id,
+                epoch=epoch,
+                scheduler_output=so,
+                scheduler_output_bytes=codec.dumps_step(so, {}),
+                session=session,
+                replay=True,
+                replay_layer=layer,
+            )
+            if len(sent) >= WINDOW:
+                self._wait(sent[-WINDOW][0], timeout)
+            send(work, None if rows is None else HostActivations(rows))
+            sent.append((step_id, pieces))
         if sent:
             self._wait(sent[-1][0], timeout)
         with self._cond:
-            errors = {step_id: self._acked.get(step_id, "") for step_id, _, _ in sent}
-        for step_id, req_id, _ in sent:
-            if errors[step_id] and req_id not in failed:
-                logger.warning("Replay of request %s failed: %s", req_id, errors[step_id])
-                failed.add(req_id)
-        replayed = sum(n for _, req_id, n in sent if req_id not in failed)
+            errors = {step_id: self._acked.get(step_id, "") for step_id, _ in sent}
+        for step_id, pieces in sent:
+            for piece in pieces:
+                if errors[step_id] and piece.item.req_id not in failed:
+                    logger.warning(
+                        "Replay of request %s failed: %s", piece.item.req_id, errors[step_id]
+                    )
+                    failed.add(piece.item.req_id)
+        replayed = sum(
+            p.end - p.start for _, pieces in sent for p in pieces if p.item.req_id not in failed
+        )
         metrics.REPLAYED_TOKENS.inc(replayed)
         return replayed, frozenset(failed)
+
+    def _steps(self, plan: ReplayPlan) -> list[list[Piece]]:
+        """The plan's positions in steps of at most ``chunk_tokens`` positions and
+        ``max_requests`` requests (a long request is split over several steps)."""
+        steps: list[list[Piece]] = [[]]
+        room = self.chunk_tokens
+        for item in plan.values():
+            start = 0
+            while start < item.num_tokens:
+                if room == 0 or len(steps[-1]) == self.max_requests:
+                    steps.append([])
+                    room = self.chunk_tokens
+                end = min(item.num_tokens, start + room)
+                steps[-1].append(Piece(item, start, end))
+                room -= end - start
+                start = end
+        return [step for step in steps if step]
+
+    def _rows(self, pieces: list[Piece], failed: set[str]) -> dict[str, torch.Tensor] | None:
+        """The head's logged rows of ``pieces``, in order (each [positions, hidden_size]);
+        a request whose rows are not logged goes into ``failed`` and out of the step."""
+        parts: list[dict[str, torch.Tensor]] = []
+        for piece in pieces:
+            rows = self.log.rows(piece.item.req_id, piece.start, piece.end)
+            if rows is None:
+                failed.add(piece.item.req_id)
+            elif piece.item.req_id not in failed:
+                parts.append(rows)
+        if not parts:
+            return None
+        return {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
 
     def _wait(self, step_id: int, timeout: float) -> None:
         """Until ``step_id`` is acknowledged (steps run in order: so are the ones before it)."""

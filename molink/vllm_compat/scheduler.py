@@ -225,29 +225,31 @@ class SchedulerHooks(Scheduler):
 
 
 def replay_scheduler_output(
-    req_id: str, token_ids: list[int], block_ids: list[int], start: int, end: int
+    pieces: list[tuple[str, list[int], list[int], int, int]],
 ) -> SchedulerOutput:
-    """A step that computes positions [start, end) of one new request on a stage whose KV
-    cache holds nothing of it: positions below ``start`` count as cached (like a prefix-cache
-    hit), ``token_ids`` are the request's first ``end`` tokens and ``block_ids`` its blocks (one
-    KV cache group). Its sampled token, on a last stage, is thrown away.
+    """A step that computes, for each ``(req_id, token_ids, block_ids, start, end)``, positions
+    [start, end) of a new request on a stage whose KV cache holds nothing of it: positions below
+    ``start`` count as cached (like a prefix-cache hit), ``token_ids`` are the request's first
+    ``end`` tokens at least and ``block_ids`` its blocks (one KV cache group). Sampled tokens, on
+    a last stage, are thrown away.
 
     Needs from vLLM: ``NewRequestData(num_computed_tokens=start)`` makes the runner compute only
     the tokens after ``start`` and write their KV into ``block_ids``.
     """
     output = SchedulerOutput.make_empty()
-    output.scheduled_new_reqs = [
-        NewRequestData(
-            req_id=req_id,
-            prompt_token_ids=list(token_ids[:end]),
-            mm_features=[],
-            sampling_params=SamplingParams(max_tokens=1, temperature=0.0),
-            pooling_params=None,
-            block_ids=(list(block_ids),),
-            num_computed_tokens=start,
-            lora_request=None,
+    for req_id, token_ids, block_ids, start, end in pieces:
+        output.scheduled_new_reqs.append(
+            NewRequestData(
+                req_id=req_id,
+                prompt_token_ids=list(token_ids[:end]),
+                mm_features=[],
+                sampling_params=SamplingParams(max_tokens=1, temperature=0.0),
+                pooling_params=None,
+                block_ids=(list(block_ids),),
+                num_computed_tokens=start,
+                lora_request=None,
+            )
         )
-    ]
-    output.num_scheduled_tokens = {req_id: end - start}
-    output.total_num_scheduled_tokens = end - start
+        output.num_scheduled_tokens[req_id] = end - start
+    output.total_num_scheduled_tokens = sum(output.num_scheduled_tokens.values())
     return output

@@ -143,17 +143,30 @@ class StageHooks:
     def replay_rows(
         self, head: str, scheduler_output: SchedulerOutput
     ) -> dict[str, torch.Tensor] | None:
-        """The logged rows a replay step of ``head`` asks for: its one request's positions
-        [computed, computed + scheduled), each [n, hidden_size]; None when not logged."""
+        """The logged rows a replay step of ``head`` asks for: for each of its requests in
+        order, positions [computed, computed + scheduled); each tensor [positions, hidden_size].
+        None when any is not logged."""
         log = self.replay_logs.get(head)
-        if log is None or len(scheduler_output.scheduled_new_reqs) != 1:
+        if log is None or not scheduler_output.scheduled_new_reqs:
             return None
-        new = scheduler_output.scheduled_new_reqs[0]
-        req_id = replayed_request(new.req_id)
-        num = scheduler_output.num_scheduled_tokens.get(new.req_id, 0)
-        if req_id is None or num <= 0:
-            return None
-        return log.rows(req_id, new.num_computed_tokens, new.num_computed_tokens + num)
+        parts = []
+        for new in scheduler_output.scheduled_new_reqs:
+            req_id = replayed_request(new.req_id)
+            num = scheduler_output.num_scheduled_tokens.get(new.req_id, 0)
+            rows = None
+            if req_id is not None and num > 0:
+                start = new.num_computed_tokens
+                rows = log.rows(req_id, start, start + num)
+            if rows is None:
+                return None
+            parts.append(rows)
+        return {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
+
+    def rows_in_step_order(self, scheduler_output: SchedulerOutput) -> bool:
+        """Whether the step just run laid its requests' rows out in the order of
+        ``scheduled_new_reqs`` (the order a replay step's rows come in)."""
+        order = [req_id for req_id, _, _ in scheduled_rows(self.model_runner, scheduler_output)]
+        return order == [new.req_id for new in scheduler_output.scheduled_new_reqs]
 
     def _log_for_replay(
         self, log: ReplayLog, scheduler_output: SchedulerOutput, output: Any
