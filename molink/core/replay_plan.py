@@ -5,14 +5,14 @@ how many of its tokens every stage computed; the executor (its maintenance threa
 chain and fills the node that took the lost span. They meet here, in the head's
 :class:`~molink.core.pipeline_state.PipelineState`:
 
-1. the scheduler *offers* a plan for the failure epoch: the requests' full KV blocks that every
-   surviving stage holds (it keeps exactly those blocks in vLLM's prefix cache, so the requests
-   resume from them);
+1. the scheduler *offers* a plan for the failure epoch: per running request, the positions
+   every surviving stage computed and their blocks (it keeps the requests running, rolled back
+   to those positions);
 2. the executor *takes* it (or gives up waiting, when no request was running), replays it
    through the new node and *finishes* the epoch with the outcome;
 3. the scheduler reads the outcome before it schedules on the new chain: after a failed replay it
-   drops the kept blocks from the prefix cache, and the requests recompute everything; after a
-   replay that failed for some requests (their rows were not in the log), it drops theirs.
+   preempts every request to recompute; after a replay that failed for some requests (their
+   rows were no longer logged), it preempts those.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ class ReplayItem:
 
     req_id: str
     token_ids: tuple[int, ...]  # the request's first num_tokens tokens
-    block_ids: tuple[int, ...]  # one per block_size tokens, in order
+    block_ids: tuple[int, ...]  # its blocks holding those positions, in order
     num_tokens: int
 
 
