@@ -13,6 +13,7 @@ def test_a_head_that_leaves_takes_no_other_heads_batch_with_it() -> None:
     hooks = object.__new__(StageHooks)
     hooks.model_runner = runner = SimpleNamespace(input_batch="a's batch", requests={"a1": 1})
     hooks._batch_owner, hooks._other_batches = None, {"b": ("b's batch", {"b1": 1})}
+    hooks.replay_logs = {"a": "a's replay log", "b": "b's replay log"}
     hooks.use_batch_of("a")
     hooks.use_batch_of("b")
     assert (runner.input_batch, runner.requests) == ("b's batch", {"b1": 1})
@@ -21,6 +22,7 @@ def test_a_head_that_leaves_takes_no_other_heads_batch_with_it() -> None:
     hooks.use_batch_of("a")
     assert (runner.input_batch, runner.requests) == ("a's batch", {"a1": 1})
     assert hooks._other_batches == {}
+    assert hooks.replay_logs == {"a": "a's replay log"}  # b's log left with b
     hooks.forget_batch_of("a")
     hooks.use_batch_of("c")  # a head after every other left takes the runner's batch over
     assert runner.input_batch == "a's batch" and hooks._batch_owner == "c"
