@@ -26,6 +26,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "molink.stage_spec",
         "molink.security",
         "molink.weight_digest",
+        "molink.model_identity",
         "molink.demo_model",  # builds the demo checkpoint (its CLI is entrypoints.cli.demo_model)
         "molink.telemetry",
         "molink.vllm_compat",  # every vLLM internal MoLink relies on (docs/upgrading-vllm.md)

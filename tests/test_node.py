@@ -10,8 +10,8 @@ from test_dht import make_ann
 
 from benchmark.tiny_models import build_checkpoint
 from molink.comm.membership import Membership
-from molink.config import ModelIdentity
 from molink.entrypoints.node import choose_own_span
+from molink.model_identity import ModelIdentity
 from molink.weight_digest import CACHE_NAME
 
 FAST_FAIL = ["--chain_timeout", "6"]

@@ -41,12 +41,11 @@ from vllm.v1.request import Request, RequestStatus
 
 from molink.core.micro_batching import MicroBatchPlan, plan_micro_batch
 from molink.core.pipeline_state import CAUSES, EPOCH_ATTR, PIPELINE_STATE, StageLostOutput
-from molink.core.replay_plan import ReplayItem, ReplayPlan
+from molink.core.replay_recovery import ReplayRecovery
 from molink.core.request_snapshot import SNAPSHOTS_ATTR, RequestSnapshot
 from molink.stage_spec import ADDITIONAL_CONFIG_KEY
 from molink.telemetry import metrics
 from molink.telemetry.step_trace import TRACE_ATTR, StepTraceWriter
-from molink.vllm_compat.scheduler import SchedulerHooks
 
 logger = init_logger(__name__)
 # One line per request event (admitted, preempted, finished or failed), apart from the rest.
@@ -58,9 +57,10 @@ SCHEDULER_CLS = "molink.core.scheduler.PipelineScheduler"
 MAX_STAGE_LOSSES = 3
 
 
-class PipelineScheduler(SchedulerHooks):
+class PipelineScheduler(ReplayRecovery):
     """vLLM ``Scheduler`` that survives the loss of a pipeline stage (its hooks on vLLM's
-    private methods: :class:`~molink.vllm_compat.scheduler.SchedulerHooks`)."""
+    private methods: :class:`~molink.vllm_compat.scheduler.SchedulerHooks`; the replay side:
+    :class:`~molink.core.replay_recovery.ReplayRecovery`)."""
 
     HOLD_SLEEP_S = 0.05
     PLAN_LOG_INTERVAL_S = 10.0
@@ -198,48 +198,6 @@ class PipelineScheduler(SchedulerHooks):
                 num_running,
                 self.kv_pool_blocks(),
             )
-
-    def _replay_plan(self) -> ReplayPlan | None:
-        """What the lost span's new node can be refilled with: per running request, the
-        positions whose step came back from every stage, and their blocks. None when this head
-        recovers by recompute (``--recovery recompute``, or a KV layout a replay can't fill)."""
-        if self.pipeline.replay_log is None or not self.full_attention_only():
-            return None
-        plan: ReplayPlan = {}
-        size = self.block_size
-        for request in self.running:
-            rid = request.request_id
-            num = self.confirmed_tokens(request)
-            if num > 0:
-                blocks = self.request_block_ids(request)[: -(-num // size)]
-                plan[rid] = ReplayItem(rid, tuple(request.all_token_ids[:num]), tuple(blocks), num)
-        return plan
-
-    def _check_replay(self) -> None:
-        """On the first step of a rebuilt chain: the requests the lost span's new node was
-        not refilled for (all of them, if the replay failed) are preempted to recompute."""
-        epoch, self._replay_epoch = self._replay_epoch, None
-        kept, self._replay_kept = self._replay_kept, {}
-        replayed, failed = self.pipeline.replay.outcome(epoch)
-        if epoch != self._epoch:
-            return
-        dropped = set(kept) if not replayed else failed & set(kept)
-        if not dropped:
-            return
-        logger.warning(
-            "The lost span's new node was not refilled for %d request(s): they recompute",
-            len(dropped),
-        )
-        self._barrier_cause = "stage_loss"
-        try:
-            if not replayed:
-                self._reintroduce.clear()
-                self.reset_prefix_cache(reset_running_requests=True)
-            else:
-                self._reintroduce -= dropped
-                self.preempt_running(dropped)
-        finally:
-            self._barrier_cause = ""
 
     def _fail(self, request_ids: list[str], cause: str, kind: str) -> None:
         """Finish requests with an error whose message (the client's) is ``cause``; ``kind``

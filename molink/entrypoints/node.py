@@ -29,7 +29,7 @@ from molink.comm.chain import Chain, Hop
 from molink.comm.membership import Membership
 from molink.comm.proto import molink_pb2
 from molink.comm.stage_service import StageService, start_grpc_server
-from molink.config import ModelIdentity, MoLinkConfig, model_identity
+from molink.config import MoLinkConfig
 from molink.core.scheduler import SCHEDULER_CLS
 from molink.core.span_choice import choose_span, coverage, needs_move
 from molink.engine.head_config import HeadConfig, RemoteStageSpec
@@ -37,6 +37,7 @@ from molink.engine.model_support import check_servable
 from molink.engine.stage_host import StageHost
 from molink.executor.first_chain import wait_for_reachable_chain
 from molink.executor.pipeline_executor import PipelineExecutor
+from molink.model_identity import ModelIdentity, model_identity
 from molink.security.settings import check_exposure
 from molink.security.swarm_security import SwarmSecurity
 from molink.telemetry import metrics

@@ -10,6 +10,8 @@ that reacts when the chain stops serving a failure epoch, and the two threads th
   for another head, so every stage is planned again at fewer blocks; or a head left one, and
   every stage of the chain has room for more, up to what the head's own KV cache holds) or a
   rebalance (a replica would make the chain much cheaper, :mod:`molink.core.rebalance`);
+* the **result streams** of the remote stages, which carry the last stage's sampled tokens and
+  every stage's notices (leaving, KV shrink and growth offers, replay acknowledgements, errors);
 * the **maintenance thread** restores a chain after either, moves off nodes that announce they
   are leaving, takes growth offers, and keeps standbys ready;
 * after a loss, the new chain's lost span is **refilled by replay** when it can be
@@ -22,11 +24,15 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
+import grpc
 from vllm.logger import init_logger
 
+from molink.comm import codec
 from molink.comm.chain import ChainError
+from molink.comm.links import timings_from_proto
 from molink.core.pipeline_state import lost_output
 from molink.executor.span_replay import ReplayFailed
+from molink.telemetry import metrics
 
 if TYPE_CHECKING:
     from molink.core.pipeline_state import PipelineState
@@ -71,8 +77,53 @@ class ChainUpkeep:
     def _new_step_id(self) -> int:
         raise NotImplementedError
 
+    def _resolve(self, step_id: int, epoch: int, output: Any, timings: list[Any]) -> None:
+        raise NotImplementedError
+
     def describe_chain(self) -> str:
         raise NotImplementedError
+
+    # ---------------------------------------------------------------- result streams
+    def _read_results(self, remote: RemoteStage, call: Any, epoch: int, is_last: bool) -> None:
+        """Read one remote stage's result stream until it ends: sampled tokens (the last
+        stage), replay acknowledgements, leave notices, KV shrink and growth offers, errors."""
+        received = metrics.BYTES_RECEIVED.labels("results")
+        try:
+            for result in call:
+                received.inc(result.ByteSize())
+                if result.replayed:
+                    if self.replay is not None:
+                        self.replay.acknowledged(result.step_id, result.error)
+                    continue
+                if result.leaving:
+                    logger.info("Stage %s says it is leaving", remote)
+                    self.chain.mark_leaving(remote.peer_id)
+                    self._wakeup.set()
+                    continue
+                if result.shrink_kv_blocks:
+                    self._shrink_kv(result.shrink_kv_blocks, remote)
+                    continue
+                if result.grow_kv_blocks:
+                    self._offer_growth(result.grow_kv_blocks, remote)
+                    continue
+                if result.error:
+                    self._on_failure(result.error, epoch, stage=str(remote))
+                    return
+                if is_last:
+                    output = codec.loads(result.model_runner_output)
+                    timings = timings_from_proto(result.timings)
+                    self._resolve(result.step_id, result.epoch, output, timings)
+            reason = "it closed its result stream"
+        except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.CANCELLED and (
+                epoch != self._serving_epoch or self._stopped
+            ):
+                return  # we cancelled it while rewiring
+            reason = f"its result stream broke ({e.code().name})"
+        except Exception as e:
+            reason = f"it sent a bad result: {type(e).__name__}: {e}"
+        if not self._stopped:
+            self._on_failure(reason, epoch, stage=str(remote))
 
     # ---------------------------------------------------------------- interruptions
     def _on_failure(self, reason: str, epoch: int, stage: str = "", cause: str = "lost") -> None:

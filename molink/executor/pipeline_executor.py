@@ -36,7 +36,7 @@ from vllm.v1.kv_cache_interface import KVCacheConfig, KVCacheSpec
 from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
 
 from molink.comm import codec
-from molink.comm.links import NextHopLink, timings_from_proto
+from molink.comm.links import NextHopLink
 from molink.core.head_session import HeadSession
 from molink.core.micro_batching import StageTiming
 from molink.core.pipeline_state import PIPELINE_STATE, epoch_of, lost_output
@@ -53,7 +53,6 @@ from molink.executor.outages import OutageRecord
 from molink.executor.remote_stage import RemoteStage
 from molink.executor.span_replay import SpanReplay
 from molink.stage_spec import StageConfig, StagePlacement
-from molink.telemetry import metrics
 from molink.telemetry.engine_metrics import PIPELINE_SNAPSHOT_RPC, export_metrics
 from molink.telemetry.step_trace import TRACE_ATTR, executor_trace
 from molink.vllm_compat.engine_config import install_batch_queue_bound
@@ -143,25 +142,16 @@ class PipelineExecutor(ChainUpkeep, ExecutorHooks):
         init = threading.Thread(target=self._init_remotes, name="molink-init", daemon=True)
         init.start()
         self.worker = create_stage_worker(self.vllm_config, 0)
-        self.replay = self._replay_log() if self.head.recovery == "replay" else None
+        self.replay = None
+        if self.head.recovery == "replay":  # stage 0 logs what it sends to stage 1
+            self.replay = SpanReplay.for_head(self.worker, self.session.id, self.vllm_config)
+            self.state.replay_log = self.replay.log
         init.join()
         if self._init_error is not None:
             raise self._init_error
         self.engine = StageEngine(self.worker, (0, self.head.placement.end_layer))
         self._watchdog = threading.Thread(target=self._watch, name="molink-watchdog", daemon=True)
         self._maintainer = threading.Thread(target=self._maintain, name="molink-chain", daemon=True)
-
-    def _replay_log(self) -> SpanReplay:
-        """Stage 0 logs what it sends to stage 1, for a recovery by replay."""
-        log = self.worker.keep_replay_log(self.session.id, self.head.replay_log_mb << 20)
-        log.on_size = metrics.REPLAY_LOG_BYTES.set
-        self.state.replay_log = log
-        return SpanReplay(
-            log,
-            self.vllm_config.cache_config.block_size,
-            self.vllm_config.scheduler_config.max_num_batched_tokens,
-            self.vllm_config.scheduler_config.max_num_seqs,
-        )
 
     def _init_remotes(self) -> None:
         try:
@@ -256,45 +246,6 @@ class PipelineExecutor(ChainUpkeep, ExecutorHooks):
             step_id = self._next_step_id
             self._next_step_id += 1
             return step_id
-
-    def _read_results(self, remote: RemoteStage, call: Any, epoch: int, is_last: bool) -> None:
-        received = metrics.BYTES_RECEIVED.labels("results")
-        try:
-            for result in call:
-                received.inc(result.ByteSize())
-                if result.replayed:
-                    if self.replay is not None:
-                        self.replay.acknowledged(result.step_id, result.error)
-                    continue
-                if result.leaving:
-                    logger.info("Stage %s says it is leaving", remote)
-                    self.chain.mark_leaving(remote.peer_id)
-                    self._wakeup.set()
-                    continue
-                if result.shrink_kv_blocks:
-                    self._shrink_kv(result.shrink_kv_blocks, remote)
-                    continue
-                if result.grow_kv_blocks:
-                    self._offer_growth(result.grow_kv_blocks, remote)
-                    continue
-                if result.error:
-                    self._on_failure(result.error, epoch, stage=str(remote))
-                    return
-                if is_last:
-                    output = codec.loads(result.model_runner_output)
-                    timings = timings_from_proto(result.timings)
-                    self._resolve(result.step_id, result.epoch, output, timings)
-            reason = "it closed its result stream"
-        except grpc.RpcError as e:
-            if e.code() == grpc.StatusCode.CANCELLED and (
-                epoch != self._serving_epoch or self._stopped
-            ):
-                return  # we cancelled it while rewiring
-            reason = f"its result stream broke ({e.code().name})"
-        except Exception as e:
-            reason = f"it sent a bad result: {type(e).__name__}: {e}"
-        if not self._stopped:
-            self._on_failure(reason, epoch, stage=str(remote))
 
     # ---------------------------------------------------------------- steps
     def execute_model(  # type: ignore[override]

@@ -24,15 +24,17 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
+from vllm.config import VllmConfig
 from vllm.logger import init_logger
 
 from molink.comm import codec
 from molink.core.replay_log import ReplayLog
 from molink.core.replay_plan import ReplayItem, ReplayPlan, replay_request_id
 from molink.core.step import HostActivations, StepWork
+from molink.engine.head_config import HeadConfig
 from molink.telemetry import metrics
 from molink.vllm_compat.scheduler import replay_scheduler_output
 
@@ -74,6 +76,21 @@ class SpanReplay:
         self._acked: dict[int, str] = {}  # step id -> "" or why it failed
         self._epoch = -1  # of the replay running
         self._aborted = ""
+
+    @classmethod
+    def for_head(cls, worker: Any, session: str, vllm_config: VllmConfig) -> SpanReplay:
+        """The head's replay: its stage 0 (``worker``) logs what it sends to stage 1, up to
+        ``--replay-log-mb``, and replay steps take the stages' token budget and batch size."""
+        head = HeadConfig.from_vllm_config(vllm_config)
+        log = worker.keep_replay_log(session, head.replay_log_mb << 20)
+        log.on_size = metrics.REPLAY_LOG_BYTES.set
+        scheduler = vllm_config.scheduler_config
+        return cls(
+            log,
+            vllm_config.cache_config.block_size,
+            scheduler.max_num_batched_tokens,
+            scheduler.max_num_seqs,
+        )
 
     @staticmethod
     def new_node(before: list[RemoteStage], after: list[RemoteStage]) -> tuple[int | None, str]:
