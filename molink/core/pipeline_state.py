@@ -59,6 +59,7 @@ class PipelineState:
         # boundary; the scheduler and the executor agree on each replay through ``replay``.
         self.replay_log: ReplayLog | None = None
         self.replay = ReplayHandshake()
+        self.running_requests = 0  # the scheduler's running requests, at its last step
 
     def interrupt(self, reason: str, epoch: int | None = None, cause: str = "stage_loss") -> int:
         """Record a stage loss seen while running ``epoch`` (default: the current one), or

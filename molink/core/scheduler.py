@@ -238,6 +238,8 @@ class PipelineScheduler(ReplayRecovery):
         )
 
     def on_request_freed(self, request: Request) -> None:
+        if self.pipeline.replay_log is not None:  # (the stage may never see its finished id)
+            self.pipeline.replay_log.drop([request.request_id])
         elapsed = time.time() - request.arrival_time
         cause = self._failure_causes.pop(request.request_id, None)
         if cause is not None:
@@ -269,6 +271,7 @@ class PipelineScheduler(ReplayRecovery):
             self._stage_losses.pop(rid, None)
 
     def schedule(self, throttle_prefills: bool = False) -> SchedulerOutput:
+        self.pipeline.running_requests = len(self.running)
         if self.pipeline.failed_epoch > self._epoch:
             self._barrier(self.pipeline.failed_epoch)
         if self.pipeline.ready_epoch < self._epoch:

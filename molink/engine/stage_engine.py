@@ -121,7 +121,7 @@ class StageEngine:
 
     def _pass_replay(self, work: StepWork, session: HeadSession, sink: StepSink) -> None:
         """A replay step for a later stage: the stage just before it adds its logged rows of
-        the step's request (or tells the head it can't); the ones before pass it on."""
+        the step's requests (or tells the head it can't); the ones before pass it on."""
         if work.replay_layer != self.layers[1] + 1:
             sink.emit(work, None)
             return

@@ -225,9 +225,10 @@ class ChainUpkeep:
         """
         if epoch == 0 or self.replay is None:
             return "recompute"
-        # The scheduler answers at its first sight of the failure; with no request running it
-        # may not look (and there is nothing to replay).
-        _, plan = self.state.replay.take(epoch, 10.0 if len(self.replay.log) else 0.0)
+        # The scheduler answers at its first sight of a loss; with no request running it may not
+        # look (and there is nothing to replay); a rewiring the head chose never has a plan.
+        busy = self.state.last_cause == "stage_loss" and self.state.running_requests > 0
+        _, plan = self.state.replay.take(epoch, 10.0 if busy else 0.0)
         if plan is None:
             return "recompute"
         index, reason = self.replay.new_node(self._wired, self.chain.remotes)

@@ -61,7 +61,8 @@ class ReplayFailed(RuntimeError):
 
 
 class SpanReplay:
-    """Replays the head's log into a new stage-1 node (one per head executor)."""
+    """Replays what a stage logged into the new node of the span after it (one per head
+    executor)."""
 
     def __init__(
         self, log: ReplayLog, block_size: int, chunk_tokens: int, max_requests: int
