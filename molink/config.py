@@ -144,6 +144,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _mebibytes(text: str) -> float:
+    value = _number(float, text)
+    if not 0 < value <= 64 * 1024:  # NaN too
+        raise argparse.ArgumentTypeError(f"must be more than 0 and at most 65536 MiB, got {text}")
+    return value
+
+
 def _port(text: str) -> int:
     value = _number(int, text)
     if not 1 <= value <= 65535:
@@ -310,16 +317,16 @@ class MoLinkConfig:
         "says why); recompute: every request recomputes its prompt and output through every "
         "stage (default %(default)s).",
     )
-    replay_log_mb: int = flag(
-        1024,
+    replay_log_mb: float = flag(
+        1024.0,
         "--replay-log-mb",
-        type=_positive_int,
+        type=_mebibytes,
         help="Head: MiB of host memory each stage of its chain may keep for the replay log, the "
         "activations it sent to the next stage for every token of every running request (a "
         "token costs 2 x hidden size x dtype bytes: 3.5 KiB for a 0.5B model in float16, 14 KiB "
         "for a 7B one, so the default holds about 75,000 tokens of a 7B model). Past it, the "
         "largest requests' logs are dropped and those requests recompute after a loss "
-        "(default %(default)s).",
+        "(default %(default)g).",
     )
     leave_timeout: float = flag(
         30.0,

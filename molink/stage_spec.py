@@ -36,7 +36,7 @@ HEAD_ENGINE_FIELDS = (
 
 
 #: The most host memory a head may ask a stage to keep for its replay log.
-MAX_REPLAY_LOG_MB = 64 * 1024
+MAX_REPLAY_LOG_BYTES = 64 << 30
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,7 @@ class StageConfig:
     engine_overrides: dict[str, Any] = field(default_factory=dict)
     wire_dtype: str | None = None
     wire_compression: str | None = None
-    replay_log_mb: int = 0  # log what the stage sends on, for a recovery by replay (0: don't)
+    replay_log_bytes: int = 0  # log what the stage sends on, for a recovery by replay (0: don't)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -105,16 +105,16 @@ class StageConfig:
             raise ValueError(f"unsupported wire dtype {wire_dtype!r}")
         if wire_compression is not None and wire_compression not in WIRE_COMPRESSIONS:
             raise ValueError(f"unsupported wire compression {wire_compression!r}")
-        replay_log_mb = raw.get("replay_log_mb", 0)
-        if type(replay_log_mb) is not int or not 0 <= replay_log_mb <= MAX_REPLAY_LOG_MB:
-            raise ValueError(f"replay_log_mb must be an integer in 0-{MAX_REPLAY_LOG_MB}")
+        replay_log_bytes = raw.get("replay_log_bytes", 0)
+        if type(replay_log_bytes) is not int or not 0 <= replay_log_bytes <= MAX_REPLAY_LOG_BYTES:
+            raise ValueError(f"replay_log_bytes must be an integer in 0-{MAX_REPLAY_LOG_BYTES}")
         return cls(
             placement=placement_from_dict(placement),
             model_hash=str(raw["model_hash"]),
             engine_overrides=overrides,
             wire_dtype=wire_dtype,
             wire_compression=wire_compression,
-            replay_log_mb=replay_log_mb,
+            replay_log_bytes=replay_log_bytes,
         )
 
 

@@ -35,7 +35,7 @@ SAMPLES = {
     "--outage-timeout": (["9"], 9.0),
     "--rebalance-after": (["0"], 0.0),
     "--recovery": (["recompute"], "recompute"),
-    "--replay-log-mb": (["64"], 64),
+    "--replay-log-mb": (["0.5"], 0.5),
     "--leave-timeout": (["0"], 0.0),
     "--wire-dtype": (["bfloat16"], "bfloat16"),
     "--wire-compression": (["zlib"], "zlib"),

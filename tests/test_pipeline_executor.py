@@ -17,6 +17,7 @@ import urllib.request
 
 import openai
 import pytest
+from probes import eventually, status
 from reference import ENGINE_FLAGS, assert_same, pipeline_outputs, stream_all
 
 OUTAGE_S = 8
@@ -191,6 +192,31 @@ def test_three_uneven_stages_in_four_micro_batches_match_single_process(
         head.log()
     )
     assert metric(head.base_url, 'molink_recoveries_total{mode="recompute"}') == 1
+
+
+def test_a_request_whose_replay_log_was_capped_away_recomputes_alone(swarm, qwen3_model):
+    """The head's replay log holds 0.1 MiB (about 100 tokens' activations of this model) while
+    six streams run: it drops the largest requests' logs. When the serving follower dies, the
+    standby is refilled for the requests still logged and the others recompute alone; every
+    stream equals the undisturbed run."""
+    head_flags = [*ENGINE_FLAGS, "--replay-log-mb", "0.1"]
+    tail = swarm.start("tail", qwen3_model, "3,5", ENGINE_FLAGS)
+    head = swarm.start("head", qwen3_model, "0,2", head_flags, peers=[tail])
+    spare = swarm.start("spare", qwen3_model, "3,5", ENGINE_FLAGS, peers=[head])
+    head.wait_healthy()
+    eventually(lambda: "Standby for" in head.log(), timeout=240, what="a standby")
+    undisturbed = asyncio.run(stream_all(head, qwen3_model))
+    victim = next(n for n in (tail, spare) if status(n)["state"] == "serving")
+
+    assert asyncio.run(stream_all(head, qwen3_model, during=victim.kill)) == undisturbed
+    log = head.log()
+    assert "Replay log over 0.1 MiB: dropped " in log
+    replayed = re.search(r"Replayed (\d+) positions of \d+ request\(s\) .*\((\d+) request", log)
+    assert replayed, "no replay"
+    assert int(replayed.group(1)) > 0, "the requests still logged should be replayed"
+    assert int(replayed.group(2)) > 0, "the others should recompute alone"
+    assert re.search(r"Request cmpl-\S+ preempted \(its pipeline broke\)", log)
+    assert metric(head.base_url, 'molink_recoveries_total{mode="replay"}') == 1
 
 
 def test_a_stage_in_another_dtype_serves_in_the_same_pipeline(swarm, qwen3_model, qwen3_reference):

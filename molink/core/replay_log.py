@@ -15,6 +15,7 @@ from position 0.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -23,8 +24,8 @@ from vllm.logger import init_logger
 
 logger = init_logger(__name__)
 
-#: The default cap on a head's replay log, in MiB (``--replay-log-mb``).
-DEFAULT_CAPACITY_MB = 1024
+#: Seconds between two warnings that logs went over the cap.
+WARN_INTERVAL_S = 60.0
 
 
 @dataclass
@@ -47,6 +48,8 @@ class ReplayLog:
         self._lock = threading.Lock()
         self._logs: dict[str, _RequestLog] = {}
         self._nbytes = 0
+        self._dropped = 0  # request logs dropped over the cap since the last warning
+        self._warned_at = -WARN_INTERVAL_S
 
     def record(self, req_id: str, start: int, rows: dict[str, torch.Tensor]) -> None:
         """Log the rows of positions [start, start + n) of ``req_id``; each tensor [n, hidden]
@@ -71,17 +74,28 @@ class ReplayLog:
             log.length += num
             log.nbytes += size
             self._nbytes += size
+            dropped = 0
             while self._nbytes > self.capacity_bytes and self._logs:
-                largest = max(self._logs, key=lambda r: self._logs[r].nbytes)
-                logger.warning(
-                    "Replay log over %d MiB: dropping request %s's log (it recomputes if its "
-                    "next stage is lost)",
-                    self.capacity_bytes >> 20,
-                    largest,
-                )
-                self._drop(largest)
+                self._drop(max(self._logs, key=lambda r: self._logs[r].nbytes))  # the largest
+                dropped += 1
+            if dropped:
+                self._warn_dropped(dropped)
             if self.on_size is not None:
                 self.on_size(self._nbytes)
+
+    def _warn_dropped(self, dropped: int) -> None:
+        """Say that requests' logs went over the cap, at most once a minute."""
+        self._dropped += dropped
+        now = time.monotonic()
+        if now - self._warned_at < WARN_INTERVAL_S:
+            return
+        logger.warning(
+            "Replay log over %.3g MiB: dropped %d request log(s) since the last report, the "
+            "largest first (those requests recompute if their next stage is lost)",
+            self.capacity_bytes / 2**20,
+            self._dropped,
+        )
+        self._warned_at, self._dropped = now, 0
 
     def drop(self, req_ids: set[str] | list[str]) -> None:
         """Forget finished requests."""

@@ -54,7 +54,13 @@ class HeadConfig:
     outage_timeout: float = MoLinkConfig.outage_timeout  # --outage-timeout's default
     rebalance_after: float = MoLinkConfig.rebalance_after  # --rebalance-after's default
     recovery: str = MoLinkConfig.recovery  # --recovery's default
-    replay_log_mb: int = MoLinkConfig.replay_log_mb  # --replay-log-mb's default
+    replay_log_mb: float = MoLinkConfig.replay_log_mb  # --replay-log-mb's default
+
+    @property
+    def replay_log_bytes(self) -> int:
+        """The replay log's cap on each stage (0: no log, ``--recovery recompute``)."""
+        return int(self.replay_log_mb * 2**20) if self.recovery == "replay" else 0
+
     recovery_poll_interval: float = 1.0
     swarm_refresh_interval: float = 2.0
     security: SecurityFiles = SecurityFiles()  # key file paths (never the keys themselves)

@@ -169,8 +169,8 @@ class StageHost:
             session = self.sessions.setdefault(session_id, HeadSession(session_id))
             session.label = label[:64]
             session.config = config
-            if config.replay_log_mb:
-                self.worker.keep_replay_log(session_id, config.replay_log_mb << 20)
+            if config.replay_log_bytes:
+                self.worker.keep_replay_log(session_id, config.replay_log_bytes)
             return self._spec_payload, self.regions.offer(
                 session_id, self._min_blocks()
             ) * self.block_bytes

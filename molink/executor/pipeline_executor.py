@@ -167,7 +167,7 @@ class PipelineExecutor(ChainUpkeep, ExecutorHooks):
             engine_overrides=head_engine_overrides(self.vllm_config),
             wire_dtype=self.head.wire_dtype,
             wire_compression=self.head.wire_compression,
-            replay_log_mb=self.head.replay_log_mb if self.head.recovery == "replay" else 0,
+            replay_log_bytes=self.head.replay_log_bytes,
         )
 
     def get_kv_cache_specs(self) -> list[dict[str, KVCacheSpec]]:
