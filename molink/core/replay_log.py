@@ -54,26 +54,20 @@ class ReplayLog:
     def record(self, req_id: str, start: int, rows: dict[str, torch.Tensor]) -> None:
         """Log the rows of positions [start, start + n) of ``req_id``; each tensor [n, hidden]
         (copied: the caller may reuse its buffers)."""
-        num = next(iter(rows.values())).shape[0]
-        if num == 0:
+        self.record_step([(req_id, start, rows)])
+
+    def record_step(self, entries: list[tuple[str, int, dict[str, torch.Tensor]]]) -> None:
+        """:meth:`record` for each ``(req_id, start, rows)`` of one step, under one lock."""
+        copied = [
+            (req_id, start, {name: t.to("cpu", copy=True) for name, t in rows.items()})
+            for req_id, start, rows in entries
+            if next(iter(rows.values())).shape[0]
+        ]
+        if not copied:
             return
-        copied = {name: t.to("cpu", copy=True) for name, t in rows.items()}
-        size = sum(t.numel() * t.element_size() for t in copied.values())
         with self._lock:
-            log = self._logs.get(req_id)
-            if log is None:
-                if start != 0:  # a gap: nothing to replay until it restarts
-                    return
-                log = self._logs[req_id] = _RequestLog()
-            if start < log.length:
-                self._truncate(log, start)
-            elif start > log.length:
-                self._drop(req_id)
-                return
-            log.chunks.append(copied)
-            log.length += num
-            log.nbytes += size
-            self._nbytes += size
+            for req_id, start, rows in copied:
+                self._append(req_id, start, rows)
             dropped = 0
             while self._nbytes > self.capacity_bytes and self._logs:
                 self._drop(max(self._logs, key=lambda r: self._logs[r].nbytes))  # the largest
@@ -82,6 +76,24 @@ class ReplayLog:
                 self._warn_dropped(dropped)
             if self.on_size is not None:
                 self.on_size(self._nbytes)
+
+    def _append(self, req_id: str, start: int, rows: dict[str, torch.Tensor]) -> None:
+        """Add ``rows`` (each [n, hidden]) at position ``start`` (caller holds the lock)."""
+        log = self._logs.get(req_id)
+        if log is None:
+            if start != 0:  # a gap: nothing to replay until it restarts
+                return
+            log = self._logs[req_id] = _RequestLog()
+        if start < log.length:
+            self._truncate(log, start)
+        elif start > log.length:
+            self._drop(req_id)
+            return
+        size = sum(t.numel() * t.element_size() for t in rows.values())
+        log.chunks.append(rows)
+        log.length += next(iter(rows.values())).shape[0]
+        log.nbytes += size
+        self._nbytes += size
 
     def _warn_dropped(self, dropped: int) -> None:
         """Say that requests' logs went over the cap, at most once a minute."""

@@ -147,10 +147,6 @@ class SchedulerHooks(Scheduler):
                 data.resumed_req_ids.add(req_id)
                 data.new_block_ids[i] = self.kv_cache_manager.get_block_ids(req_id)
 
-    def forget_cached_blocks(self, block_ids: set[int]) -> None:
-        """Drop ``block_ids`` from the prefix cache (their requests recompute them)."""
-        self.kv_cache_manager.evict_blocks(block_ids)
-
     def confirmed_tokens(self, request: Request) -> int:
         """Tokens of ``request`` whose step came back from every stage.
 

@@ -177,14 +177,16 @@ class StageHooks:
         log.drop(scheduler_output.finished_req_ids)
         if not isinstance(output, IntermediateTensors):
             return
-        row = 0
+        entries, row = [], 0
         for req_id, start, num in scheduled_rows(self.model_runner, scheduler_output):
             # A replay step's rows are its request's: a refilled stage can be a source next.
             logged_id = replayed_request(req_id) or req_id
             # each [num, hidden_size]
-            rows = {k: t[row : row + num] for k, t in output.tensors.items()}
-            log.record(logged_id, start, rows)
+            entries.append(
+                (logged_id, start, {k: t[row : row + num] for k, t in output.tensors.items()})
+            )
             row += num
+        log.record_step(entries)
 
     def _install(self, snapshots: dict[str, RequestSnapshot]) -> None:
         """Give the model runner the state of resumed requests it doesn't hold.
