@@ -24,8 +24,9 @@ def activations(device: str, dtype: torch.dtype = torch.float32) -> dict[str, to
 def test_a_cpu_stage_hands_its_tensors_on_as_they_are() -> None:
     staging = ActivationStaging(torch.device("cpu"))
     tensors = activations("cpu")
-    out = staging.to_host(tensors)
+    out = staging.to_host(tensors, ["r"])
     assert not staging.pin_memory
+    assert out.order == ["r"]
     assert all(out.wait()[k] is tensors[k] for k in tensors)  # no copy on CPU
 
 
@@ -36,15 +37,18 @@ def test_host_activations_wait_for_their_copy_once() -> None:
         def synchronize(self) -> None:
             Event.waits += 1
 
-    out = HostActivations({"hidden_states": torch.zeros(1, 4)}, Event())
+    out = HostActivations({"hidden_states": torch.arange(3.0)[:, None]}, ["a", "b"], Event())
+    a, b = out.split([(1, ["a"]), (2, ["b"])])  # one head's rows each, sharing the copy
+    assert a.order == ["a"] and b.wait()["hidden_states"].flatten().tolist() == [1.0, 2.0]
+    a.wait()
     out.wait()
     out.wait()
-    assert Event.waits == 1
+    assert Event.waits == 3
 
 
 def test_wire_round_trip_into_host_memory_is_exact() -> None:
     tensors = activations("cpu", torch.bfloat16)
-    msgs = codec.encode_tensors(ActivationStaging(torch.device("cpu")).to_host(tensors).wait())
+    msgs = codec.encode_tensors(ActivationStaging(torch.device("cpu")).to_host(tensors, []).wait())
     back = codec.decode_tensors(msgs, torch.float32)
     for name, t in tensors.items():
         assert back[name].dtype == torch.float32
@@ -56,7 +60,7 @@ def test_a_cuda_stage_copies_off_its_buffers_to_pinned_memory() -> None:
     staging = ActivationStaging(torch.device("cuda"))
     tensors = activations("cuda", torch.bfloat16)
     expected = {k: v.cpu() for k, v in tensors.items()}
-    out = staging.to_host(tensors)
+    out = staging.to_host(tensors, ["r"])
     for t in tensors.values():  # the next step overwrites a CUDA graph's output buffers
         t.fill_(0)
     host = out.wait()

@@ -17,7 +17,7 @@ import time
 
 import pytest
 from conftest import QWEN3_ENGINE_FLAGS
-from probes import eventually, get, scrape, status, value
+from probes import eventually, get, scrape, status, total, value
 from reference import assert_same, pipeline_outputs, stream_all
 
 # One block holds 32 tokens of 3 layers, each 1 KV head of 64 float32 keys and values.
@@ -139,5 +139,8 @@ def test_kill_9_of_one_head_leaves_the_other_unchanged_and_it_grows_back(
     new = module_swarm.start("head4", qwen3_model, "0,2", QWEN3_ENGINE_FLAGS, peers=[follower])
     new.wait_healthy()
     assert sorted(h["kv_blocks"] for h in status(follower)["heads"]) == [22, 22]
+    joined = total(scrape(follower), "molink_stage_joined_steps_total")
     for got in asyncio.run(both([survivor, new], qwen3_model)):
         assert_same(qwen3_reference, got)
+    # Both heads' steps waited on the follower together, and shared its forward passes.
+    assert total(scrape(follower), "molink_stage_joined_steps_total") > joined

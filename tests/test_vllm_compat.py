@@ -625,42 +625,113 @@ def _init_mrope_positions(monkeypatch: pytest.MonkeyPatch) -> None:
     _require(seen == [fake.requests["r"]], "M-RoPE positions not initialized")
 
 
-@contract("vllm.v1.worker.gpu_model_runner.GPUModelRunner.input_batch")
-def _input_batch(monkeypatch: pytest.MonkeyPatch) -> None:
-    from molink.vllm_compat.model_runner import swap_persistent_batch
-
-    runner = _runner_class()
-    source = "".join(_source(c) for c in _vllm_mro(runner))
-    for attr in ("input_batch", "requests"):
-        _require(_assigns(runner, attr), f"the runner no longer sets self.{attr}")
-    _require(_reads(runner.execute_model, "self.input_batch"), "execute_model doesn't read it")
-    _require("self.requests[" in source, "the runner no longer looks requests up in self.requests")
-    fake = SimpleNamespace(input_batch="a", requests={"x": 1})
-    _require(swap_persistent_batch(fake, ("b", {})) == ("a", {"x": 1}), "swap is broken")
-    _require(fake.input_batch == "b" and fake.requests == {}, "swap is broken")
-
-
-@contract("vllm.v1.worker.gpu_model_runner.GPUModelRunner._init_block_sizes")
-def _init_block_sizes(monkeypatch: pytest.MonkeyPatch) -> None:
-    from vllm.v1.sample.logits_processor import build_logitsprocs
+@contract("vllm.v1.worker.gpu_model_runner.GPUModelRunner._may_reorder_batch")
+def _rows_in_order(monkeypatch: pytest.MonkeyPatch) -> None:
     from vllm.v1.worker.gpu_input_batch import InputBatch
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
+    from molink.vllm_compat.model_runner import rows_in_order
+
+    update = _source(GPUModelRunner._update_states)
+    at = [update.find(s) for s in ("condense()", "_may_reorder_batch(", "refresh_metadata()")]
+    _require(-1 not in at and at == sorted(at), "_may_reorder_batch moved in _update_states")
+    _require(_params(InputBatch.swap_states) == ["self", "i1", "i2"], "swap_states changed")
+
+    class Batch:  # swaps rows as InputBatch.swap_states does
+        def __init__(self, ids: list[str]) -> None:
+            self.ids = ids
+            self.req_id_to_index = {r: i for i, r in enumerate(ids)}
+
+        def swap_states(self, i1: int, i2: int) -> None:
+            self.ids[i1], self.ids[i2] = self.ids[i2], self.ids[i1]
+            self.req_id_to_index = {r: i for i, r in enumerate(self.ids)}
+
+    runner = SimpleNamespace(input_batch=Batch(["a", "b", "c", "d"]), _may_reorder_batch=None)
+    runner._may_reorder_batch = lambda so: None
+    with rows_in_order(runner, ["d", "b", "a", "c"]):
+        runner._may_reorder_batch(None)
+    _require(runner.input_batch.ids == ["d", "b", "a", "c"], "rows not put in order")
+    with rows_in_order(runner, ["x"]), pytest.raises(ValueError):
+        runner._may_reorder_batch(None)
+
+
+@contract("vllm.v1.worker.gpu_model_runner.GPUModelRunner.reorder_batch_threshold")
+def _reorder_threshold(monkeypatch: pytest.MonkeyPatch) -> None:
     runner = _runner_class()
-    _require(_assigns(runner, "_init_block_sizes"), "the runner no longer sets it")
-    params = _params(runner.may_reinitialize_input_batch)
-    _require(params[:2] == ["self", "kv_cache_config"], f"may_reinitialize_input_batch: {params}")
-    reinit = _source(runner.may_reinitialize_input_batch)
+    _require(_assigns(runner, "reorder_batch_threshold"), "the runner no longer sets it")
     _require(
-        "self._init_block_sizes" in reinit and "self.input_batch = InputBatch(" in reinit,
-        "may_reinitialize_input_batch no longer rebuilds input_batch when _init_block_sizes "
-        "differs",
+        _reads(runner._may_reorder_batch, "self.reorder_batch_threshold is not None"),
+        "_may_reorder_batch no longer reorders only with a threshold",
     )
-    _require(_assigns(InputBatch, "logitsprocs"), "InputBatch no longer has logitsprocs")
-    params = _params(build_logitsprocs)
-    expected = ["vllm_config", "device", "is_pin_memory", "is_pooling_model", "custom_logitsprocs"]
-    _require(params == expected, f"build_logitsprocs parameters are {params}")
-    for attr in ("kv_cache_config", "is_pooling_model", "vllm_config"):
+
+
+@contract("vllm.v1.worker.gpu_model_runner.GPUModelRunner.max_num_tokens")
+def _step_limits(monkeypatch: pytest.MonkeyPatch) -> None:
+    runner = _runner_class()
+    for attr in ("max_num_tokens", "max_num_reqs"):
         _require(_assigns(runner, attr), f"the runner no longer sets self.{attr}")
+
+
+@contract("vllm.v1.core.sched.output.SchedulerOutput (fields)")
+def _step_joining(monkeypatch: pytest.MonkeyPatch) -> None:
+    import dataclasses
+
+    import numpy as np
+    from vllm.v1.core.sched.output import CachedRequestData, SchedulerOutput
+    from vllm.v1.outputs import LogprobsLists, ModelRunnerOutput
+
+    from molink.vllm_compat.step_joining import (
+        JOINED_FIELDS,
+        SPLIT_FIELDS,
+        can_join,
+        join_steps,
+        split_output,
+    )
+
+    names = {f.name for f in dataclasses.fields(CachedRequestData)}
+    expected = {"req_ids", "resumed_req_ids", "new_token_ids", "all_token_ids", "new_block_ids"}
+    expected |= {"num_computed_tokens", "num_output_tokens"}
+    _require(names == expected, f"CachedRequestData has fields {sorted(names ^ expected)}")
+    fields = {f.name for f in dataclasses.fields(SchedulerOutput)}
+    _require(fields >= JOINED_FIELDS, f"SchedulerOutput lacks {sorted(JOINED_FIELDS - fields)}")
+    fields = {f.name for f in dataclasses.fields(ModelRunnerOutput)}
+    _require(fields >= SPLIT_FIELDS, f"ModelRunnerOutput lacks {sorted(SPLIT_FIELDS - fields)}")
+
+    def step(req: str, tokens: int) -> SchedulerOutput:
+        so = SchedulerOutput.make_empty()
+        so.scheduled_cached_reqs = CachedRequestData(
+            req_ids=[req],
+            resumed_req_ids=set(),
+            new_token_ids=[[]],
+            all_token_ids={},
+            new_block_ids=[None],
+            num_computed_tokens=[5],
+            num_output_tokens=[1],
+        )
+        so.num_scheduled_tokens = {req: tokens}
+        so.total_num_scheduled_tokens = tokens
+        so.finished_req_ids = {f"{req}-done"}
+        so.num_common_prefix_blocks = [2]
+        return so
+
+    a, b = step("a", 1), step("b", 3)
+    _require(can_join(a) and not can_join(SchedulerOutput.make_empty()), "can_join")
+    joined = join_steps([a, b])
+    _require(joined.scheduled_cached_reqs.req_ids == ["a", "b"], "cached requests not joined")
+    _require(joined.total_num_scheduled_tokens == 4, "token counts not joined")
+    _require(joined.finished_req_ids == {"a-done", "b-done"}, "finished requests not joined")
+    _require(joined.num_common_prefix_blocks == [0], "a common prefix across heads")
+    out = ModelRunnerOutput(
+        req_ids=["a", "b"],
+        req_id_to_index={"a": 0, "b": 1},
+        sampled_token_ids=[[7], [8]],
+        logprobs=LogprobsLists(np.array([[1], [2]]), np.array([[0.1], [0.2]]), np.array([0, 1])),
+        prompt_logprobs_dict={"b": None},
+    )
+    first, second = split_output(out, [["a"], ["b"]])
+    _require(second.req_ids == ["b"] and second.req_id_to_index == {"b": 0}, "split ids")
+    _require(second.sampled_token_ids == [[8]] and second.prompt_logprobs_dict == {"b": None}, "")
+    _require(first.logprobs.logprob_token_ids.tolist() == [[1]], "logprobs not split")
 
 
 @contract("vllm.v1.worker.gpu_model_runner.GPUModelRunner.execute_model_state")
@@ -679,9 +750,11 @@ def _execute_model_state(monkeypatch: pytest.MonkeyPatch) -> None:
     fake = SimpleNamespace(
         execute_model_state="pending", requests={"a": 1}, execute_model=ran.append
     )
-    reset_model_runner(fake)
+    reset_model_runner(fake, ["a"])
     _require(fake.execute_model_state is None, "state not cleared")
     _require(ran[0].finished_req_ids == {"a"} and ran[0].total_num_scheduled_tokens == 0, "reset")
+    reset_model_runner(fake, [])
+    _require(len(ran) == 1, "an empty reset ran a step")
 
 
 # ---------------------------------------------------------------------------------- worker
@@ -1181,8 +1254,8 @@ def test_the_guard_sees_every_kind_of_use() -> None:
         parallel_state._PP = None
         VllmConfig.max_concurrent_batches = property(lambda self: 3)
         envs.VLLM_X = 1
-        runner.input_batch, runner.requests = batch
-        runner._init_block_sizes = None
+        runner.execute_model_state, runner.intermediate_tensors = batch
+        runner._may_reorder_batch = None
         setattr(engine, "generate", None)
         getattr(runner, "_init_mrope_positions")(state)
         self.running = []
@@ -1197,9 +1270,9 @@ def test_the_guard_sees_every_kind_of_use() -> None:
         "x.py:10 patches vLLM: parallel_state._PP",
         "x.py:11 patches vLLM: VllmConfig.max_concurrent_batches",
         "x.py:12 patches vLLM: envs.VLLM_X",
-        "x.py:13 patches vLLM: runner.input_batch",
-        "x.py:13 patches vLLM: runner.requests",
-        "x.py:14 uses vLLM's private runner._init_block_sizes",
+        "x.py:13 patches vLLM: runner.execute_model_state",
+        "x.py:13 patches vLLM: runner.intermediate_tensors",
+        "x.py:14 uses vLLM's private runner._may_reorder_batch",
         "x.py:15 patches vLLM: setattr(engine, 'generate', None)",
         "x.py:16 names vLLM's private _init_mrope_positions",
         "x.py:17 patches vLLM: self.running",

@@ -100,9 +100,9 @@ def _clamp(seconds: float) -> float:
 
 def encode_step(work: StepWork, output: StageOutput, wire: codec.WireFormat) -> molink_pb2.Step:
     """The ``Step`` message that carries ``work`` (and its activations) to the next stage."""
-    tensors = []
+    tensors, order = [], []
     if isinstance(output, HostActivations):
-        tensors = codec.encode_tensors(output.wait(), wire)
+        tensors, order = codec.encode_tensors(output.wait(), wire), output.order
     return molink_pb2.Step(
         step_id=work.step_id,
         epoch=work.epoch,
@@ -114,6 +114,7 @@ def encode_step(work: StepWork, output: StageOutput, wire: codec.WireFormat) -> 
         session=work.session,
         replay=work.replay,
         replay_layer=work.replay_layer,
+        row_order=order,
     )
 
 
@@ -143,6 +144,7 @@ def decode_step(msg: molink_pb2.Step, dtype: torch.dtype, pin: bool) -> StepWork
         session=msg.session,
         replay=msg.replay,
         replay_layer=msg.replay_layer,
+        row_order=list(msg.row_order),
     )
 
 

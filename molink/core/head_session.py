@@ -2,11 +2,12 @@
 
 A follower keeps one :class:`HeadSession` per head that uses it, keyed by a secret id the head
 makes at start and sends with every call and step. Steps of every session run on the stage's
-one model runner, each with its head's own persistent batch and request table
-(:meth:`~molink.worker.stage_worker.StageHooks.use_batch_of`), so a head can't name another
-head's requests. Before a step runs, :meth:`HeadSession.admit` checks that every block id is
-inside the head's plan (``0 .. region.blocks-1``) and maps it to the head's region of the
-stage's KV cache (``region.ids[i]``), so a head can't reach another's KV blocks either.
+one model runner and persistent batch, several heads' steps in one pass when they wait together
+(:mod:`molink.engine.stage_engine`); a head can't name another head's requests
+(:mod:`molink.core.request_owners`). Before a step runs, :meth:`HeadSession.admit` checks
+that every block id is inside the head's plan (``0 .. region.blocks-1``) and maps it to the
+head's region of the stage's KV cache (``region.ids[i]``), so a head can't reach another's KV
+blocks either.
 """
 
 from __future__ import annotations

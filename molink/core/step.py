@@ -52,6 +52,9 @@ class StepWork:
     # before that pass it on; the target acknowledges it to the head and sends nothing on.
     replay: bool = False
     replay_layer: int = 0
+    # The request of each run of rows in ``tensors``, in row order (as the head's stage 0 laid
+    # them out); every later stage computes the rows in this order.
+    row_order: list[str] = field(default_factory=list)
 
 
 class HostActivations:
@@ -63,10 +66,24 @@ class HostActivations:
     hold the data.
     """
 
-    def __init__(self, tensors: dict[str, torch.Tensor], ready: Any = None) -> None:
-        """``ready``: an event (``synchronize()``) the copy records when done; None: no copy."""
+    def __init__(
+        self, tensors: dict[str, torch.Tensor], order: list[str], ready: Any = None
+    ) -> None:
+        """``order``: the request of each run of rows, in row order; ``ready``: an event
+        (``synchronize()``) the copy records when done; None: no copy."""
         self._tensors = tensors
+        self.order = order
         self._ready = ready
+
+    def split(self, parts: list[tuple[int, list[str]]]) -> list[HostActivations]:
+        """The activations cut into consecutive parts of ``(rows, order)`` (views, which share
+        this copy's completion)."""
+        out, start = [], 0
+        for rows, order in parts:
+            sliced = {name: t[start : start + rows] for name, t in self._tensors.items()}
+            out.append(HostActivations(sliced, order, self._ready))
+            start += rows
+        return out
 
     def wait(self) -> dict[str, torch.Tensor]:
         """The host tensors, once the copy into them is complete."""
@@ -101,3 +118,9 @@ def changes_stage_state(scheduler_output: SchedulerOutput) -> bool:
         or so.kv_connector_metadata is not None
         or so.ec_connector_metadata is not None
     )
+
+
+def replay_order(scheduler_output: SchedulerOutput) -> list[str]:
+    """The row order of a replay step's activations: its requests as it schedules them (each a
+    new request of the step)."""
+    return [new.req_id for new in scheduler_output.scheduled_new_reqs]

@@ -7,8 +7,10 @@ the result to the :class:`StepSink` of the step's head: the link to the next sta
 stream to the head. Receiving, decoding, computing and sending run on different threads, so a
 stage computes step k+1 while step k is still on the wire.
 
-A follower may serve several heads (:mod:`molink.core.head_session`): their steps interleave on
-the compute thread in arrival order, each checked and moved into its head's KV region first.
+A follower may serve several heads (:mod:`molink.core.head_session`): their steps run on the
+compute thread in arrival order, each checked and moved into its head's KV region first, and the
+steps of several heads that wait at the same time run as one forward pass (:meth:`_gather`): a
+step's cost is mostly one pass over the weights, whatever its rows.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -23,8 +26,10 @@ from vllm.logger import init_logger
 
 from molink.core.head_session import HeadSession, StepRefused
 from molink.core.micro_batching import StageTiming
-from molink.core.step import HostActivations, StepSink, StepWork
+from molink.core.request_owners import NotYours, RequestOwners
+from molink.core.step import HostActivations, StepSink, StepWork, replay_order
 from molink.telemetry import metrics
+from molink.vllm_compat.step_joining import request_ids_named
 
 logger = init_logger(__name__)
 
@@ -44,13 +49,17 @@ class StageEngine:
         self._step_seconds = metrics.STEP_SECONDS.labels(label)
         self._queue_wait = metrics.QUEUE_WAIT_SECONDS.labels(label)
         self._tokens = metrics.STAGE_TOKENS.labels(label)
+        self._joined_passes = metrics.JOINED_PASSES.labels(label)
+        self._joined_steps = metrics.JOINED_STEPS.labels(label)
         metrics.track_kv_blocks(self.kv_blocks)
         # Every head's session by id (one on a head: its own).
         self.sessions: dict[str, HeadSession] = {}
+        self.owners = RequestOwners()  # which head each request here belongs to
         self.steps_done = 0
         self.tokens_done = 0
         self.busy_seconds = 0.0
         self._queue: queue.Queue[Any] = queue.Queue()
+        self._pending: deque[Any] = deque()  # taken off the queue, not run yet (see _gather)
         self._stopped = False
         self._thread = threading.Thread(
             target=self._loop, name=f"molink-stage-{label}", daemon=True
@@ -75,9 +84,13 @@ class StageEngine:
         def end() -> None:
             self._reset(session, session.epoch, None)
             self.sessions.pop(session.id, None)
-            self.worker.forget_batch_of(session.id)
+            self.worker.forget_head(session.id)
 
         self._on_compute_thread(end)
+
+    def requests_of(self, session_id: str) -> int:
+        """How many requests of a head this stage holds (read from any thread)."""
+        return self.owners.count(session_id)
 
     def kv_blocks(self) -> tuple[int, int]:
         """(KV blocks its requests hold, KV blocks allocated); (0, 0) when it can't tell."""
@@ -100,7 +113,7 @@ class StageEngine:
 
     def _loop(self) -> None:
         while not self._stopped:
-            item = self._queue.get()
+            item = self._pending.popleft() if self._pending else self._queue.get()
             if item is None:
                 return
             if isinstance(item, tuple) and item[0] is self._RESET:
@@ -108,14 +121,67 @@ class StageEngine:
                 action()
                 done.set()
                 continue
-            self._run(item)
+            self._run(self._gather(item))
+
+    def _gather(self, first: StepWork) -> list[StepWork]:
+        """``first`` and the steps of other heads waiting behind it that can share its pass.
+
+        Takes from each other head its oldest waiting step (never one queued behind a reset, or
+        behind a step of its head that can't join), in arrival order, while the pass stays
+        within the stage's token and request budget; adds no wait. Each step is whole: a head
+        whose step doesn't fit is first in the next pass.
+        """
+        if not self._joinable(first):
+            return [first]
+        while True:
+            try:
+                self._pending.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        group = [first]
+        max_tokens, max_reqs = self.worker.step_limits()
+        tokens = first.scheduler_output.total_num_scheduled_tokens
+        reqs = len(first.scheduler_output.num_scheduled_tokens)
+        taken, passed = {first.session}, set()
+        for item in self._pending:
+            if not isinstance(item, StepWork):  # a reset (or the stop): nothing behind it
+                break
+            so = item.scheduler_output
+            fits = (
+                tokens + so.total_num_scheduled_tokens <= max_tokens
+                and reqs + len(so.num_scheduled_tokens) <= max_reqs
+            )
+            if item.session in taken or item.session in passed or not fits:
+                passed.add(item.session)
+            elif self._joinable(item):
+                group.append(item)
+                taken.add(item.session)
+                tokens += so.total_num_scheduled_tokens
+                reqs += len(so.num_scheduled_tokens)
+            else:
+                passed.add(item.session)
+        if len(group) > 1:
+            self._pending = deque(item for item in self._pending if item not in group[1:])
+        return group
+
+    def _joinable(self, work: StepWork) -> bool:
+        session = self.sessions.get(work.session)
+        return (
+            session is not None
+            and not session.owns_all
+            and work.epoch == session.epoch
+            and not work.error
+            and not work.replay
+            and work.tensors is not None
+            and self.worker.can_join(work.scheduler_output)
+        )
 
     def _reset(self, session: HeadSession, epoch: int, sink: StepSink | None) -> None:
         session.epoch = epoch
         session.sink = sink
         self.sessions[session.id] = session
         try:
-            self.worker.reset_stage(session.id)
+            self.worker.reset_stage(self.owners.forget(session.id))
         except Exception:  # a reset must not kill the loop; the next step will report
             logger.exception("%s: reset failed", self.name)
 
@@ -129,9 +195,11 @@ class StageEngine:
         if rows is None:
             session.results.replayed(work, f"{self.name} does not hold its logged positions")
             return
-        sink.emit(work, HostActivations(rows))
+        sink.emit(work, HostActivations(rows, replay_order(work.scheduler_output)))
 
-    def _run(self, work: StepWork) -> None:
+    def _admit(self, work: StepWork) -> StepSink | None:
+        """The sink of a step that may run now; None when it was dropped, failed or passed on
+        (a replay step for a later stage)."""
         session = self.sessions.get(work.session)
         sink = session.sink if session else None
         target = work.replay and work.replay_layer == self.layers[0]
@@ -139,55 +207,77 @@ class StageEngine:
             sink = session.results
         if session is None or work.epoch != session.epoch or sink is None:
             logger.debug("%s: dropping step %d of epoch %d", self.name, work.step_id, work.epoch)
-            return
+            return None
         if work.error:
             sink.fail(work, work.error)
-            return
+            return None
         if work.replay and not target:
             self._pass_replay(work, session, sink)
-            return
+            return None
+        so = work.scheduler_output
         try:
-            session.admit(work.scheduler_output)
-        except StepRefused as e:
+            if work.tensors is not None:
+                check_row_order(work)
+            named = request_ids_named(so) | set(work.snapshots)
+            self.owners.admit(session.id, named, so.finished_req_ids)
+            session.admit(so)
+        except (StepRefused, NotYours) as e:
             logger.warning("%s: refused step %d: %s", self.name, work.step_id, e)
             sink.fail(work, f"{self.name}: {e}")
+            return None
+        return sink
+
+    def _run(self, group: list[StepWork]) -> None:
+        """Run steps (of different heads) as one forward pass; each output goes to its sink."""
+        admitted = [(work, sink) for work in group if (sink := self._admit(work)) is not None]
+        if not admitted:
             return
+        steps = [work for work, _ in admitted]
         start = time.monotonic()
         try:
-            output = self.worker.execute_stage(
-                work.scheduler_output,
-                work.tensors,
-                work.sample,
-                work.grammar,
-                work.snapshots,
-                work.session,
-            )
+            outputs = self.worker.execute_stage(steps)
         except Exception as e:
-            logger.exception("%s: step %d failed", self.name, work.step_id)
-            sink.fail(work, f"{self.name}: {type(e).__name__}: {e}")
+            logger.exception("%s: step %s failed", self.name, [w.step_id for w in steps])
+            for work, sink in admitted:
+                sink.fail(work, f"{self.name}: {type(e).__name__}: {e}")
             return
         compute = time.monotonic() - start
-        wait = start - work.received_at
-        tokens = work.scheduler_output.total_num_scheduled_tokens
-        work.timings.append(
-            StageTiming(
-                wait_s=wait,
-                compute_s=compute,
-                arrived_unix=work.arrived_unix,
-                decode_s=work.decode_s,
-                done_unix=time.time(),
-            )
-        )
+        tokens = sum(work.scheduler_output.total_num_scheduled_tokens for work in steps)
         self.busy_seconds += compute
-        self.steps_done += 1
+        self.steps_done += len(steps)
         self.tokens_done += tokens
         self._step_seconds.observe(compute)
-        self._queue_wait.observe(wait)
         self._tokens.inc(tokens)
-        if work.replay:  # its KV is written: acknowledge it, forget its requests, send nothing on
-            in_order = self.worker.rows_in_step_order(work.scheduler_output)
-            self.worker.reset_stage(session.id, quiet=True)
-            if not in_order:  # its requests recompute, which rewrites their KV
-                sink.fail(work, f"{self.name}: the replay step's rows were not in its order")
-                return
-        sink.emit(work, output)
+        if len(steps) > 1:
+            self._joined_passes.inc()
+            self._joined_steps.inc(len(steps))
+        for (work, sink), output in zip(admitted, outputs, strict=True):
+            wait = start - work.received_at
+            work.timings.append(
+                StageTiming(
+                    wait_s=wait,
+                    compute_s=compute,
+                    arrived_unix=work.arrived_unix,
+                    decode_s=work.decode_s,
+                    done_unix=time.time(),
+                )
+            )
+            self._queue_wait.observe(wait)
+            if work.replay:  # its KV is written: acknowledge, forget its requests, send nothing on
+                ids = self.owners.forget(work.session, work.scheduler_output.num_scheduled_tokens)
+                self.worker.reset_stage(ids, quiet=True)
+            sink.emit(work, output)
+
+
+def check_row_order(work: StepWork) -> None:
+    """Refuse a step whose rows are not one run per scheduled request (its ``row_order``)."""
+    scheduled = {r for r, n in work.scheduler_output.num_scheduled_tokens.items() if n > 0}
+    order = work.row_order
+    if len(order) != len(scheduled) or set(order) != scheduled:
+        raise StepRefused("its row order does not name each scheduled request once")
+    rows = {t.shape[0] for t in (work.tensors or {}).values()}
+    if rows != {work.scheduler_output.total_num_scheduled_tokens}:
+        raise StepRefused(
+            f"it carries {sorted(rows)} rows for "
+            f"{work.scheduler_output.total_num_scheduled_tokens} scheduled tokens"
+        )

@@ -133,7 +133,7 @@ class StageHost:
                     "kv_blocks": region.blocks,
                     "kv_bytes": region.blocks * self.block_bytes,
                     "kv_block_runs": region.runs(),
-                    "requests": self.worker.requests_of(s.id) if self.worker else 0,
+                    "requests": self.engine.requests_of(s.id) if self.engine else 0,
                     "next_hop": link.stats() if link else None,
                 }
             )

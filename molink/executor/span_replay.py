@@ -33,7 +33,7 @@ from vllm.logger import init_logger
 from molink.comm import codec
 from molink.core.replay_log import ReplayLog
 from molink.core.replay_plan import ReplayItem, ReplayPlan, replay_request_id
-from molink.core.step import HostActivations, StepWork
+from molink.core.step import HostActivations, StepWork, replay_order
 from molink.engine.head_config import HeadConfig
 from molink.telemetry import metrics
 from molink.vllm_compat.scheduler import replay_scheduler_output
@@ -177,7 +177,7 @@ class SpanReplay:
             )
             if len(sent) >= WINDOW:
                 self._wait(sent[-WINDOW][0], timeout)
-            send(work, None if rows is None else HostActivations(rows))
+            send(work, None if rows is None else HostActivations(rows, replay_order(so)))
             sent.append((step_id, pieces))
         if sent:
             self._wait(sent[-1][0], timeout)

@@ -44,6 +44,18 @@ STAGE_TOKENS = Counter(
     ["layers"],
     registry=STAGE_REGISTRY,
 )
+JOINED_PASSES = Counter(
+    "molink_stage_joined_passes",
+    "Forward passes that ran the steps of several heads together.",
+    ["layers"],
+    registry=STAGE_REGISTRY,
+)
+JOINED_STEPS = Counter(
+    "molink_stage_joined_steps",
+    "Steps that ran in a forward pass shared with other heads' steps.",
+    ["layers"],
+    registry=STAGE_REGISTRY,
+)
 STAGE_THROUGHPUT = Gauge(
     "molink_stage_throughput_tokens_per_second",
     "Tokens per busy second this node measured lately (what it announces to heads).",

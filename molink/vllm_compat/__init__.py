@@ -201,17 +201,28 @@ INTERNALS: tuple[Internal, ...] = (
         "a method (req_state) that fills an installed request's M-RoPE positions",
     ),
     Internal(
-        "vllm.v1.worker.gpu_model_runner.GPUModelRunner.input_batch",
-        "model_runner.swap_persistent_batch",
-        "the persistent batch (input_batch) and request table (requests) are plain instance "
-        "attributes execute_model reads on every step",
+        "vllm.v1.worker.gpu_model_runner.GPUModelRunner._may_reorder_batch",
+        "model_runner.rows_in_order",
+        "_update_states calls _may_reorder_batch(scheduler_output) once the persistent batch "
+        "holds exactly the scheduled requests, condensed, before refresh_metadata; "
+        "InputBatch.swap_states(i, j) swaps two rows and their req_id_to_index entries",
     ),
     Internal(
-        "vllm.v1.worker.gpu_model_runner.GPUModelRunner._init_block_sizes",
-        "model_runner.new_persistent_batch",
-        "may_reinitialize_input_batch(kv_cache_config) builds a fresh InputBatch when the block "
-        "sizes differ from _init_block_sizes; InputBatch.logitsprocs comes from "
-        "build_logitsprocs(vllm_config, device, is_pin_memory, is_pooling_model, custom)",
+        "vllm.v1.worker.gpu_model_runner.GPUModelRunner.reorder_batch_threshold",
+        "model_runner.reorders_rows",
+        "None when no attention backend of the runner reorders the rows of a step",
+    ),
+    Internal(
+        "vllm.v1.worker.gpu_model_runner.GPUModelRunner.max_num_tokens",
+        "model_runner.step_limits",
+        "max_num_tokens and max_num_reqs (max_num_batched_tokens, max_num_seqs) size the "
+        "runner's per-step buffers",
+    ),
+    Internal(
+        "vllm.v1.core.sched.output.SchedulerOutput (fields)",
+        "step_joining.join_steps, step_joining.split_output",
+        "the fields of SchedulerOutput, CachedRequestData and ModelRunnerOutput are the ones "
+        "step_joining names; a ModelRunnerOutput has one entry per scheduled request",
     ),
     Internal(
         "vllm.v1.worker.gpu_model_runner.GPUModelRunner.execute_model_state",
@@ -293,7 +304,7 @@ PRIVATE_NAMES: frozenset[str] = frozenset(
         "_pause_state",
         "_init_executor",
         "_init_mrope_positions",
-        "_init_block_sizes",
+        "_may_reorder_batch",
         "_protected_step",
     }
 )
@@ -313,10 +324,7 @@ PATCHED_ATTRIBUTES: frozenset[str] = frozenset(
         "num_gpu_blocks",  # BlockPool and CacheConfig, when the head's KV cache is resized
         "kv_cache_layout",  # KVCacheConfig (as EngineCore does)
         "intermediate_tensors",  # the model runner
-        "input_batch",
-        "requests",
         "execute_model_state",
-        "logitsprocs",  # InputBatch
         "__init__",  # FastIncrementalDetokenizer (vllm_compat.detokenizer)
         "stream",  # its DecodeStream
     }

@@ -7,17 +7,15 @@ extends it): its activation buffer, its request table, its persistent batch.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
 from vllm.lora.request import LoRARequest
 from vllm.pooling_params import PoolingParams
 from vllm.sampling_params import SamplingParams, SamplingType
-from vllm.utils.platform_utils import is_pin_memory_available
 from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.kv_cache_interface import KVCacheConfig, MambaSpec, UniformTypeKVCacheSpecs
-from vllm.v1.sample.logits_processor import build_logitsprocs
 from vllm.v1.worker.gpu_input_batch import CachedRequestState
 
 #: The ``CachedRequestState`` fields :func:`install_request_state` sets.
@@ -116,59 +114,80 @@ def install_request_state(
         runner._init_mrope_positions(state)
 
 
-def swap_persistent_batch(runner: Any, batch: tuple[Any, dict[str, Any]]) -> tuple[Any, dict]:
-    """Put ``batch`` (an ``InputBatch`` and its request table) into the runner; return the
-    one it had.
+@contextlib.contextmanager
+def rows_in_order(runner: Any, order: list[str] | None) -> Iterator[None]:
+    """Run ``execute_model`` with the persistent batch's rows in ``order`` (the request ids the
+    step schedules, as the received activations lay them out); ``None``: vLLM's own order.
 
-    Needs from vLLM: ``runner.input_batch`` and ``runner.requests`` are plain attributes that
-    ``execute_model`` reads on each step; nothing else holds per-request rows.
+    A stage that several heads share keeps one persistent batch for all of them, so its rows
+    follow no head's order; each head's stage 0 decides the order of its rows, and every later
+    stage computes the received rows in that order. vLLM has no plug-in point for the row order:
+    the runner's ``_may_reorder_batch`` (where attention backends reorder the batch) is wrapped,
+    on this runner only, to reorder the rows after vLLM has.
+
+    Needs from vLLM: ``_update_states`` calls ``_may_reorder_batch(scheduler_output)`` once the
+    batch holds exactly the scheduled requests, condensed, before ``refresh_metadata``;
+    ``InputBatch.swap_states(i, j)`` swaps two rows (with ``req_id_to_index``).
     """
-    own = (runner.input_batch, runner.requests)
-    runner.input_batch, runner.requests = batch
-    return own
+    if not getattr(runner, "_molink_rows_in_order", False):
+        reorder = runner._may_reorder_batch
 
+        def may_reorder_batch(scheduler_output: SchedulerOutput) -> None:
+            reorder(scheduler_output)
+            if runner._molink_row_order is not None:
+                _put_rows_in_order(runner.input_batch, runner._molink_row_order)
 
-def new_persistent_batch(runner: Any) -> Any:
-    """An empty persistent batch like the runner's, with its own logits processors (the runner
-    keeps its own batch).
-
-    Built by vLLM's own ``may_reinitialize_input_batch``, which makes a new batch when the
-    block sizes it was made for differ from the KV cache's; forgetting them forces it.
-
-    Needs from vLLM: ``may_reinitialize_input_batch(kv_cache_config)`` rebuilds
-    ``runner.input_batch`` when ``runner._init_block_sizes`` differs from the cache's block
-    sizes, and ``InputBatch.logitsprocs`` comes from ``build_logitsprocs(vllm_config, device,
-    is_pin_memory, is_pooling_model, custom_logitsprocs)``.
-    """
-    own = runner.input_batch
-    runner._init_block_sizes = None
+        runner._may_reorder_batch = may_reorder_batch
+        runner._molink_rows_in_order = True
+    runner._molink_row_order = order
     try:
-        runner.may_reinitialize_input_batch(runner.kv_cache_config)
-        fresh = runner.input_batch
+        yield
     finally:
-        runner.input_batch = own
-    custom = tuple(runner.model_config.logits_processors or ())
-    fresh.logitsprocs = build_logitsprocs(
-        runner.vllm_config,
-        runner.device,
-        is_pin_memory_available(),
-        runner.is_pooling_model,
-        custom,
-    )
-    return fresh
+        runner._molink_row_order = None
 
 
-def reset_model_runner(runner: Any) -> None:
-    """Make the runner forget every request of its persistent batch and any step awaiting
-    ``sample_tokens`` (weights and KV memory are kept).
+def _put_rows_in_order(batch: Any, order: list[str]) -> None:
+    held_ids = batch.req_id_to_index
+    if len(held_ids) != len(order) or set(held_ids) != set(order):
+        raise ValueError("the step's row order names other requests than the step schedules")
+    for row, req_id in enumerate(order):
+        held = batch.req_id_to_index[req_id]
+        if held != row:  # every row before this one is final, so the swap moves a later one
+            batch.swap_states(row, held)
+
+
+def reorders_rows(runner: Any) -> bool:
+    """Whether the runner's attention backends reorder the rows of a step (decodes first): then
+    steps of several heads can't share a pass, whose rows keep each head's order.
+
+    Needs from vLLM: ``runner.reorder_batch_threshold`` is None when no backend reorders.
+    """
+    return runner.reorder_batch_threshold is not None
+
+
+def step_limits(runner: Any) -> tuple[int, int]:
+    """(Tokens, requests) one step of the runner may schedule at most (its buffers' sizes).
+
+    Needs from vLLM: ``runner.max_num_tokens`` and ``runner.max_num_reqs`` (the scheduler
+    config's ``max_num_batched_tokens`` and ``max_num_seqs``) size the runner's buffers.
+    """
+    return runner.max_num_tokens, runner.max_num_reqs
+
+
+def reset_model_runner(runner: Any, req_ids: Iterable[str]) -> None:
+    """Make the runner forget the requests ``req_ids`` and any step awaiting ``sample_tokens``
+    (weights and KV memory are kept).
 
     Needs from vLLM: ``runner.execute_model_state`` holds a step whose tokens were not sampled
     yet (``execute_model`` refuses to run while it is set), and an empty ``SchedulerOutput``
     whose ``finished_req_ids`` lists requests removes them from the batch.
     """
+    req_ids = set(req_ids)
+    if not req_ids and runner.execute_model_state is None:
+        return
     runner.execute_model_state = None
     reset = SchedulerOutput.make_empty()
-    reset.finished_req_ids = set(runner.requests)
+    reset.finished_req_ids = req_ids
     runner.execute_model(reset)
 
 

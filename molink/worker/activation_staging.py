@@ -36,15 +36,16 @@ class ActivationStaging:
         """Whether activations arriving for this device should be decoded into pinned memory."""
         return self._copy_stream is not None
 
-    def to_host(self, tensors: dict[str, torch.Tensor]) -> HostActivations:
-        """Start moving ``tensors`` (each [num_tokens, hidden_size], on the device) to the host.
+    def to_host(self, tensors: dict[str, torch.Tensor], order: list[str]) -> HostActivations:
+        """Start moving ``tensors`` (each [num_tokens, hidden_size], on the device, the rows of
+        the requests in ``order``) to the host.
 
         Returns at once; the tensors may be overwritten by the next step as soon as it does.
         """
         if self.device.type == "cpu":
-            return HostActivations(dict(tensors))
+            return HostActivations(dict(tensors), order)
         if self._copy_stream is None:
-            return HostActivations({name: t.to("cpu") for name, t in tensors.items()})
+            return HostActivations({name: t.to("cpu") for name, t in tensors.items()}, order)
         compute = torch.cuda.current_stream(self.device)
         compute.synchronize()
         own = {name: t.clone() for name, t in tensors.items()}  # off the runner's buffers
@@ -58,4 +59,4 @@ class ActivationStaging:
                 t.record_stream(self._copy_stream)
             ready = torch.cuda.Event()
             ready.record(self._copy_stream)
-        return HostActivations(host, ready)
+        return HostActivations(host, order, ready)

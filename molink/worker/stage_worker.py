@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -22,14 +22,13 @@ from vllm.config import VllmConfig, set_current_vllm_config
 from vllm.distributed.parallel_state import get_pp_group
 from vllm.logger import init_logger
 from vllm.sequence import IntermediateTensors
-from vllm.v1.core.sched.output import GrammarOutput, SchedulerOutput
-from vllm.v1.outputs import ModelRunnerOutput
+from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.worker.worker_base import WorkerWrapperBase
 
 from molink.core.replay_log import ReplayLog
 from molink.core.replay_plan import replayed_request
 from molink.core.request_snapshot import RequestSnapshot
-from molink.core.step import HostActivations
+from molink.core.step import StageOutput, StepWork
 from molink.distributed.parallel_state import init_stage_parallel_state
 from molink.stage_spec import ADDITIONAL_CONFIG_KEY, StagePlacement, placement_from_dict
 from molink.vllm_compat.kv_cache import align_mamba_block_size
@@ -37,14 +36,16 @@ from molink.vllm_compat.model_runner import (
     ensure_intermediate_tensors,
     install_request_state,
     mamba_alignment_where_held,
-    new_persistent_batch,
+    reorders_rows,
     request_block_ids,
     reset_model_runner,
+    rows_in_order,
     runner_requests,
     scheduled_rows,
-    swap_persistent_batch,
+    step_limits,
 )
 from molink.vllm_compat.parallel_state import set_pp_layer_partition
+from molink.vllm_compat.step_joining import can_join, join_steps, split_output
 from molink.vllm_compat.worker import platform_worker_class
 from molink.worker.activation_staging import ActivationStaging
 
@@ -81,9 +82,6 @@ class StageHooks:
         super().load_model(load_dummy_weights=load_dummy_weights)
         runner = self.model_runner
         self.staging = ActivationStaging(runner.device)
-        # Heads' persistent batches (see use_batch_of): whose is in the runner, and the others.
-        self._batch_owner: str | None = None
-        self._other_batches: dict[str, tuple[Any, dict]] = {}
         # Per head: what this stage sent on for its running requests (--recovery replay).
         self.replay_logs: dict[str, ReplayLog] = {}
         # vLLM's CPU path forgets the buffer later stages copy received activations into.
@@ -91,45 +89,67 @@ class StageHooks:
             ensure_intermediate_tensors(runner)
 
     @torch.inference_mode()
-    def execute_stage(
-        self,
-        scheduler_output: SchedulerOutput,
-        tensors: dict[str, torch.Tensor] | None,
-        sample: bool,
-        grammar: Callable[[], GrammarOutput | None],
-        snapshots: dict[str, RequestSnapshot] | None = None,
-        head: str = "",
-    ) -> HostActivations | ModelRunnerOutput | None:
-        """Run one scheduler output on this stage's layers.
+    def execute_stage(self, steps: list[StepWork]) -> list[StageOutput]:
+        """Run steps of one or more heads on this stage's layers, as one forward pass.
 
-        Args:
-            head: the session of the head whose step it is (see :meth:`use_batch_of`).
-            snapshots: requests this step resumes that this stage may not hold (after a
-                pipeline failure); installed first, unless the stage already holds them.
-            tensors: activations from the previous stage (``hidden_states``/``residual``,
-                each [num_tokens, hidden_size]); ``None`` on the first stage.
-            sample: on the last stage, also sample (the head scheduled tokens).
-            grammar: gives the structured-output bitmask for sampling (may wait for the head).
+        Each step's ``tensors`` are the activations from the previous stage (``hidden_states``/
+        ``residual``, each [num_tokens, hidden_size], in the step's ``row_order``; ``None`` on
+        the first stage); its ``snapshots`` are requests it resumes that this stage may not
+        hold (after a pipeline failure), installed first unless the stage holds them. Several
+        steps are joined (:mod:`molink.vllm_compat.step_joining`), their rows one step after the
+        other, each in its own order.
 
-        Returns:
-            The output activations on their way to host memory on non-last stages when tokens
-            were scheduled; on the last stage the sampled ``ModelRunnerOutput``; the empty output
-            when nothing was scheduled.
+        Returns, per step: its output activations on their way to host memory on non-last
+        stages; on the last stage its sampled ``ModelRunnerOutput`` (``sample``: the head
+        scheduled tokens, so its ``grammar`` applies); the empty output when nothing was
+        scheduled.
         """
-        self.use_batch_of(head)
-        if snapshots:
-            self._install(snapshots)
-        intermediate = IntermediateTensors(tensors) if tensors is not None else None
-        with mamba_alignment_where_held(self.model_runner):
-            output = self.model_runner.execute_model(scheduler_output, intermediate)
-        log = self.replay_logs.get(head)
-        if log is not None:
-            self._log_for_replay(log, scheduler_output, output)
+        runner = self.model_runner
+        for step in steps:
+            if step.snapshots:
+                self._install(step.snapshots)
+        so = steps[0].scheduler_output
+        if len(steps) > 1:
+            so = join_steps([step.scheduler_output for step in steps])
+        intermediate, order = None, None
+        if steps[0].tensors is not None:
+            tensors = steps[0].tensors
+            if len(steps) > 1:  # each [num_tokens, hidden_size]
+                tensors = {n: torch.cat([step.tensors[n] for step in steps]) for n in tensors}
+            intermediate = IntermediateTensors(tensors)
+            order = [req_id for step in steps for req_id in step.row_order]
+        with mamba_alignment_where_held(runner), rows_in_order(runner, order):
+            output = runner.execute_model(so, intermediate)
+        rows = scheduled_rows(runner, so)
         if isinstance(output, IntermediateTensors):
-            return self.staging.to_host(output.tensors)
+            self._log_for_replay(steps, rows, output.tensors)
+            host = self.staging.to_host(output.tensors, [req_id for req_id, _, _ in rows])
+            if len(steps) == 1:
+                return [host]
+            return host.split(
+                [
+                    (step.scheduler_output.total_num_scheduled_tokens, step.row_order)
+                    for step in steps
+                ]
+            )
+        for step in steps:
+            self._forget_logged(step)
         if output is None and get_pp_group().is_last_rank:
-            output = self.model_runner.sample_tokens(grammar() if sample else None)
-        return output
+            step = steps[0]
+            output = runner.sample_tokens(
+                step.grammar() if step.sample and len(steps) == 1 else None
+            )
+        if len(steps) == 1:
+            return [output]
+        return split_output(output, [step.row_order for step in steps])
+
+    def can_join(self, so: SchedulerOutput) -> bool:
+        """Whether step ``so`` may share a forward pass with other heads' steps here."""
+        return not reorders_rows(self.model_runner) and can_join(so)
+
+    def step_limits(self) -> tuple[int, int]:
+        """(Tokens, requests) one forward pass may hold at most."""
+        return step_limits(self.model_runner)
 
     def keep_replay_log(self, head: str, capacity_bytes: int) -> ReplayLog:
         """Log what this stage sends on for ``head``'s requests, up to ``capacity_bytes`` (a
@@ -162,31 +182,42 @@ class StageHooks:
             parts.append(rows)
         return {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
 
-    def rows_in_step_order(self, scheduler_output: SchedulerOutput) -> bool:
-        """Whether the step just run laid its requests' rows out in the order of
-        ``scheduled_new_reqs`` (the order a replay step's rows come in)."""
-        order = [req_id for req_id, _, _ in scheduled_rows(self.model_runner, scheduler_output)]
-        return order == [new.req_id for new in scheduler_output.scheduled_new_reqs]
-
     def _log_for_replay(
-        self, log: ReplayLog, scheduler_output: SchedulerOutput, output: Any
+        self,
+        steps: list[StepWork],
+        rows: list[tuple[str, int, int]],
+        tensors: dict[str, torch.Tensor],
     ) -> None:
-        """Log each request's rows of the activations this step sends on, or (a replay step)
-        would send on (see :class:`~molink.core.replay_log.ReplayLog`); forget finished
-        requests."""
-        log.drop(scheduler_output.finished_req_ids)
-        if not isinstance(output, IntermediateTensors):
-            return
-        entries, row = [], 0
-        for req_id, start, num in scheduled_rows(self.model_runner, scheduler_output):
-            # A replay step's rows are its request's: a refilled stage can be a source next.
-            logged_id = replayed_request(req_id) or req_id
-            # each [num, hidden_size]
-            entries.append(
-                (logged_id, start, {k: t[row : row + num] for k, t in output.tensors.items()})
-            )
+        """Log each request's rows of the activations this pass sends on, or (a replay step)
+        would send on, in its head's log (see :class:`~molink.core.replay_log.ReplayLog`);
+        forget finished requests. ``rows``: (request, first position, tokens) in row order;
+        each tensor [num_tokens, hidden_size]."""
+        at, row = {}, 0
+        for req_id, start, num in rows:
+            at[req_id] = (row, start, num)
             row += num
-        log.record_step(entries)
+        for step in steps:
+            log = self.replay_logs.get(step.session)
+            if log is None:
+                continue
+            log.drop(step.scheduler_output.finished_req_ids)
+            entries = []
+            for req_id in step.scheduler_output.num_scheduled_tokens:
+                if req_id not in at:
+                    continue
+                first, start, num = at[req_id]
+                # A replay step's rows are its request's: a refilled stage can be a source next.
+                logged_id = replayed_request(req_id) or req_id
+                # each [num, hidden_size]
+                entries.append(
+                    (logged_id, start, {k: t[first : first + num] for k, t in tensors.items()})
+                )
+            log.record_step(entries)
+
+    def _forget_logged(self, step: StepWork) -> None:
+        log = self.replay_logs.get(step.session)
+        if log is not None:
+            log.drop(step.scheduler_output.finished_req_ids)
 
     def _install(self, snapshots: dict[str, RequestSnapshot]) -> None:
         """Give the model runner the state of resumed requests it doesn't hold.
@@ -212,44 +243,9 @@ class StageHooks:
                 output_token_ids=snap.output_token_ids,
             )
 
-    def use_batch_of(self, head: str) -> None:
-        """Give the model runner the persistent batch and request states of ``head``'s steps.
-
-        The runner keeps one persistent batch whose rows follow the scheduler outputs it has
-        seen; a stage's activations arrive in the row order of the head's own stage 0, which saw
-        only that head's steps. A stage that several heads use therefore keeps one batch and one
-        request table per head and swaps them in before each step. The model, its KV cache and
-        the runner's per-step buffers are shared.
-        """
-        runner = self.model_runner
-        owner = self._batch_owner
-        if owner == head:
-            return
-        if owner is None:  # the first head, or the one after a head that left, takes it over
-            saved = self._other_batches.pop(head, None)
-            if saved is not None:  # (the batch left in the runner is the empty one)
-                swap_persistent_batch(runner, saved)
-            self._batch_owner = head
-            return
-        fresh = self._other_batches.pop(head, None) or (new_persistent_batch(runner), {})
-        self._other_batches[owner] = swap_persistent_batch(runner, fresh)
-        self._batch_owner = head
-
-    def forget_batch_of(self, head: str) -> None:
-        """Drop a head's batch and replay log (after :meth:`reset_stage` forgot its
-        requests)."""
+    def forget_head(self, head: str) -> None:
+        """Drop a head's replay log (after :meth:`reset_stage` forgot its requests)."""
         self.replay_logs.pop(head, None)
-        if self._batch_owner == head:
-            self._batch_owner = None  # the next head adopts the (empty) current batch
-        else:
-            self._other_batches.pop(head, None)
-
-    def requests_of(self, head: str) -> int:
-        """How many requests of ``head`` this stage holds (read from any thread)."""
-        if self._batch_owner == head:
-            return len(runner_requests(self.model_runner))
-        batch = self._other_batches.get(head)
-        return len(batch[1]) if batch else 0
 
     def kv_blocks(self) -> tuple[int, int]:
         """(KV blocks held by the requests this stage knows, KV blocks allocated).
@@ -261,27 +257,21 @@ class StageHooks:
         config = getattr(runner, "kv_cache_config", None)
         if config is None:
             return 0, 0
-        tables = [runner_requests(runner)] + [r for _, r in self._other_batches.values()]
         states = []
-        for table in tables:
-            for _ in range(3):
-                try:
-                    states += list(table.values())
-                    break
-                except RuntimeError:  # changed size during iteration
-                    continue
+        for _ in range(3):
+            try:
+                states = list(runner_requests(runner).values())
+                break
+            except RuntimeError:  # changed size during iteration
+                continue
         used = {block for state in states for group in request_block_ids(state) for block in group}
         return len(used), config.num_blocks
 
     @torch.inference_mode()
-    def reset_stage(self, head: str, quiet: bool = False) -> None:
-        """Forget every request of ``head``, after a pipeline failure, when the head leaves, or
-        after a replay step (``quiet``: not logged); weights and KV memory are kept. A head that
-        never ran a step here has nothing to forget (and gets no batch made for it)."""
-        if head != self._batch_owner and head not in self._other_batches:
-            return
-        self.use_batch_of(head)
-        reset_model_runner(self.model_runner)
+    def reset_stage(self, req_ids: Iterable[str], quiet: bool = False) -> None:
+        """Forget requests ``req_ids`` (a head's, after a pipeline failure or when it leaves;
+        a replay step's, ``quiet``: not logged); weights and KV memory are kept."""
+        reset_model_runner(self.model_runner, req_ids)
         if not quiet:
             logger.info("Stage %d reset", get_pp_group().rank_in_group)
 

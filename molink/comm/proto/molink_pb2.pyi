@@ -105,7 +105,7 @@ class StartStageRequest(_message.Message):
     def __init__(self, kv_cache_config: _Optional[bytes] = ..., next_address: _Optional[str] = ..., epoch: _Optional[int] = ..., standby: _Optional[bool] = ..., session: _Optional[str] = ...) -> None: ...
 
 class Step(_message.Message):
-    __slots__ = ("step_id", "epoch", "scheduler_output", "sample", "grammar_output", "tensors", "error", "timings", "session", "replay", "replay_layer")
+    __slots__ = ("step_id", "epoch", "scheduler_output", "sample", "grammar_output", "tensors", "error", "timings", "session", "replay", "replay_layer", "row_order")
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     SCHEDULER_OUTPUT_FIELD_NUMBER: _ClassVar[int]
@@ -117,6 +117,7 @@ class Step(_message.Message):
     SESSION_FIELD_NUMBER: _ClassVar[int]
     REPLAY_FIELD_NUMBER: _ClassVar[int]
     REPLAY_LAYER_FIELD_NUMBER: _ClassVar[int]
+    ROW_ORDER_FIELD_NUMBER: _ClassVar[int]
     step_id: int
     epoch: int
     scheduler_output: bytes
@@ -128,7 +129,8 @@ class Step(_message.Message):
     session: str
     replay: bool
     replay_layer: int
-    def __init__(self, step_id: _Optional[int] = ..., epoch: _Optional[int] = ..., scheduler_output: _Optional[bytes] = ..., sample: _Optional[bool] = ..., grammar_output: _Optional[bytes] = ..., tensors: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., error: _Optional[str] = ..., timings: _Optional[_Iterable[_Union[StageTiming, _Mapping]]] = ..., session: _Optional[str] = ..., replay: _Optional[bool] = ..., replay_layer: _Optional[int] = ...) -> None: ...
+    row_order: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, step_id: _Optional[int] = ..., epoch: _Optional[int] = ..., scheduler_output: _Optional[bytes] = ..., sample: _Optional[bool] = ..., grammar_output: _Optional[bytes] = ..., tensors: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., error: _Optional[str] = ..., timings: _Optional[_Iterable[_Union[StageTiming, _Mapping]]] = ..., session: _Optional[str] = ..., replay: _Optional[bool] = ..., replay_layer: _Optional[int] = ..., row_order: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class StepResult(_message.Message):
     __slots__ = ("step_id", "epoch", "model_runner_output", "error", "timings", "leaving", "shrink_kv_blocks", "grow_kv_blocks", "replayed")
