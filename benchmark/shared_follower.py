@@ -1,17 +1,23 @@
-"""Two heads sharing one follower against one head alone, under the same total load.
+"""Several heads sharing one follower against one head alone, under the same total load.
 
     python -m benchmark.shared_follower           # demo model, -> resources/shared_follower.md
     python -m benchmark.shared_follower --quick   # a few tiny requests (smoke test)
 
-A 2-stage swarm of the demo model (``benchmark/swarm.py``: the head and the follower on the spans
-``molink split-plan`` prints, each on its own cores and address). First the head alone
-serves ``--streams`` concurrent requests; then a second head joins (the head's span, on the
-first head's cores: the heads' machine is shared, the follower's isn't) and each head serves half
-of them at the same time, through the one follower. Each setup gets a warm-up burst and
-``--rounds`` rounds; the median round is reported.
+A 2-stage swarm of the demo model (``benchmark/swarm.py``: the head and the follower each on its
+own cores and address). First the head alone serves ``--streams`` concurrent requests; then more
+heads join, up to each count of ``--heads``, and the heads split the same streams evenly, all at
+once, through the one follower. Each setup gets a warm-up burst and ``--rounds`` rounds; the
+median round is reported.
 
-Reported: aggregate output tok/s of both setups and their ratio, and each head's TPOT p50. The
-follower has ``--follower-kv-gib`` of KV cache, each head ``--head-kv-gib``.
+Every added head runs on the first head's cores, though in a deployment each head has a machine
+of its own. So that the follower, not the heads' shared core, bounds every setup, the heads get
+a light span by default (``--layers``: an eighth of the layers, 0-3 of the demo model) and the
+follower the rest: what is measured is how well the follower serves several heads.
+
+Reported: aggregate output tok/s of each setup and its ratio to one head, each head's TPOT p50,
+and the share of the follower's steps that ran joined with another head's in one forward pass
+(its ``molink_stage_joined_steps`` against all its steps). The follower has
+``--follower-kv-gib`` of KV cache, each head ``--head-kv-gib``.
 """
 
 from __future__ import annotations
@@ -23,10 +29,13 @@ import shlex
 import statistics
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from benchmark.loadgen import make_prompts, measure_rounds, prompt_vocab, run_load
-from benchmark.swarm import Swarm, SwarmSpec, demo_model
+from benchmark.swarm import Swarm, SwarmSpec, demo_model, num_hidden_layers, parse_spans
 
 SERVED_NAME = "bench"
 
@@ -56,14 +65,31 @@ async def load(urls: list[str], prompts: list[list[int]], output_len: int) -> di
     }
 
 
-def measure(urls: list[str], args: argparse.Namespace) -> dict:
+def follower_steps(url: str) -> tuple[float, float]:
+    """(Steps, steps run joined with another head's) the follower at ``url`` computed so far."""
+    with urllib.request.urlopen(url + "/metrics", timeout=30) as response:
+        body = response.read().decode()
+    sums: dict[str, float] = {}
+    for family in text_string_to_metric_families(body):
+        for sample in family.samples:
+            sums[sample.name] = sums.get(sample.name, 0.0) + sample.value
+    passes = sums.get("molink_stage_step_seconds_count", 0.0)
+    joined = sums.get("molink_stage_joined_steps_total", 0.0)
+    return passes - sums.get("molink_stage_joined_passes_total", 0.0) + joined, joined
+
+
+def measure(urls: list[str], args: argparse.Namespace, follower: str) -> dict:
+    steps_before, joined_before = follower_steps(follower)
     prompts = make_prompts(args.streams, args.input_len, args.vocab, seed=1)
     asyncio.run(load(urls, prompts[: max(len(urls), len(prompts) // 4)], 16))  # warm-up
     rounds, median = measure_rounds(
         lambda: asyncio.run(load(urls, prompts, args.output_len)), args.rounds,
         f"{len(urls)} head(s)",
     )  # fmt: skip
+    steps, joined = follower_steps(follower)
     return {
+        "heads": len(urls),
+        "joined_share": (joined - joined_before) / max(steps - steps_before, 1.0),
         "output_throughput_tok_s": statistics.median(r["output_throughput_tok_s"] for r in rounds),
         "tpot_p50_ms": [h["tpot_ms"]["p50"] for h in median["heads"]],
         "ttft_p50_ms": [h["ttft_ms"]["p50"] for h in median["heads"]],
@@ -80,9 +106,22 @@ def main() -> None:
     )
     parser.add_argument("--model", default=None, help="model path (default: the demo model)")
     parser.add_argument("--streams", type=int, default=32, help="concurrent requests in all")
+    parser.add_argument(
+        "--heads",
+        type=lambda text: [int(n) for n in text.split(",")],
+        default=[2, 4],
+        help="head counts to measure after one head, comma-separated (default 2,4)",
+    )
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--layers",
+        type=parse_spans,
+        default=None,
+        help="the head's and the follower's spans (default: the head an eighth of the layers, "
+        "0-3,4-29 for the demo model)",
+    )
     parser.add_argument("--head-kv-gib", type=int, default=1)
     parser.add_argument("--follower-kv-gib", type=int, default=2)
     parser.add_argument("--wire-dtype", default="float16")
@@ -95,7 +134,9 @@ def main() -> None:
         f"{SwarmSpec.grpc_base_port})",
     )
     parser.add_argument("--output-dir", type=Path, default=Path("resources"))
-    parser.add_argument("--quick", action="store_true", help="4 streams of 8 tokens, 1 round")
+    parser.add_argument(
+        "--quick", action="store_true", help="4 streams of 8 tokens, 1 round, 1 and 2 heads"
+    )
     parser.add_argument(
         "--engine-args",
         type=shlex.split,
@@ -105,12 +146,17 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.streams, args.input_len, args.output_len, args.rounds = 4, 16, 8, 1
+        args.heads = [2]
     model = args.model or demo_model()
     args.vocab = prompt_vocab(model)
+    if args.layers is None:
+        layers = num_hidden_layers(model)
+        args.layers = [(0, layers // 8), (layers // 8 + 1, layers - 1)]
     args.output_dir.mkdir(parents=True, exist_ok=True)
     spec = SwarmSpec(
         model=model,
         stages=2,
+        layers=args.layers,
         port=args.port,
         grpc_base_port=args.grpc_base_port,
         node_args=[
@@ -127,38 +173,44 @@ def main() -> None:
     with Swarm(spec) as swarm:
         log(f"one head: {swarm.describe()}")
         spans = " | ".join(f"{a}-{b}" for a, b in swarm.layers)
-        alone = measure([swarm.base_url], args)
-        log("a second head joins")
-        shared = measure([swarm.base_url, swarm.add_head()], args)
-    ratio = shared["output_throughput_tok_s"] / alone["output_throughput_tok_s"]
+        follower = swarm.node_url(1)
+        urls = [swarm.base_url]
+        setups = [measure(urls, args, follower)]
+        for heads in args.heads:
+            while len(urls) < heads:
+                log(f"head {len(urls) + 1} joins")
+                urls.append(swarm.add_head())
+            setups.append(measure(urls, args, follower))
+    alone = setups[0]["output_throughput_tok_s"]
+    for setup in setups:
+        setup["ratio"] = setup["output_throughput_tok_s"] / alone
     results = {
         "date": time.strftime("%Y-%m-%d"),
         "model": Path(model).name,
         "command": " ".join(["python -m benchmark.shared_follower", *sys.argv[1:]]),
-        "one_head": alone,
-        "two_heads": shared,
-        "ratio": ratio,
+        "setups": setups,
         "layers": spans,
     }
     (args.output_dir / "shared_follower.json").write_text(json.dumps(results, indent=2) + "\n")
-    half = args.streams // 2
     lines = [
-        f"# Two heads sharing one follower ({results['date']})",
+        f"# Heads sharing one follower ({results['date']})",
         "",
         f"Model {results['model']}, 2 stages (layers {spans}), {args.input_len}-token "
         f"prompts, {args.output_len} output tokens, median of {args.rounds} rounds. "
         f"Command: `{results['command']}`",
         "",
-        "| Setup | Output tok/s (all heads) | TPOT p50 per head (ms) | Failed |",
-        "|---|---:|---:|---:|",
-        f"| one head, {args.streams} concurrent | {alone['output_throughput_tok_s']:.1f} | "
-        f"{alone['tpot_p50_ms'][0]:.0f} | {alone['failed']} |",
-        f"| two heads, {half} concurrent each | {shared['output_throughput_tok_s']:.1f} | "
-        + " / ".join(f"{t:.0f}" for t in shared["tpot_p50_ms"])
-        + f" | {shared['failed']} |",
-        "",
-        f"Two heads / one head: **{ratio:.2f}** of the aggregate throughput.",
+        "| Setup | Output tok/s (all heads) | Against one head | TPOT p50 per head (ms) "
+        "| Follower steps joined | Failed |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
+    for setup in setups:
+        heads = setup["heads"]
+        lines.append(
+            f"| {heads} head{'s' if heads > 1 else ''}, {args.streams // heads} concurrent each "
+            f"| {setup['output_throughput_tok_s']:.1f} | {setup['ratio']:.2f} | "
+            + " / ".join(f"{t:.0f}" for t in setup["tpot_p50_ms"])
+            + f" | {setup['joined_share']:.0%} | {setup['failed']} |"
+        )
     (args.output_dir / "shared_follower.md").write_text("\n".join(lines) + "\n")
     log("\n".join(lines))
 

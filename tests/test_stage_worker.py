@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+
 def test_a_stage_without_mamba_layers_steps_without_mamba_alignment() -> None:
     """A hybrid model's stage holding only attention layers runs its steps with Mamba state
     alignment off (vLLM's runner would assert it holds a Mamba layer), then turns it back on
