@@ -151,6 +151,13 @@ def _mebibytes(text: str) -> float:
     return value
 
 
+def _share(text: str) -> float:
+    value = _number(float, text)
+    if not 0 <= value <= 1:  # NaN too
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
 def _port(text: str) -> int:
     value = _number(int, text)
     if not 1 <= value <= 65535:
@@ -334,6 +341,16 @@ class MoLinkConfig:
         type=_seconds_or_zero,
         help="Follower: on SIGTERM, how long to keep serving while the head moves its requests "
         "to other nodes (default %(default)g).",
+    )
+    join_wait: float = flag(
+        0.5,
+        "--join-wait",
+        type=_share,
+        help="Follower serving several heads: how long it may wait for the next steps of the "
+        "other heads that use it before a forward pass, so that they share the pass, as a "
+        "share of its last pass's compute time (0-1). It waits only for heads whose steps "
+        "shared its last passes, and stops waiting for a while after a wait in vain. 0: never "
+        "wait (steps that already wait together still share a pass) (default %(default)g).",
     )
     wire_dtype: str | None = flag(
         None,

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import pytest
 import torch
 from conftest import DEMO_ENGINE_FLAGS
 from probes import eventually, scrape, status, total
-from reference import assert_same, make_requests, pipeline_outputs, reference_outputs, stream_all
+from reference import assert_same, make_requests, pipeline_outputs, reference_outputs
 from test_head_session import new_request, step
 from vllm.v1.core.sched.output import SchedulerOutput
 
@@ -27,8 +28,9 @@ from molink.engine.stage_engine import StageEngine
 class Worker:
     """Runs nothing: records each pass (the steps' ids) and blocks on ``gate`` if set."""
 
-    def __init__(self, max_tokens: int = 1000) -> None:
+    def __init__(self, max_tokens: int = 1000, compute_s: float = 0.0) -> None:
         self.passes: list[list[int]] = []
+        self.compute_s = compute_s
         self.gate: threading.Event | None = None
         self.computing = threading.Event()
         self.max_tokens = max_tokens
@@ -46,6 +48,7 @@ class Worker:
         self.computing.set()
         if self.gate is not None:
             self.gate.wait(10)
+        time.sleep(self.compute_s)
         self.passes.append([s.step_id for s in steps])
         return [HostActivations(s.tensors or {}, s.row_order) for s in steps]
 
@@ -90,10 +93,10 @@ def prefill(req_id: str) -> SchedulerOutput:
     return so
 
 
-@pytest.fixture
-def engine():
-    worker = Worker()
-    engine = StageEngine(worker, (3, 5))
+@pytest.fixture(params=[0.0])
+def engine(request):
+    worker = Worker(compute_s=0.2 if request.param else 0.0)
+    engine = StageEngine(worker, (3, 5), join_wait=request.param)
     sinks = {}
     for head in ("a", "b", "c"):
         sinks[head] = Sink()
@@ -161,6 +164,23 @@ def test_a_head_naming_another_heads_request_is_refused_and_the_other_unharmed(e
     assert "row order" in sinks["b"].failed[-1]
 
 
+@pytest.mark.parametrize("engine", [0.0, 1.0], indirect=True, ids=["no-wait", "wait"])
+def test_heads_that_shared_a_pass_are_waited_for_only_with_join_wait(engine) -> None:
+    """Each head sends its next step when the last one's result is back: the second head's
+    comes a little after the first's, and shares its pass only if the stage waits for it."""
+    engine, worker, _ = engine
+    run_held(engine, worker, [work(1, "a", prefill("a1")), work(2, "b", prefill("b1"))])
+    engine.submit(work(3, "a", decode("a1")))
+    time.sleep(0.05)
+    engine.submit(work(4, "b", decode("b1")))
+    done = threading.Event()
+    time.sleep(0.01)
+    engine._on_compute_thread(done.set)
+    done.wait(10)
+    joined = [3, 4] in worker.passes
+    assert joined == (engine.join_wait > 0), worker.passes
+
+
 # ------------------------------------------------------------------ the demo model, two heads
 
 DEMO_ENGINE = {"dtype": "float32", "enforce_eager": True, "max_model_len": 1024, "max_num_seqs": 8}
@@ -169,11 +189,13 @@ REQUESTS = make_requests(8)
 
 @pytest.fixture(scope="module")
 def two_heads(module_swarm, demo_model):
-    follower = module_swarm.start("joined-follower", demo_model, "15,29", DEMO_ENGINE_FLAGS)
+    """Two heads on light spans and a follower that does most of the work, so that its queue
+    holds steps of both heads (the follower joins only steps that wait together)."""
+    follower = module_swarm.start("joined-follower", demo_model, "4,29", DEMO_ENGINE_FLAGS)
     heads = []
     for name in ("joined-head1", "joined-head2"):  # the second joins a follower in use
         heads.append(
-            module_swarm.start(name, demo_model, "0,14", DEMO_ENGINE_FLAGS, peers=[follower])
+            module_swarm.start(name, demo_model, "0,3", DEMO_ENGINE_FLAGS, peers=[follower])
         )
         heads[-1].wait_healthy()
     return follower, heads
@@ -207,20 +229,25 @@ def test_two_heads_share_the_followers_passes_and_answer_like_one_vllm_process(
 
 
 def test_kill_9_of_a_head_while_steps_are_joined_leaves_the_other_unchanged(
-    two_heads, demo_model
+    two_heads, demo_model, demo_requests_reference
 ):
     follower, (survivor, doomed) = two_heads
-    undisturbed = asyncio.run(stream_all(survivor, demo_model))
     before = joined_steps(follower)
 
-    async def both() -> list:
-        return await asyncio.gather(
-            stream_all(survivor, demo_model, during=doomed.kill),
-            stream_all(doomed, demo_model),
-            return_exceptions=True,
+    async def kill_while_joined() -> list[dict]:
+        survivor_outputs = asyncio.create_task(
+            pipeline_outputs(survivor.base_url, demo_model, REQUESTS)
         )
+        doomed_outputs = asyncio.create_task(
+            pipeline_outputs(doomed.base_url, demo_model, REQUESTS)
+        )
+        await asyncio.to_thread(
+            eventually, lambda: joined_steps(follower) > before, 120, "joined steps"
+        )
+        assert not survivor_outputs.done()
+        doomed.kill()
+        await asyncio.gather(doomed_outputs, return_exceptions=True)
+        return await survivor_outputs
 
-    got, _ = asyncio.run(both())
-    assert got == undisturbed
-    assert joined_steps(follower) > before
+    assert_same(demo_requests_reference, asyncio.run(kill_while_joined()))
     eventually(lambda: len(status(follower)["heads"]) == 1, timeout=60, what="the head released")

@@ -39,9 +39,10 @@ class StageEngine:
 
     _RESET = object()  # marks an action to run on the compute thread between steps
 
-    def __init__(self, worker: Any, layers: tuple[int, int]) -> None:
+    def __init__(self, worker: Any, layers: tuple[int, int], join_wait: float = 0.0) -> None:
         """``worker`` is a ``WorkerWrapperBase`` around a :class:`StageWorker` serving the
-        (inclusive) span ``layers``."""
+        (inclusive) span ``layers``. ``join_wait``: how long a pass may wait for other heads'
+        steps, as a share of the last pass's compute time (see :meth:`_gather`)."""
         self.worker = worker
         self.layers = layers
         self.name = f"layers {layers[0]}-{layers[1]}"
@@ -51,6 +52,13 @@ class StageEngine:
         self._tokens = metrics.STAGE_TOKENS.labels(label)
         self._joined_passes = metrics.JOINED_PASSES.labels(label)
         self._joined_steps = metrics.JOINED_STEPS.labels(label)
+        self._join_wait_seconds = metrics.JOIN_WAIT_SECONDS.labels(label)
+        self.join_wait = join_wait
+        self._passes = 0
+        self._last_compute = 0.0
+        self._last_pass_of: dict[str, int] = {}  # session -> the last pass it had a step in
+        # session -> (waits in vain in a row, the first pass that may wait for it again)
+        self._patience: dict[str, tuple[int, int]] = {}
         metrics.track_kv_blocks(self.kv_blocks)
         # Every head's session by id (one on a head: its own).
         self.sessions: dict[str, HeadSession] = {}
@@ -84,6 +92,8 @@ class StageEngine:
         def end() -> None:
             self._reset(session, session.epoch, None)
             self.sessions.pop(session.id, None)
+            self._last_pass_of.pop(session.id, None)
+            self._patience.pop(session.id, None)
             self.worker.forget_head(session.id)
 
         self._on_compute_thread(end)
@@ -138,6 +148,7 @@ class StageEngine:
                 self._pending.append(self._queue.get_nowait())
             except queue.Empty:
                 break
+        self._await_other_heads(first)
         group = [first]
         max_tokens, max_reqs = self.worker.step_limits()
         tokens = first.scheduler_output.total_num_scheduled_tokens
@@ -163,6 +174,45 @@ class StageEngine:
         if len(group) > 1:
             self._pending = deque(item for item in self._pending if item not in group[1:])
         return group
+
+    def _await_other_heads(self, first: StepWork) -> None:
+        """Wait a little for the next steps of heads that shared the last passes, when none is
+        queued yet: each head sends its next step once the last one's result reached it, so
+        heads that a pass joined come back together, a few milliseconds apart, and a step
+        taken at once would run alone. The wait is at most ``join_wait`` x the last pass's
+        compute time and ends as soon as they are all queued. A head waited for in vain is not
+        waited for again during the next 2, 4, 8 ... 64 passes (doubling while it stays late;
+        a head back from a pause starts afresh)."""
+        if self.join_wait <= 0:
+            return
+        queued = {item.session for item in self._pending if isinstance(item, StepWork)}
+        expected = {
+            session
+            for session, last in self._last_pass_of.items()
+            if last >= self._passes - 2
+            and session != first.session
+            and session not in queued
+            and self._patience.get(session, (0, 0))[1] <= self._passes
+        }
+        if not expected:
+            return
+        start = time.monotonic()
+        deadline = start + self.join_wait * self._last_compute
+        waited = set(expected)
+        while expected:
+            try:
+                item = self._queue.get(timeout=max(deadline - time.monotonic(), 0.0))
+            except queue.Empty:
+                break
+            self._pending.append(item)
+            if not isinstance(item, StepWork):  # a reset or the stop: it goes first
+                break
+            expected.discard(item.session)
+        self._join_wait_seconds.inc(time.monotonic() - start)
+        for session in waited:
+            misses = self._patience.get(session, (0, 0))[0] + 1 if session in expected else 0
+            pause = 2 ** min(misses, 6) if misses else 0
+            self._patience[session] = (misses, self._passes + pause)
 
     def _joinable(self, work: StepWork) -> bool:
         session = self.sessions.get(work.session)
@@ -251,6 +301,13 @@ class StageEngine:
         if len(steps) > 1:
             self._joined_passes.inc()
             self._joined_steps.inc(len(steps))
+        if len(steps) > 1 or self._joinable(steps[0]):
+            self._passes += 1
+            self._last_compute = compute
+            for work in steps:
+                if self._last_pass_of.get(work.session, -3) < self._passes - 3:
+                    self._patience.pop(work.session, None)  # back from a pause: not late
+                self._last_pass_of[work.session] = self._passes
         for (work, sink), output in zip(admitted, outputs, strict=True):
             wait = start - work.received_at
             work.timings.append(

@@ -66,8 +66,10 @@ class StageHost:
         layers: tuple[int, int],
         security: SwarmSecurity,
         executor_cls: type,
+        join_wait: float = 0.0,
     ) -> None:
         """``layers``: the (start, end) span this node holds; it serves any part of it.
+        ``join_wait``: see :class:`~molink.engine.stage_engine.StageEngine`.
 
         ``executor_cls``: the executor class the stage's vLLM config names (the head's
         :class:`~molink.executor.pipeline_executor.PipelineExecutor`, handed in by the node):
@@ -75,6 +77,7 @@ class StageHost:
         """
         self.engine_args = engine_args
         self.executor_cls = executor_cls
+        self.join_wait = join_wait
         self.model_hash = model_hash
         self.layers = layers
         self.security = security
@@ -221,7 +224,9 @@ class StageHost:
         self._spec_payload = codec.dumps(spec)
         self.model_dtype = vllm_config.model_config.dtype
         self.pin_activations = worker.staging.pin_memory
-        self.engine = StageEngine(worker, (placement.start_layer, placement.end_layer))
+        self.engine = StageEngine(
+            worker, (placement.start_layer, placement.end_layer), join_wait=self.join_wait
+        )
         self.config = config
 
     def _allocate_kv(self, head_plan: KVCacheConfig) -> None:

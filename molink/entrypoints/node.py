@@ -133,6 +133,7 @@ class Node:
                 self.layers,
                 self.security,
                 executor_cls=PipelineExecutor,
+                join_wait=config.join_wait,
             )
         )
         self.membership: Membership | None = None

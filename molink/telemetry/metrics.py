@@ -56,6 +56,12 @@ JOINED_STEPS = Counter(
     ["layers"],
     registry=STAGE_REGISTRY,
 )
+JOIN_WAIT_SECONDS = Counter(
+    "molink_stage_join_wait_seconds",
+    "Time this node waited for other heads' steps to share a forward pass (--join-wait).",
+    ["layers"],
+    registry=STAGE_REGISTRY,
+)
 STAGE_THROUGHPUT = Gauge(
     "molink_stage_throughput_tokens_per_second",
     "Tokens per busy second this node measured lately (what it announces to heads).",
