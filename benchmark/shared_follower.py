@@ -173,7 +173,8 @@ def main() -> None:
     with Swarm(spec) as swarm:
         log(f"one head: {swarm.describe()}")
         spans = " | ".join(f"{a}-{b}" for a, b in swarm.layers)
-        follower = swarm.node_url(1)
+        # A follower without an API key serves /metrics on loopback only.
+        follower = f"http://127.0.0.1:{args.port + 1}"
         urls = [swarm.base_url]
         setups = [measure(urls, args, follower)]
         for heads in args.heads:
