@@ -65,8 +65,9 @@ async def load(urls: list[str], prompts: list[list[int]], output_len: int) -> di
     }
 
 
-def follower_steps(url: str) -> tuple[float, float]:
-    """(Steps, steps run joined with another head's) the follower at ``url`` computed so far."""
+def follower_steps(url: str) -> tuple[float, float, float]:
+    """(Steps, steps run joined with another head's, compute seconds) the follower at ``url``
+    ran so far."""
     with urllib.request.urlopen(url + "/metrics", timeout=30) as response:
         body = response.read().decode()
     sums: dict[str, float] = {}
@@ -75,20 +76,24 @@ def follower_steps(url: str) -> tuple[float, float]:
             sums[sample.name] = sums.get(sample.name, 0.0) + sample.value
     passes = sums.get("molink_stage_step_seconds_count", 0.0)
     joined = sums.get("molink_stage_joined_steps_total", 0.0)
-    return passes - sums.get("molink_stage_joined_passes_total", 0.0) + joined, joined
+    steps = passes - sums.get("molink_stage_joined_passes_total", 0.0) + joined
+    return steps, joined, sums.get("molink_stage_step_seconds_sum", 0.0)
 
 
 def measure(urls: list[str], args: argparse.Namespace, follower: str) -> dict:
-    steps_before, joined_before = follower_steps(follower)
+    steps_before, joined_before, busy_before = follower_steps(follower)
+    started = time.perf_counter()
     prompts = make_prompts(args.streams, args.input_len, args.vocab, seed=1)
     asyncio.run(load(urls, prompts[: max(len(urls), len(prompts) // 4)], 16))  # warm-up
     rounds, median = measure_rounds(
         lambda: asyncio.run(load(urls, prompts, args.output_len)), args.rounds,
         f"{len(urls)} head(s)",
     )  # fmt: skip
-    steps, joined = follower_steps(follower)
+    steps, joined, busy = follower_steps(follower)
     return {
         "heads": len(urls),
+        # the share of the time (warm-up and rounds) the follower computed
+        "follower_busy": (busy - busy_before) / (time.perf_counter() - started),
         "joined_share": (joined - joined_before) / max(steps - steps_before, 1.0),
         "output_throughput_tok_s": statistics.median(r["output_throughput_tok_s"] for r in rounds),
         "tpot_p50_ms": [h["tpot_ms"]["p50"] for h in median["heads"]],
@@ -201,8 +206,8 @@ def main() -> None:
         f"Command: `{results['command']}`",
         "",
         "| Setup | Output tok/s (all heads) | Against one head | TPOT p50 per head (ms) "
-        "| Follower steps joined | Failed |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| Follower steps joined | Follower busy | Failed |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for setup in setups:
         heads = setup["heads"]
@@ -210,7 +215,7 @@ def main() -> None:
             f"| {heads} head{'s' if heads > 1 else ''}, {args.streams // heads} concurrent each "
             f"| {setup['output_throughput_tok_s']:.1f} | {setup['ratio']:.2f} | "
             + " / ".join(f"{t:.0f}" for t in setup["tpot_p50_ms"])
-            + f" | {setup['joined_share']:.0%} | {setup['failed']} |"
+            + f" | {setup['joined_share']:.0%} | {setup['follower_busy']:.0%} | {setup['failed']} |"
         )
     (args.output_dir / "shared_follower.md").write_text("\n".join(lines) + "\n")
     log("\n".join(lines))
