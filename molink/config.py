@@ -343,14 +343,15 @@ class MoLinkConfig:
         "to other nodes (default %(default)g).",
     )
     join_wait: float = flag(
-        0.5,
+        0.0,
         "--join-wait",
         type=_share,
         help="Follower serving several heads: how long it may wait for the next steps of the "
         "other heads that use it before a forward pass, so that they share the pass, as a "
         "share of its last pass's compute time (0-1). It waits only for heads whose steps "
-        "shared its last passes, and stops waiting for a while after a wait in vain. 0: never "
-        "wait (steps that already wait together still share a pass) (default %(default)g).",
+        "shared its last passes, and backs off from heads that come late. Steps that already "
+        "wait together share a pass whatever this is. 0: never wait; on CPU followers waiting "
+        "cost throughput (see docs/benchmarks.md) (default %(default)g).",
     )
     wire_dtype: str | None = flag(
         None,
