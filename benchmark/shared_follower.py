@@ -15,9 +15,10 @@ a light span by default (``--layers``: an eighth of the layers, 0-3 of the demo 
 follower the rest: what is measured is how well the follower serves several heads.
 
 Reported: aggregate output tok/s of each setup and its ratio to one head, each head's TPOT p50,
-and the share of the follower's steps that ran joined with another head's in one forward pass
-(its ``molink_stage_joined_steps`` against all its steps). The follower has
-``--follower-kv-gib`` of KV cache, each head ``--head-kv-gib``.
+and, from the follower's ``/metrics`` over the setup: the share of its steps that ran joined
+with another head's in one forward pass, the share of the time it computed, the tokens per
+forward pass and its compute time per token. The follower has ``--follower-kv-gib`` of KV
+cache, each head ``--head-kv-gib``.
 """
 
 from __future__ import annotations
@@ -65,9 +66,9 @@ async def load(urls: list[str], prompts: list[list[int]], output_len: int) -> di
     }
 
 
-def follower_steps(url: str) -> tuple[float, float, float]:
-    """(Steps, steps run joined with another head's, compute seconds) the follower at ``url``
-    ran so far."""
+def follower_counts(url: str) -> dict[str, float]:
+    """What the follower at ``url`` ran so far: its steps, the steps joined with another head's,
+    its forward passes, the tokens they computed and their compute seconds."""
     with urllib.request.urlopen(url + "/metrics", timeout=30) as response:
         body = response.read().decode()
     sums: dict[str, float] = {}
@@ -76,12 +77,17 @@ def follower_steps(url: str) -> tuple[float, float, float]:
             sums[sample.name] = sums.get(sample.name, 0.0) + sample.value
     passes = sums.get("molink_stage_step_seconds_count", 0.0)
     joined = sums.get("molink_stage_joined_steps_total", 0.0)
-    steps = passes - sums.get("molink_stage_joined_passes_total", 0.0) + joined
-    return steps, joined, sums.get("molink_stage_step_seconds_sum", 0.0)
+    return {
+        "steps": passes - sums.get("molink_stage_joined_passes_total", 0.0) + joined,
+        "joined": joined,
+        "passes": passes,
+        "tokens": sums.get("molink_stage_tokens_total", 0.0),
+        "busy_s": sums.get("molink_stage_step_seconds_sum", 0.0),
+    }
 
 
 def measure(urls: list[str], args: argparse.Namespace, follower: str) -> dict:
-    steps_before, joined_before, busy_before = follower_steps(follower)
+    before = follower_counts(follower)
     started = time.perf_counter()
     prompts = make_prompts(args.streams, args.input_len, args.vocab, seed=1)
     asyncio.run(load(urls, prompts[: max(len(urls), len(prompts) // 4)], 16))  # warm-up
@@ -89,12 +95,15 @@ def measure(urls: list[str], args: argparse.Namespace, follower: str) -> dict:
         lambda: asyncio.run(load(urls, prompts, args.output_len)), args.rounds,
         f"{len(urls)} head(s)",
     )  # fmt: skip
-    steps, joined, busy = follower_steps(follower)
+    after = follower_counts(follower)
+    ran = {name: after[name] - before[name] for name in after}
     return {
         "heads": len(urls),
-        # the share of the time (warm-up and rounds) the follower computed
-        "follower_busy": (busy - busy_before) / (time.perf_counter() - started),
-        "joined_share": (joined - joined_before) / max(steps - steps_before, 1.0),
+        # the follower over the warm-up and the rounds
+        "joined_share": ran["joined"] / max(ran["steps"], 1.0),
+        "follower_busy": ran["busy_s"] / (time.perf_counter() - started),
+        "follower_tokens_per_pass": ran["tokens"] / max(ran["passes"], 1.0),
+        "follower_ms_per_token": 1000 * ran["busy_s"] / max(ran["tokens"], 1.0),
         "output_throughput_tok_s": statistics.median(r["output_throughput_tok_s"] for r in rounds),
         "tpot_p50_ms": [h["tpot_ms"]["p50"] for h in median["heads"]],
         "ttft_p50_ms": [h["ttft_ms"]["p50"] for h in median["heads"]],
@@ -206,8 +215,8 @@ def main() -> None:
         f"Command: `{results['command']}`",
         "",
         "| Setup | Output tok/s (all heads) | Against one head | TPOT p50 per head (ms) "
-        "| Follower steps joined | Follower busy | Failed |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| Follower: steps joined | busy | tokens per pass | ms per token | Failed |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for setup in setups:
         heads = setup["heads"]
@@ -215,7 +224,9 @@ def main() -> None:
             f"| {heads} head{'s' if heads > 1 else ''}, {args.streams // heads} concurrent each "
             f"| {setup['output_throughput_tok_s']:.1f} | {setup['ratio']:.2f} | "
             + " / ".join(f"{t:.0f}" for t in setup["tpot_p50_ms"])
-            + f" | {setup['joined_share']:.0%} | {setup['follower_busy']:.0%} | {setup['failed']} |"
+            + f" | {setup['joined_share']:.0%} | {setup['follower_busy']:.0%} "
+            f"| {setup['follower_tokens_per_pass']:.1f} | {setup['follower_ms_per_token']:.2f} "
+            f"| {setup['failed']} |"
         )
     (args.output_dir / "shared_follower.md").write_text("\n".join(lines) + "\n")
     log("\n".join(lines))
