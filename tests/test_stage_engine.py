@@ -189,9 +189,11 @@ REQUESTS = make_requests(8)
 
 @pytest.fixture(scope="module")
 def two_heads(module_swarm, demo_model):
-    """Two heads on light spans and a follower that does most of the work, so that its queue
-    holds steps of both heads (the follower joins only steps that wait together)."""
-    follower = module_swarm.start("joined-follower", demo_model, "4,29", DEMO_ENGINE_FLAGS)
+    """Two heads on light spans and a follower that does most of the work and waits for the
+    heads whose steps shared its last passes (``--join-wait``), so that it joins their steps
+    whatever the machine's load (two heads' steps seldom wait together by themselves)."""
+    flags = [*DEMO_ENGINE_FLAGS, "--join-wait", "1"]
+    follower = module_swarm.start("joined-follower", demo_model, "4,29", flags)
     heads = []
     for name in ("joined-head1", "joined-head2"):  # the second joins a follower in use
         heads.append(

@@ -28,6 +28,8 @@ FOLLOWER_FLAGS = [
     *QWEN3_ENGINE_FLAGS,
     "--kv-cache-memory-bytes",
     str(FOLLOWER_BLOCKS * BLOCK_BYTES),
+    "--join-wait",  # so that two heads' steps share passes whatever the machine's load
+    "1",
 ]
 
 
