@@ -120,8 +120,8 @@ class StageHooks:
             order = [req_id for step in steps for req_id in step.row_order]
         with mamba_alignment_where_held(runner), rows_in_order(runner, order):
             output = runner.execute_model(so, intermediate)
-        rows = scheduled_rows(runner, so)
         if isinstance(output, IntermediateTensors):
+            rows = scheduled_rows(runner, so)
             self._log_for_replay(steps, rows, output.tensors)
             host = self.staging.to_host(output.tensors, [req_id for req_id, _, _ in rows])
             if len(steps) == 1:
