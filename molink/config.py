@@ -15,6 +15,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
+from molink.flag_values import (
+    absolute_path,
+    as_tuple,
+    mebibytes,
+    parse_serving_layers,
+    port,
+    port_or_any,
+    positive_int,
+    seconds,
+    seconds_or_zero,
+    share,
+)
 from molink.security.settings import SecurityFiles
 
 #: dtypes activations may travel in between stages (``--wire-dtype``), and compressions.
@@ -129,86 +141,6 @@ def add_molink_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def _number(kind: type[int] | type[float], text: str) -> Any:
-    try:
-        return kind(text)
-    except ValueError:
-        what = "an integer" if kind is int else "a number"
-        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-
-
-def _positive_int(text: str) -> int:
-    value = _number(int, text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _mebibytes(text: str) -> float:
-    value = _number(float, text)
-    if not 0 < value <= 64 * 1024:  # NaN too
-        raise argparse.ArgumentTypeError(f"must be more than 0 and at most 65536 MiB, got {text}")
-    return value
-
-
-def _share(text: str) -> float:
-    value = _number(float, text)
-    if not 0 <= value <= 1:  # NaN too
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
-    return value
-
-
-def _port(text: str) -> int:
-    value = _number(int, text)
-    if not 1 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"a port is 1..65535, got {value}")
-    return value
-
-
-def _port_or_any(text: str) -> int:
-    """A port, or 0 for any free one."""
-    value = _number(int, text)
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"a port is 1..65535 (0: any free), got {value}")
-    return value
-
-
-def _seconds(text: str) -> float:
-    value = _number(float, text)
-    if not value > 0:  # NaN too
-        raise argparse.ArgumentTypeError(f"must be more than 0 seconds, got {text}")
-    return value
-
-
-def _seconds_or_zero(text: str) -> float:
-    value = _number(float, text)
-    if not value >= 0:  # NaN too
-        raise argparse.ArgumentTypeError(f"must be 0 seconds or more, got {text}")
-    return value
-
-
-def parse_serving_layers(text: str) -> tuple[int, int]:
-    """``"START,END"`` (both inclusive) -> (start, end)."""
-    try:
-        start_s, end_s = text.split(",")
-        start, end = int(start_s), int(end_s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"--serving_layers takes START,END (inclusive), e.g. 0,15; got {text!r}"
-        ) from None
-    if start < 0 or end < start:
-        raise argparse.ArgumentTypeError(f"--serving_layers {text}: need 0 <= START <= END")
-    return start, end
-
-
-def _absolute(path: str | None) -> str | None:
-    return os.path.abspath(path) if path else None
-
-
-def _tuple(values: list[str] | None) -> tuple[str, ...]:
-    return tuple(values or ())
-
-
 def default_announce_host() -> str:
     """The local address of the default route (no packet is sent), else loopback."""
     try:
@@ -240,7 +172,7 @@ class MoLinkConfig:
         None,
         "--num-layers",
         dest="molink_num_layers",
-        type=_positive_int,
+        type=positive_int,
         help="Without --serving_layers on a follower: how many layers to take "
         "(default: as many as fit in memory).",
     )
@@ -248,7 +180,7 @@ class MoLinkConfig:
         (),
         "--initial-peer",
         action="append",
-        convert=_tuple,
+        convert=as_tuple,
         help="A node already in the swarm: its gRPC HOST:PORT or a full DHT multiaddr "
         "(/ip4/…/tcp/…/p2p/…). Repeatable. Without it the node starts a new swarm.",
     )
@@ -256,13 +188,13 @@ class MoLinkConfig:
         50051,
         "--grpc-port",
         dest="molink_grpc_port",  # vLLM's args.grpc_port is for its Rust frontend
-        type=_port,
+        type=port,
         help="Port of this node's gRPC service (default %(default)s).",
     )
     dht_port: int = flag(
         0,
         "--dht-port",
-        type=_port_or_any,
+        type=port_or_any,
         help="Port of this node's DHT peer (default %(default)s: any free).",
     )
     # From the command line, never None: from_args falls back to default_announce_host().
@@ -276,7 +208,7 @@ class MoLinkConfig:
     announce_port: int | None = flag(
         None,
         "--announce-port",
-        type=_port,
+        type=port,
         help="gRPC port other nodes use to reach this one, when it differs from --grpc_port "
         "(port forwarding, a relay). Default: --grpc_port.",
     )
@@ -288,28 +220,28 @@ class MoLinkConfig:
     chain_timeout: float = flag(
         600.0,
         "--chain-timeout",
-        type=_seconds,
+        type=seconds,
         help="Head: seconds to wait for nodes covering every layer before giving up "
         "(default %(default)g).",
     )
     step_timeout: float = flag(
         30.0,
         "--step-timeout",
-        type=_seconds,
+        type=seconds,
         help="Head: a step not answered within this many seconds counts as a lost stage "
         "(default %(default)g).",
     )
     outage_timeout: float = flag(
         120.0,
         "--outage-timeout",
-        type=_seconds,
+        type=seconds,
         help="Head: how long requests wait for a full chain after a stage is lost before they "
         "fail (default %(default)g).",
     )
     rebalance_after: float = flag(
         30.0,
         "--rebalance-after",
-        type=_seconds_or_zero,
+        type=seconds_or_zero,
         help="Head: once its chain has served this many seconds, move to less loaded replicas "
         "of the same spans when that makes the chain at least 25%% cheaper for 10 s; 0: never "
         "(default %(default)g).",
@@ -327,7 +259,7 @@ class MoLinkConfig:
     replay_log_mb: float = flag(
         1024.0,
         "--replay-log-mb",
-        type=_mebibytes,
+        type=mebibytes,
         help="Head: MiB of host memory each stage of its chain may keep for the replay log, the "
         "activations it sent to the next stage for every token of every running request (a "
         "token costs 2 x hidden size x dtype bytes: 3.5 KiB for a 0.5B model in float16, 14 KiB "
@@ -338,14 +270,14 @@ class MoLinkConfig:
     leave_timeout: float = flag(
         30.0,
         "--leave-timeout",
-        type=_seconds_or_zero,
+        type=seconds_or_zero,
         help="Follower: on SIGTERM, how long to keep serving while the head moves its requests "
         "to other nodes (default %(default)g).",
     )
     join_wait: float = flag(
         0.0,
         "--join-wait",
-        type=_share,
+        type=share,
         help="Follower serving several heads: how long it may wait for the next steps of the "
         "other heads that use it before a forward pass, so that they share the pass, as a "
         "share of its last pass's compute time (0-1). It waits only for heads whose steps "
@@ -370,14 +302,14 @@ class MoLinkConfig:
     max_micro_batches: int = flag(
         8,
         "--max-micro-batches",
-        type=_positive_int,
+        type=positive_int,
         help="Head: most batches in flight at once. The head picks how many to use from "
         "measured stage and link times; 1 turns micro-batching off (default %(default)s).",
     )
     min_micro_batches: int = flag(
         1,
         "--min-micro-batches",
-        type=_positive_int,
+        type=positive_int,
         help="Head: fewest batches in flight once decoding requests are measured (at most one "
         "per decoding request). Above 1 it overrides the policy: for tests and experiments "
         "(default %(default)s).",
@@ -387,7 +319,7 @@ class MoLinkConfig:
         None,
         "--step-trace",
         metavar="PATH",
-        convert=_absolute,
+        convert=absolute_path,
         help="Head: append one JSON line per pipeline step to PATH, with where its time went "
         "(schedule, encode, each hop, each stage's queue and compute, update); summarize with "
         "`python -m molink.telemetry.step_trace PATH`.",
@@ -398,7 +330,7 @@ class MoLinkConfig:
         swarm_key_file=Flag(
             "--swarm-key-file",
             env="MOLINK_SWARM_KEY_FILE",
-            convert=_absolute,
+            convert=absolute_path,
             group="MoLink security",
             help="The swarm's shared key (make one with `molink keygen PATH`; mode 0600). Every "
             "gRPC call then uses mutual TLS and only key holders are admitted to the DHT. "
@@ -406,14 +338,14 @@ class MoLinkConfig:
         ),
         node_key_file=Flag(
             "--node-key-file",
-            convert=_absolute,
+            convert=absolute_path,
             group="MoLink security",
             help="This node's own signing key (created if absent). Keeps the node id stable "
             "across restarts; default: a new key at every start.",
         ),
         allowed_nodes_file=Flag(
             "--allowed-nodes-file",
-            convert=_absolute,
+            convert=absolute_path,
             group="MoLink security",
             help="Only route through, and count, nodes whose id is listed here (one per line; "
             "`molink keygen --node KEYFILE` shows a node's id).",

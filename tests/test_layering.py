@@ -23,6 +23,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     (
         "molink",  # the package's __init__ alone: version, log forwarding
         "molink.config",
+        "molink.flag_values",
         "molink.stage_spec",
         "molink.security",
         "molink.weight_digest",
