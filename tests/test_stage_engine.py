@@ -132,6 +132,16 @@ def test_steps_of_heads_that_wait_together_share_a_pass_in_order(engine) -> None
     assert engine.steps_done == 5
 
 
+def test_heads_may_number_their_steps_alike(engine) -> None:
+    """Each head numbers its own steps: two waiting steps may match in every field but their
+    head (and tensors, which can't be compared with ==)."""
+    engine, worker, sinks = engine
+    a2, b2 = work(2, "a", decode("x")), work(2, "b", decode("x"))
+    run_held(engine, worker, [work(1, "a", prefill("a1")), b2, a2])
+    assert worker.passes[:2] == [[99], [1, 2]]  # a's step 2 stayed queued, and then ran
+    assert sinks["a"].failed == ["layers 3-5: request 'x' belongs to another head on this stage"]
+
+
 def test_a_step_that_cant_join_keeps_its_heads_later_steps_behind_it(engine) -> None:
     engine, worker, _ = engine
     empty = work(2, "a", step(finished={"gone"}))  # no tokens: runs alone

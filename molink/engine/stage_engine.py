@@ -171,8 +171,9 @@ class StageEngine:
                 reqs += len(so.num_scheduled_tokens)
             else:
                 passed.add(item.session)
-        if len(group) > 1:
-            self._pending = deque(item for item in self._pending if item not in group[1:])
+        if len(group) > 1:  # by identity: StepWork's == would compare tensors
+            taken_ids = {id(work) for work in group}
+            self._pending = deque(item for item in self._pending if id(item) not in taken_ids)
         return group
 
     def _await_other_heads(self, first: StepWork) -> None:
