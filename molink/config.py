@@ -212,6 +212,15 @@ class MoLinkConfig:
         help="gRPC port other nodes use to reach this one, when it differs from --grpc_port "
         "(port forwarding, a relay). Default: --grpc_port.",
     )
+    reachable: str = flag(
+        "auto",
+        "--reachable",
+        choices=("auto", "yes", "no"),
+        help="Whether other nodes can dial this one. auto: its --initial-peer dials it back at "
+        "the address it announces; a node that can't be dialed (behind NAT or a firewall) takes "
+        "its calls through a relay, a reachable node it dials out to, and needs no open port. "
+        "yes: don't check; no: always use a relay (default %(default)s).",
+    )
     listen_host: str = flag(
         "0.0.0.0",
         "--listen-host",

@@ -323,6 +323,6 @@ def test_empty_tensors_travel():
 
 
 def test_max_message_bytes_matches_the_grpc_limit():
-    from molink.comm import links
+    from molink.comm import grpc_options
 
-    assert codec.MAX_MESSAGE_BYTES == links.MAX_MESSAGE_BYTES
+    assert codec.MAX_MESSAGE_BYTES == grpc_options.MAX_MESSAGE_BYTES

@@ -10,7 +10,7 @@ from test_dht import make_ann
 
 from benchmark.tiny_models import build_checkpoint
 from molink.comm.membership import Membership
-from molink.entrypoints.node import choose_own_span
+from molink.entrypoints.span_joining import choose_own_span
 from molink.model_identity import ModelIdentity
 from molink.weight_digest import CACHE_NAME
 

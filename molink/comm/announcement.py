@@ -106,6 +106,10 @@ class NodeAnnouncement:
     api_url: str = ""
     # The peer ids of the heads it serves, as they named themselves (a hint for rebalancing).
     head_ids: tuple[str, ...] = ()
+    # False: behind NAT (or a firewall); others reach it through ``relay`` ("host:port" of a
+    # reachable node it keeps a call open to), by the route ``peer_id@relay``.
+    reachable: bool = True
+    relay: str = ""
 
     def __post_init__(self) -> None:
         for name in (
@@ -119,6 +123,7 @@ class NodeAnnouncement:
             "weights_digest",
             "device",
             "api_url",
+            "relay",
         ):
             value = getattr(self, name)
             if not isinstance(value, str):
@@ -164,6 +169,12 @@ class NodeAnnouncement:
             if not isinstance(head_id, str) or not is_peer_id(head_id):
                 raise InvalidAnnouncement(f"head_ids has {head_id!r}, not a base58 PeerID")
         object.__setattr__(self, "head_ids", tuple(self.head_ids))  # msgpack gives a list
+        if not isinstance(self.reachable, bool):
+            raise InvalidAnnouncement("reachable must be a bool")
+        if self.relay:
+            split_host_port(self.relay)
+        elif not self.reachable:
+            raise InvalidAnnouncement("a node that can't be dialed must name its relay")
         if not isinstance(self.is_head, bool):
             raise InvalidAnnouncement(f"is_head must be a bool, got {type(self.is_head).__name__}")
         if not 1 <= self.num_layers <= _MAX_LAYERS:
@@ -178,6 +189,13 @@ class NodeAnnouncement:
         if self.is_head and self.start_layer != 0:
             raise InvalidAnnouncement(f"a head must start at layer 0, not {self.start_layer}")
         split_host_port(self.grpc_address)
+
+    @property
+    def dial_address(self) -> str:
+        """Where to dial this node: its gRPC address, or the route through its relay."""
+        if self.reachable:
+            return self.grpc_address
+        return f"{self.peer_id}@{self.relay}"  # molink.comm.tunnels.route_to
 
     @property
     def layers(self) -> range:

@@ -110,7 +110,8 @@ class Hop:
 
     @property
     def grpc_address(self) -> str:
-        return self.node.grpc_address
+        """Where to dial the node (through its relay if it is behind NAT)."""
+        return self.node.dial_address
 
     @property
     def span(self) -> tuple[int, int]:

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from molink.comm.grpc_options import MAX_MESSAGE_BYTES
 from molink.comm.pickle_scan import (
     COPIED_STRUCT_FIELDS,
     PICKLE_ALLOC_PER_BYTE,
@@ -65,10 +66,8 @@ _NUMPY_DTYPES: dict[str, np.dtype] = {
     for s in ("|b1", "|i1", "|u1", "<i2", "<u2", "<i4", "<u4", "<i8", "<u8", "<f2", "<f4", "<f8")
 }
 
-# The largest gRPC message between nodes: the same value as ``molink.comm.links.MAX_MESSAGE_BYTES``
-# (links imports this module, so it can't be imported from there). Nothing a peer sends may
-# decode into a tensor larger than this, however well it compresses.
-MAX_MESSAGE_BYTES = 512 * 1024 * 1024
+# MAX_MESSAGE_BYTES, the largest gRPC message between nodes: nothing a peer sends may decode
+# into a tensor larger than this, however well it compresses.
 _MAX_TENSOR_DIMS = 32
 
 # No builtins: protocol 5 writes sets, frozensets, tuples, lists and dicts with their own

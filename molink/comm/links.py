@@ -21,7 +21,8 @@ import grpc
 import torch
 from vllm.logger import init_logger
 
-from molink.comm import codec
+from molink.comm import codec, tunnels
+from molink.comm.grpc_options import CHANNEL_OPTIONS
 from molink.comm.proto import molink_pb2, molink_pb2_grpc
 from molink.core.micro_batching import StageTiming
 from molink.core.step import HostActivations, StageOutput, StepWork
@@ -30,39 +31,20 @@ from molink.telemetry import metrics
 
 logger = init_logger(__name__)
 
-MAX_MESSAGE_BYTES = 512 * 1024 * 1024
-# HTTP/2 starts a stream with a 64 KiB window: over a 40 ms round trip that caps a prefill's
-# activations at ~1.6 MB/s until BDP probing catches up. Start with a window that covers the
-# bandwidth-delay product of a fast WAN link instead.
-FLOW_CONTROL_OPTIONS = [("grpc.http2.lookahead_bytes", 16 * 1024 * 1024)]
-# Keepalive pings find a peer that vanished without closing its socket (power loss, cable).
-CHANNEL_OPTIONS = [
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.keepalive_time_ms", 5_000),
-    ("grpc.keepalive_timeout_ms", 5_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.max_pings_without_data", 0),
-    *FLOW_CONTROL_OPTIONS,
-]
-SERVER_OPTIONS = [
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.keepalive_time_ms", 5_000),
-    ("grpc.keepalive_timeout_ms", 5_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.min_recv_ping_interval_without_data_ms", 1_000),
-    ("grpc.http2.max_ping_strikes", 0),
-    *FLOW_CONTROL_OPTIONS,
-]
-
 _CLOSE = object()
 
 
 def connect(
     address: str, security: SwarmSecurity
 ) -> tuple[grpc.Channel, molink_pb2_grpc.MoLinkNodeStub]:
-    """Open a channel to a node's gRPC service (mutual TLS when the swarm has a key)."""
+    """Open a channel to a node's gRPC service (mutual TLS when the swarm has a key).
+
+    ``address`` is ``host:port``, or a route ``peer_id@relay_host:port`` to a node behind NAT:
+    the channel then goes through a local tunnel endpoint (:mod:`molink.comm.tunnels`), and TLS
+    still runs end to end with the node.
+    """
+    if tunnels.is_route(address):
+        address = tunnels.local_endpoint(address, security)
     channel = security.channel(address, CHANNEL_OPTIONS)
     return channel, molink_pb2_grpc.MoLinkNodeStub(channel)
 

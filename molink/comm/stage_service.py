@@ -5,6 +5,9 @@
   this to learn the swarm's DHT multiaddrs.
 * ``InitStage`` / ``StartStage`` / ``Steps`` / ``Results``: heads driving this node's stage, each
   in its own session (followers only; a head answers them with FAILED_PRECONDITION).
+* ``Listen`` / ``Tunnel``: relaying connections to nodes behind NAT (:mod:`molink.comm.relay_hub`;
+  refused by a node that is behind NAT itself); ``DialBack``: tells a joining node whether it
+  can be dialed at the address it would announce.
 Requests are validated here; payloads from peers only ever go through ``molink.comm.codec``.
 The stage itself is whatever :class:`StageBackend` the node hands in (its
 :class:`~molink.engine.stage_host.StageHost`); this layer never imports the engine.
@@ -20,8 +23,11 @@ import grpc
 from vllm.logger import init_logger
 
 from molink.comm import codec
-from molink.comm.links import SERVER_OPTIONS, ResultStream
+from molink.comm.announcement import split_host_port
+from molink.comm.grpc_options import SERVER_OPTIONS
+from molink.comm.links import ResultStream, connect
 from molink.comm.proto import molink_pb2, molink_pb2_grpc
+from molink.comm.relay_hub import RelayHub
 from molink.security.swarm_security import SwarmSecurity
 from molink.stage_spec import StageConfig
 from molink.telemetry import metrics
@@ -30,6 +36,8 @@ logger = init_logger(__name__)
 
 #: Longest identity-proof nonce a node signs.
 MAX_NONCE_BYTES = 64
+#: Seconds a dial-back waits for the asker to answer at its address.
+DIAL_BACK_TIMEOUT_S = 3.0
 
 
 class StageNotReady(RuntimeError):
@@ -72,6 +80,8 @@ class StageService(molink_pb2_grpc.MoLinkNodeServicer):
         self._node_info = node_info
         self._host = host
         self.security = security
+        #: Relays calls to NATed nodes; None on a node that is behind NAT itself.
+        self.relay: RelayHub | None = RelayHub()
 
     def GetNodeInfo(self, request, context) -> molink_pb2.NodeInfo:  # noqa: N802
         info = self._node_info()
@@ -150,9 +160,40 @@ class StageService(molink_pb2_grpc.MoLinkNodeServicer):
         context.add_callback(head_gone)
         yield from stream
 
+    def _require_relay(self, context) -> RelayHub:
+        if self.relay is None:
+            context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION, "this node can't relay: it is behind NAT"
+            )
+        return self.relay  # type: ignore[return-value]
+
+    def Listen(self, request, context) -> Iterator[molink_pb2.DialOrder]:  # noqa: N802
+        yield from self._require_relay(context).listen(request, context)
+
+    def Tunnel(self, request_iterator, context) -> Iterator[molink_pb2.TunnelChunk]:  # noqa: N802
+        yield from self._require_relay(context).tunnel(request_iterator, context)
+
+    def DialBack(self, request, context) -> molink_pb2.DialBackReply:  # noqa: N802
+        try:
+            split_host_port(request.address)
+        except ValueError as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        if len(request.nonce) > MAX_NONCE_BYTES:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "nonce too long")
+        channel, stub = connect(request.address, self.security)
+        try:
+            info = stub.GetNodeInfo(
+                molink_pb2.NodeInfoRequest(nonce=request.nonce), timeout=DIAL_BACK_TIMEOUT_S
+            )
+        except grpc.RpcError as e:
+            return molink_pb2.DialBackReply(error=f"{e.code().name}: {e.details()}")
+        finally:
+            channel.close()
+        return molink_pb2.DialBackReply(proof=info.proof)
+
 
 def start_grpc_server(
-    service: StageService, host: str, port: int, max_workers: int = 16
+    service: StageService, host: str, port: int, max_workers: int = 128
 ) -> tuple[grpc.Server, int]:
     """Serve ``service`` on ``host:port`` (port 0 picks a free one); returns (server, port).
 

@@ -63,7 +63,7 @@ class SwarmView:
             seen = self._rtt.get(node.peer_id)
             if node.state != "online" or node.is_head or (seen and now - seen[1] < RTT_MAX_AGE_S):
                 continue
-            rtt = measure_rtt(node.grpc_address, self._security)
+            rtt = measure_rtt(node.dial_address, self._security)  # relayed: with the relay
             if rtt is not None:
                 self._rtt[node.peer_id] = (rtt, now)
         live = {n.peer_id for n in self._nodes}

@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import random
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -27,17 +25,18 @@ from molink.comm.announcement import NodeAnnouncement, is_peer_id
 from molink.comm.bootstrap import resolve_initial_peers
 from molink.comm.chain import Chain, Hop
 from molink.comm.membership import Membership
+from molink.comm.nat import RelayPresence, check_reachable
 from molink.comm.proto import molink_pb2
 from molink.comm.stage_service import StageService, start_grpc_server
 from molink.config import MoLinkConfig
 from molink.core.scheduler import SCHEDULER_CLS
-from molink.core.span_choice import choose_span, coverage, needs_move
 from molink.engine.head_config import HeadConfig, RemoteStageSpec
 from molink.engine.model_support import check_servable
 from molink.engine.stage_host import StageHost
+from molink.entrypoints.span_joining import choose_own_span
 from molink.executor.first_chain import wait_for_reachable_chain
 from molink.executor.pipeline_executor import PipelineExecutor
-from molink.model_identity import ModelIdentity, model_identity
+from molink.model_identity import model_identity
 from molink.security.settings import check_exposure
 from molink.security.swarm_security import SwarmSecurity
 from molink.telemetry import metrics
@@ -49,61 +48,12 @@ from molink.worker.stage_worker import WORKER_CLS
 
 logger = init_logger(__name__)
 
-# A node choosing its span waits this long for others' simultaneous choices to show in the DHT.
-SPAN_SETTLE_S = 2.0
 # A follower announces its load (heads, sequences, busy share) this often when it changed ...
 LOAD_PERIOD_S = 2.0
 # ... and re-measures the throughput it announces this often (seconds) ...
 THROUGHPUT_PERIOD_S = 10.0
 # ... and announces a new value when it moved by more than this fraction.
 THROUGHPUT_CHANGE = 0.1
-
-
-def swarm_coverage(membership: Membership, identity: ModelIdentity) -> tuple[list[float], int]:
-    """Per layer, how many other nodes of this model serve it; and the first layer to pick.
-
-    Layers every head serves (at least layer 0) are never chosen: a follower there would serve
-    nobody. Leaving nodes don't count.
-    """
-    nodes = [
-        n
-        for n in membership.nodes()
-        if n.peer_id != membership.peer_id
-        and n.model_hash == identity.config_hash
-        and n.num_layers == identity.num_layers
-        and n.state != "leaving"
-    ]
-    first = min((n.end_layer + 1 for n in nodes if n.is_head), default=1)
-    served = coverage(
-        identity.num_layers, ((n.start_layer, n.end_layer, 1.0) for n in nodes if not n.is_head)
-    )
-    return served, min(first, identity.num_layers - 1)
-
-
-def choose_own_span(
-    membership: Membership,
-    identity: ModelIdentity,
-    size: int,
-    announce_joining: Callable[[tuple[int, int]], None],
-    settle_s: float = SPAN_SETTLE_S,
-) -> tuple[int, int]:
-    """Choose ``size`` layers where the swarm is thinnest (Petals' rule), announcing as joining.
-
-    Nodes started at the same moment see the same swarm and would pick the same span; after
-    announcing, a node waits ``settle_s`` for the others' choices and moves while its span
-    duplicates others and some layer has no server at all.
-    """
-    time.sleep(random.uniform(0, settle_s / 2))  # de-synchronize nodes started together
-    span: tuple[int, int] | None = None
-    for _ in range(3):
-        served, first = swarm_coverage(membership, identity)
-        if span is not None and not needs_move(served, span, first):
-            break
-        span = choose_span(served, size, first)
-        announce_joining(span)
-        time.sleep(settle_s)
-    assert span is not None
-    return span
 
 
 class Node:
@@ -146,6 +96,9 @@ class Node:
         self.busy_share = 0.0
         # A head's OpenAI API base URL, announced so that routers find it (set before start()).
         self.api_url = ""
+        #: Whether other nodes can dial this one; if not, its relay (see molink.comm.nat).
+        self.reachable = True
+        self.relay: RelayPresence | None = None
         self._stopped = threading.Event()
 
     @property
@@ -166,13 +119,28 @@ class Node:
         initial = resolve_initial_peers(
             self.config.initial_peers, self.config.chain_timeout, self.security
         )
+        self.reachable, how = check_reachable(
+            self.config.reachable, self.config.initial_peers, self.grpc_address, self.security
+        )
+        if not self.reachable:
+            service.relay = None  # a node nobody can dial relays for nobody
+            logger.info("Nobody can dial %s (%s): joining through a relay", self.grpc_address, how)
         self.membership = Membership(
             initial_peers=initial,
             host=self.config.listen_host,
             port=self.config.dht_port,
             announce_host=self.config.announce_host,
             security=self.security,
+            client_mode=not self.reachable,  # others can't dial its DHT peer either
         )
+        if not self.reachable:
+            self.relay = RelayPresence(
+                self.membership.peer_id,
+                self._own_grpc_address(),
+                self.security,
+                candidates=self._relay_candidates,
+                on_change=lambda relay: self._announce(relay=relay),
+            )
         if self.config.chooses_span:
             self._choose_span()
         self.state = "online"
@@ -191,6 +159,18 @@ class Node:
             self.grpc_address,
             " ".join(self.membership.visible_maddrs()),
         )
+
+    def _own_grpc_address(self) -> str:
+        """This node's gRPC service, as seen from this machine (where tunnels end)."""
+        host = self.config.listen_host
+        return f"{'127.0.0.1' if host in ('0.0.0.0', '::', '') else host}:{self.grpc_port}"
+
+    def _relay_candidates(self) -> list[str]:
+        """gRPC addresses of nodes that could relay for this one: its initial peers and every
+        reachable node online in the swarm."""
+        peers = [p for p in self.config.initial_peers if not p.startswith("/")]
+        swarm = self.membership.nodes() if self.membership else []
+        return peers + [n.grpc_address for n in swarm if n.reachable and n.state == "online"]
 
     def _choose_span(self) -> None:
         """Take the span the swarm needs most, sized by memory or ``--num_layers``."""
@@ -319,6 +299,8 @@ class Node:
             else "",
             device=describe_device(),
             api_url=self.api_url,
+            reachable=self.reachable,
+            relay=self.relay.relay if self.relay else "",
         )
 
     def node_info(self) -> molink_pb2.NodeInfo:
@@ -439,6 +421,8 @@ class Node:
         if self.membership is not None:
             self.membership.shutdown()
             self.membership = None
+        if self.relay is not None:
+            self.relay.close()
         if self.grpc_server is not None:
             self.grpc_server.stop(grace=1.0)
             self.grpc_server = None

@@ -8,7 +8,7 @@ from typing import Any
 import grpc
 from vllm.v1.kv_cache_interface import KVCacheConfig, KVCacheSpec
 
-from molink.comm import codec
+from molink.comm import codec, tunnels
 from molink.comm.links import connect
 from molink.comm.proto import molink_pb2
 from molink.engine.head_config import RemoteStageSpec
@@ -115,7 +115,11 @@ class RemoteStage:
                 molink_pb2.NodeInfoRequest(nonce=nonce), timeout=PROBE_TIMEOUT_S
             )
         except grpc.RpcError as e:
-            return None, f"{self.address} is unreachable ({e.code().name})"
+            cause = tunnels.last_error(self.address) if tunnels.is_route(self.address) else ""
+            return (
+                None,
+                f"{self.address} is unreachable ({e.code().name}{': ' if cause else ''}{cause})",
+            )
         if info.peer_id != self.peer_id:
             return info, f"{self.address} is now another node ({info.peer_id})"
         if self.spec.node_key and not (

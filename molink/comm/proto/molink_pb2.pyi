@@ -161,3 +161,41 @@ class ResultsRequest(_message.Message):
     epoch: int
     session: str
     def __init__(self, epoch: _Optional[int] = ..., session: _Optional[str] = ...) -> None: ...
+
+class ListenRequest(_message.Message):
+    __slots__ = ("peer_id",)
+    PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    peer_id: str
+    def __init__(self, peer_id: _Optional[str] = ...) -> None: ...
+
+class DialOrder(_message.Message):
+    __slots__ = ("token",)
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    token: str
+    def __init__(self, token: _Optional[str] = ...) -> None: ...
+
+class TunnelChunk(_message.Message):
+    __slots__ = ("data", "token", "target")
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    token: str
+    target: str
+    def __init__(self, data: _Optional[bytes] = ..., token: _Optional[str] = ..., target: _Optional[str] = ...) -> None: ...
+
+class DialBackRequest(_message.Message):
+    __slots__ = ("address", "nonce")
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    nonce: bytes
+    def __init__(self, address: _Optional[str] = ..., nonce: _Optional[bytes] = ...) -> None: ...
+
+class DialBackReply(_message.Message):
+    __slots__ = ("proof", "error")
+    PROOF_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    proof: bytes
+    error: str
+    def __init__(self, proof: _Optional[bytes] = ..., error: _Optional[str] = ...) -> None: ...

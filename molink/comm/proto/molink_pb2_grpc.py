@@ -5,7 +5,7 @@ import warnings
 
 from molink.comm.proto import molink_pb2 as molink_dot_comm_dot_proto_dot_molink__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.85.4'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -59,6 +59,21 @@ class MoLinkNodeStub:
                 request_serializer=molink_dot_comm_dot_proto_dot_molink__pb2.ResultsRequest.SerializeToString,
                 response_deserializer=molink_dot_comm_dot_proto_dot_molink__pb2.StepResult.FromString,
                 _registered_method=True)
+        self.Listen = channel.unary_stream(
+                '/molink.MoLinkNode/Listen',
+                request_serializer=molink_dot_comm_dot_proto_dot_molink__pb2.ListenRequest.SerializeToString,
+                response_deserializer=molink_dot_comm_dot_proto_dot_molink__pb2.DialOrder.FromString,
+                _registered_method=True)
+        self.Tunnel = channel.stream_stream(
+                '/molink.MoLinkNode/Tunnel',
+                request_serializer=molink_dot_comm_dot_proto_dot_molink__pb2.TunnelChunk.SerializeToString,
+                response_deserializer=molink_dot_comm_dot_proto_dot_molink__pb2.TunnelChunk.FromString,
+                _registered_method=True)
+        self.DialBack = channel.unary_unary(
+                '/molink.MoLinkNode/DialBack',
+                request_serializer=molink_dot_comm_dot_proto_dot_molink__pb2.DialBackRequest.SerializeToString,
+                response_deserializer=molink_dot_comm_dot_proto_dot_molink__pb2.DialBackReply.FromString,
+                _registered_method=True)
 
 
 class MoLinkNodeServicer:
@@ -97,6 +112,27 @@ class MoLinkNodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Listen(self, request, context):
+        """A node behind NAT keeps this open to its relay and is told on it when to dial in.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Tunnel(self, request_iterator, context):
+        """One tunnelled TCP connection: the dialer's side (token + target) or the NATed node's.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DialBack(self, request, context):
+        """Can the asker be dialed at its address? (The answerer dials it back.)
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MoLinkNodeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -124,6 +160,21 @@ def add_MoLinkNodeServicer_to_server(servicer, server):
                     servicer.Results,
                     request_deserializer=molink_dot_comm_dot_proto_dot_molink__pb2.ResultsRequest.FromString,
                     response_serializer=molink_dot_comm_dot_proto_dot_molink__pb2.StepResult.SerializeToString,
+            ),
+            'Listen': grpc.unary_stream_rpc_method_handler(
+                    servicer.Listen,
+                    request_deserializer=molink_dot_comm_dot_proto_dot_molink__pb2.ListenRequest.FromString,
+                    response_serializer=molink_dot_comm_dot_proto_dot_molink__pb2.DialOrder.SerializeToString,
+            ),
+            'Tunnel': grpc.stream_stream_rpc_method_handler(
+                    servicer.Tunnel,
+                    request_deserializer=molink_dot_comm_dot_proto_dot_molink__pb2.TunnelChunk.FromString,
+                    response_serializer=molink_dot_comm_dot_proto_dot_molink__pb2.TunnelChunk.SerializeToString,
+            ),
+            'DialBack': grpc.unary_unary_rpc_method_handler(
+                    servicer.DialBack,
+                    request_deserializer=molink_dot_comm_dot_proto_dot_molink__pb2.DialBackRequest.FromString,
+                    response_serializer=molink_dot_comm_dot_proto_dot_molink__pb2.DialBackReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -261,6 +312,87 @@ class MoLinkNode:
             '/molink.MoLinkNode/Results',
             molink_dot_comm_dot_proto_dot_molink__pb2.ResultsRequest.SerializeToString,
             molink_dot_comm_dot_proto_dot_molink__pb2.StepResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Listen(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/molink.MoLinkNode/Listen',
+            molink_dot_comm_dot_proto_dot_molink__pb2.ListenRequest.SerializeToString,
+            molink_dot_comm_dot_proto_dot_molink__pb2.DialOrder.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Tunnel(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/molink.MoLinkNode/Tunnel',
+            molink_dot_comm_dot_proto_dot_molink__pb2.TunnelChunk.SerializeToString,
+            molink_dot_comm_dot_proto_dot_molink__pb2.TunnelChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DialBack(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/molink.MoLinkNode/DialBack',
+            molink_dot_comm_dot_proto_dot_molink__pb2.DialBackRequest.SerializeToString,
+            molink_dot_comm_dot_proto_dot_molink__pb2.DialBackReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,154 @@
+"""The relay side of tunnels to nodes behind NAT (see :mod:`molink.comm.tunnels`).
+
+Every reachable node runs a :class:`RelayHub` in its gRPC service:
+
+* ``Listen``: a NATed node registers under its peer id and receives dial orders on the call.
+* ``Tunnel`` opened with a ``target``: someone wants a connection to that NATed node. The hub
+  sends the node a dial order with the tunnel's one-time token and waits for it to open its own
+  ``Tunnel`` with that token; then it forwards bytes between the two calls until either ends.
+
+The hub never decodes what it forwards: with a swarm key the bytes are a TLS connection between
+the two nodes. The calls themselves need the swarm key like every other call (mutual TLS).
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Iterator
+
+import grpc
+from vllm.logger import init_logger
+
+from molink.comm.announcement import is_peer_id
+from molink.comm.proto import molink_pb2
+from molink.comm.tunnels import ChunkQueue
+
+logger = init_logger(__name__)
+
+#: NATed nodes one relay takes calls for.
+MAX_LISTENERS = 64
+#: Tunnels waiting at once for their NATed node to dial in.
+MAX_WAITING = 256
+#: Seconds a dialer's tunnel waits for the NATed node to dial in.
+PAIR_TIMEOUT_S = 10.0
+_TOKEN_RE = re.compile(r"[0-9a-f]{16,64}")
+
+
+class _End:
+    """One call of a tunnel: what it receives goes to its partner's outbox."""
+
+    def __init__(self, requests: Iterator[molink_pb2.TunnelChunk]) -> None:
+        self.requests = requests
+        self.outbox = ChunkQueue()
+        self.partner: _End | None = None
+        self.paired = threading.Event()
+
+    def pump(self) -> None:
+        """Forward this call's chunks to the partner until either side ends."""
+        assert self.partner is not None
+        try:
+            for chunk in self.requests:
+                if chunk.data and not self.partner.outbox.put(chunk.data):
+                    break
+        except grpc.RpcError:
+            pass
+        self.close()
+
+    def close(self) -> None:
+        self.outbox.close()
+        if self.partner is not None:
+            self.partner.outbox.close()
+
+    def responses(self) -> Iterator[molink_pb2.TunnelChunk]:
+        for data in self.outbox:
+            yield molink_pb2.TunnelChunk(data=data)
+
+
+class RelayHub:
+    """Pairs tunnels to the NATed nodes that keep a ``Listen`` call open here."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._listeners: dict[str, ChunkQueue] = {}  # peer id -> its dial orders (tokens)
+        self._waiting: dict[str, _End] = {}  # token -> the dialer's end
+
+    def listeners(self) -> list[str]:
+        """Peer ids that take calls through this relay now."""
+        with self._lock:
+            return sorted(self._listeners)
+
+    def listen(self, request: molink_pb2.ListenRequest, context) -> Iterator[molink_pb2.DialOrder]:
+        """A NATed node's standing call: yields its dial orders (the first one empty: taken).
+
+        A second call for the same peer id replaces the first (the node reconnected).
+        """
+        peer = request.peer_id
+        if not is_peer_id(peer):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "peer_id is not a base58 PeerID")
+        orders = ChunkQueue()
+        with self._lock:
+            if peer not in self._listeners and len(self._listeners) >= MAX_LISTENERS:
+                context.abort(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"this relay already takes calls for {MAX_LISTENERS} nodes",
+                )
+            old, self._listeners[peer] = self._listeners.get(peer), orders
+        if old is not None:
+            old.close()
+        context.add_callback(orders.close)
+        logger.info("Relaying calls to %s (behind NAT)", peer)
+        try:
+            yield molink_pb2.DialOrder()
+            for token in orders:
+                yield molink_pb2.DialOrder(token=token.decode())
+        finally:
+            with self._lock:
+                if self._listeners.get(peer) is orders:
+                    del self._listeners[peer]
+            logger.info("No longer relaying calls to %s", peer)
+
+    def tunnel(
+        self, requests: Iterator[molink_pb2.TunnelChunk], context
+    ) -> Iterator[molink_pb2.TunnelChunk]:
+        """One side of a tunnel: the dialer's (first chunk names a target) or the NATed node's."""
+        try:
+            first = next(requests)
+        except (StopIteration, grpc.RpcError):
+            return
+        token = first.token
+        if not _TOKEN_RE.fullmatch(token):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "bad tunnel token")
+        end = _End(requests)
+        context.add_callback(end.close)
+        if first.target:
+            self._wait_for_target(first.target, token, end, context)
+        else:
+            with self._lock:
+                partner = self._waiting.pop(token, None)
+            if partner is None:
+                context.abort(grpc.StatusCode.NOT_FOUND, "no tunnel waits for this token")
+            end.partner, partner.partner = partner, end
+            partner.paired.set()
+        if first.data:
+            end.partner.outbox.put(first.data)  # type: ignore[union-attr]
+        threading.Thread(target=end.pump, name="molink-relay-pump", daemon=True).start()
+        yield from end.responses()
+
+    def _wait_for_target(self, target: str, token: str, end: _End, context) -> None:
+        with self._lock:
+            orders = self._listeners.get(target)
+            if orders is not None:
+                if token in self._waiting or len(self._waiting) >= MAX_WAITING:
+                    context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many tunnels waiting")
+                self._waiting[token] = end
+        if orders is None:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"{target} takes no calls through this relay")
+        orders.put(token.encode())
+        if not end.paired.wait(PAIR_TIMEOUT_S):
+            with self._lock:
+                self._waiting.pop(token, None)
+            context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                f"{target} did not dial in within {PAIR_TIMEOUT_S:.0f} s",
+            )

@@ -1,0 +1,161 @@
+"""Tunnels to nodes behind NAT, with real gRPC servers on loopback: a relay node, a "NATed" node
+that only dials out (to its relay), and dialers that reach it by its route ``peer@relay``."""
+
+from __future__ import annotations
+
+import secrets
+import socket
+import threading
+from collections.abc import Iterator
+
+import grpc
+import pytest
+from probes import eventually
+
+from molink.comm import relay_hub, tunnels
+from molink.comm.links import connect
+from molink.comm.proto import molink_pb2
+from molink.comm.stage_service import StageService, start_grpc_server
+from molink.security.node_key import NodeKey, verify_proof
+from molink.security.swarm_key import SwarmKey
+from molink.security.swarm_security import SwarmSecurity
+
+KEY = SwarmKey(b"t" * 32)
+NATED = "QmNatedNode1"
+MARKER = "model-name-only-the-two-ends-should-read"
+
+
+def node(
+    security: SwarmSecurity, peer_id: str, relays: bool = True
+) -> tuple[grpc.Server, str, StageService]:
+    service = StageService(
+        lambda: molink_pb2.NodeInfo(peer_id=peer_id, model_name=MARKER), None, security
+    )
+    if not relays:
+        service.relay = None
+    server, port = start_grpc_server(service, "127.0.0.1", 0)
+    return server, f"127.0.0.1:{port}", service
+
+
+@pytest.fixture(params=["swarm-key", "open"])
+def swarm(request) -> Iterator[dict]:
+    """A relay and a NATed node listening at it; both with the swarm key, or both open."""
+    key = KEY if request.param == "swarm-key" else None
+    relay_security = SwarmSecurity(key, NodeKey.generate())
+    nated_security = SwarmSecurity(key, NodeKey.generate())
+    relay_server, relay, hub_service = node(relay_security, "QmRelay")
+    nated_server, nated, _ = node(nated_security, NATED, relays=False)
+    lost: list[str] = []
+    listener = tunnels.RelayListener(NATED, relay, nated, nated_security, lost.append)
+    yield {
+        "relay": relay,
+        "route": f"{NATED}@{relay}",
+        "hub": hub_service.relay,
+        "nated_security": nated_security,
+        "dialer": SwarmSecurity(key, NodeKey.generate()),
+        "relay_server": relay_server,
+        "listener": listener,
+        "lost": lost,
+        "keyed": key is not None,
+    }
+    listener.close()
+    nated_server.stop(grace=0)
+    relay_server.stop(grace=0)
+
+
+def test_a_route_reaches_the_nated_node_as_itself(swarm):
+    assert swarm["hub"].listeners() == [NATED]
+    channel, stub = connect(swarm["route"], swarm["dialer"])
+    nonce = secrets.token_bytes(16)
+    for _ in range(3):  # several calls on one tunnelled connection
+        info = stub.GetNodeInfo(molink_pb2.NodeInfoRequest(nonce=nonce), timeout=10)
+        assert info.peer_id == NATED
+    channel.close()
+    assert verify_proof(swarm["nated_security"].node_key.public_key, nonce, info.proof)
+    # A second channel (a new TCP connection, so a new tunnel) works too.
+    channel, stub = connect(swarm["route"], swarm["dialer"])
+    assert stub.GetNodeInfo(molink_pb2.NodeInfoRequest(), timeout=10).peer_id == NATED
+    channel.close()
+
+
+def test_the_relay_forwards_only_ciphertext_with_a_swarm_key(swarm, monkeypatch):
+    forwarded: list[bytes] = []
+    put = relay_hub.ChunkQueue.put
+
+    def spy(self, data: bytes) -> bool:
+        forwarded.append(data)
+        return put(self, data)
+
+    monkeypatch.setattr(relay_hub.ChunkQueue, "put", spy)
+    channel, stub = connect(swarm["route"], swarm["dialer"])
+    assert stub.GetNodeInfo(molink_pb2.NodeInfoRequest(), timeout=10).model_name == MARKER
+    channel.close()
+    seen = b"".join(forwarded)
+    assert seen  # the bytes did go through the relay
+    assert (MARKER.encode() in seen) is not swarm["keyed"]
+
+
+def test_a_route_to_a_node_the_relay_does_not_know_fails_with_the_cause(swarm):
+    route = f"QmNobodyHere@{swarm['relay']}"
+    channel, stub = connect(route, swarm["dialer"])
+    with pytest.raises(grpc.RpcError) as info:
+        stub.GetNodeInfo(molink_pb2.NodeInfoRequest(), timeout=5)
+    channel.close()
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    eventually(lambda: "takes no calls through this relay" in tunnels.last_error(route))
+
+
+def test_bulk_bytes_both_ways_through_the_relay():
+    """Any TCP stream goes through: 8 MiB to an echo server behind the relay and back."""
+    security = SwarmSecurity(None, NodeKey.generate())
+    relay_server, relay, _ = node(security, "QmRelay")
+    echo = socket.create_server(("127.0.0.1", 0))
+
+    def serve_echo() -> None:
+        conn, _ = echo.accept()
+        while data := conn.recv(1 << 16):
+            conn.sendall(data)
+        conn.close()
+
+    threading.Thread(target=serve_echo, daemon=True).start()
+    echo_address = f"127.0.0.1:{echo.getsockname()[1]}"
+    listener = tunnels.RelayListener("QmEcho", relay, echo_address, security, lambda _: None)
+    try:
+        host, port = tunnels.local_endpoint(f"QmEcho@{relay}", security).split(":")
+        payload = secrets.token_bytes(8 << 20)
+        with socket.create_connection((host, int(port))) as sock:
+            threading.Thread(target=sock.sendall, args=(payload,), daemon=True).start()
+            back = bytearray()
+            while len(back) < len(payload):
+                chunk = sock.recv(1 << 20)
+                assert chunk, "the tunnel closed early"
+                back += chunk
+        assert bytes(back) == payload
+    finally:
+        listener.close()
+        echo.close()
+        relay_server.stop(grace=0)
+
+
+def test_the_nated_node_hears_when_its_relay_goes_away(swarm):
+    swarm["relay_server"].stop(grace=0)
+    eventually(lambda: swarm["lost"])
+
+
+def test_a_node_behind_nat_relays_for_nobody():
+    security = SwarmSecurity(None, NodeKey.generate())
+    server, address, _ = node(security, "QmBehindNat", relays=False)
+    try:
+        with pytest.raises(ConnectionError, match="can't relay"):
+            tunnels.RelayListener(NATED, address, address, security, lambda _: None, timeout=5)
+    finally:
+        server.stop(grace=0)
+
+
+@pytest.mark.parametrize(
+    "route",
+    ["QmA@", "@127.0.0.1:5", "not base58 0OIl@127.0.0.1:5", "QmA@127.0.0.1", "QmA@host:0"],
+)
+def test_malformed_routes_are_refused(route):
+    with pytest.raises(ValueError):
+        tunnels.parse_route(route)
