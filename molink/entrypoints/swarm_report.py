@@ -88,6 +88,8 @@ def build_swarm_report(
                 "layers": [n.start_layer, n.end_layer],
                 "state": n.state,
                 "address": n.grpc_address,
+                "reachable": n.reachable,  # False: behind NAT, dialed through "relay"
+                "relay": n.relay,
                 "device": n.device,
                 "kv_capacity_bytes": n.kv_capacity_bytes,
                 "version": n.version,
