@@ -185,6 +185,18 @@ def test_replicas_prefer_online_and_lower_rtt() -> None:
     assert assemble_chain(HEAD, [b1, b2, b3], rtt_s=rtt).peer_ids == ["QmHead", "QmB3"]
 
 
+def test_a_direct_replica_wins_over_a_relayed_one_as_near() -> None:
+    """A node behind NAT is reached through its relay: its hop counts its RTT twice."""
+    direct = ann("QmZDirect", 15, 29)
+    nated = dataclasses.replace(ann("QmANated", 15, 29), reachable=False, relay="10.0.0.1:50051")
+    assert nated.dial_address == "QmANated@10.0.0.1:50051"
+    rtt = {"QmZDirect": 0.010, "QmANated": 0.010}
+    assert assemble_chain(HEAD, [nated, direct], rtt_s=rtt).peer_ids == ["QmHead", "QmZDirect"]
+    chain = assemble_chain(HEAD, [nated, direct], rtt_s={**rtt, "QmZDirect": 0.030})
+    assert chain.peer_ids == ["QmHead", "QmANated"]
+    assert chain.stages[1].grpc_address == "QmANated@10.0.0.1:50051"
+
+
 def test_replicas_prefer_higher_announced_throughput() -> None:
     slow = dataclasses.replace(ann("QmB1", 15, 29), throughput=50.0)
     fast = dataclasses.replace(ann("QmB2", 15, 29), throughput=500.0)
@@ -406,6 +418,9 @@ BAD_FIELDS = [
     ("throughput", float("nan")),
     ("throughput", "fast"),
     ("throughput", True),
+    ("reachable", "no"),
+    ("reachable", False),  # behind NAT without a relay
+    ("relay", "10.0.0.1"),
 ]
 
 

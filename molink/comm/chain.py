@@ -254,7 +254,8 @@ def assemble_chain(
       never the head itself or ``exclude_peers`` (see :func:`mismatched`). The head is always
       stage 0; it must start at layer 0.
     * The lowest cost first, then the fewest hops: for each hop its ``rtt_s`` (seconds; unmeasured
-      nodes count :data:`DEFAULT_RTT_S`), the seconds per token its node's announced
+      nodes count :data:`DEFAULT_RTT_S`; twice for a node behind NAT, whose hops go through its
+      relay: so a direct replica wins over a relayed one as near), the seconds per token its node's announced
       ``throughput`` implies for the hop's layers (unmeasured nodes count the median), and
       :data:`RELOAD_PENALTY_S` for a node whose ``loaded`` span differs from the one it would
       serve; a node's compute time counts once per head it serves (``serving_me``: the peers
@@ -294,6 +295,8 @@ def assemble_chain(
     def hop_cost(node: NodeAnnouncement, start: int, end: int) -> float:
         others = other_heads(node, serving_me)
         cost = rtt_s.get(node.peer_id, DEFAULT_RTT_S)
+        if not node.reachable:  # relayed: the stage before it reaches it in two legs
+            cost *= 2
         cost += (end - start + 1) * per_layer.get(node.peer_id, typical) * (1 + others)
         cost += SHARED_PENALTY_S * others
         if node.peer_id not in serving_me and node.kv_capacity_bytes and not node.kv_free_bytes:
