@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 from conftest import QWEN3_ENGINE_FLAGS, NodeProcess, free_port
-from nat_topology import PUBLIC_HOST, PUBLIC_NS, home_host, nat_topology, why_unavailable
 from probes import eventually, get
 from reference import assert_same, pipeline_outputs, stream_all
 
+from benchmark.nat_topology import PUBLIC_HOST, PUBLIC_NS, home_host, nat_topology, why_unavailable
 from benchmark.processes import ManagedProcess, stop_all
 from molink.comm.nat import check_reachable
 from molink.comm.proto import molink_pb2

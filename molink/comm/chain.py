@@ -255,11 +255,11 @@ def assemble_chain(
       stage 0; it must start at layer 0.
     * The lowest cost first, then the fewest hops: for each hop its ``rtt_s`` (seconds; unmeasured
       nodes count :data:`DEFAULT_RTT_S`; twice for a node behind NAT, whose hops go through its
-      relay: so a direct replica wins over a relayed one as near), the seconds per token its node's announced
-      ``throughput`` implies for the hop's layers (unmeasured nodes count the median), and
-      :data:`RELOAD_PENALTY_S` for a node whose ``loaded`` span differs from the one it would
-      serve; a node's compute time counts once per head it serves (``serving_me``: the peers
-      already in this head's chain, whose load is this head's own), plus
+      relay: so a direct replica wins over a relayed one as near), the seconds per token its
+      node's announced ``throughput`` implies for the hop's layers (unmeasured nodes count the
+      median), and :data:`RELOAD_PENALTY_S` for a node whose ``loaded`` span differs from the one
+      it would serve; a node's compute time counts once per head it serves (``serving_me``: the
+      peers already in this head's chain, whose load is this head's own), plus
       :data:`SHARED_PENALTY_S` per other head and :data:`NO_ROOM_PENALTY_S` when it announces no
       free KV cache; then :func:`rendezvous_rank`.
     * Uncovered layers raise :class:`ChainIncomplete` listing every missing range, with the

@@ -19,7 +19,7 @@ from vllm.logger import init_logger
 
 from molink.comm.links import connect
 from molink.comm.proto import molink_pb2
-from molink.comm.swarm_view import measure_rtt
+from molink.comm.swarm_view import ping
 from molink.comm.tunnels import RelayListener
 from molink.security.node_key import verify_proof
 from molink.security.swarm_security import SwarmSecurity
@@ -78,9 +78,12 @@ class RelayPresence:
     """Keeps this NATed node reachable: a :class:`~molink.comm.tunnels.RelayListener` at the
     candidate relay with the lowest RTT, replaced when it goes away.
 
-    ``candidates()`` lists reachable nodes' gRPC addresses; ``on_change(relay)`` is called when
-    the node moved to another relay (announce it). Raises ``ConnectionError`` if no candidate
-    takes this node's calls at start.
+    ``candidates()`` lists addresses where this node may reach a relay: reachable nodes'
+    announced gRPC addresses, and its initial peers, which may be other paths to them (a DNS
+    name, a port forward). The relay it announces is the one the relay itself announces
+    (``public_address(peer_id)``), else the address it dialed. ``on_change(relay)`` is called
+    when the node moved to another relay (announce it). Raises ``ConnectionError`` if no
+    candidate takes this node's calls at start.
     """
 
     def __init__(
@@ -89,13 +92,16 @@ class RelayPresence:
         local_address: str,
         security: SwarmSecurity,
         candidates: Callable[[], list[str]],
+        public_address: Callable[[str], str | None],
         on_change: Callable[[str], None],
     ) -> None:
         self._peer_id = peer_id
         self._local = local_address
         self._security = security
         self._candidates = candidates
+        self._public_address = public_address
         self._on_change = on_change
+        self._relay = ""
         self._closed = threading.Event()
         self._listener: RelayListener | None = None
         why = self._connect()
@@ -104,34 +110,38 @@ class RelayPresence:
 
     @property
     def relay(self) -> str:
-        """The relay's gRPC address (empty while looking for a new one)."""
-        return self._listener.relay if self._listener is not None else ""
+        """The relay's announced gRPC address (empty while looking for a new one)."""
+        return self._relay if self._listener is not None else ""
 
     def _connect(self, exclude: str = "") -> str:
         """Listen at the best candidate; "" or why none took it."""
-        rtts = {}
+        answers = {}  # address -> (rtt, relay's peer id)
         for address in dict.fromkeys(self._candidates()):
-            if address != exclude and (rtt := measure_rtt(address, self._security)) is not None:
-                rtts[address] = rtt
+            if address != exclude and (answer := ping(address, self._security)) is not None:
+                answers[address] = answer
         why = "no reachable node answers"
-        for relay in sorted(rtts, key=rtts.__getitem__):
+        for address in sorted(answers, key=answers.__getitem__):
+            rtt, relay_peer = answers[address]
             try:
                 self._listener = RelayListener(
-                    self._peer_id, relay, self._local, self._security, self._lost
+                    self._peer_id, address, self._local, self._security, self._lost
                 )
             except ConnectionError as e:
                 why = str(e)
                 continue
+            self._relay = self._public_address(relay_peer) or address
+            via = f" (reached at {address})" if address != self._relay else ""
             logger.info(
-                "Behind NAT: calls to this node go through relay %s (RTT %.1f ms)",
-                relay,
-                rtts[relay] * 1e3,
+                "Behind NAT: calls to this node go through relay %s%s (RTT %.1f ms)",
+                self._relay,
+                via,
+                rtt * 1e3,
             )
             return ""
         return why
 
     def _lost(self, reason: str) -> None:
-        lost = self.relay
+        lost = self._listener.relay if self._listener is not None else ""
         self._listener = None
         threading.Thread(
             target=self._reconnect, args=(lost,), name="molink-relay-find", daemon=True
@@ -143,7 +153,7 @@ class RelayPresence:
             # Another relay first; the lost one again after a few tries (it may have restarted).
             why = self._connect(exclude=lost if attempt < 3 else "")
             if self._listener is not None:
-                self._on_change(self._listener.relay)
+                self._on_change(self._relay)
                 return
             if attempt == 0:
                 logger.warning("Looking for a new relay: %s", why)

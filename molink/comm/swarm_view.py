@@ -25,18 +25,25 @@ RTT_MAX_AGE_S = 60.0
 _PING_TIMEOUT_S = 2.0
 
 
-def measure_rtt(address: str, security: SwarmSecurity) -> float | None:
-    """Seconds for one ``GetNodeInfo`` round trip on an open channel (None if unreachable)."""
+def ping(address: str, security: SwarmSecurity) -> tuple[float, str] | None:
+    """(seconds for one ``GetNodeInfo`` round trip on an open channel, the peer id that
+    answered), or None if nothing answers at ``address``."""
     channel, stub = connect(address, security)
     try:
         stub.GetNodeInfo(molink_pb2.NodeInfoRequest(), timeout=_PING_TIMEOUT_S)  # connects
         started = time.monotonic()
-        stub.GetNodeInfo(molink_pb2.NodeInfoRequest(), timeout=_PING_TIMEOUT_S)
-        return time.monotonic() - started
+        info = stub.GetNodeInfo(molink_pb2.NodeInfoRequest(), timeout=_PING_TIMEOUT_S)
+        return time.monotonic() - started, info.peer_id
     except grpc.RpcError:
         return None
     finally:
         channel.close()
+
+
+def measure_rtt(address: str, security: SwarmSecurity) -> float | None:
+    """Seconds for one ``GetNodeInfo`` round trip on an open channel (None if unreachable)."""
+    answer = ping(address, security)
+    return answer[0] if answer is not None else None
 
 
 class SwarmView:

@@ -122,7 +122,9 @@ class Node:
         self.reachable, how = check_reachable(
             self.config.reachable, self.config.initial_peers, self.grpc_address, self.security
         )
-        if not self.reachable:
+        if self.reachable:
+            logger.info("Reachable at %s (%s)", self.grpc_address, how)
+        else:
             service.relay = None  # a node nobody can dial relays for nobody
             logger.info("Nobody can dial %s (%s): joining through a relay", self.grpc_address, how)
         self.membership = Membership(
@@ -139,6 +141,7 @@ class Node:
                 self._own_grpc_address(),
                 self.security,
                 candidates=self._relay_candidates,
+                public_address=self._grpc_address_of,
                 on_change=lambda relay: self._announce(relay=relay),
             )
         if self.config.chooses_span:
@@ -171,6 +174,11 @@ class Node:
         peers = [p for p in self.config.initial_peers if not p.startswith("/")]
         swarm = self.membership.nodes() if self.membership else []
         return peers + [n.grpc_address for n in swarm if n.reachable and n.state == "online"]
+
+    def _grpc_address_of(self, peer_id: str) -> str | None:
+        """The gRPC address node ``peer_id`` announces, if it is in the swarm and reachable."""
+        nodes = self.membership.nodes() if self.membership else []
+        return next((n.grpc_address for n in nodes if n.peer_id == peer_id and n.reachable), None)
 
     def _choose_span(self) -> None:
         """Take the span the swarm needs most, sized by memory or ``--num_layers``."""

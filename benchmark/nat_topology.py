@@ -9,6 +9,8 @@
 
 A home node reaches the internet through its router; nothing reaches a home node from outside
 (the router drops new inbound connections, and nobody outside has a route to its subnet).
+Used by ``tests/test_nat.py`` and ``benchmark/nat.py`` (which also blocks paths with
+:func:`block` to send a home's traffic through an emulated link).
 """
 
 from __future__ import annotations
@@ -32,6 +34,39 @@ HOMES = {  # home namespace -> (router namespace, router's internet address, hom
 def home_host(home: str) -> str:
     """The private address of the node in ``home``."""
     return f"{HOMES[home][2]}.2"
+
+
+def router_of(home: str) -> str:
+    """The namespace of ``home``'s router."""
+    return HOMES[home][0]
+
+
+def router_lan(home: str) -> str:
+    """The address of ``home``'s router on its home network."""
+    return f"{HOMES[home][2]}.1"
+
+
+def router_wan(home: str) -> str:
+    """The address of ``home``'s router on the internet."""
+    return HOMES[home][1]
+
+
+def block(home: str, host: str, port: int) -> None:
+    """Drop ``home``'s new TCP connections to ``host:port`` at its router."""
+    _in(
+        router_of(home),
+        "iptables", "-I", "FORWARD", "-i", "lan", "-p", "tcp", "-d", host,
+        "--dport", str(port), "-j", "DROP",
+    )  # fmt: skip
+
+
+def open_port(home: str, port: int) -> None:
+    """Let the internet connect to ``port`` on ``home``'s router (a port forward's front)."""
+    _in(
+        router_of(home),
+        "iptables", "-I", "INPUT", "-i", f"mlnwan{list(HOMES).index(home) + 1}", "-p", "tcp",
+        "--dport", str(port), "-j", "ACCEPT",
+    )  # fmt: skip
 
 
 def why_unavailable() -> str | None:
@@ -105,6 +140,20 @@ def nat_topology() -> Iterator[None]:
                 "iptables", "-A", "FORWARD", "-i", wan, "-o", "lan",
                 "-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT",
             )  # fmt: skip
+            _in(
+                router,
+                "iptables",
+                "-A",
+                "INPUT",
+                "-i",
+                wan,
+                "-m",
+                "conntrack",
+                "--ctstate",
+                "ESTABLISHED,RELATED",
+                "-j",
+                "ACCEPT",
+            )  # fmt: skip  (the router's own connections out)
             _in(router, "iptables", "-A", "INPUT", "-i", wan, "-j", "DROP")  # nothing inbound
         yield
     finally:
