@@ -4,8 +4,8 @@ router, served through a relay or through port forwards, over emulated home upli
     python -m benchmark.nat --delay-ms 10        # root: 10 ms each way on every home uplink
 
 The topology is ``benchmark/nat_topology.py``. Each home's uplink is a link emulator in its router
-(``benchmark/link_emulator.py``; the kernels here have no ``netem``): the followers reach the
-head's gRPC port only through it (the router drops the direct path). Two setups, same nodes:
+(``benchmark/link_emulator.py``; the kernels here have no ``netem``): the router sends the
+home's connections to the head's gRPC port through it. Two setups, same nodes:
 
 * **relayed**: no port forward. The followers find that nobody can dial them and take their calls
   through the head (their relay). head -> A and B -> head cross one uplink each; A -> B goes
@@ -36,10 +36,10 @@ from benchmark.nat_topology import (
     HOMES,
     PUBLIC_HOST,
     PUBLIC_NS,
-    block,
     home_host,
     nat_topology,
     open_port,
+    redirect,
     router_lan,
     router_of,
     router_wan,
@@ -129,11 +129,12 @@ def run_setup(setup: str, model: str, args: argparse.Namespace, log_dir: Path) -
             processes.append(head)
             for home, span in zip(HOMES, spans[1:], strict=True):
                 router = router_of(home)
-                # The uplink: the home reaches the head's gRPC port only through the emulator.
+                # The uplink: the router sends the home's connections to the head's gRPC port
+                # through the emulator.
                 uplink = f"{router_lan(home)}:{UPLINK_PORT}"
                 processes.append(emulator(router, uplink, head_grpc, args.delay_ms, log_dir))
-                block(home, PUBLIC_HOST, GRPC_PORT)
-                extra = ["--host", "127.0.0.1", "--initial_peer", uplink, *args.key]
+                redirect(home, PUBLIC_HOST, GRPC_PORT, UPLINK_PORT)
+                extra = ["--host", "127.0.0.1", "--initial_peer", head_grpc, *args.key]
                 if setup == "forwarded":  # the downlink: a port forward through an emulator
                     forward = f"{router_wan(home)}:{FORWARD_PORT}"
                     target = f"{home_host(home)}:{GRPC_PORT}"

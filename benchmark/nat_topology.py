@@ -9,8 +9,8 @@
 
 A home node reaches the internet through its router; nothing reaches a home node from outside
 (the router drops new inbound connections, and nobody outside has a route to its subnet).
-Used by ``tests/test_nat.py`` and ``benchmark/nat.py`` (which also blocks paths with
-:func:`block` to send a home's traffic through an emulated link).
+Used by ``tests/test_nat.py`` and ``benchmark/nat.py`` (which sends a home's connections through
+an emulated link with :func:`redirect`).
 """
 
 from __future__ import annotations
@@ -51,12 +51,13 @@ def router_wan(home: str) -> str:
     return HOMES[home][1]
 
 
-def block(home: str, host: str, port: int) -> None:
-    """Drop ``home``'s new TCP connections to ``host:port`` at its router."""
+def redirect(home: str, host: str, port: int, to_port: int) -> None:
+    """Send ``home``'s connections to ``host:port`` to port ``to_port`` of its router instead
+    (a link emulator there, which connects on to ``host:port`` from the router)."""
     _in(
         router_of(home),
-        "iptables", "-I", "FORWARD", "-i", "lan", "-p", "tcp", "-d", host,
-        "--dport", str(port), "-j", "DROP",
+        "iptables", "-t", "nat", "-A", "PREROUTING", "-i", "lan", "-p", "tcp", "-d", host,
+        "--dport", str(port), "-j", "DNAT", "--to-destination", f"{router_lan(home)}:{to_port}",
     )  # fmt: skip
 
 
