@@ -27,7 +27,7 @@ from pathlib import Path
 
 import openai
 
-from benchmark.processes import ProcessExited
+from benchmark.processes import SHARED_CORES_ENV, ProcessExited
 from benchmark.swarm import Swarm, SwarmSpec, even_split, plain_vllm
 from benchmark.tiny_models import FAMILIES, build_checkpoint
 
@@ -70,13 +70,6 @@ UPSTREAM = {
     "(:455), and loads every plain weight (:578); any vLLM pipeline of it fails the same way",
     "granitemoehybrid_moe": "as granitemoehybrid (its MoE router weights go through the same "
     "`_load`, :568)",
-}
-ENV = {
-    "VLLM_CPU_KVCACHE_SPACE": "1",
-    "VLLM_CPU_OMP_THREADS_BIND": "nobind",
-    "OMP_NUM_THREADS": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-    "HF_HUB_OFFLINE": "1",
 }
 WORDS = (
     "the quick brown fox jumps over the lazy dog while a small bird sings in the old tree "
@@ -159,7 +152,7 @@ def run_reference(model: str, args: list[str], prompts: list[str], work: Path, p
     log = work / "vllm.log"
     started = time.monotonic()
     try:
-        with plain_vllm(model, args, port, log, ENV) as url:
+        with plain_vllm(model, args, port, log, SHARED_CORES_ENV) as url:
             outputs = asyncio.run(_complete(url, model, prompts))
         return Run("vllm", outputs, seconds=time.monotonic() - started)
     except (ProcessExited, TimeoutError, openai.OpenAIError) as e:
@@ -181,7 +174,7 @@ def run_pipeline(
         port=port,
         grpc_base_port=port + 100,
         node_args=args,
-        env=ENV,
+        env=SHARED_CORES_ENV,
         log_dir=log_dir,
         ready_timeout=600.0,
         shared_cores=True,

@@ -45,17 +45,10 @@ from benchmark.nat_topology import (
     router_wan,
     why_unavailable,
 )
-from benchmark.processes import ManagedProcess, stop_all
+from benchmark.processes import SHARED_CORES_ENV, ManagedProcess, stop_all
 from benchmark.swarm import demo_model, num_hidden_layers
 
 HTTP_PORT, GRPC_PORT, UPLINK_PORT, FORWARD_PORT = 8000, 50051, 40000, 40001
-NODE_ENV = {
-    "VLLM_CPU_OMP_THREADS_BIND": "nobind",
-    "VLLM_CPU_KVCACHE_SPACE": "1",
-    "OMP_NUM_THREADS": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-    "HF_HUB_OFFLINE": "1",
-}
 SERVED_NAME = "molink-nat"
 
 
@@ -87,7 +80,7 @@ def node(
         "--disable-uvicorn-access-log", *extra,
     ]  # fmt: skip
     return ManagedProcess(
-        in_ns(ns, *cmd), log_dir / f"{name}.log", env=NODE_ENV, url=None, name=name
+        in_ns(ns, *cmd), log_dir / f"{name}.log", env=SHARED_CORES_ENV, url=None, name=name
     )
 
 

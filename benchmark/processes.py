@@ -36,6 +36,17 @@ class ProcessExited(RuntimeError):
     """A process exited while it was waited for to become healthy."""
 
 
+#: Environment of a node process that shares the machine's cores with other nodes: no thread
+#: pinning, one OpenMP thread, a 1 GiB KV cache, no downloads.
+SHARED_CORES_ENV = {
+    "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    "OMP_NUM_THREADS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "HF_HUB_OFFLINE": "1",
+}
+
+
 class ManagedProcess:
     """``cmd`` running in its own session (process group), its output in ``log_path``.
 

@@ -18,17 +18,11 @@ from pathlib import Path
 import pytest
 from warm_start import ForkedProcess, close_zygote, cold_start, zygote
 
-from benchmark.processes import ManagedProcess, ProcessExited, stop_all
+from benchmark.processes import SHARED_CORES_ENV, ManagedProcess, ProcessExited, stop_all
 from benchmark.tiny_models import build_checkpoint
 
 # Several processes share two cores: no thread pinning, KV cache sized explicitly.
-NODE_ENV = {
-    "VLLM_CPU_OMP_THREADS_BIND": "nobind",
-    "VLLM_CPU_KVCACHE_SPACE": "1",
-    "OMP_NUM_THREADS": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-    "HF_HUB_OFFLINE": "1",
-}
+NODE_ENV = SHARED_CORES_ENV
 QWEN3_LAYERS = 6
 #: Seconds a node gets to exit after SIGTERM at teardown before it is killed.
 TEARDOWN_GRACE_S = 10.0
