@@ -421,6 +421,7 @@ BAD_FIELDS = [
     ("reachable", "no"),
     ("reachable", False),  # behind NAT without a relay
     ("relay", "10.0.0.1"),
+    ("grpc_address", "QmA@10.0.0.1:80"),  # a route is not an address
 ]
 
 

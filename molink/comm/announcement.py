@@ -51,7 +51,7 @@ def split_host_port(address: str) -> tuple[str, int]:
     port = int(port_str)
     if not 1 <= port <= 65535:
         raise ValueError(f"address {address!r} has a port outside 1..65535")
-    if any(c.isspace() for c in host) or "/" in host:
+    if any(c.isspace() or c in "/@" for c in host):  # "@" makes a route (molink.comm.tunnels)
         raise ValueError(f"address {address!r} has an invalid host")
     return host, port
 

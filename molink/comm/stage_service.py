@@ -197,6 +197,9 @@ def start_grpc_server(
 ) -> tuple[grpc.Server, int]:
     """Serve ``service`` on ``host:port`` (port 0 picks a free one); returns (server, port).
 
+    Every streaming call (steps, results, a NATed node's relay call, each side of a tunnel)
+    holds one of the ``max_workers`` threads while it lasts.
+
     With a swarm key (``service.security``) every call needs a client certificate derived from
     it (mutual TLS).
     """
