@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from conftest import QWEN3_ENGINE_FLAGS, NodeProcess, free_port
-from probes import eventually, get
+from probes import eventually, get, scrape, value
 from reference import assert_same, pipeline_outputs, stream_all
 
 from benchmark.nat_topology import PUBLIC_HOST, PUBLIC_NS, home_host, nat_topology, why_unavailable
@@ -150,6 +150,9 @@ def test_behind_nat_followers_serve_through_their_relay(nat, qwen3_model, qwen3_
         assert docs[node.peer_id()]["reachable"] is False
         assert docs[node.peer_id()]["relay"] == head.grpc_address
     assert_same(qwen3_reference, asyncio.run(pipeline_outputs(head.base_url, qwen3_model)))
+    samples = scrape(head)
+    assert value(samples, "molink_relay_nodes") == 2
+    assert value(samples, "molink_relay_bytes_total") > 0
 
 
 def test_kill_9_of_a_nated_follower_with_a_nated_replica_loses_nothing(nat, qwen3_model):

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 import grpc
 import pytest
 from probes import eventually
+from prometheus_client import REGISTRY
 
 from molink.comm import relay_hub, tunnels
 from molink.comm.links import connect
@@ -65,13 +66,17 @@ def swarm(request) -> Iterator[dict]:
 
 def test_a_route_reaches_the_nated_node_as_itself(swarm):
     assert swarm["hub"].listeners() == [NATED]
+    relayed = REGISTRY.get_sample_value("molink_relay_bytes_total") or 0.0
     channel, stub = connect(swarm["route"], swarm["dialer"])
     nonce = secrets.token_bytes(16)
     for _ in range(3):  # several calls on one tunnelled connection
         info = stub.GetNodeInfo(molink_pb2.NodeInfoRequest(nonce=nonce), timeout=10)
         assert info.peer_id == NATED
+    assert REGISTRY.get_sample_value("molink_relay_tunnels") >= 1
     channel.close()
     assert verify_proof(swarm["nated_security"].node_key.public_key, nonce, info.proof)
+    assert REGISTRY.get_sample_value("molink_relay_bytes_total") > relayed
+    assert REGISTRY.get_sample_value("molink_relay_nodes") >= 1
     # A second channel (a new TCP connection, so a new tunnel) works too.
     channel, stub = connect(swarm["route"], swarm["dialer"])
     assert stub.GetNodeInfo(molink_pb2.NodeInfoRequest(), timeout=10).peer_id == NATED

@@ -23,6 +23,7 @@ from vllm.logger import init_logger
 from molink.comm.announcement import is_peer_id
 from molink.comm.proto import molink_pb2
 from molink.comm.tunnels import ChunkQueue
+from molink.telemetry import metrics
 
 logger = init_logger(__name__)
 
@@ -51,6 +52,7 @@ class _End:
             for chunk in self.requests:
                 if chunk.data and not self.partner.outbox.put(chunk.data):
                     break
+                metrics.RELAY_BYTES.inc(len(chunk.data))
         except grpc.RpcError:
             pass
         self.close()
@@ -98,6 +100,7 @@ class RelayHub:
             old.close()
         context.add_callback(orders.close)
         logger.info("Relaying calls to %s (behind NAT)", peer)
+        metrics.RELAY_NODES.inc()
         try:
             yield molink_pb2.DialOrder()
             for token in orders:
@@ -106,6 +109,7 @@ class RelayHub:
             with self._lock:
                 if self._listeners.get(peer) is orders:
                     del self._listeners[peer]
+            metrics.RELAY_NODES.dec()
             logger.info("No longer relaying calls to %s", peer)
 
     def tunnel(
@@ -133,7 +137,13 @@ class RelayHub:
         if first.data:
             end.partner.outbox.put(first.data)  # type: ignore[union-attr]
         threading.Thread(target=end.pump, name="molink-relay-pump", daemon=True).start()
-        yield from end.responses()
+        if first.target:  # count each tunnel once, on its dialer's side
+            metrics.RELAY_TUNNELS.inc()
+        try:
+            yield from end.responses()
+        finally:
+            if first.target:
+                metrics.RELAY_TUNNELS.dec()
 
     def _wait_for_target(self, target: str, token: str, end: _End, context) -> None:
         with self._lock:

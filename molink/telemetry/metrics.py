@@ -9,13 +9,16 @@ and scheduler) and the API server process re-exports that process's values
   ``/metrics``; the head's stage 0 records into it too). Per-step metrics carry a ``layers``
   label (``"16-31"``).
 * :data:`HEAD_REGISTRY`: the head's pipeline (micro-batching, losses, recoveries, failures).
+* The relay's metrics belong to the node process (its gRPC service), not to the engine: they
+  are in prometheus_client's default registry, which vLLM's ``/metrics`` on a head and a
+  follower's ``/metrics`` both serve.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
 STAGE_REGISTRY = CollectorRegistry(auto_describe=True)
 HEAD_REGISTRY = CollectorRegistry(auto_describe=True)
@@ -184,3 +187,21 @@ def track_kv_blocks(blocks: Callable[[], tuple[int, int]]) -> None:
     """Have the KV gauges read ``blocks()`` = (used, total) at every scrape (the stage's own)."""
     KV_BLOCKS_USED.set_function(lambda: blocks()[0])
     KV_BLOCKS_TOTAL.set_function(lambda: blocks()[1])
+
+
+# ---------------------------------------------------------------- every node's relay
+RELAY_NODES = Gauge(
+    "molink_relay_nodes",
+    "Nodes behind NAT that take their calls through this node (it is their relay).",
+    registry=REGISTRY,
+)
+RELAY_TUNNELS = Gauge(
+    "molink_relay_tunnels",
+    "Connections to nodes behind NAT that this node relays now.",
+    registry=REGISTRY,
+)
+RELAY_BYTES = Counter(
+    "molink_relay_bytes_total",
+    "Bytes this node forwarded between the two sides of its tunnels.",
+    registry=REGISTRY,
+)
