@@ -12,8 +12,10 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import threading
+import time
 from dataclasses import replace
-from signal import SIGSTOP, SIGTERM
+from signal import SIGCONT, SIGSTOP, SIGTERM
 from types import SimpleNamespace
 
 import pytest
@@ -152,6 +154,46 @@ def test_hung_stage_is_replaced(churn, module_swarm, qwen3_model):
     # What found it: the step deadline. A stopped process keeps its sockets open, and gRPC's
     # keepalive has not closed them first in any run here.
     assert head.log().count(timed_out) == timeouts + 1
+
+
+def test_a_loss_during_the_replay_loses_nothing(churn, module_swarm, qwen3_model):
+    """The node that takes the lost span dies while it is being refilled: the head gives up
+    that replay, waits for a new node and every stream still comes out undisturbed.
+
+    To land the second kill inside the replay, the replacement runs a tenth of the time
+    (SIGSTOP/SIGCONT) from the first kill on, and dies as soon as the head starts replaying."""
+    head, followers, reference = churn
+    f = module_swarm.start("f", qwen3_model, "3,5", FLAGS, peers=[head])
+    eventually(lambda: standby_ready(head, f), timeout=WAIT_S, what="f on standby")
+    victim = serving(followers)
+    slowed = threading.Event()
+
+    def slow_down() -> None:
+        while not slowed.is_set():
+            f.signal_group(SIGSTOP)
+            time.sleep(0.045)
+            f.signal_group(SIGCONT)
+            time.sleep(0.005)
+
+    def kill_during_the_replay() -> None:
+        threading.Thread(target=slow_down, daemon=True).start()
+        victim.kill()
+        into_f = rf"Replaying the logged positions of .* into 127\.0\.0\.1:{f.grpc_port} "
+        deadline = time.monotonic() + WAIT_S
+        while not re.search(into_f, head.log()):  # polled fast: the replay has begun
+            assert time.monotonic() < deadline, "the head never replayed into f"
+            time.sleep(0.005)
+        f.kill()
+        slowed.set()
+        followers[:] = [module_swarm.start("g", qwen3_model, "3,5", FLAGS, peers=[head])]
+
+    try:
+        got = asyncio.run(stream_all(head, qwen3_model, during=kill_during_the_replay))
+    finally:
+        slowed.set()
+        f.kill()
+    assert got == reference
+    assert re.search(rf"Replay into 127\.0\.0\.1:{f.grpc_port} \[3-5\] failed", head.log())
 
 
 def test_restarted_head_finds_the_followers(churn, module_swarm, qwen3_model):

@@ -244,6 +244,7 @@ class ChainUpkeep:
             return "replay"
         node = self.chain.remotes[index]
         started = time.monotonic()
+        logger.info("Replaying the logged positions of %d request(s) into %s", len(plan), node)
         try:
             assert self._link is not None
             tokens, failed = self.replay.run(
