@@ -23,7 +23,8 @@ from reference import assert_same, pipeline_outputs, stream_all
 
 from benchmark.nat_topology import PUBLIC_HOST, PUBLIC_NS, home_host, nat_topology, why_unavailable
 from benchmark.processes import ManagedProcess, stop_all
-from molink.comm.nat import check_reachable
+from molink.comm.links import connect
+from molink.comm.nat import RelayPresence, check_reachable
 from molink.comm.proto import molink_pb2
 from molink.comm.stage_service import StageService, start_grpc_server
 from molink.security.node_key import NodeKey
@@ -56,6 +57,41 @@ def test_check_reachable_dials_back_and_needs_the_nodes_own_proof():
     finally:
         peer_server.stop(grace=0)
         my_server.stop(grace=0)
+
+
+def test_a_nated_node_moves_to_another_relay_when_its_relay_goes_away():
+    security = SwarmSecurity(None, NodeKey.generate())
+    relays = {}
+    for name in ("QmRelayOne", "QmRelayTwo"):
+        info = lambda name=name: molink_pb2.NodeInfo(peer_id=name)  # noqa: E731
+        server, port = start_grpc_server(StageService(info, None, security), "127.0.0.1", 0)
+        relays[f"127.0.0.1:{port}"] = server
+    nated = StageService(lambda: molink_pb2.NodeInfo(peer_id="QmNated"), None, security)
+    nated.relay = None
+    nated_server, nated_port = start_grpc_server(nated, "127.0.0.1", 0)
+    moves: list[str] = []
+    presence = RelayPresence(
+        "QmNated",
+        f"127.0.0.1:{nated_port}",
+        security,
+        candidates=lambda: list(relays),
+        public_address=lambda peer: None,  # not in a DHT here: announce the address dialed
+        on_change=moves.append,
+    )
+    try:
+        first = presence.relay
+        assert first in relays
+        relays.pop(first).stop(grace=0)
+        eventually(lambda: moves, timeout=30, what="a move to the other relay")
+        assert moves == [presence.relay] and presence.relay in relays
+        channel, stub = connect(f"QmNated@{presence.relay}", security)
+        assert stub.GetNodeInfo(molink_pb2.NodeInfoRequest(), timeout=10).peer_id == "QmNated"
+        channel.close()
+    finally:
+        presence.close()
+        nated_server.stop(grace=0)
+        for server in relays.values():
+            server.stop(grace=0)
 
 
 # ------------------------------------------------------------ processes behind NAT routers
