@@ -21,6 +21,8 @@ from molink.comm.chain import (
     mismatched,
     wait_for_chain,
 )
+from molink.security.node_ids import node_id
+from molink.security.node_key import NodeKey
 from molink.weight_digest import WeightDigests
 
 L = 30  # layers of the test model
@@ -188,13 +190,17 @@ def test_replicas_prefer_online_and_lower_rtt() -> None:
 def test_a_direct_replica_wins_over_a_relayed_one_as_near() -> None:
     """A node behind NAT is reached through its relay: its hop counts its RTT twice."""
     direct = ann("QmZDirect", 15, 29)
-    nated = dataclasses.replace(ann("QmANated", 15, 29), reachable=False, relay="10.0.0.1:50051")
-    assert nated.dial_address == "QmANated@10.0.0.1:50051"
+    key = NodeKey.generate().public_key
+    nated = dataclasses.replace(
+        ann("QmANated", 15, 29), reachable=False, relay="10.0.0.1:50051", node_key=key
+    )
+    route = f"{node_id(key)}@10.0.0.1:50051"
+    assert nated.dial_address == route
     rtt = {"QmZDirect": 0.010, "QmANated": 0.010}
     assert assemble_chain(HEAD, [nated, direct], rtt_s=rtt).peer_ids == ["QmHead", "QmZDirect"]
     chain = assemble_chain(HEAD, [nated, direct], rtt_s={**rtt, "QmZDirect": 0.030})
     assert chain.peer_ids == ["QmHead", "QmANated"]
-    assert chain.stages[1].grpc_address == "QmANated@10.0.0.1:50051"
+    assert chain.stages[1].grpc_address == route
 
 
 def test_replicas_prefer_higher_announced_throughput() -> None:

@@ -71,7 +71,7 @@ def test_a_nated_node_moves_to_another_relay_when_its_relay_goes_away():
     nated_server, nated_port = start_grpc_server(nated, "127.0.0.1", 0)
     moves: list[str] = []
     presence = RelayPresence(
-        "QmNated",
+        security.node_key,
         f"127.0.0.1:{nated_port}",
         security,
         candidates=lambda: list(relays),
@@ -84,7 +84,7 @@ def test_a_nated_node_moves_to_another_relay_when_its_relay_goes_away():
         relays.pop(first).stop(grace=0)
         eventually(lambda: moves, timeout=30, what="a move to the other relay")
         assert moves == [presence.relay] and presence.relay in relays
-        channel, stub = connect(f"QmNated@{presence.relay}", security)
+        channel, stub = connect(f"{security.node_key.node_id}@{presence.relay}", security)
         assert stub.GetNodeInfo(molink_pb2.NodeInfoRequest(), timeout=10).peer_id == "QmNated"
         channel.close()
     finally:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import secrets
 import socket
 import threading
+import time
 from collections.abc import Iterator
 
 import grpc
@@ -17,6 +18,7 @@ from molink.comm import relay_hub, tunnels
 from molink.comm.links import connect
 from molink.comm.proto import molink_pb2
 from molink.comm.stage_service import StageService, start_grpc_server
+from molink.security.node_ids import node_id
 from molink.security.node_key import NodeKey, verify_proof
 from molink.security.swarm_key import SwarmKey
 from molink.security.swarm_security import SwarmSecurity
@@ -47,10 +49,18 @@ def swarm(request) -> Iterator[dict]:
     relay_server, relay, hub_service = node(relay_security, "QmRelay")
     nated_server, nated, _ = node(nated_security, NATED, relays=False)
     lost: list[str] = []
-    listener = tunnels.RelayListener(NATED, relay, nated, nated_security, lost.append)
+    listener = tunnels.RelayListener(
+        nated_security.node_key,
+        relay,
+        relay_security.node_key.public_key,
+        nated,
+        nated_security,
+        lost.append,
+    )
     yield {
         "relay": relay,
-        "route": f"{NATED}@{relay}",
+        "relay_key": relay_security.node_key.public_key,
+        "route": f"{nated_security.node_key.node_id}@{relay}",
         "hub": hub_service.relay,
         "nated_security": nated_security,
         "dialer": SwarmSecurity(key, NodeKey.generate()),
@@ -65,7 +75,7 @@ def swarm(request) -> Iterator[dict]:
 
 
 def test_a_route_reaches_the_nated_node_as_itself(swarm):
-    assert swarm["hub"].listeners() == [NATED]
+    assert swarm["hub"].listeners() == [swarm["nated_security"].node_key.node_id]
     relayed = REGISTRY.get_sample_value("molink_relay_bytes_total") or 0.0
     channel, stub = connect(swarm["route"], swarm["dialer"])
     nonce = secrets.token_bytes(16)
@@ -101,7 +111,7 @@ def test_the_relay_forwards_only_ciphertext_with_a_swarm_key(swarm, monkeypatch)
 
 
 def test_a_route_to_a_node_the_relay_does_not_know_fails_with_the_cause(swarm):
-    route = f"QmNobodyHere@{swarm['relay']}"
+    route = f"{NodeKey.generate().node_id}@{swarm['relay']}"
     channel, stub = connect(route, swarm["dialer"])
     with pytest.raises(grpc.RpcError) as info:
         stub.GetNodeInfo(molink_pb2.NodeInfoRequest(), timeout=5)
@@ -124,9 +134,12 @@ def test_bulk_bytes_both_ways_through_the_relay():
 
     threading.Thread(target=serve_echo, daemon=True).start()
     echo_address = f"127.0.0.1:{echo.getsockname()[1]}"
-    listener = tunnels.RelayListener("QmEcho", relay, echo_address, security, lambda _: None)
+    echo_key = NodeKey.generate()
+    listener = tunnels.RelayListener(
+        echo_key, relay, security.node_key.public_key, echo_address, security, lambda _: None
+    )
     try:
-        host, port = tunnels.local_endpoint(f"QmEcho@{relay}", security).split(":")
+        host, port = tunnels.local_endpoint(f"{echo_key.node_id}@{relay}", security).split(":")
         payload = secrets.token_bytes(8 << 20)
         with socket.create_connection((host, int(port))) as sock:
             threading.Thread(target=sock.sendall, args=(payload,), daemon=True).start()
@@ -152,14 +165,58 @@ def test_a_node_behind_nat_relays_for_nobody():
     server, address, _ = node(security, "QmBehindNat", relays=False)
     try:
         with pytest.raises(ConnectionError, match="can't relay"):
-            tunnels.RelayListener(NATED, address, address, security, lambda _: None, timeout=5)
+            tunnels.RelayListener(
+                NodeKey.generate(),
+                address,
+                security.node_key.public_key,
+                address,
+                security,
+                lambda _: None,
+                timeout=5,
+            )
     finally:
         server.stop(grace=0)
 
 
+def test_nobody_else_can_take_a_nated_nodes_calls(swarm):
+    """A Listen call counts only for the key that signed it, for this relay, lately."""
+    stub = connect(swarm["relay"], swarm["dialer"])[1]
+    victim = swarm["nated_security"].node_key
+    relay_id = NodeKey.generate().node_id  # a claim made for another relay
+    forger = swarm["dialer"].node_key
+    now = time.time()
+    forged = {  # what a key holder could send to take the NATed node's calls
+        "someone else's key": (victim.public_key, now, forger.prove(b"x")),
+        "a claim for another relay": (
+            victim.public_key,
+            now,
+            victim.prove(tunnels.listen_claim(relay_id, now)),
+        ),
+    }
+    for what, (key, at, proof) in forged.items():
+        call = stub.Listen(molink_pb2.ListenRequest(node_key=key, unix_time=at, proof=proof))
+        with pytest.raises(grpc.RpcError) as info:
+            next(call)
+        assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED, what
+    old = now - 3600  # an old claim, signed for this relay
+    own = tunnels.listen_claim(node_id(swarm["relay_key"]), old)
+    call = stub.Listen(
+        molink_pb2.ListenRequest(node_key=victim.public_key, unix_time=old, proof=victim.prove(own))
+    )
+    with pytest.raises(grpc.RpcError, match="signed more than"):
+        next(call)
+    assert swarm["hub"].listeners() == [victim.node_id]
+
+
 @pytest.mark.parametrize(
     "route",
-    ["QmA@", "@127.0.0.1:5", "not base58 0OIl@127.0.0.1:5", "QmA@127.0.0.1", "QmA@host:0"],
+    [
+        "0123456789abcdef0123456789abcdef@",
+        "@127.0.0.1:5",
+        "QmPeerIdsAreNotNodeIds@127.0.0.1:5",
+        "0123456789abcdef0123456789abcdef@127.0.0.1",
+        "0123456789abcdef0123456789abcdef@host:0",
+    ],
 )
 def test_malformed_routes_are_refused(route):
     with pytest.raises(ValueError):

@@ -16,6 +16,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from molink.security.node_ids import node_id
+
 #: Allowed values of :attr:`NodeAnnouncement.state`.
 NODE_STATES = frozenset({"joining", "online", "leaving"})
 
@@ -175,6 +177,8 @@ class NodeAnnouncement:
             split_host_port(self.relay)
         elif not self.reachable:
             raise InvalidAnnouncement("a node that can't be dialed must name its relay")
+        if not self.reachable and not self.node_key:
+            raise InvalidAnnouncement("a node that can't be dialed must announce its node key")
         if not isinstance(self.is_head, bool):
             raise InvalidAnnouncement(f"is_head must be a bool, got {type(self.is_head).__name__}")
         if not 1 <= self.num_layers <= _MAX_LAYERS:
@@ -195,7 +199,7 @@ class NodeAnnouncement:
         """Where to dial this node: its gRPC address, or the route through its relay."""
         if self.reachable:
             return self.grpc_address
-        return f"{self.peer_id}@{self.relay}"  # molink.comm.tunnels.route_to
+        return f"{node_id(self.node_key)}@{self.relay}"  # a route (molink.comm.tunnels)
 
     @property
     def layers(self) -> range:

@@ -21,7 +21,7 @@ from molink.comm.links import connect
 from molink.comm.proto import molink_pb2
 from molink.comm.swarm_view import ping
 from molink.comm.tunnels import RelayListener
-from molink.security.node_key import verify_proof
+from molink.security.node_key import NodeKey, verify_proof
 from molink.security.swarm_security import SwarmSecurity
 
 logger = init_logger(__name__)
@@ -88,14 +88,14 @@ class RelayPresence:
 
     def __init__(
         self,
-        peer_id: str,
+        node_key: NodeKey,
         local_address: str,
         security: SwarmSecurity,
         candidates: Callable[[], list[str]],
         public_address: Callable[[str], str | None],
         on_change: Callable[[str], None],
     ) -> None:
-        self._peer_id = peer_id
+        self._node_key = node_key
         self._local = local_address
         self._security = security
         self._candidates = candidates
@@ -115,21 +115,26 @@ class RelayPresence:
 
     def _connect(self, exclude: str = "") -> str:
         """Listen at the best candidate; "" or why none took it."""
-        answers = {}  # address -> (rtt, relay's peer id)
+        answers = {}  # address -> (rtt, what the relay says about itself)
         for address in dict.fromkeys(self._candidates()):
             if address != exclude and (answer := ping(address, self._security)) is not None:
                 answers[address] = answer
         why = "no reachable node answers"
-        for address in sorted(answers, key=answers.__getitem__):
-            rtt, relay_peer = answers[address]
+        for address in sorted(answers, key=lambda a: answers[a][0]):
+            rtt, info = answers[address]
             try:
                 self._listener = RelayListener(
-                    self._peer_id, address, self._local, self._security, self._lost
+                    self._node_key,
+                    address,
+                    info.node_key,
+                    self._local,
+                    self._security,
+                    self._lost,
                 )
             except ConnectionError as e:
                 why = str(e)
                 continue
-            self._relay = self._public_address(relay_peer) or address
+            self._relay = self._public_address(info.peer_id) or address
             via = f" (reached at {address})" if address != self._relay else ""
             logger.info(
                 "Behind NAT: calls to this node go through relay %s%s (RTT %.1f ms)",

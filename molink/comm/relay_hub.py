@@ -2,7 +2,9 @@
 
 Every reachable node runs a :class:`RelayHub` in its gRPC service:
 
-* ``Listen``: a NATed node registers under its peer id and receives dial orders on the call.
+* ``Listen``: a NATed node registers under its node id and receives dial orders on the call. It
+  proves the node key the id derives from: a signature of this relay's id and the time (within
+  :data:`CLAIM_MAX_AGE_S`), so no other node can take its calls.
 * ``Tunnel`` opened with a ``target``: someone wants a connection to that NATed node. The hub
   sends the node a dial order with the tunnel's one-time token and waits for it to open its own
   ``Tunnel`` with that token; then it forwards bytes between the two calls until either ends.
@@ -13,16 +15,19 @@ the two nodes. The calls themselves need the swarm key like every other call (mu
 
 from __future__ import annotations
 
+import math
 import re
 import threading
+import time
 from collections.abc import Iterator
 
 import grpc
 from vllm.logger import init_logger
 
-from molink.comm.announcement import is_peer_id
 from molink.comm.proto import molink_pb2
-from molink.comm.tunnels import ChunkQueue
+from molink.comm.tunnels import ChunkQueue, listen_claim
+from molink.security.node_ids import node_id
+from molink.security.node_key import verify_proof
 from molink.telemetry import metrics
 
 logger = init_logger(__name__)
@@ -33,6 +38,8 @@ MAX_LISTENERS = 64
 MAX_WAITING = 256
 #: Seconds a dialer's tunnel waits for the NATed node to dial in.
 PAIR_TIMEOUT_S = 10.0
+#: How far a ``Listen`` call's signed time may be from the relay's clock (seconds).
+CLAIM_MAX_AGE_S = 120.0
 _TOKEN_RE = re.compile(r"[0-9a-f]{16,64}")
 
 
@@ -70,36 +77,48 @@ class _End:
 class RelayHub:
     """Pairs tunnels to the NATed nodes that keep a ``Listen`` call open here."""
 
-    def __init__(self) -> None:
+    def __init__(self, own_node_id: str) -> None:
+        """``own_node_id``: this relay's node id, which a ``Listen`` call must have signed."""
+        self._own_node_id = own_node_id
         self._lock = threading.Lock()
-        self._listeners: dict[str, ChunkQueue] = {}  # peer id -> its dial orders (tokens)
+        self._listeners: dict[str, ChunkQueue] = {}  # node id -> its dial orders (tokens)
         self._waiting: dict[str, _End] = {}  # token -> the dialer's end
 
     def listeners(self) -> list[str]:
-        """Peer ids that take calls through this relay now."""
+        """Node ids that take calls through this relay now."""
         with self._lock:
             return sorted(self._listeners)
 
     def listen(self, request: molink_pb2.ListenRequest, context) -> Iterator[molink_pb2.DialOrder]:
         """A NATed node's standing call: yields its dial orders (the first one empty: taken).
 
-        A second call for the same peer id replaces the first (the node reconnected).
+        A second call for the same node replaces the first (the node reconnected).
         """
-        peer = request.peer_id
-        if not is_peer_id(peer):
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "peer_id is not a base58 PeerID")
+        claim = listen_claim(self._own_node_id, request.unix_time)
+        if not math.isfinite(request.unix_time) or not verify_proof(
+            request.node_key, claim, request.proof
+        ):
+            context.abort(
+                grpc.StatusCode.PERMISSION_DENIED, "the call is not signed by its node key"
+            )
+        if abs(time.time() - request.unix_time) > CLAIM_MAX_AGE_S:
+            context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"the call was signed more than {CLAIM_MAX_AGE_S:.0f} s from this relay's time",
+            )
+        node = node_id(request.node_key)
         orders = ChunkQueue()
         with self._lock:
-            if peer not in self._listeners and len(self._listeners) >= MAX_LISTENERS:
+            if node not in self._listeners and len(self._listeners) >= MAX_LISTENERS:
                 context.abort(
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
                     f"this relay already takes calls for {MAX_LISTENERS} nodes",
                 )
-            old, self._listeners[peer] = self._listeners.get(peer), orders
+            old, self._listeners[node] = self._listeners.get(node), orders
         if old is not None:
             old.close()
         context.add_callback(orders.close)
-        logger.info("Relaying calls to %s (behind NAT)", peer)
+        logger.info("Relaying calls to node %s (behind NAT)", node)
         metrics.RELAY_NODES.inc()
         try:
             yield molink_pb2.DialOrder()
@@ -107,10 +126,10 @@ class RelayHub:
                 yield molink_pb2.DialOrder(token=token.decode())
         finally:
             with self._lock:
-                if self._listeners.get(peer) is orders:
-                    del self._listeners[peer]
+                if self._listeners.get(node) is orders:
+                    del self._listeners[node]
             metrics.RELAY_NODES.dec()
-            logger.info("No longer relaying calls to %s", peer)
+            logger.info("No longer relaying calls to node %s", node)
 
     def tunnel(
         self, requests: Iterator[molink_pb2.TunnelChunk], context

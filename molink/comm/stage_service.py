@@ -81,7 +81,7 @@ class StageService(molink_pb2_grpc.MoLinkNodeServicer):
         self._host = host
         self.security = security
         #: Relays calls to NATed nodes; None on a node that is behind NAT itself.
-        self.relay: RelayHub | None = RelayHub()
+        self.relay: RelayHub | None = RelayHub(security.node_key.node_id)
 
     def GetNodeInfo(self, request, context) -> molink_pb2.NodeInfo:  # noqa: N802
         info = self._node_info()

@@ -25,15 +25,15 @@ RTT_MAX_AGE_S = 60.0
 _PING_TIMEOUT_S = 2.0
 
 
-def ping(address: str, security: SwarmSecurity) -> tuple[float, str] | None:
-    """(seconds for one ``GetNodeInfo`` round trip on an open channel, the peer id that
-    answered), or None if nothing answers at ``address``."""
+def ping(address: str, security: SwarmSecurity) -> tuple[float, molink_pb2.NodeInfo] | None:
+    """(seconds for one ``GetNodeInfo`` round trip on an open channel, what the node said),
+    or None if nothing answers at ``address``."""
     channel, stub = connect(address, security)
     try:
         stub.GetNodeInfo(molink_pb2.NodeInfoRequest(), timeout=_PING_TIMEOUT_S)  # connects
         started = time.monotonic()
         info = stub.GetNodeInfo(molink_pb2.NodeInfoRequest(), timeout=_PING_TIMEOUT_S)
-        return time.monotonic() - started, info.peer_id
+        return time.monotonic() - started, info
     except grpc.RpcError:
         return None
     finally:

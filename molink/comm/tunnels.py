@@ -1,7 +1,9 @@
 """Connections to nodes behind NAT, carried over gRPC streams that both ends dial out.
 
 A node that can't be dialed keeps a ``Listen`` call open to a reachable node of the swarm, its
-relay, and announces the route ``peer_id@relay_host:port`` instead of a dialable address. Any
+relay, and announces that relay; others reach it by the route ``node_id@relay_host:port``, where
+``node_id`` comes from the node key of its signed announcement. The ``Listen`` call proves that
+key (a fresh signature bound to the relay), so nobody else can take the node's calls. Any
 node that wants a connection to it opens a ``Tunnel`` call to the relay; the relay tells the
 NATed node (on its ``Listen`` call) to open a ``Tunnel`` too, pairs the two calls and forwards
 their bytes (:mod:`molink.comm.relay_hub`). The tunnelled bytes are an ordinary gRPC connection
@@ -21,14 +23,17 @@ import queue
 import secrets
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 
 import grpc
 from vllm.logger import init_logger
 
-from molink.comm.announcement import is_peer_id, split_host_port
+from molink.comm.announcement import split_host_port
 from molink.comm.grpc_options import CHANNEL_OPTIONS
 from molink.comm.proto import molink_pb2, molink_pb2_grpc
+from molink.security.node_ids import is_node_id, node_id
+from molink.security.node_key import NodeKey
 from molink.security.swarm_security import SwarmSecurity
 
 logger = init_logger(__name__)
@@ -47,12 +52,17 @@ def is_route(address: str) -> bool:
 
 
 def parse_route(route: str) -> tuple[str, str]:
-    """``(peer_id, relay address)`` of a route; raises ``ValueError`` if it isn't one."""
-    peer_id, sep, relay = route.partition("@")
-    if not sep or not is_peer_id(peer_id):
-        raise ValueError(f"{route!r} is not a route peer_id@host:port")
+    """``(node id, relay address)`` of a route; raises ``ValueError`` if it isn't one."""
+    target, sep, relay = route.partition("@")
+    if not sep or not is_node_id(target):
+        raise ValueError(f"{route!r} is not a route NODE_ID@host:port")
     split_host_port(relay)
-    return peer_id, relay
+    return target, relay
+
+
+def listen_claim(relay_node_id: str, unix_time: float) -> bytes:
+    """What a NATed node signs to take its calls at the relay with id ``relay_node_id``."""
+    return f"listen|{relay_node_id}|{unix_time:.3f}".encode()
 
 
 class ChunkQueue:
@@ -148,7 +158,7 @@ class _RouteEndpoint:
     """A loopback listener whose every connection is tunnelled to one route's node."""
 
     def __init__(self, route: str, security: SwarmSecurity) -> None:
-        self.peer_id, self.relay = parse_route(route)
+        self.target, self.relay = parse_route(route)
         self.last_error = ""
         self._channel = security.channel(self.relay, CHANNEL_OPTIONS)
         self._stub = molink_pb2_grpc.MoLinkNodeStub(self._channel)
@@ -167,11 +177,11 @@ class _RouteEndpoint:
             ).start()
 
     def _carry(self, sock: socket.socket) -> None:
-        first = molink_pb2.TunnelChunk(token=secrets.token_hex(16), target=self.peer_id)
+        first = molink_pb2.TunnelChunk(token=secrets.token_hex(16), target=self.target)
         why = splice(sock, self._stub, first)
         if why:
             self.last_error = f"relay {self.relay}: {why}"
-            logger.info("Tunnel to %s via %s ended: %s", self.peer_id, self.relay, why)
+            logger.info("Tunnel to %s via %s ended: %s", self.target, self.relay, why)
 
 
 _endpoints: dict[str, _RouteEndpoint] = {}
@@ -199,7 +209,8 @@ def last_error(route: str) -> str:
 
 class RelayListener:
     """A NATed node's standing ``Listen`` call to its relay: every dial order on it becomes a
-    tunnel to the relay, spliced to this node's own gRPC service at ``local_address``.
+    tunnel to the relay, spliced to this node's own gRPC service at ``local_address``. The call
+    is signed with ``node_key`` for the relay whose public key is ``relay_key``.
 
     ``on_lost(reason)`` is called once if the call ends while not closed (the relay went away).
     Raises ``ConnectionError`` if the relay doesn't take the call within ``timeout`` seconds.
@@ -207,8 +218,9 @@ class RelayListener:
 
     def __init__(
         self,
-        peer_id: str,
+        node_key: NodeKey,
         relay: str,
+        relay_key: str,
         local_address: str,
         security: SwarmSecurity,
         on_lost: Callable[[str], None],
@@ -222,7 +234,14 @@ class RelayListener:
         self._reason = "no answer"
         self._channel = security.channel(relay, CHANNEL_OPTIONS)
         self._stub = molink_pb2_grpc.MoLinkNodeStub(self._channel)
-        self._call = self._stub.Listen(molink_pb2.ListenRequest(peer_id=peer_id))
+        now = round(time.time(), 3)
+        self._call = self._stub.Listen(
+            molink_pb2.ListenRequest(
+                node_key=node_key.public_key,
+                unix_time=now,
+                proof=node_key.prove(listen_claim(node_id(relay_key), now)),
+            )
+        )
         threading.Thread(target=self._serve, name="molink-relay-listen", daemon=True).start()
         if not self._taken.wait(timeout):
             self.close()

@@ -137,7 +137,7 @@ class Node:
         )
         if not self.reachable:
             self.relay = RelayPresence(
-                self.membership.peer_id,
+                self.security.node_key,
                 self._own_grpc_address(),
                 self.security,
                 candidates=self._relay_candidates,

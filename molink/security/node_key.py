@@ -12,12 +12,13 @@ without it a node makes a new key at every start.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 from hivemind.utils.crypto import RSAPrivateKey, RSAPublicKey
+
+from molink.security.node_ids import node_id
 
 _PROOF_CONTEXT = b"molink-node-proof\0"
 #: Longest public key accepted from a peer (an OpenSSH RSA-4096 key is ~740 bytes).
@@ -26,11 +27,6 @@ MAX_PUBLIC_KEY_CHARS = 1024
 
 class NodeKeyError(ValueError):
     """A node key file is missing, malformed or readable by others."""
-
-
-def node_id(public_key: str) -> str:
-    """A node's short public id: the first 32 hex digits of SHA-256 of its public key."""
-    return hashlib.sha256(public_key.encode()).hexdigest()[:32]
 
 
 class NodeKey:

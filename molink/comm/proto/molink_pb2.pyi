@@ -163,10 +163,14 @@ class ResultsRequest(_message.Message):
     def __init__(self, epoch: _Optional[int] = ..., session: _Optional[str] = ...) -> None: ...
 
 class ListenRequest(_message.Message):
-    __slots__ = ("peer_id",)
-    PEER_ID_FIELD_NUMBER: _ClassVar[int]
-    peer_id: str
-    def __init__(self, peer_id: _Optional[str] = ...) -> None: ...
+    __slots__ = ("node_key", "unix_time", "proof")
+    NODE_KEY_FIELD_NUMBER: _ClassVar[int]
+    UNIX_TIME_FIELD_NUMBER: _ClassVar[int]
+    PROOF_FIELD_NUMBER: _ClassVar[int]
+    node_key: str
+    unix_time: float
+    proof: bytes
+    def __init__(self, node_key: _Optional[str] = ..., unix_time: _Optional[float] = ..., proof: _Optional[bytes] = ...) -> None: ...
 
 class DialOrder(_message.Message):
     __slots__ = ("token",)
