@@ -32,8 +32,9 @@ from molink.telemetry import metrics
 
 logger = init_logger(__name__)
 
-#: NATed nodes one relay takes calls for.
-MAX_LISTENERS = 64
+#: NATed nodes one relay takes calls for (each holds a few of the gRPC server's threads: a
+#: standing call, and two per connection relayed to it).
+MAX_LISTENERS = 32
 #: Tunnels waiting at once for their NATed node to dial in.
 MAX_WAITING = 256
 #: Seconds a dialer's tunnel waits for the NATed node to dial in.

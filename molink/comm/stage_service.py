@@ -193,7 +193,7 @@ class StageService(molink_pb2_grpc.MoLinkNodeServicer):
 
 
 def start_grpc_server(
-    service: StageService, host: str, port: int, max_workers: int = 128
+    service: StageService, host: str, port: int, max_workers: int = 256
 ) -> tuple[grpc.Server, int]:
     """Serve ``service`` on ``host:port`` (port 0 picks a free one); returns (server, port).
 
