@@ -93,6 +93,41 @@ def test_a_route_reaches_the_nated_node_as_itself(swarm):
     channel.close()
 
 
+@pytest.fixture
+def inviter(swarm) -> Iterator[tuple[grpc.Server, str]]:
+    """A reachable node whose process dials NATed nodes by inviting them (as a follower does)."""
+    server, address, service = node(swarm["dialer"], "QmInviter")
+    tunnels.take_invited_tunnels(service.relay, address)
+    yield server, address
+    tunnels.take_invited_tunnels(None)
+    server.stop(grace=0)
+
+
+def test_an_invited_node_dials_the_inviter_and_the_relay_carries_nothing(swarm, inviter):
+    channel, stub = connect(swarm["route"], swarm["dialer"])
+    assert stub.GetNodeInfo(molink_pb2.NodeInfoRequest(), timeout=10).peer_id == NATED
+    # The connection runs straight between the two nodes: it outlives the relay.
+    swarm["relay_server"].stop(grace=0).wait()
+    for _ in range(3):
+        assert stub.GetNodeInfo(molink_pb2.NodeInfoRequest(), timeout=10).peer_id == NATED
+    channel.close()
+
+
+def test_a_node_that_cant_dial_the_inviter_is_reached_through_its_relay(swarm, monkeypatch):
+    monkeypatch.setattr(tunnels, "INVITE_TIMEOUT_S", 1.0)
+    silent = socket.create_server(("127.0.0.1", 0))  # accepts connections, never answers
+    server, _, service = node(swarm["dialer"], "QmInviter")
+    tunnels.take_invited_tunnels(service.relay, f"127.0.0.1:{silent.getsockname()[1]}")
+    try:
+        channel, stub = connect(swarm["route"], swarm["dialer"])
+        assert stub.GetNodeInfo(molink_pb2.NodeInfoRequest(), timeout=10).peer_id == NATED
+        channel.close()
+    finally:
+        tunnels.take_invited_tunnels(None)
+        server.stop(grace=0)
+        silent.close()
+
+
 def test_the_relay_forwards_only_ciphertext_with_a_swarm_key(swarm, monkeypatch):
     forwarded: list[bytes] = []
     put = relay_hub.ChunkQueue.put

@@ -8,6 +8,9 @@ Every reachable node runs a :class:`RelayHub` in its gRPC service:
 * ``Tunnel`` opened with a ``target``: someone wants a connection to that NATed node. The hub
   sends the node a dial order with the tunnel's one-time token and waits for it to open its own
   ``Tunnel`` with that token; then it forwards bytes between the two calls until either ends.
+* ``Invite``: a reachable node wants a connection to a NATed node without the relay's leg. The
+  hub sends the node a dial order naming the inviter; the node opens its ``Tunnel`` straight to
+  the inviter's hub, which carries it to the inviter's own socket (:meth:`RelayHub.await_tunnel`).
 
 The hub never decodes what it forwards: with a swarm key the bytes are a TLS connection between
 the two nodes. The calls themselves need the swarm key like every other call (mutual TLS).
@@ -15,8 +18,10 @@ the two nodes. The calls themselves need the swarm key like every other call (mu
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -24,8 +29,9 @@ from collections.abc import Iterator
 import grpc
 from vllm.logger import init_logger
 
+from molink.comm.announcement import split_host_port
 from molink.comm.proto import molink_pb2
-from molink.comm.tunnels import ChunkQueue, listen_claim
+from molink.comm.tunnels import CHUNK_BYTES, ChunkQueue, close_socket, listen_claim
 from molink.security.node_ids import node_id
 from molink.security.node_key import verify_proof
 from molink.telemetry import metrics
@@ -52,6 +58,7 @@ class _End:
         self.outbox = ChunkQueue()
         self.partner: _End | None = None
         self.paired = threading.Event()
+        self.relayed = True  # False: an invited tunnel, carried to this node's own socket
 
     def pump(self) -> None:
         """Forward this call's chunks to the partner until either side ends."""
@@ -60,7 +67,8 @@ class _End:
             for chunk in self.requests:
                 if chunk.data and not self.partner.outbox.put(chunk.data):
                     break
-                metrics.RELAY_BYTES.inc(len(chunk.data))
+                if self.relayed:
+                    metrics.RELAY_BYTES.inc(len(chunk.data))
         except grpc.RpcError:
             pass
         self.close()
@@ -75,6 +83,38 @@ class _End:
             yield molink_pb2.TunnelChunk(data=data)
 
 
+class _SocketEnd(_End):
+    """This node's own side of an invited tunnel: a local socket (one of its gRPC channels'
+    connections), carried to the NATed node's call once that arrives."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__(iter(()))
+        self.sock = sock
+
+    def start(self) -> None:
+        """Carry bytes both ways (called once paired)."""
+        threading.Thread(target=self._write, name="molink-invited-write", daemon=True).start()
+        threading.Thread(target=self.pump, name="molink-invited-read", daemon=True).start()
+
+    def pump(self) -> None:
+        assert self.partner is not None
+        with contextlib.suppress(OSError):
+            while data := self.sock.recv(CHUNK_BYTES):
+                if not self.partner.outbox.put(data):
+                    break
+        self.close()
+
+    def _write(self) -> None:
+        with contextlib.suppress(OSError):
+            for data in self.outbox:
+                self.sock.sendall(data)
+        self.close()
+
+    def close(self) -> None:
+        super().close()
+        close_socket(self.sock)
+
+
 class RelayHub:
     """Pairs tunnels to the NATed nodes that keep a ``Listen`` call open here."""
 
@@ -84,6 +124,37 @@ class RelayHub:
         self._lock = threading.Lock()
         self._listeners: dict[str, ChunkQueue] = {}  # node id -> its dial orders (tokens)
         self._waiting: dict[str, _End] = {}  # token -> the dialer's end
+
+    def await_tunnel(self, token: str, sock: socket.socket) -> threading.Event:
+        """Carry ``sock`` over the tunnel that a NATed node will open here with ``token`` (see
+        :meth:`invite`); the event is set once it did. :meth:`forget` the token to give up."""
+        end = _SocketEnd(sock)
+        with self._lock:
+            self._waiting[token] = end
+        return end.paired
+
+    def forget(self, token: str) -> None:
+        """Stop waiting for the tunnel of ``token``."""
+        with self._lock:
+            self._waiting.pop(token, None)
+
+    def invite(self, request: molink_pb2.InviteRequest, context) -> molink_pb2.Empty:
+        """Tell NATed node ``request.target`` to open a tunnel straight to ``request.via``."""
+        if not _TOKEN_RE.fullmatch(request.token):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "bad tunnel token")
+        try:
+            split_host_port(request.via)
+        except ValueError as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"via: {e}")
+        with self._lock:
+            orders = self._listeners.get(request.target)
+        if orders is None:
+            context.abort(
+                grpc.StatusCode.NOT_FOUND, f"{request.target} takes no calls through this relay"
+            )
+        order = molink_pb2.DialOrder(token=request.token, via=request.via)
+        orders.put(order.SerializeToString())
+        return molink_pb2.Empty()
 
     def listeners(self) -> list[str]:
         """Node ids that take calls through this relay now."""
@@ -123,8 +194,8 @@ class RelayHub:
         metrics.RELAY_NODES.inc()
         try:
             yield molink_pb2.DialOrder()
-            for token in orders:
-                yield molink_pb2.DialOrder(token=token.decode())
+            for order in orders:
+                yield molink_pb2.DialOrder.FromString(order)
         finally:
             with self._lock:
                 if self._listeners.get(node) is orders:
@@ -154,6 +225,9 @@ class RelayHub:
                 context.abort(grpc.StatusCode.NOT_FOUND, "no tunnel waits for this token")
             end.partner, partner.partner = partner, end
             partner.paired.set()
+            if isinstance(partner, _SocketEnd):
+                end.relayed = False
+                partner.start()
         if first.data:
             end.partner.outbox.put(first.data)  # type: ignore[union-attr]
         threading.Thread(target=end.pump, name="molink-relay-pump", daemon=True).start()
@@ -174,7 +248,7 @@ class RelayHub:
                 self._waiting[token] = end
         if orders is None:
             context.abort(grpc.StatusCode.NOT_FOUND, f"{target} takes no calls through this relay")
-        orders.put(token.encode())
+        orders.put(molink_pb2.DialOrder(token=token).SerializeToString())
         if not end.paired.wait(PAIR_TIMEOUT_S):
             with self._lock:
                 self._waiting.pop(token, None)

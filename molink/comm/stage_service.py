@@ -5,9 +5,9 @@
   this to learn the swarm's DHT multiaddrs.
 * ``InitStage`` / ``StartStage`` / ``Steps`` / ``Results``: heads driving this node's stage, each
   in its own session (followers only; a head answers them with FAILED_PRECONDITION).
-* ``Listen`` / ``Tunnel``: relaying connections to nodes behind NAT (:mod:`molink.comm.relay_hub`;
-  refused by a node that is behind NAT itself); ``DialBack``: tells a joining node whether it
-  can be dialed at the address it would announce.
+* ``Listen`` / ``Tunnel`` / ``Invite``: connections to nodes behind NAT, relayed or invited
+  (:mod:`molink.comm.relay_hub`; refused by a node that is behind NAT itself).
+* ``DialBack``: tells a joining node whether it can be dialed at the address it would announce.
 Requests are validated here; payloads from peers only ever go through ``molink.comm.codec``.
 The stage itself is whatever :class:`StageBackend` the node hands in (its
 :class:`~molink.engine.stage_host.StageHost`); this layer never imports the engine.
@@ -172,6 +172,9 @@ class StageService(molink_pb2_grpc.MoLinkNodeServicer):
 
     def Tunnel(self, request_iterator, context) -> Iterator[molink_pb2.TunnelChunk]:  # noqa: N802
         yield from self._require_relay(context).tunnel(request_iterator, context)
+
+    def Invite(self, request, context) -> molink_pb2.Empty:  # noqa: N802
+        return self._require_relay(context).invite(request, context)
 
     def DialBack(self, request, context) -> molink_pb2.DialBackReply:  # noqa: N802
         try:

@@ -12,6 +12,10 @@ ciphertext it can't read.
 
 * :func:`local_endpoint` turns a route into a loopback address that a gRPC channel can use: each
   TCP connection made to it becomes one tunnel (:func:`molink.comm.links.connect` does this).
+  In a reachable node's own process (:func:`take_invited_tunnels`) the tunnel skips the relay's
+  leg: the relay only passes on an invitation, and the NATed node opens its tunnel straight to
+  this node, whose hub carries it to the connection. The hop then rides on a connection the
+  NATed node opened to its upstream, as when the relay is the upstream itself.
 * :class:`RelayListener` is the NATed node's side: each dial order becomes a tunnel to the relay,
   spliced to the node's own gRPC port.
 """
@@ -25,6 +29,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import NamedTuple, Protocol
 
 import grpc
 from vllm.logger import init_logger
@@ -44,6 +49,16 @@ CHUNK_BYTES = 256 * 1024
 QUEUE_CHUNKS = 64
 #: Seconds a queued chunk waits for room before the tunnel counts as stuck and closes.
 STUCK_S = 60.0
+#: Seconds an invited NATed node gets to dial in before its connection goes through the relay.
+INVITE_TIMEOUT_S = 5.0
+
+
+class Inviter(Protocol):
+    """Where invited tunnels arrive: a reachable node's hub (:class:`~.relay_hub.RelayHub`)."""
+
+    def await_tunnel(self, token: str, sock: socket.socket) -> threading.Event: ...
+
+    def forget(self, token: str) -> None: ...
 
 
 def is_route(address: str) -> bool:
@@ -144,13 +159,14 @@ def splice(
     finally:
         outbox.close()
         call.cancel()
-        _close(sock)
+        close_socket(sock)
     return why
 
 
-def _close(sock: socket.socket) -> None:
+def close_socket(sock: socket.socket) -> None:
+    """Shut ``sock`` down and close it (a thread blocked reading it wakes up)."""
     with contextlib.suppress(OSError):
-        sock.shutdown(socket.SHUT_RDWR)  # wakes a reader blocked in recv
+        sock.shutdown(socket.SHUT_RDWR)
     sock.close()
 
 
@@ -162,6 +178,7 @@ class _RouteEndpoint:
         self.last_error = ""
         self._channel = security.channel(self.relay, CHANNEL_OPTIONS)
         self._stub = molink_pb2_grpc.MoLinkNodeStub(self._channel)
+        self._invites_fail = False
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.address = f"127.0.0.1:{self._listener.getsockname()[1]}"
         threading.Thread(target=self._accept, name="molink-tunnel-accept", daemon=True).start()
@@ -177,11 +194,59 @@ class _RouteEndpoint:
             ).start()
 
     def _carry(self, sock: socket.socket) -> None:
-        first = molink_pb2.TunnelChunk(token=secrets.token_hex(16), target=self.target)
+        token = secrets.token_hex(16)
+        if self._invited(token, sock):
+            return
+        first = molink_pb2.TunnelChunk(token=token, target=self.target)
         why = splice(sock, self._stub, first)
         if why:
             self.last_error = f"relay {self.relay}: {why}"
             logger.info("Tunnel to %s via %s ended: %s", self.target, self.relay, why)
+
+    def _invited(self, token: str, sock: socket.socket) -> bool:
+        """Whether the node took ``sock``'s connection straight from this node: invited through
+        its relay, it opened a tunnel to this node's own hub (no relay leg). Needs this process
+        to serve a reachable node's gRPC (:func:`take_invited_tunnels`); once the node could not
+        come, this endpoint stops asking."""
+        hub = _invited_to
+        if hub is None or self._invites_fail:
+            return False
+        arrived = hub.inviter.await_tunnel(token, sock)
+        try:
+            self._stub.Invite(
+                molink_pb2.InviteRequest(target=self.target, token=token, via=hub.address),
+                timeout=INVITE_TIMEOUT_S,
+            )
+        except grpc.RpcError as e:
+            hub.inviter.forget(token)
+            self.last_error = f"relay {self.relay}: {e.code().name}: {e.details()}"
+            return False
+        if arrived.wait(INVITE_TIMEOUT_S):
+            return True
+        hub.inviter.forget(token)
+        self._invites_fail = True
+        logger.warning(
+            "%s did not dial %s when invited: its connections go through relay %s",
+            self.target,
+            hub.address,
+            self.relay,
+        )
+        return arrived.is_set()  # (it came just now)
+
+
+class _InvitedTo(NamedTuple):
+    inviter: Inviter
+    address: str
+
+
+_invited_to: _InvitedTo | None = None
+
+
+def take_invited_tunnels(inviter: Inviter | None, address: str = "") -> None:
+    """This process serves a reachable node at ``address`` whose hub is ``inviter``: connections
+    to NATed nodes ask them to dial here instead of going through their relay (None: stop)."""
+    global _invited_to
+    _invited_to = _InvitedTo(inviter, address) if inviter is not None else None
 
 
 _endpoints: dict[str, _RouteEndpoint] = {}
@@ -232,6 +297,7 @@ class RelayListener:
         self._closed = False
         self._taken = threading.Event()
         self._reason = "no answer"
+        self._security = security
         self._channel = security.channel(relay, CHANNEL_OPTIONS)
         self._stub = molink_pb2_grpc.MoLinkNodeStub(self._channel)
         now = round(time.time(), 3)
@@ -255,7 +321,7 @@ class RelayListener:
                     self._taken.set()
                     continue
                 threading.Thread(
-                    target=self._take, args=(order.token,), name="molink-tunnel", daemon=True
+                    target=self._take, args=(order,), name="molink-tunnel", daemon=True
                 ).start()
         except grpc.RpcError as e:
             reason = f"{e.code().name}: {e.details()}"
@@ -264,16 +330,30 @@ class RelayListener:
             logger.warning("Lost relay %s (%s)", self.relay, reason)
             self._on_lost(reason)
 
-    def _take(self, token: str) -> None:
+    def _take(self, order: molink_pb2.DialOrder) -> None:
+        """Open the tunnel of ``order`` (to the relay, or to the node that invited this one)."""
+        if order.via:
+            try:
+                split_host_port(order.via)
+            except ValueError:
+                return
         try:
             sock = socket.create_connection(self._local, timeout=5.0)
         except OSError as e:
             logger.warning("Can't reach this node's own gRPC port for a tunnel: %s", e)
             return
         sock.settimeout(None)
-        why = splice(sock, self._stub, molink_pb2.TunnelChunk(token=token))
+        first = molink_pb2.TunnelChunk(token=order.token)
+        if not order.via:
+            why = splice(sock, self._stub, first)
+        else:
+            channel = self._security.channel(order.via, CHANNEL_OPTIONS)
+            try:
+                why = splice(sock, molink_pb2_grpc.MoLinkNodeStub(channel), first)
+            finally:
+                channel.close()
         if why:
-            logger.debug("Tunnel through %s ended: %s", self.relay, why)
+            logger.debug("Tunnel to %s ended: %s", order.via or self.relay, why)
 
     def close(self) -> None:
         self._closed = True

@@ -21,6 +21,7 @@ from vllm.engine.arg_utils import AsyncEngineArgs, EngineArgs
 from vllm.logger import init_logger
 
 import molink
+from molink.comm import tunnels
 from molink.comm.announcement import NodeAnnouncement, is_peer_id
 from molink.comm.bootstrap import resolve_initial_peers
 from molink.comm.chain import Chain, Hop
@@ -124,6 +125,8 @@ class Node:
         )
         if self.reachable:
             logger.info("Reachable at %s (%s)", self.grpc_address, how)
+            assert service.relay is not None
+            tunnels.take_invited_tunnels(service.relay, self.grpc_address)
         else:
             service.relay = None  # a node nobody can dial relays for nobody
             logger.info("Nobody can dial %s (%s): joining through a relay", self.grpc_address, how)

@@ -173,10 +173,22 @@ class ListenRequest(_message.Message):
     def __init__(self, node_key: _Optional[str] = ..., unix_time: _Optional[float] = ..., proof: _Optional[bytes] = ...) -> None: ...
 
 class DialOrder(_message.Message):
-    __slots__ = ("token",)
+    __slots__ = ("token", "via")
     TOKEN_FIELD_NUMBER: _ClassVar[int]
+    VIA_FIELD_NUMBER: _ClassVar[int]
     token: str
-    def __init__(self, token: _Optional[str] = ...) -> None: ...
+    via: str
+    def __init__(self, token: _Optional[str] = ..., via: _Optional[str] = ...) -> None: ...
+
+class InviteRequest(_message.Message):
+    __slots__ = ("target", "token", "via")
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    VIA_FIELD_NUMBER: _ClassVar[int]
+    target: str
+    token: str
+    via: str
+    def __init__(self, target: _Optional[str] = ..., token: _Optional[str] = ..., via: _Optional[str] = ...) -> None: ...
 
 class TunnelChunk(_message.Message):
     __slots__ = ("data", "token", "target")

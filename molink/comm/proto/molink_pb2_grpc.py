@@ -69,6 +69,11 @@ class MoLinkNodeStub:
                 request_serializer=molink_dot_comm_dot_proto_dot_molink__pb2.TunnelChunk.SerializeToString,
                 response_deserializer=molink_dot_comm_dot_proto_dot_molink__pb2.TunnelChunk.FromString,
                 _registered_method=True)
+        self.Invite = channel.unary_unary(
+                '/molink.MoLinkNode/Invite',
+                request_serializer=molink_dot_comm_dot_proto_dot_molink__pb2.InviteRequest.SerializeToString,
+                response_deserializer=molink_dot_comm_dot_proto_dot_molink__pb2.Empty.FromString,
+                _registered_method=True)
         self.DialBack = channel.unary_unary(
                 '/molink.MoLinkNode/DialBack',
                 request_serializer=molink_dot_comm_dot_proto_dot_molink__pb2.DialBackRequest.SerializeToString,
@@ -126,6 +131,13 @@ class MoLinkNodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Invite(self, request, context):
+        """Ask a NATed node (through its relay) to open a tunnel straight to a reachable node.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def DialBack(self, request, context):
         """Can the asker be dialed at its address? (The answerer dials it back.)
         """
@@ -170,6 +182,11 @@ def add_MoLinkNodeServicer_to_server(servicer, server):
                     servicer.Tunnel,
                     request_deserializer=molink_dot_comm_dot_proto_dot_molink__pb2.TunnelChunk.FromString,
                     response_serializer=molink_dot_comm_dot_proto_dot_molink__pb2.TunnelChunk.SerializeToString,
+            ),
+            'Invite': grpc.unary_unary_rpc_method_handler(
+                    servicer.Invite,
+                    request_deserializer=molink_dot_comm_dot_proto_dot_molink__pb2.InviteRequest.FromString,
+                    response_serializer=molink_dot_comm_dot_proto_dot_molink__pb2.Empty.SerializeToString,
             ),
             'DialBack': grpc.unary_unary_rpc_method_handler(
                     servicer.DialBack,
@@ -366,6 +383,33 @@ class MoLinkNode:
             '/molink.MoLinkNode/Tunnel',
             molink_dot_comm_dot_proto_dot_molink__pb2.TunnelChunk.SerializeToString,
             molink_dot_comm_dot_proto_dot_molink__pb2.TunnelChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Invite(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/molink.MoLinkNode/Invite',
+            molink_dot_comm_dot_proto_dot_molink__pb2.InviteRequest.SerializeToString,
+            molink_dot_comm_dot_proto_dot_molink__pb2.Empty.FromString,
             options,
             channel_credentials,
             insecure,
