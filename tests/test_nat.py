@@ -208,3 +208,22 @@ def test_kill_9_of_a_nated_follower_with_a_nated_replica_loses_nothing(nat, qwen
     assert got == reference
     assert "Pipeline restored" in head.log()
     assert replica.poll() is None or replica is victim
+
+
+def test_a_reachable_stage_reaches_its_nated_successor_without_the_relay(nat, qwen3_model):
+    """A reachable follower takes over the span before the NATed tail: it invites the tail to
+    dial it (through the tail's relay), and the hop between them skips the relay."""
+    start, nodes = nat
+    head = nodes[0]
+    reference = asyncio.run(stream_all(head, qwen3_model))
+    s = start(PUBLIC_NS, PUBLIC_HOST, "s", "2,3")
+    eventually(
+        lambda: re.search(rf"Standby for .*: {re.escape(s.grpc_address)} \[2-3\]", head.log()),
+        timeout=WAIT_S,
+        what="s as a standby",
+    )
+    a = next(n for n in nodes if n.name == "a")
+    got = asyncio.run(stream_all(head, qwen3_model, during=a.kill))
+    assert got == reference
+    assert "Reachable at" in s.log()
+    assert "dialed this node when invited" in s.log()

@@ -222,6 +222,7 @@ class _RouteEndpoint:
             self.last_error = f"relay {self.relay}: {e.code().name}: {e.details()}"
             return False
         if arrived.wait(INVITE_TIMEOUT_S):
+            logger.info("Reached %s straight: it dialed this node when invited", self.target)
             return True
         hub.inviter.forget(token)
         self._invites_fail = True
