@@ -82,7 +82,8 @@ class RelayPresence:
     announced gRPC addresses, and its initial peers, which may be other paths to them (a DNS
     name, a port forward). The relay it announces is the one the relay itself announces
     (``public_address(peer_id)``), else the address it dialed. ``on_change(relay)`` is called
-    when the node moved to another relay (announce it). Raises ``ConnectionError`` if no
+    when the node moved to another relay (announce it); ``may_dial`` vets the nodes that invite
+    it (see :class:`~molink.comm.tunnels.RelayListener`). Raises ``ConnectionError`` if no
     candidate takes this node's calls at start.
     """
 
@@ -94,6 +95,7 @@ class RelayPresence:
         candidates: Callable[[], list[str]],
         public_address: Callable[[str], str | None],
         on_change: Callable[[str], None],
+        may_dial: Callable[[str], bool] = lambda address: True,
     ) -> None:
         self._node_key = node_key
         self._local = local_address
@@ -101,6 +103,7 @@ class RelayPresence:
         self._candidates = candidates
         self._public_address = public_address
         self._on_change = on_change
+        self._may_dial = may_dial
         self._relay = ""
         self._closed = threading.Event()
         self._listener: RelayListener | None = None
@@ -130,6 +133,7 @@ class RelayPresence:
                     self._local,
                     self._security,
                     self._lost,
+                    may_dial=self._may_dial,
                 )
             except ConnectionError as e:
                 why = str(e)

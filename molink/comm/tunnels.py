@@ -279,7 +279,9 @@ class RelayListener:
     is signed with ``node_key`` for the relay whose public key is ``relay_key``.
 
     ``on_lost(reason)`` is called once if the call ends while not closed (the relay went away).
-    Raises ``ConnectionError`` if the relay doesn't take the call within ``timeout`` seconds.
+    An invitation to dial some node is followed only if ``may_dial(address)`` (a node of the
+    swarm, not any address someone names). Raises ``ConnectionError`` if the relay doesn't take
+    the call within ``timeout`` seconds.
     """
 
     def __init__(
@@ -291,6 +293,7 @@ class RelayListener:
         security: SwarmSecurity,
         on_lost: Callable[[str], None],
         timeout: float = 10.0,
+        may_dial: Callable[[str], bool] = lambda address: True,
     ) -> None:
         self.relay = relay
         self._local = split_host_port(local_address)
@@ -299,6 +302,7 @@ class RelayListener:
         self._taken = threading.Event()
         self._reason = "no answer"
         self._security = security
+        self._may_dial = may_dial
         self._channel = security.channel(relay, CHANNEL_OPTIONS)
         self._stub = molink_pb2_grpc.MoLinkNodeStub(self._channel)
         now = round(time.time(), 3)
@@ -337,6 +341,11 @@ class RelayListener:
             try:
                 split_host_port(order.via)
             except ValueError:
+                return
+            if not self._may_dial(order.via):
+                logger.warning(
+                    "Not dialing %s when invited: no reachable node of the swarm", order.via
+                )
                 return
         try:
             sock = socket.create_connection(self._local, timeout=5.0)

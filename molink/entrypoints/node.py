@@ -145,6 +145,7 @@ class Node:
                 self.security,
                 candidates=self._relay_candidates,
                 public_address=self._grpc_address_of,
+                may_dial=lambda address: address in self._relay_candidates(),
                 on_change=lambda relay: self._announce(relay=relay),
             )
         if self.config.chooses_span:
