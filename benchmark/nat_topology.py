@@ -77,6 +77,14 @@ def why_unavailable() -> str | None:
     for tool in ("ip", "iptables"):
         if shutil.which(tool) is None:
             return f"needs {tool} (apt-get install iproute2 iptables)"
+    probe = "mlnat-probe"  # can this kernel make a namespace with a NAT table in it?
+    try:
+        _run("ip", "netns", "add", probe)
+        _in(probe, "iptables", "-t", "nat", "-L", "-n")
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
+        return f"network namespaces with NAT don't work here ({e})"
+    finally:
+        subprocess.run(["ip", "netns", "del", probe], capture_output=True)
     return None
 
 
