@@ -47,6 +47,7 @@ SLOWEST_FIRST = (
     "test_pipeline_executor",
     "test_router",
     "test_stage_host",
+    "test_nat",
     "shared_follower_quick_run",
     "test_head_routes",
     "test_model_support",
