@@ -5,7 +5,7 @@ router, served through a relay or through port forwards, over emulated home upli
 
 The topology is ``benchmark/nat_topology.py``. Each home's uplink is a link emulator in its router
 (``benchmark/link_emulator.py``; the kernels here have no ``netem``): the router sends the
-home's connections to the head's gRPC port through it. Two setups, same nodes:
+home's connections to the head's gRPC port through it. Three setups, same nodes:
 
 * **relayed**: no port forward. The followers find that nobody can dial them and take their calls
   through the head (their relay). head -> A and B -> head cross one uplink each; A -> B goes
@@ -13,11 +13,15 @@ home's connections to the head's gRPC port through it. Two setups, same nodes:
 * **forwarded**: each router forwards a port on its internet address to its follower through a
   second emulator (the downlink), and the follower announces it: every hop is direct, one uplink
   each.
+* **invited**: only A's router forwards a port. A is reachable; B is not, and A reaches it by
+  invitation: B opens its tunnel straight to A (one home link, as forwarded), not through the
+  relay.
 
 So the relay's cost here is the hop between the two NATed neighbours crossing two home links
-instead of one, plus forwarding on the relay. Reported per setup: the head's RTT to each
-follower (through the relay where relayed), and decode at light load (1 stream: TPOT) and heavy
-load (many streams: output tokens/s), from ``benchmark.loadgen``.
+instead of one, plus forwarding on the relay; an invitation takes the extra link away. Reported
+per setup: the head's RTT to each follower (through the relay where relayed), and decode at
+light load (1 stream: TPOT) and heavy load (many streams: output tokens/s), from
+``benchmark.loadgen``.
 """
 
 from __future__ import annotations
@@ -50,6 +54,8 @@ from benchmark.swarm import demo_model, num_hidden_layers
 
 HTTP_PORT, GRPC_PORT, UPLINK_PORT, FORWARD_PORT = 8000, 50051, 40000, 40001
 SERVED_NAME = "molink-nat"
+#: Per setup, whether each home's router forwards a port to its follower (A's, B's).
+FORWARDED = {"forwarded": (True, True), "relayed": (False, False), "invited": (True, False)}
 
 
 def log(message: str) -> None:
@@ -106,7 +112,7 @@ def wait_ready(url: str, watch: list[ManagedProcess], timeout: float = 600.0) ->
 
 
 def run_setup(setup: str, model: str, args: argparse.Namespace, log_dir: Path) -> dict:
-    """Start the swarm as ``setup`` ("relayed" or "forwarded"), load it, stop it."""
+    """Start the swarm as ``setup`` (see :data:`FORWARDED`), load it, stop it."""
     layers = num_hidden_layers(model)
     third = layers // 3
     spans = [f"0,{third - 1}", f"{third},{2 * third - 1}", f"{2 * third},{layers - 1}"]
@@ -120,7 +126,7 @@ def run_setup(setup: str, model: str, args: argparse.Namespace, log_dir: Path) -
                 ["--host", "0.0.0.0", "--announce_host", PUBLIC_HOST, *args.key], log_dir,
             )  # fmt: skip
             processes.append(head)
-            for home, span in zip(HOMES, spans[1:], strict=True):
+            for i, (home, span) in enumerate(zip(HOMES, spans[1:], strict=True)):
                 router = router_of(home)
                 # The uplink: the router sends the home's connections to the head's gRPC port
                 # through the emulator.
@@ -128,7 +134,7 @@ def run_setup(setup: str, model: str, args: argparse.Namespace, log_dir: Path) -
                 processes.append(emulator(router, uplink, head_grpc, args.delay_ms, log_dir))
                 redirect(home, PUBLIC_HOST, GRPC_PORT, UPLINK_PORT)
                 extra = ["--host", "127.0.0.1", "--initial_peer", head_grpc, *args.key]
-                if setup == "forwarded":  # the downlink: a port forward through an emulator
+                if FORWARDED[setup][i]:  # the downlink: a port forward through an emulator
                     forward = f"{router_wan(home)}:{FORWARD_PORT}"
                     target = f"{home_host(home)}:{GRPC_PORT}"
                     processes.append(emulator(router, forward, target, args.delay_ms, log_dir))
@@ -197,7 +203,7 @@ def main() -> None:
     keygen = [sys.executable, "-m", "molink.entrypoints.cli.keygen", str(key)]
     subprocess.run(keygen, check=True, capture_output=True, timeout=120)
     args.key = ["--swarm-key-file", str(key.resolve())]
-    setups = [run_setup(s, model, args, log_dir) for s in ("forwarded", "relayed")]
+    setups = [run_setup(s, model, args, log_dir) for s in FORWARDED]
     results = {
         "date": time.strftime("%Y-%m-%d"),
         "model": Path(model).name,
@@ -208,7 +214,7 @@ def main() -> None:
     (args.output_dir / "nat.json").write_text(json.dumps(results, indent=2) + "\n")
     direct = setups[0]
     lines = [
-        f"# Followers behind NAT: relayed against port-forwarded ({results['date']})",
+        f"# Followers behind NAT: relayed and invited against port-forwarded ({results['date']})",
         "",
         f"Model {results['model']}, head on the internet, two followers each behind its own NAT "
         f"router, every home link {args.delay_ms:g} ms each way (user-space link emulator), "
