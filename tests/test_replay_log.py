@@ -6,7 +6,7 @@ import threading
 
 import torch
 
-from molink.core.replay_log import ReplayLog
+from molink.core.replay_log import ADD_FIRST_ARCHITECTURES, LogForm, ReplayLog
 from molink.core.replay_plan import ReplayHandshake, ReplayItem
 
 HIDDEN = 4
@@ -72,6 +72,70 @@ def test_finished_requests_are_dropped_and_the_cap_drops_the_largest():
     assert log.length("large") == 0 and log.length("small") == 4 and log.length("new") == 2
     log.drop({"small", "unknown"})
     assert len(log) == 1 and log.nbytes == 2 * row_bytes
+
+
+def test_a_folded_log_keeps_one_sum_and_replays_it_with_a_zero_residual():
+    """Half the memory: hidden_states + residual, replayed as (sum, 0)."""
+    log = ReplayLog(1 << 20, form=LogForm(fold=True))
+    given = {k: v * 1.5 for k, v in rows(0, 4).items()}
+    given["residual"] = given["residual"] + 0.25
+    log.record("a", 0, given)
+    assert log.nbytes == 4 * HIDDEN * 4  # one float32 value per hidden unit and token
+    got = log.rows("a", 1, 3)
+    assert got is not None and set(got) == {"hidden_states", "residual"}
+    assert torch.equal(got["hidden_states"], (given["hidden_states"] + given["residual"])[1:3])
+    assert torch.equal(got["residual"], torch.zeros(2, HIDDEN))
+
+
+def test_a_folded_log_keeps_16_bit_rows_whole():
+    """A 16-bit model's layers norm the unrounded float32 sum: the log keeps both rows."""
+    log = ReplayLog(1 << 20, form=LogForm(fold=True))
+    given = {k: v.to(torch.bfloat16) for k, v in rows(0, 3).items()}
+    log.record("a", 0, given)
+    assert log.nbytes == 3 * 2 * HIDDEN * 2
+    assert torch.equal(log.rows("a", 0, 3)["residual"], given["residual"])
+
+
+def test_a_narrow_wire_keeps_rows_as_the_wire_carried_them():
+    log = ReplayLog(1 << 20, form=LogForm(dtype=torch.float16))
+    given = {k: v / 3 for k, v in rows(0, 3).items()}
+    log.record("a", 0, given)
+    assert log.nbytes == 3 * 2 * HIDDEN * 2
+    got = log.rows("a", 0, 3)
+    for name, t in given.items():
+        assert got[name].dtype == torch.float16 and torch.equal(got[name], t.to(torch.float16))
+
+
+def test_the_form_of_a_boundary():
+    assert LogForm.for_boundary(["LlamaForCausalLM"], None) == LogForm(fold=True)
+    assert LogForm.for_boundary(["Qwen3ForCausalLM"], torch.float32).fold
+    narrow = LogForm.for_boundary(["Qwen3ForCausalLM"], torch.float16)
+    assert narrow == LogForm(fold=False, dtype=torch.float16)  # the wire already rounded both
+    assert not LogForm.for_boundary(["GraniteForCausalLM"], None).fold  # not known to add first
+    assert not LogForm.for_boundary([], None).fold
+
+
+def test_a_zero_residual_after_the_sum_is_exact_through_vllm_rms_norm():
+    """What folding relies on: vLLM's add-and-norm (its native form and the CPU kernel) gives
+    the same bits for (h, r) as for (h + r, 0), the normed rows and the new residual."""
+    from vllm import _custom_ops as ops
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.model_executor.layers.layernorm import RMSNorm
+
+    with set_current_vllm_config(VllmConfig()):
+        norm = RMSNorm(576, eps=1e-5)
+    gen = torch.Generator().manual_seed(0)
+    norm.weight.data.uniform_(0.5, 1.5, generator=gen)
+    h = torch.randn(64, 576, generator=gen) * 3  # [tokens, hidden]
+    r = torch.randn(64, 576, generator=gen) * 30
+    direct = norm.forward_native(h, r.clone())
+    folded = norm.forward_native(h + r, torch.zeros_like(h))
+    assert all(torch.equal(a, b) for a, b in zip(direct, folded, strict=True))
+    x1, r1, x2, r2 = h.clone(), r.clone(), h + r, torch.zeros_like(h)
+    ops.fused_add_rms_norm(x1, r1, norm.weight.data, 1e-5)  # in place
+    ops.fused_add_rms_norm(x2, r2, norm.weight.data, 1e-5)
+    assert torch.equal(x1, x2) and torch.equal(r1, r2)
+    assert "LlamaForCausalLM" in ADD_FIRST_ARCHITECTURES
 
 
 def test_handshake_plan_then_outcome():

@@ -5,6 +5,11 @@ one row per token position) it sent to the next stage. They are the next span's 
 node serving that span is lost, the node that takes its place is filled by replaying them through
 its span only (:mod:`molink.executor.span_replay`), and every other stage keeps its KV cache.
 
+A row is kept in the smallest form that replays bit for bit (see :class:`LogForm`): the sum
+``hidden_states + residual`` when the next span's first layer only ever adds the two (float32,
+lossless wire, a known architecture), else both tensors in the wire's dtype where it is narrower
+than the model's.
+
 The log is bounded: past ``capacity_bytes`` it drops the largest request's log (that request
 falls back to recomputing, see :mod:`molink.core.scheduler`). A request's log is dropped when it
 finishes; when its positions restart (it was preempted and recomputes), the rows from the restart
@@ -27,6 +32,84 @@ logger = init_logger(__name__)
 #: Seconds between two warnings that logs went over the cap.
 WARN_INTERVAL_S = 60.0
 
+#: Architectures whose decoder layers start with ``input_layernorm(hidden_states, residual)``,
+#: which adds the two before anything else reads them (checked in vLLM 0.32's model files).
+#: For these a stage's inputs may be logged as one sum (see :class:`LogForm`).
+ADD_FIRST_ARCHITECTURES = frozenset(
+    {
+        "LlamaForCausalLM",
+        "MistralForCausalLM",
+        "Qwen2ForCausalLM",
+        "Qwen3ForCausalLM",
+        "Qwen2MoeForCausalLM",
+        "Qwen3MoeForCausalLM",
+        "MixtralForCausalLM",
+        "Gemma2ForCausalLM",
+        "Gemma3ForCausalLM",
+        "DeepseekV2ForCausalLM",
+        "DeepseekV3ForCausalLM",
+    }
+)
+
+#: The name under which a folded row (``hidden_states + residual``) is kept.
+SUM = "hidden_states+residual"
+
+
+@dataclass(frozen=True)
+class LogForm:
+    """How a log keeps rows so that replaying them gives the next span the very inputs it had.
+
+    * ``fold``: keep ``hidden_states + residual`` (float32 rows only) and replay it as
+      ``hidden_states`` with a zero ``residual``. Exact when the next span's first layer adds
+      the two first (:data:`ADD_FIRST_ARCHITECTURES`): float32 addition is commutative and
+      ``s + 0 == s``, so the layer sees the same sum and everything after it is the same. It
+      needs a lossless wire: the receiver sums what it decoded. Half the memory of both rows.
+      (Not for 16-bit models: their kernels add in float32 and norm the unrounded sum, so the
+      exact sum takes 4 bytes per value, as much as both 16-bit rows.)
+    * ``dtype``: keep rows in this dtype where it is narrower than theirs (the wire's dtype:
+      what the next stage received, bit for bit, since the replay casts it the same way).
+    """
+
+    fold: bool = False
+    dtype: torch.dtype | None = None
+
+    @classmethod
+    def for_boundary(cls, architectures: list[str], wire_dtype: torch.dtype | None) -> LogForm:
+        """The form for a model's ``architectures`` and a wire dtype (None: the model's)."""
+        lossless = wire_dtype in (None, torch.float32)
+        fold = lossless and bool(architectures) and set(architectures) <= ADD_FIRST_ARCHITECTURES
+        return cls(fold=fold, dtype=wire_dtype)
+
+    def pack(self, rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``rows`` (each [n, hidden]) as the log keeps them: always a copy on the host."""
+        h, r = rows.get("hidden_states"), rows.get("residual")
+        if (
+            self.fold
+            and len(rows) == 2
+            and h is not None
+            and r is not None
+            and h.dtype == r.dtype == torch.float32
+        ):
+            return {SUM: torch.add(h, r).cpu()}  # [n, hidden]
+        return {name: self._narrowed(t).to("cpu", copy=True) for name, t in rows.items()}
+
+    def _narrowed(self, t: torch.Tensor) -> torch.Tensor:
+        if (
+            self.dtype is not None
+            and t.is_floating_point()
+            and self.dtype.itemsize < t.element_size()
+        ):
+            return t.to(self.dtype)
+        return t
+
+    @staticmethod
+    def unpack(rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Kept rows (each [n, hidden]) as the next span takes them in."""
+        if SUM in rows:
+            s = rows[SUM]
+            return {"hidden_states": s, "residual": torch.zeros_like(s)}
+        return rows
+
 
 @dataclass
 class _RequestLog:
@@ -41,10 +124,17 @@ class ReplayLog:
     """Activations sent downstream, per request (thread-safe: the stage's compute thread
     writes, the scheduler and the executor read)."""
 
-    def __init__(self, capacity_bytes: int, on_size: Callable[[int], None] | None = None) -> None:
-        """``on_size`` is told the log's bytes after each change (the head's gauge)."""
+    def __init__(
+        self,
+        capacity_bytes: int,
+        on_size: Callable[[int], None] | None = None,
+        form: LogForm | None = None,
+    ) -> None:
+        """``on_size`` is told the log's bytes after each change (the head's gauge); ``form``:
+        how rows are kept."""
         self.capacity_bytes = capacity_bytes
         self.on_size = on_size
+        self.form = form or LogForm()
         self._lock = threading.Lock()
         self._logs: dict[str, _RequestLog] = {}
         self._nbytes = 0
@@ -53,13 +143,13 @@ class ReplayLog:
 
     def record(self, req_id: str, start: int, rows: dict[str, torch.Tensor]) -> None:
         """Log the rows of positions [start, start + n) of ``req_id``; each tensor [n, hidden]
-        (copied: the caller may reuse its buffers)."""
+        (kept as a copy, in the log's :class:`LogForm`: the caller may reuse its buffers)."""
         self.record_step([(req_id, start, rows)])
 
     def record_step(self, entries: list[tuple[str, int, dict[str, torch.Tensor]]]) -> None:
         """:meth:`record` for each ``(req_id, start, rows)`` of one step, under one lock."""
         copied = [
-            (req_id, start, {name: t.to("cpu", copy=True) for name, t in rows.items()})
+            (req_id, start, self.form.pack(rows))
             for req_id, start, rows in entries
             if next(iter(rows.values())).shape[0]
         ]
@@ -150,7 +240,7 @@ class ReplayLog:
                 offset += n
                 if offset >= end:
                     break
-        return {name: torch.cat(parts) for name, parts in pieces.items()}
+        return LogForm.unpack({name: torch.cat(parts) for name, parts in pieces.items()})
 
     def _truncate(self, log: _RequestLog, length: int) -> None:
         kept: list[dict[str, torch.Tensor]] = []

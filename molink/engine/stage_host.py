@@ -173,7 +173,8 @@ class StageHost:
             session.label = label[:64]
             session.config = config
             if config.replay_log_bytes:
-                self.worker.keep_replay_log(session_id, config.replay_log_bytes)
+                wire = codec.WireFormat.from_names(config.wire_dtype, config.wire_compression)
+                self.worker.keep_replay_log(session_id, config.replay_log_bytes, wire.dtype)
             return self._spec_payload, self.regions.offer(
                 session_id, self._min_blocks()
             ) * self.block_bytes

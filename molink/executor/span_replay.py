@@ -83,7 +83,8 @@ class SpanReplay:
         """The head's replay: its stage 0 (``worker``) logs what it sends to stage 1, up to
         ``--replay-log-mb``, and replay steps take the stages' token budget and batch size."""
         head = HeadConfig.from_vllm_config(vllm_config)
-        log = worker.keep_replay_log(session, head.replay_log_bytes)
+        wire = codec.WireFormat.from_names(head.wire_dtype, head.wire_compression)
+        log = worker.keep_replay_log(session, head.replay_log_bytes, wire.dtype)
         log.on_size = metrics.REPLAY_LOG_BYTES.set
         scheduler = vllm_config.scheduler_config
         return cls(

@@ -25,7 +25,7 @@ from vllm.sequence import IntermediateTensors
 from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.worker.worker_base import WorkerWrapperBase
 
-from molink.core.replay_log import ReplayLog
+from molink.core.replay_log import LogForm, ReplayLog
 from molink.core.replay_plan import replayed_request
 from molink.core.request_snapshot import RequestSnapshot
 from molink.core.step import StageOutput, StepWork
@@ -151,12 +151,16 @@ class StageHooks:
         """(Tokens, requests) one forward pass may hold at most."""
         return step_limits(self.model_runner)
 
-    def keep_replay_log(self, head: str, capacity_bytes: int) -> ReplayLog:
+    def keep_replay_log(
+        self, head: str, capacity_bytes: int, wire_dtype: torch.dtype | None
+    ) -> ReplayLog:
         """Log what this stage sends on for ``head``'s requests, up to ``capacity_bytes`` (a
-        head asks for it when it recovers by replay); returns the log."""
+        head asks for it when it recovers by replay), in the smallest exact form for this model
+        and the head's ``wire_dtype`` (None: the model's); returns the log."""
+        form = LogForm.for_boundary(self.vllm_config.model_config.architectures, wire_dtype)
         log = self.replay_logs.get(head)
-        if log is None:
-            log = self.replay_logs[head] = ReplayLog(capacity_bytes)
+        if log is None or log.form != form:
+            log = self.replay_logs[head] = ReplayLog(capacity_bytes, form=form)
         log.capacity_bytes = capacity_bytes
         return log
 
