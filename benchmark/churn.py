@@ -20,8 +20,9 @@ Reported per disturbed run: failed streams, streams whose tokens differ from the
 pause every stream saw (its longest wait between two tokens after the event) p50/p99, the head's
 time from detecting the loss to serving again, the tokens re-prefilled (prompt + generated so
 far, summed over the streams), and how long prefilling that many tokens takes at the prefill
-rate of the idle pipeline (one ``--prefill-probe``-token prompt). JSON with ``--result-json``;
-a Markdown table on stdout.
+rate of the idle pipeline (one ``--prefill-probe``-token prompt), and, where the head's own
+replay log was read for a replay, its bytes per logged position against hidden size x dtype bytes
+(the nodes run in float32). JSON with ``--result-json``; a Markdown table on stdout.
 """
 
 from __future__ import annotations
@@ -60,6 +61,8 @@ class RunReport:
     reprefill_estimate_s: float  # reprefill_tokens at the idle pipeline's prefill rate
     wall_s: float
     reference_tok_s: float = 0.0  # output tokens per second of the undisturbed run
+    log_bytes_per_token: int | None = None  # the head's replay log, when it replayed from it
+    log_vs_hidden: float | None = None  # log_bytes_per_token / (hidden size x 4 bytes)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -100,6 +103,21 @@ def restore_seconds(head_log: Path, epoch: int) -> tuple[float | None, str]:
         rf"Pipeline restored \(epoch {epoch}\) ([0-9.]+) s [^,]*, by (\w+)", head_log.read_text()
     )
     return (float(match.group(1)), match.group(2)) if match else (None, "?")
+
+
+#: The head's line at the start of a replay (molink.executor.chain_upkeep).
+REPLAY_LINE = re.compile(
+    r"Replaying the logged positions .* holds \d+ positions in (\d+) bytes each"
+)
+
+
+def replay_log_lines(head_log: Path) -> list[int]:
+    """Bytes per logged position of the head's log, at each replay so far."""
+    return [int(m.group(1)) for m in REPLAY_LINE.finditer(head_log.read_text())]
+
+
+def hidden_size(model: str) -> int:
+    return int(json.loads((Path(model) / "config.json").read_text())["hidden_size"])
 
 
 def get_status(port: int) -> dict:
@@ -176,6 +194,7 @@ def run_setup(args: argparse.Namespace, model: str, stages: int, recovery: str) 
         shared_cores=True,  # more nodes than cores here; recovery, not speed, is measured
     )
     setup = f"{stages} stages + 1 replica of layers {last[0]}-{last[1]}"
+    victim_follows_head = last == layers[1]  # the head's log is the one replayed
     prompts = make_prompts(args.streams, args.input_len, prompt_vocab(model), seed=0)
     results: list[RunReport] = []
     swarm = Swarm(spec)
@@ -213,6 +232,7 @@ def run_setup(args: argparse.Namespace, model: str, stages: int, recovery: str) 
                     node.proc.send_signal(sig)  # the node alone: it leaves, then exits
 
             print(f"[churn] {event} of node {victim}, {args.kill_after} tokens in", file=sys.stderr)
+            replays_before = len(replay_log_lines(head_log))
             started = time.monotonic()
             streams, fired_at = asyncio.run(
                 run_streams(url, model, prompts, args.output_len, args.kill_after, fire)
@@ -234,6 +254,10 @@ def run_setup(args: argparse.Namespace, model: str, stages: int, recovery: str) 
                 )
             )
             results[-1].reference_tok_s = round(reference_tok_s, 1)
+            logged = replay_log_lines(head_log)[replays_before:]
+            if logged and victim_follows_head:
+                results[-1].log_bytes_per_token = logged[-1]
+                results[-1].log_vs_hidden = round(logged[-1] / (hidden_size(model) * 4), 2)
             print(f"[churn] {asdict(results[-1])}", file=sys.stderr)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 node.wait_exit(timeout=60)
@@ -243,15 +267,21 @@ def run_setup(args: argparse.Namespace, model: str, stages: int, recovery: str) 
 def markdown(results: list[RunReport]) -> str:
     lines = [
         "| setup | recovered by | event | failed | differing | pause p50 (s) | pause p99 (s) "
-        "| restore (s) | tokens before the event | their prefill at idle rate (s) |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| restore (s) | tokens before the event | their prefill at idle rate (s) "
+        "| head's log per token (bytes) |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         restore = "" if r.restore_s is None else f"{r.restore_s:.1f}"
+        log = (
+            ""
+            if r.log_bytes_per_token is None
+            else (f"{r.log_bytes_per_token} ({r.log_vs_hidden}x hidden x dtype)")
+        )
         lines.append(
             f"| {r.setup} | {r.recovery} | {r.event} | {r.failed}/{r.streams} | {r.differing} | "
             f"{r.pause_p50_s:.2f} | {r.pause_p99_s:.2f} | {restore} | {r.reprefill_tokens} | "
-            f"{r.reprefill_estimate_s:.1f} |"
+            f"{r.reprefill_estimate_s:.1f} | {log} |"
         )
     return "\n".join(lines)
 

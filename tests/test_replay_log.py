@@ -81,6 +81,7 @@ def test_a_folded_log_keeps_one_sum_and_replays_it_with_a_zero_residual():
     given["residual"] = given["residual"] + 0.25
     log.record("a", 0, given)
     assert log.nbytes == 4 * HIDDEN * 4  # one float32 value per hidden unit and token
+    assert log.positions == 4
     got = log.rows("a", 1, 3)
     assert got is not None and set(got) == {"hidden_states", "residual"}
     assert torch.equal(got["hidden_states"], (given["hidden_states"] + given["residual"])[1:3])

@@ -214,6 +214,12 @@ class ReplayLog:
             log = self._logs.get(req_id)
             return log.length if log is not None else 0
 
+    @property
+    def positions(self) -> int:
+        """Positions logged, over every request."""
+        with self._lock:
+            return sum(log.length for log in self._logs.values())
+
     def __len__(self) -> int:
         with self._lock:
             return len(self._logs)

@@ -244,7 +244,15 @@ class ChainUpkeep:
             return "replay"
         node = self.chain.remotes[index]
         started = time.monotonic()
-        logger.info("Replaying the logged positions of %d request(s) into %s", len(plan), node)
+        held = self.replay.log.positions
+        logger.info(
+            "Replaying the logged positions of %d request(s) into %s (the head's own log holds "
+            "%d positions in %d bytes each)",
+            len(plan),
+            node,
+            held,
+            self.replay.log.nbytes // max(held, 1),
+        )
         try:
             assert self._link is not None
             tokens, failed = self.replay.run(
