@@ -9,6 +9,12 @@ addresses (``127.0.{2p}.1``, ``127.0.{2p+1}.1``), all in one swarm. The router
 (``python -m molink.entrypoints.router``) finds the heads in the DHT; it is pinned to the last
 core (a machine of its own would be better; its load is small).
 
+A round keeps ``--streams`` requests running per pipeline (a closed loop) until it has sent
+``--waves`` x that many, then waits for the last; each request has its own prompt. Through the
+router one loop keeps them all running and the router spreads them by outstanding work; straight
+to the heads, each head has its own loop. ``--waves 1`` sends every request at once. Each round
+also reports the CPU seconds each process (with its children) and the load client used.
+
 1. One pipeline, ``--streams`` concurrent requests sent straight to its head, and the same
    through the router, in alternating rounds: the router's overhead (throughput ratio, TTFT p50
    difference). Then at light load, ``--light-requests`` requests one at a time, each sent
@@ -27,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -36,6 +43,8 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+
+import psutil
 
 from benchmark.churn import pauses, percentile
 from benchmark.loadgen import make_prompts, prompt_vocab, run_load, run_streams
@@ -142,14 +151,39 @@ class ScaleOutSwarm:
             proc.stop()
 
 
-async def one_round(urls: list[str], prompts: list[list[int]], output_len: int) -> dict:
-    """``prompts`` sent at once, split evenly over ``urls``: aggregate output tok/s and latency."""
+def cpu_seconds(processes: list[ManagedProcess]) -> dict[str, float]:
+    """CPU seconds (user + system) each process has used so far, its children included, by
+    name; ``client``: this process (the load client)."""
+    used: dict[str, float] = {}
+    for managed in processes:
+        total = 0.0
+        with contextlib.suppress(psutil.Error):
+            root = psutil.Process(managed.proc.pid)
+            for proc in [root, *root.children(recursive=True)]:
+                with contextlib.suppress(psutil.Error):
+                    times = proc.cpu_times()
+                    total += times.user + times.system
+        used[managed.name] = total
+    times = psutil.Process().cpu_times()
+    used["client"] = times.user + times.system
+    return used
+
+
+def cpu_cells(used: dict[str, float], names: list[str]) -> list[str]:
+    return [f"{used.get(name, 0.0):.1f}" for name in names]
+
+
+async def one_round(urls: list[str], prompts: list[list[int]], output_len: int, waves: int) -> dict:
+    """``prompts`` split evenly over ``urls``, each share in a closed loop of
+    ``len(share) // waves`` requests at a time: aggregate output tok/s and latency."""
     share = len(prompts) // len(urls)
     started = time.perf_counter()
     shares = [prompts[i * share : (i + 1) * share] for i in range(len(urls))]
     parts = await asyncio.gather(
         *(
-            run_load(url, SERVED_NAME, part, output_len, progress=False)
+            run_load(
+                url, SERVED_NAME, part, output_len, concurrency=len(part) // waves, progress=False
+            )
             for url, part in zip(urls, shares, strict=True)
         )
     )
@@ -160,11 +194,15 @@ async def one_round(urls: list[str], prompts: list[list[int]], output_len: int) 
         "failed": sum(p["failed"] for p in parts),
         "ttft_p50_ms": statistics.median(p["ttft_ms"]["p50"] for p in parts),
         "tpot_p50_ms": statistics.median(p["tpot_ms"]["p50"] for p in parts),
+        "duration_s": round(duration, 1),
     }
 
 
 def throughput(
-    setups: dict[str, list[str]], prompts: list[list[int]], args: argparse.Namespace
+    setups: dict[str, list[str]],
+    prompts: list[list[int]],
+    args: argparse.Namespace,
+    swarm: ScaleOutSwarm,
 ) -> dict[str, dict]:
     """Per setup (label -> URLs), the median of ``--rounds`` rounds; the setups' rounds
     alternate (paired), so that drift of the machine hits them alike."""
@@ -173,7 +211,10 @@ def throughput(
     rounds: dict[str, list[dict]] = {label: [] for label in setups}
     for i in range(args.rounds):
         for label, urls in setups.items():
-            r = asyncio.run(one_round(urls, prompts, args.output_len))
+            before = cpu_seconds(swarm.processes)
+            r = asyncio.run(one_round(urls, prompts, args.output_len, args.waves))
+            after = cpu_seconds(swarm.processes)
+            r["cpu_s"] = {name: round(after[name] - used, 1) for name, used in before.items()}
             log(f"    {label}, round {i + 1}/{args.rounds}: {r['output_throughput_tok_s']:.1f} "
                 f"tok/s, {r['failed']} failed")  # fmt: skip
             rounds[label].append(r)
@@ -251,6 +292,12 @@ def main() -> None:
     parser.add_argument("--after", type=int, default=32, help="lose a head after this many tokens")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument(
+        "--waves",
+        type=int,
+        default=3,
+        help="requests per stream in a round, sent in a closed loop (1: all at once)",
+    )
+    parser.add_argument(
         "--light-requests", type=int, default=16, help="requests of the light-load TTFT check"
     )
     parser.add_argument("--kv-gib", type=int, default=1, help="KV cache per node")
@@ -266,12 +313,13 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.quick:
-        args.streams, args.input_len, args.output_len, args.rounds = 4, 16, 8, 1
+        args.streams, args.input_len, args.output_len, args.rounds, args.waves = 4, 16, 8, 1, 1
         args.stream_tokens, args.after, args.light_requests = 24, 8, 2
     model = args.model or demo_model()
     vocab = prompt_vocab(model)
     args.output_dir.mkdir(parents=True, exist_ok=True)
-    prompts = make_prompts(2 * args.streams, args.input_len, vocab, seed=1)
+    prompts = make_prompts(2 * args.streams * args.waves, args.input_len, vocab, seed=1)
+    one_share = args.streams * args.waves
     with ScaleOutSwarm(args, model) as swarm:
         head0 = swarm.start_pipeline(0)
         router = swarm.start_router()
@@ -279,8 +327,9 @@ def main() -> None:
         log(f"one pipeline on core 0 (layers {swarm.spans}); the router on its own core")
         one = throughput(
             {"one pipeline, direct": [head0], "one pipeline, routed": [router]},
-            prompts[: args.streams],
+            prompts[:one_share],
             args,
+            swarm,
         )
         direct, routed = one["one pipeline, direct"], one["one pipeline, routed"]
         light = light_ttft(head0, router, prompts[: args.light_requests])
@@ -293,6 +342,7 @@ def main() -> None:
             {"two pipelines, direct": [head0, head1], "two pipelines, routed": [router]},
             prompts,
             args,
+            swarm,
         )
         two, two_direct = both["two pipelines, routed"], both["two pipelines, direct"]
         losses = [lose_head(swarm, prompts[: args.streams], args, "kill -9")]
@@ -319,11 +369,19 @@ def main() -> None:
         "head_losses": losses,
     }
     (args.output_dir / "scale_out.json").write_text(json.dumps(results, indent=2) + "\n")
+    setups = [
+        ("one pipeline, straight to its head", direct),
+        ("one pipeline, through the router", routed),
+        ("two pipelines, straight to their heads", two_direct),
+        ("two pipelines, through the router", two),
+    ]
+    cpu_names = list(two["cpu_s"])
     lines = [
         f"# Scale-out behind the router ({results['date']})",
         "",
         f"Model {results['model']}, each pipeline a head and a follower on one core, "
-        f"{args.input_len}-token prompts, {args.output_len} output tokens, median of "
+        f"{args.input_len}-token prompts, {args.output_len} output tokens; a round keeps the "
+        f"streams shown running until it has sent {args.waves} x that many requests; median of "
         f"{args.rounds} rounds (direct and routed rounds alternate). "
         f"Command: `{results['command']}`",
         "",
@@ -332,11 +390,10 @@ def main() -> None:
         *(
             f"| {name} | {n} | {r['output_throughput_tok_s']:.1f} | {r['ttft_p50_ms']:.0f} | "
             f"{r['tpot_p50_ms']:.0f} | {r['failed']} |"
-            for name, n, r in (
-                ("one pipeline, straight to its head", args.streams, direct),
-                ("one pipeline, through the router", args.streams, routed),
-                ("two pipelines, straight to their heads", 2 * args.streams, two_direct),
-                ("two pipelines, through the router", 2 * args.streams, two),
+            for (name, r), n in zip(
+                setups,
+                (args.streams, args.streams, 2 * args.streams, 2 * args.streams),
+                strict=True,
             )
         ),
         "",
@@ -350,6 +407,16 @@ def main() -> None:
         f"{light['direct_ttft_p50_ms']:.1f} ms straight and {light['routed_ttft_p50_ms']:.1f} ms "
         f"through the router: **{light['added_p50_ms']:+.1f} ms** (median of the paired "
         "differences).",
+        "",
+        "CPU seconds each process used in the median round (with its children: engine core, DHT "
+        "peer, p2pd), and the load client; the rounds' lengths in seconds:",
+        "",
+        f"| Setup | {' | '.join(cpu_names)} | round (s) |",
+        f"|---|{'---:|' * (len(cpu_names) + 1)}",
+        *(
+            f"| {name} | {' | '.join(cpu_cells(r['cpu_s'], cpu_names))} | {r['duration_s']:.1f} |"
+            for name, r in setups
+        ),
         "",
         "| Head lost mid-stream | Completed | Identical to undisturbed | Pause p50 (s) | "
         "Pause p99 (s) | Head exited after (s) |",

@@ -272,7 +272,8 @@ class MoLinkConfig:
         help="Head: MiB of host memory each stage of its chain may keep for the replay log, the "
         "activations it sent to the next stage for every token of every running request (a "
         "token costs 2 x hidden size x dtype bytes: 3.5 KiB for a 0.5B model in float16, 14 KiB "
-        "for a 7B one, so the default holds about 75,000 tokens of a 7B model). Past it, the "
+        "for a 7B one, so the default holds about 75,000 tokens of a 7B model; half that for a "
+        "float32 Llama-like model or a narrower --wire-dtype). Past it, the "
         "largest requests' logs are dropped and those requests recompute after a loss "
         "(default %(default)g).",
     )
