@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import random
@@ -43,6 +44,7 @@ class RequestResult:
     itl: list[float] = field(default_factory=list)
     output_tokens: int = 0
     error: str = ""
+    started: float = 0.0  # time.perf_counter() when it was sent
 
     @property
     def tpot(self) -> float:
@@ -93,7 +95,7 @@ async def send_request(
         "stream_options": {"include_usage": True},
     }
     start = time.perf_counter()
-    result = RequestResult(ok=False)
+    result = RequestResult(ok=False, started=start)
     last = start
     try:
         async with session.post(
@@ -289,7 +291,25 @@ async def run_load(
         results = await asyncio.gather(*tasks)
         duration = time.perf_counter() - start
     bar.close()
-    return summarize(list(results), duration)
+    summary = summarize(list(results), duration)
+    summary["steady_output_tok_s"] = steady_throughput(list(results), start)
+    return summary
+
+
+def steady_throughput(results: list[RequestResult], started: float) -> float:
+    """Output tok/s while a closed loop kept all its streams running: the streamed chunks (one
+    token each) that arrived before its last request was sent, over that time since
+    ``started``; 0.0 when every request was sent at once."""
+    last_sent = max((r.started for r in results), default=started)
+    window = last_sent - started
+    if window <= 0.5:
+        return 0.0
+    arrived = 0
+    for r in results:
+        if r.ok and r.ttft:
+            times = itertools.accumulate(r.itl, initial=r.started + r.ttft)
+            arrived += sum(1 for t in times if t <= last_sent)
+    return arrived / window
 
 
 def auth_headers() -> dict[str, str]:

@@ -13,7 +13,9 @@ A round keeps ``--streams`` requests running per pipeline (a closed loop) until 
 ``--waves`` x that many, then waits for the last; each request has its own prompt. Through the
 router one loop keeps them all running and the router spreads them by outstanding work; straight
 to the heads, each head has its own loop. ``--waves 1`` sends every request at once. Each round
-also reports the CPU seconds each process (with its children) and the load client used.
+also reports the CPU seconds each process (with its children) and the load client used, and
+its steady throughput: the tokens that arrived before its last request was sent (while every
+stream was still running), over that time.
 
 1. One pipeline, ``--streams`` concurrent requests sent straight to its head, and the same
    through the router, in alternating rounds: the router's overhead (throughput ratio, TTFT p50
@@ -169,6 +171,32 @@ def cpu_seconds(processes: list[ManagedProcess]) -> dict[str, float]:
     return used
 
 
+def steady_ratios(direct: dict, routed: dict, two_direct: dict, two: dict) -> dict[str, float]:
+    """The ratios of the steady throughputs (empty when a round sent everything at once)."""
+    base = direct["steady_output_tok_s"]
+    if not base:
+        return {}
+    return {
+        "steady_scale_out_ratio": two["steady_output_tok_s"] / base,
+        "steady_machine_scale_out_ratio": two_direct["steady_output_tok_s"] / base,
+        "steady_router_throughput_ratio": routed["steady_output_tok_s"] / base,
+    }
+
+
+def steady_lines(results: dict) -> list[str]:
+    """The scale-out and router ratios of the steady throughputs, as a paragraph."""
+    if "steady_scale_out_ratio" not in results:
+        return []
+    return [
+        "Steady (output tokens that arrived while every stream of the round was still running, "
+        "before its last request was sent, over that time): scale-out "
+        f"**{results['steady_scale_out_ratio']:.2f}x** through the router, "
+        f"{results['steady_machine_scale_out_ratio']:.2f}x straight to the heads; the router "
+        f"**{results['steady_router_throughput_ratio']:.3f}x** straight to one head.",
+        "",
+    ]
+
+
 def cpu_cells(used: dict[str, float], names: list[str]) -> list[str]:
     return [f"{used.get(name, 0.0):.1f}" for name in names]
 
@@ -191,6 +219,8 @@ async def one_round(urls: list[str], prompts: list[list[int]], output_len: int, 
     tokens = sum(p["output_throughput_tok_s"] * p["duration_s"] for p in parts)
     return {
         "output_throughput_tok_s": tokens / duration,
+        # while every loop still kept all its streams running (before its last send)
+        "steady_output_tok_s": sum(p["steady_output_tok_s"] for p in parts),
         "failed": sum(p["failed"] for p in parts),
         "ttft_p50_ms": statistics.median(p["ttft_ms"]["p50"] for p in parts),
         "tpot_p50_ms": statistics.median(p["tpot_ms"]["p50"] for p in parts),
@@ -365,6 +395,7 @@ def main() -> None:
         "router_throughput_ratio": routed["output_throughput_tok_s"]
         / direct["output_throughput_tok_s"],
         "router_ttft_p50_added_ms": routed["ttft_p50_ms"] - direct["ttft_p50_ms"],
+        **steady_ratios(direct, routed, two_direct, two),
         "light_load": light,
         "head_losses": losses,
     }
@@ -385,10 +416,12 @@ def main() -> None:
         f"{args.rounds} rounds (direct and routed rounds alternate). "
         f"Command: `{results['command']}`",
         "",
-        "| Setup | Streams | Output tok/s | TTFT p50 (ms) | TPOT p50 (ms) | Failed |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| Setup | Streams | Output tok/s | Steady tok/s | TTFT p50 (ms) | TPOT p50 (ms) | "
+        "Failed |",
+        "|---|---:|---:|---:|---:|---:|---:|",
         *(
-            f"| {name} | {n} | {r['output_throughput_tok_s']:.1f} | {r['ttft_p50_ms']:.0f} | "
+            f"| {name} | {n} | {r['output_throughput_tok_s']:.1f} | "
+            f"{r['steady_output_tok_s']:.1f} | {r['ttft_p50_ms']:.0f} | "
             f"{r['tpot_p50_ms']:.0f} | {r['failed']} |"
             for (name, r), n in zip(
                 setups,
@@ -408,6 +441,7 @@ def main() -> None:
         f"through the router: **{light['added_p50_ms']:+.1f} ms** (median of the paired "
         "differences).",
         "",
+        *steady_lines(results),
         "CPU seconds each process used in the median round (with its children: engine core, DHT "
         "peer, p2pd), and the load client; the rounds' lengths in seconds:",
         "",
