@@ -63,6 +63,18 @@ def test_loadgen_closed_loop(demo_pipeline, tmp_path):
     )
     assert result["completed"] == 4 and result["failed"] == 0
     assert result["ttft_ms"]["p50"] > 0 and result["output_throughput_tok_s"] > 0
+    assert result["steady_output_tok_s"] >= 0
+
+
+def test_steady_throughput_counts_the_tokens_before_the_last_send():
+    from benchmark.loadgen import RequestResult, steady_throughput
+
+    # sent at 0 and 2 s; tokens at 1, 1.5, 2.5 (first) and 3, 3.5 (second)
+    first = RequestResult(ok=True, ttft=1.0, itl=[0.5, 1.0], output_tokens=3, started=0.0)
+    second = RequestResult(ok=True, ttft=1.0, itl=[0.5], output_tokens=2, started=2.0)
+    assert steady_throughput([first, second], 0.0) == 2 / 2.0
+    everything_at_once = RequestResult(ok=True, ttft=1.0, output_tokens=1, started=0.0)
+    assert steady_throughput([first, everything_at_once], 0.0) == 0.0
 
 
 def test_burst_and_interval_scripts(demo_pipeline, tmp_path):
