@@ -5,9 +5,12 @@
 
 A 2-stage swarm of the demo model (``benchmark/swarm.py``: the head and the follower each on its
 own cores and address). First the head alone serves ``--streams`` concurrent requests; then more
-heads join, up to each count of ``--heads``, and the heads split the same streams evenly, all at
-once, through the one follower. Each setup gets a warm-up burst and ``--rounds`` rounds; the
-median round is reported.
+heads join, up to each count of ``--heads``, and the heads split the same streams evenly, through
+the one follower. A round keeps each head's streams running in a closed loop until it has sent
+``--waves`` x as many requests, each with its own prompt (``--waves 1``: all at once). Each setup
+gets a warm-up burst and ``--rounds`` rounds; the median round is reported, with its steady
+throughput: the tokens that arrived while every stream was still running (before each head's last
+request was sent), over that time.
 
 Every added head runs on the first head's cores, though in a deployment each head has a machine
 of its own. So that the follower, not the heads' shared core, bounds every setup, the heads get
@@ -45,14 +48,20 @@ def log(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-async def load(urls: list[str], prompts: list[list[int]], output_len: int) -> dict:
-    """Split ``prompts`` evenly over the heads at ``urls``, all at once; per head and total."""
+async def load(urls: list[str], prompts: list[list[int]], output_len: int, waves: int = 1) -> dict:
+    """Split ``prompts`` evenly over the heads at ``urls``, each share in a closed loop of
+    ``len(share) // waves`` requests at a time; per head and total."""
     share = len(prompts) // len(urls)
     started = time.perf_counter()
     per_head = await asyncio.gather(
         *(
             run_load(
-                url, SERVED_NAME, prompts[i * share : (i + 1) * share], output_len, progress=False
+                url,
+                SERVED_NAME,
+                prompts[i * share : (i + 1) * share],
+                output_len,
+                concurrency=share // waves,
+                progress=False,
             )  # fmt: skip
             for i, url in enumerate(urls)
         )
@@ -61,6 +70,7 @@ async def load(urls: list[str], prompts: list[list[int]], output_len: int) -> di
     tokens = sum(r["output_throughput_tok_s"] * r["duration_s"] for r in per_head)
     return {
         "output_throughput_tok_s": tokens / duration,
+        "steady_output_tok_s": sum(r["steady_output_tok_s"] for r in per_head),
         "failed": sum(r["failed"] for r in per_head),
         "heads": per_head,
     }
@@ -89,10 +99,10 @@ def follower_counts(url: str) -> dict[str, float]:
 def measure(urls: list[str], args: argparse.Namespace, follower: str) -> dict:
     before = follower_counts(follower)
     started = time.perf_counter()
-    prompts = make_prompts(args.streams, args.input_len, args.vocab, seed=1)
-    asyncio.run(load(urls, prompts[: max(len(urls), len(prompts) // 4)], 16))  # warm-up
+    prompts = make_prompts(args.streams * args.waves, args.input_len, args.vocab, seed=1)
+    asyncio.run(load(urls, prompts[: max(len(urls), args.streams // 4)], 16))  # warm-up
     rounds, median = measure_rounds(
-        lambda: asyncio.run(load(urls, prompts, args.output_len)), args.rounds,
+        lambda: asyncio.run(load(urls, prompts, args.output_len, args.waves)), args.rounds,
         f"{len(urls)} head(s)",
     )  # fmt: skip
     after = follower_counts(follower)
@@ -105,6 +115,7 @@ def measure(urls: list[str], args: argparse.Namespace, follower: str) -> dict:
         "follower_tokens_per_pass": ran["tokens"] / max(ran["passes"], 1.0),
         "follower_ms_per_token": 1000 * ran["busy_s"] / max(ran["tokens"], 1.0),
         "output_throughput_tok_s": statistics.median(r["output_throughput_tok_s"] for r in rounds),
+        "steady_output_tok_s": statistics.median(r["steady_output_tok_s"] for r in rounds),
         "tpot_p50_ms": [h["tpot_ms"]["p50"] for h in median["heads"]],
         "ttft_p50_ms": [h["ttft_ms"]["p50"] for h in median["heads"]],
         "failed": sum(r["failed"] for r in rounds),
@@ -129,6 +140,12 @@ def main() -> None:
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--waves",
+        type=int,
+        default=3,
+        help="requests per stream in a round, sent in a closed loop (1: all at once)",
+    )
     parser.add_argument(
         "--layers",
         type=parse_spans,
@@ -159,7 +176,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.quick:
-        args.streams, args.input_len, args.output_len, args.rounds = 4, 16, 8, 1
+        args.streams, args.input_len, args.output_len, args.rounds, args.waves = 4, 16, 8, 1, 1
         args.heads = [2]
     model = args.model or demo_model()
     args.vocab = prompt_vocab(model)
@@ -196,9 +213,10 @@ def main() -> None:
                 log(f"head {len(urls) + 1} joins")
                 urls.append(swarm.add_head())
             setups.append(measure(urls, args, follower))
-    alone = setups[0]["output_throughput_tok_s"]
+    alone, steady_alone = (setups[0][k] for k in ("output_throughput_tok_s", "steady_output_tok_s"))
     for setup in setups:
         setup["ratio"] = setup["output_throughput_tok_s"] / alone
+        setup["steady_ratio"] = setup["steady_output_tok_s"] / steady_alone if steady_alone else 0
     results = {
         "date": time.strftime("%Y-%m-%d"),
         "model": Path(model).name,
@@ -211,18 +229,21 @@ def main() -> None:
         f"# Heads sharing one follower ({results['date']})",
         "",
         f"Model {results['model']}, 2 stages (layers {spans}), {args.input_len}-token "
-        f"prompts, {args.output_len} output tokens, median of {args.rounds} rounds. "
+        f"prompts, {args.output_len} output tokens; a round keeps the streams running until "
+        f"each head has sent {args.waves} x its share; median of {args.rounds} rounds. "
         f"Command: `{results['command']}`",
         "",
-        "| Setup | Output tok/s (all heads) | Against one head | TPOT p50 per head (ms) "
-        "| Follower: steps joined | busy | tokens per pass | ms per token | Failed |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| Setup | Output tok/s (all heads) | Against one head | Steady: tok/s | against one "
+        "head | TPOT p50 per head (ms) | Follower: steps joined | busy | tokens per pass | ms "
+        "per token | Failed |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for setup in setups:
         heads = setup["heads"]
         lines.append(
             f"| {heads} head{'s' if heads > 1 else ''}, {args.streams // heads} concurrent each "
-            f"| {setup['output_throughput_tok_s']:.1f} | {setup['ratio']:.2f} | "
+            f"| {setup['output_throughput_tok_s']:.1f} | {setup['ratio']:.2f} "
+            f"| {setup['steady_output_tok_s']:.1f} | {setup['steady_ratio']:.2f} | "
             + " / ".join(f"{t:.0f}" for t in setup["tpot_p50_ms"])
             + f" | {setup['joined_share']:.0%} | {setup['follower_busy']:.0%} "
             f"| {setup['follower_tokens_per_pass']:.1f} | {setup['follower_ms_per_token']:.2f} "
