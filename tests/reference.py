@@ -16,6 +16,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import openai
 from conftest import NODE_ENV, QWEN3_ENGINE_FLAGS, NodeProcess
@@ -127,19 +128,24 @@ STREAM_PROMPTS = [
 STREAM_TOKENS = 96
 
 
-async def stream_all(
-    head: NodeProcess, model: str, during: Callable[[], object] | None = None
-) -> list[list[int]]:
-    """Greedy token ids of every ``STREAM_PROMPTS`` prompt, streamed through the ``openai``
-    client (``STREAM_TOKENS`` each, EOS ignored); ``during`` runs (in a thread) once every
-    stream has 16 tokens."""
+async def stream_chunks(
+    base_url: str,
+    api_key: str,
+    model: str,
+    during: Callable[[], object] | None = None,
+    **options: Any,
+) -> list[list[Any]]:
+    """The chunks of every ``STREAM_PROMPTS`` prompt, streamed at once through the ``openai``
+    client (greedy, ``STREAM_TOKENS`` each, EOS ignored, token ids asked for; ``options`` go to
+    ``completions.create``); ``during`` runs (in a thread) once every stream has 16 tokens."""
     client = openai.AsyncOpenAI(
-        base_url=head.base_url + "/v1", api_key="none", max_retries=0, timeout=600
+        base_url=base_url + "/v1", api_key=api_key, max_retries=0, timeout=600
     )
     started = [asyncio.Event() for _ in STREAM_PROMPTS]
 
-    async def one(prompt: str, event: asyncio.Event) -> list[int]:
-        tokens: list[int] = []
+    async def one(prompt: str, event: asyncio.Event) -> list[Any]:
+        chunks: list[Any] = []
+        received = 0
         stream = await client.completions.create(
             model=model,
             prompt=prompt,
@@ -147,12 +153,14 @@ async def stream_all(
             temperature=0.0,
             stream=True,
             extra_body={"ignore_eos": True, "return_token_ids": True},
+            **options,
         )
         async for chunk in stream:
-            tokens += chunk.choices[0].token_ids or []
-            if len(tokens) >= 16:
+            chunks.append(chunk)
+            received += sum(len(choice.token_ids or []) for choice in chunk.choices)
+            if received >= 16:
                 event.set()
-        return tokens
+        return chunks
 
     tasks = [asyncio.create_task(one(p, e)) for p, e in zip(STREAM_PROMPTS, started, strict=True)]
     try:
@@ -162,3 +170,15 @@ async def stream_all(
         return await asyncio.gather(*tasks)
     finally:
         await client.close()
+
+
+async def stream_all(
+    head: NodeProcess, model: str, during: Callable[[], object] | None = None
+) -> list[list[int]]:
+    """Greedy token ids of every ``STREAM_PROMPTS`` prompt, streamed from ``head`` (see
+    :func:`stream_chunks`)."""
+    streams = await stream_chunks(head.base_url, "none", model, during)
+    return [
+        [t for chunk in chunks for choice in chunk.choices for t in choice.token_ids or []]
+        for chunks in streams
+    ]

@@ -24,7 +24,7 @@ import pytest
 from aiohttp import web
 from conftest import QWEN3_ENGINE_FLAGS, NodeProcess, Swarm, free_port
 from probes import eventually, get, scrape, status, value
-from reference import STREAM_PROMPTS, STREAM_TOKENS, assert_same, pipeline_outputs
+from reference import STREAM_TOKENS, assert_same, pipeline_outputs, stream_chunks
 
 from molink.entrypoints.router.heads import Head, HeadDirectory
 from molink.entrypoints.router.stitching import StreamStitcher, not_resumable
@@ -115,41 +115,20 @@ def test_the_router_answers_like_one_vllm_process(scale_out, qwen3_model, qwen3_
 async def streams(router: NodeProcess, model: str, during=None) -> list[dict]:
     """Every ``STREAM_PROMPTS`` prompt streamed through the router at once (greedy, EOS
     ignored): token ids, text, chunk ids and usage; ``during`` runs once all have 16 tokens."""
-    client = openai.AsyncOpenAI(
-        base_url=router.base_url + "/v1", api_key=ROUTER_KEY, max_retries=0, timeout=600
+    results = await stream_chunks(
+        router.base_url, ROUTER_KEY, model, during, stream_options={"include_usage": True}
     )
-    started = [asyncio.Event() for _ in STREAM_PROMPTS]
-
-    async def one(prompt: str, event: asyncio.Event) -> dict:
-        out: dict = {"ids": [], "text": "", "chunk_ids": set(), "usage": None}
-        stream = await client.completions.create(
-            model=model,
-            prompt=prompt,
-            max_tokens=STREAM_TOKENS,
-            temperature=0.0,
-            stream=True,
-            stream_options={"include_usage": True},
-            extra_body={"ignore_eos": True, "return_token_ids": True},
-        )
-        async for chunk in stream:
-            out["chunk_ids"].add(chunk.id)
+    out = []
+    for chunks in results:
+        got: dict = {"ids": [], "text": "", "chunk_ids": {c.id for c in chunks}, "usage": None}
+        for chunk in chunks:
             if chunk.usage is not None:
-                out["usage"] = chunk.usage.model_dump()
+                got["usage"] = chunk.usage.model_dump()
             for choice in chunk.choices:
-                out["ids"] += choice.token_ids or []
-                out["text"] += choice.text
-            if len(out["ids"]) >= 16:
-                event.set()
-        return out
-
-    tasks = [asyncio.create_task(one(p, e)) for p, e in zip(STREAM_PROMPTS, started, strict=True)]
-    try:
-        if during is not None:
-            await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started)), timeout=300)
-            await asyncio.to_thread(during)
-        return await asyncio.gather(*tasks)
-    finally:
-        await client.close()
+                got["ids"] += choice.token_ids or []
+                got["text"] += choice.text
+        out.append(got)
+    return out
 
 
 def router_metric(router: NodeProcess, name: str) -> float:
