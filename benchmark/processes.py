@@ -94,6 +94,17 @@ class ManagedProcess:
     def log_tail(self, chars: int = LOG_TAIL_CHARS) -> str:
         return self.log()[-chars:]
 
+    def dump_stacks(self) -> bool:
+        """Ask a running MoLink node or router to write its threads' stacks to its log
+        (SIGUSR1); False when it isn't one or has exited."""
+        if self.poll() is not None or not any("molink.entrypoints" in arg for arg in self.cmd):
+            return False
+        try:
+            os.kill(self.proc.pid, signal.SIGUSR1)
+        except ProcessLookupError:
+            return False
+        return True
+
     def wait_healthy(self, timeout: float, also: Sequence[ManagedProcess] = ()) -> None:
         """Wait until ``url``/health answers 200; fail early if it (or one of ``also``)
         exits. See :func:`wait_healthy`."""
@@ -145,7 +156,7 @@ def wait_healthy(url: str, watch: Sequence[ManagedProcess], timeout: float) -> N
 
     Raises :class:`ProcessExited` as soon as one of ``watch`` exits, and ``TimeoutError`` after
     ``timeout`` seconds; both quote the end of the log (the exited process's, or the first
-    watched one's).
+    watched one's, after the watched processes wrote their threads' stacks there).
     """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -158,5 +169,7 @@ def wait_healthy(url: str, watch: Sequence[ManagedProcess], timeout: float) -> N
             if r.status == 200:
                 return
         time.sleep(1.0)
-    tail = f"; {watch[0].log_path}:\n{watch[0].log_tail()}" if watch else ""
+    if [p for p in watch if p.dump_stacks()]:
+        time.sleep(1.0)  # the stacks reach the log's end
+    tail = f"; {watch[0].log_path}:\n{watch[0].log_tail(3 * LOG_TAIL_CHARS)}" if watch else ""
     raise TimeoutError(f"{url} not healthy after {timeout:g} s{tail}")

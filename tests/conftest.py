@@ -12,6 +12,8 @@ import os
 import socket
 import subprocess
 import sys
+import time
+import weakref
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -116,6 +118,9 @@ class NodeProcess(ManagedProcess):
     """One MoLink node process with its log file (``log_dir/NAME.log``), in its own process
     group: ``stop()``, ``kill()`` and ``_signal()`` reach its EngineCore and p2pd too."""
 
+    #: Every node this worker started and still references.
+    started: weakref.WeakSet[NodeProcess] = weakref.WeakSet()
+
     def __init__(
         self,
         name: str,
@@ -126,6 +131,7 @@ class NodeProcess(ManagedProcess):
         module: str = "molink.entrypoints.openai.api_server",
         env: dict[str, str] | None = None,
     ):
+        NodeProcess.started.add(self)
         self.is_head = False
         self.port = port
         self.grpc_port = grpc_port
@@ -154,11 +160,18 @@ class NodeProcess(ManagedProcess):
         return f"http://127.0.0.1:{self.port}"
 
     def wait_healthy(self, timeout: float = 300.0) -> None:
-        """Wait until ``/health`` answers 200 (fails early if the process exits)."""
+        """Wait until ``/health`` answers 200 (fails early if the process exits). On a
+        timeout the message also holds the end of every other running node's log, after each
+        wrote its threads' stacks there (a node this one waits for may be the stuck one)."""
         try:
             super().wait_healthy(timeout)
-        except (ProcessExited, TimeoutError) as e:
+        except ProcessExited as e:
             raise AssertionError(str(e)) from None
+        except TimeoutError as e:
+            others = [n for n in NodeProcess.started if n is not self and n.dump_stacks()]
+            time.sleep(1.0 if others else 0.0)
+            logs = "".join(f"\n--- {n.name} ({n.log_path}):\n{n.log_tail(3000)}" for n in others)
+            raise AssertionError(f"{e}{logs}") from None
 
     def _signal(self, sig: int) -> None:
         """Send ``sig`` to the node's whole process group."""

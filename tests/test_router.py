@@ -328,3 +328,18 @@ def test_a_head_slow_to_answer_is_busy_not_gone(monkeypatch: pytest.MonkeyPatch)
             await runner.cleanup()
 
     asyncio.run(run())
+
+
+def test_sigusr1_writes_every_threads_stack_to_the_log(tmp_path):
+    """``kill -USR1`` of a MoLink process (here a router with a head that isn't there) writes
+    its threads' stacks to its log, and it keeps running."""
+    port = free_port()
+    args = ["--head", "http://127.0.0.1:9", "--host", "127.0.0.1", "--port", str(port)]
+    router = NodeProcess("router", args, tmp_path, port, 0, module="molink.entrypoints.router")
+    try:
+        router.wait_healthy()
+        assert router.dump_stacks()
+        eventually(lambda: "most recent call first" in router.log(), timeout=10)
+        assert router.poll() is None
+    finally:
+        router.stop()

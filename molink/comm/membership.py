@@ -118,6 +118,9 @@ class Membership:
         try:
             self._peer_id: str = self._dht.peer_id.to_base58()
             self._dht.run_coroutine(partial(install_parent_watchdog, parent_pid=self._owner_pid))
+            # Asked once: they are fixed by the listen and announce addresses, and asking later
+            # waits on the DHT process (unbounded in hivemind), which a busy DHT can stall.
+            self._maddrs = [str(m) for m in self._dht.get_visible_maddrs()]
         except BaseException:
             self.shutdown()
             raise
@@ -141,9 +144,9 @@ class Membership:
         return self._current
 
     def visible_maddrs(self) -> list[str]:
-        """Multiaddrs (``/ip4/…/tcp/…/p2p/<id>``) other peers can use as ``initial_peers``."""
-        with self._dht_lock:
-            return [str(m) for m in self._dht.get_visible_maddrs()]
+        """Multiaddrs (``/ip4/…/tcp/…/p2p/<id>``) other peers can use as ``initial_peers``
+        (read at start: answering never waits on the DHT process)."""
+        return list(self._maddrs)
 
     def announce(self, ann: NodeAnnouncement, period: float = ANNOUNCE_PERIOD_S) -> None:
         """Publish ``ann`` now and re-publish it every ``period`` seconds until withdrawn.

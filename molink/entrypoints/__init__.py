@@ -5,8 +5,10 @@ gRPC read it (explicit settings by the user win).
 """
 
 import contextlib
+import faulthandler
 import gc
 import os
+import signal
 from collections.abc import Iterator
 
 # PP through our executor needs the V1 model runner (V2 broadcasts tokens over torch.distributed).
@@ -30,3 +32,10 @@ def imports_without_gc() -> Iterator[None]:
     finally:
         gc.enable()
         gc.freeze()  # module-level objects live as long as the process: collections skip them
+
+
+def dump_stacks_on_sigusr1() -> None:
+    """``kill -USR1 PID`` writes the stack of every thread of this process to its log (stderr):
+    what a process that stopped answering waits on. A C-level handler: it answers even when
+    every Python thread is stuck."""
+    faulthandler.register(signal.SIGUSR1, all_threads=True)

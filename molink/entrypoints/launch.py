@@ -23,6 +23,7 @@ from vllm.logger import init_logger
 
 from molink.comm.chain import Chain
 from molink.config import MoLinkConfig
+from molink.entrypoints import dump_stacks_on_sigusr1
 from molink.entrypoints.http_auth import api_key_guard, api_keys, status_bind_host
 from molink.entrypoints.node import Node
 from molink.security.settings import is_loopback
@@ -37,6 +38,7 @@ async def run_node(
     args: argparse.Namespace, serve_head: Callable[[AsyncEngineArgs, Node], Awaitable[None]]
 ) -> None:
     """Start this node from parsed flags and serve until shut down; always leaves the swarm."""
+    dump_stacks_on_sigusr1()
     config = MoLinkConfig.from_args(args)
     fix_prompt_tail_detokenization()  # the head's API server detokenizes
     tolerate_vanishing_children()  # ... and stops its EngineCore, whose DHT child stops too

@@ -13,6 +13,7 @@ from aiohttp import web
 from vllm.logger import configure_logging_from_args, init_logger
 
 from molink.comm.announcement import check_api_url
+from molink.entrypoints import dump_stacks_on_sigusr1
 from molink.security.settings import SecurityFiles, is_loopback
 from molink.security.swarm_security import SwarmSecurity
 
@@ -71,6 +72,7 @@ def make_parser(prog: str | None = None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = make_parser(prog).parse_args(argv)
     configure_logging_from_args(args)
+    dump_stacks_on_sigusr1()
     if not args.initial_peer and not args.head:
         logger.error("Name the swarm (--initial_peer HOST:PORT) or heads (--head URL)")
         return 2
