@@ -91,16 +91,17 @@ class LogForm:
             and h.dtype == r.dtype == torch.float32
         ):
             return {SUM: torch.add(h, r).cpu()}  # [n, hidden]
-        return {name: self._narrowed(t).to("cpu", copy=True) for name, t in rows.items()}
+        return {name: self._host_copy(t) for name, t in rows.items()}
 
-    def _narrowed(self, t: torch.Tensor) -> torch.Tensor:
+    def _host_copy(self, t: torch.Tensor) -> torch.Tensor:
+        """A host copy of ``t``, in the narrower dtype if there is one (one copy either way)."""
         if (
             self.dtype is not None
             and t.is_floating_point()
             and self.dtype.itemsize < t.element_size()
         ):
-            return t.to(self.dtype)
-        return t
+            return t.to(device="cpu", dtype=self.dtype)
+        return t.to("cpu", copy=True)
 
     @staticmethod
     def unpack(rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
