@@ -198,3 +198,25 @@ def test_p2pd_dies_with_a_killed_parent() -> None:
         return all((s := proc_stat(pid)) is None or s[1] == "Z" for pid in pids)
 
     eventually(all_gone, what="the orphaned DHT process and p2pd to exit")
+
+
+def test_a_ready_dht_that_doesnt_answer_is_started_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A DHT process that comes up but gives no answer (a hung fork) is shut down and started
+    again, instead of hanging the node in an unbounded wait."""
+    from molink.comm import dht_process
+
+    answers = dht_process._first_answers
+    calls: list[int] = []
+
+    def no_answer_the_first_time(dht):  # noqa: ANN001, ANN202
+        calls.append(dht.pid)
+        return None if len(calls) == 1 else answers(dht)
+
+    monkeypatch.setattr(dht_process, "_first_answers", no_answer_the_first_time)
+    member = Membership(host="127.0.0.1")
+    try:
+        assert len(calls) == 2 and calls[0] != calls[1]  # a second process
+        assert member.visible_maddrs()
+        eventually(lambda: proc_stat(calls[0]) is None, timeout=15, what="first DHT gone")
+    finally:
+        member.shutdown()

@@ -18,6 +18,7 @@ import os
 import signal
 import socket
 import time
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from vllm.logger import init_logger
@@ -32,6 +33,8 @@ _P2PD_EXIT_TIMEOUT = 5.0
 #: Times a DHT process that dies or hangs while starting is started (forking a process with
 #: gRPC threads crashes the child now and then, sometimes twice in a row).
 DHT_START_ATTEMPTS = 3
+#: Seconds a DHT process that is ready has to answer its first calls.
+FIRST_ANSWER_TIMEOUT_S = 30.0
 # Inside the DHT process: keeps the parent watchdog task referenced.
 _WATCHDOG_TASKS: set[asyncio.Task[None]] = set()
 
@@ -102,12 +105,32 @@ async def install_parent_watchdog(
     _WATCHDOG_TASKS.add(asyncio.get_running_loop().create_task(watch()))
 
 
-def start_dht(dht_args: dict[str, Any], startup_timeout: float) -> hivemind.DHT:
-    """Start hivemind's DHT process and wait until it is ready, noticing if it dies.
+def _first_answers(dht: hivemind.DHT) -> list[str] | None:
+    """Install the parent watchdog in a ready DHT process and read its visible multiaddrs;
+    None when it doesn't answer within :data:`FIRST_ANSWER_TIMEOUT_S`."""
+    import hivemind
 
-    ``hivemind.DHT(start=True)`` waits for readiness without a bound, so a DHT process that
-    crashes or hangs while starting (a forked child of a process with gRPC threads, rarely)
-    would hang the node forever; here it is tried :data:`DHT_START_ATTEMPTS` times, then raised.
+    deadline = time.monotonic() + FIRST_ANSWER_TIMEOUT_S
+    try:
+        watchdog = partial(install_parent_watchdog, parent_pid=os.getpid())
+        dht.run_coroutine(watchdog, return_future=True).result(timeout=FIRST_ANSWER_TIMEOUT_S)
+        read = partial(hivemind.DHT._get_visible_maddrs, latest=False)
+        left = max(deadline - time.monotonic(), 1.0)
+        return [str(m) for m in dht.run_coroutine(read, return_future=True).result(timeout=left)]
+    except TimeoutError:
+        return None
+
+
+def start_dht(dht_args: dict[str, Any], startup_timeout: float) -> tuple[hivemind.DHT, list[str]]:
+    """Start hivemind's DHT process, wait until it is ready and answers, noticing if it dies;
+    returns it with its visible multiaddrs.
+
+    ``hivemind.DHT(start=True)`` waits for readiness without a bound, and so does every later
+    call that waits for an answer, so a DHT process that crashes or hangs while starting (a
+    forked child of a process with gRPC threads, rarely) would hang the node forever. Here the
+    new process must also answer two calls (installing :func:`install_parent_watchdog`, then
+    its multiaddrs) within :data:`FIRST_ANSWER_TIMEOUT_S`; it is tried
+    :data:`DHT_START_ATTEMPTS` times, then raised.
     """
     import hivemind
 
@@ -118,7 +141,6 @@ def start_dht(dht_args: dict[str, Any], startup_timeout: float) -> hivemind.DHT:
         while True:
             try:
                 dht.wait_until_ready(timeout=0.5)
-                return dht
             except TimeoutError:
                 if time.monotonic() > deadline:
                     dht.shutdown()
@@ -139,6 +161,18 @@ def start_dht(dht_args: dict[str, Any], startup_timeout: float) -> hivemind.DHT:
                         ) from None
                     time.sleep(1.0)  # (a crash of the fork is a race: a moment later it isn't)
                     break
+                continue
+            maddrs = _first_answers(dht)
+            if maddrs is not None:
+                return dht, maddrs
+            dht.shutdown()
+            if attempt == DHT_START_ATTEMPTS:
+                raise TimeoutError(f"the DHT process didn't answer, {attempt} times")
+            logger.warning(
+                "The DHT process started but didn't answer in %.0f s; starting it again",
+                FIRST_ANSWER_TIMEOUT_S,
+            )
+            break
     raise AssertionError("unreachable")
 
 

@@ -26,24 +26,19 @@ import re
 import threading
 import time
 from collections.abc import Sequence
-from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from vllm.logger import init_logger
 
 from molink.comm.announcement import NodeAnnouncement
 from molink.comm.dht_process import (
     free_port,
-    install_parent_watchdog,
     maddr,
     proc_children,
     reap_p2pd,
     start_dht,
 )
 from molink.security.swarm_security import SwarmSecurity
-
-if TYPE_CHECKING:
-    import hivemind
 
 logger = init_logger(__name__)
 
@@ -112,15 +107,13 @@ class Membership:
             dht_args["announce_maddrs"] = [maddr(announce_host, port)]
         dht_args.update(self._security.dht_kwargs())
         dht_args.update(dht_kwargs)
-        self._dht: hivemind.DHT = start_dht(dht_args, startup_timeout)
+        # The multiaddrs are read once, at start: they are fixed by the listen and announce
+        # addresses, and asking later would wait on the DHT process (unbounded in hivemind).
+        self._dht, self._maddrs = start_dht(dht_args, startup_timeout)
         self._p2pd = proc_children(self._dht.pid, "p2pd") if self._dht.pid else []
         atexit.register(self._atexit)
         try:
             self._peer_id: str = self._dht.peer_id.to_base58()
-            self._dht.run_coroutine(partial(install_parent_watchdog, parent_pid=self._owner_pid))
-            # Asked once: they are fixed by the listen and announce addresses, and asking later
-            # waits on the DHT process (unbounded in hivemind), which a busy DHT can stall.
-            self._maddrs = [str(m) for m in self._dht.get_visible_maddrs()]
         except BaseException:
             self.shutdown()
             raise
