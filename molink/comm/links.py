@@ -32,6 +32,8 @@ from molink.telemetry import metrics
 logger = init_logger(__name__)
 
 _CLOSE = object()
+#: Seconds a closed link's queued steps have to reach the next stage.
+CLOSE_GRACE_S = 10.0
 
 
 def connect(
@@ -148,12 +150,22 @@ class NextHopLink:
         self._on_broken = on_broken
         self._queue: queue.Queue[object] = queue.Queue()
         self._closed = False
+        self._lock = threading.Lock()  # a step is either queued before the close, or dropped
+        self.last_step = 0  # id of the last step (not a replay step) queued before the close
         self._channel, stub = connect(address, security)
         self._call = stub.Steps.future(self._requests())
         self._call.add_done_callback(self._done)
 
     def emit(self, work: StepWork, output: StageOutput) -> None:
-        self._queue.put((work, output))
+        self._put(work, output)
+
+    def _put(self, work: StepWork, output: StageOutput | str) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._queue.put((work, output))
+            if not work.replay:
+                self.last_step = max(self.last_step, work.step_id)
 
     def stats(self) -> dict[str, float | str]:
         """Bytes sent on this hop, in all and per scheduled token (activations + step data)."""
@@ -168,13 +180,31 @@ class NextHopLink:
 
     def fail(self, work: StepWork, error: str) -> None:
         # The next stage passes the error on to the last stage, which reports it to the head.
-        self._queue.put((work, error))
+        self._put(work, error)
 
     def close(self) -> None:
-        """End the stream (the receiver sees a clean end)."""
-        self._closed = True
-        self._queue.put(_CLOSE)
+        """End the stream: the receiver sees a clean end, after the steps queued before (the
+        channel closes when the call ends, or after :data:`CLOSE_GRACE_S` at the latest)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._queue.put(_CLOSE)
+        timer = threading.Timer(CLOSE_GRACE_S, self._channel.close)
+        timer.daemon = True
+        timer.start()
+
+    def abort(self) -> None:
+        """Break the stream off (the receiver sees an error: it may have missed steps)."""
+        with self._lock:
+            self._closed = True
+            self._queue.put(_CLOSE)
+        self._call.cancel()
         self._channel.close()
+
+    def backlog(self) -> int:
+        """Steps queued here, not yet handed to gRPC."""
+        return self._queue.qsize()
 
     def _requests(self) -> Iterator[molink_pb2.Step]:
         while True:
@@ -198,6 +228,7 @@ class NextHopLink:
     def _done(self, call: grpc.Future) -> None:
         """Report why the stream ended (``on_broken`` gets e.g. "UNAVAILABLE: Socket closed")."""
         if self._closed:
+            self._channel.close()
             return
         try:
             call.result()
@@ -208,6 +239,16 @@ class NextHopLink:
             reason = type(e).__name__
         logger.warning("Lost the next stage %s (%s)", self.address, reason)
         self._on_broken(reason)
+
+
+def standby_link(address: str, wire: codec.WireFormat, security: SwarmSecurity) -> NextHopLink:
+    """A link that mirrors steps to a hot standby at ``address`` (:mod:`molink.core.hot_standby`):
+    when it breaks, only the mirroring stops (the standby sees its stream break)."""
+
+    def broken(reason: str) -> None:
+        logger.warning("Lost the hot standby %s (%s): no longer mirroring to it", address, reason)
+
+    return NextHopLink(address, wire, on_broken=broken, security=security)
 
 
 class ResultStream:
