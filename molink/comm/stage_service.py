@@ -28,6 +28,7 @@ from molink.comm.grpc_options import SERVER_OPTIONS
 from molink.comm.links import ResultStream, connect
 from molink.comm.proto import molink_pb2, molink_pb2_grpc
 from molink.comm.relay_hub import RelayHub
+from molink.core.hot_standby import Hot
 from molink.security.swarm_security import SwarmSecurity
 from molink.stage_spec import StageConfig
 from molink.telemetry import metrics
@@ -38,6 +39,8 @@ logger = init_logger(__name__)
 MAX_NONCE_BYTES = 64
 #: Seconds a dial-back waits for the asker to answer at its address.
 DIAL_BACK_TIMEOUT_S = 3.0
+#: Sessions a step stream's break is reported for (a stream carries one head's steps).
+MAX_STREAM_SESSIONS = 16
 
 
 class StageNotReady(RuntimeError):
@@ -59,9 +62,12 @@ class StageBackend(Protocol):
         next_address: str,
         epoch: int,
         standby: bool = False,
-    ) -> None: ...
+        hot: Hot | None = None,
+    ) -> list[int]: ...
 
     def submit(self, msg: molink_pb2.Step) -> None: ...
+
+    def steps_broken(self, session_ids: set[str]) -> None: ...
 
     def result_stream(self, session_id: str, epoch: int) -> ResultStream: ...
 
@@ -112,35 +118,46 @@ class StageService(molink_pb2_grpc.MoLinkNodeServicer):
             context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
         return molink_pb2.InitStageReply(kv_cache_spec=spec, available_kv_bytes=available)
 
-    def StartStage(self, request, context) -> molink_pb2.Empty:  # noqa: N802
+    def StartStage(self, request, context) -> molink_pb2.StartStageReply:  # noqa: N802
         host = self._require_host(context)
+        held: list[int] = []
         try:
             kv_cache_config = codec.loads(request.kv_cache_config)
-            host.start_stage(
+            hot = Hot(
+                standby=request.hot and request.standby,
+                mirror_address=request.mirror_address if request.hot else "",
+                drain=(request.drain_epoch, request.drain_step),
+            )
+            held = host.start_stage(
                 request.session,
                 kv_cache_config,
                 request.next_address,
                 request.epoch,
                 standby=request.standby,
+                hot=hot,
             )
         except (StageNotReady, ValueError) as e:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
         except Exception as e:
             logger.exception("StartStage failed")
             context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
-        return molink_pb2.Empty()
+        return molink_pb2.StartStageReply(kv_held=held)
 
     def Steps(self, request_iterator, context) -> molink_pb2.Empty:  # noqa: N802
         host = self._require_host(context)
+        sessions: set[str] = set()  # whose steps this stream carried
         try:
             received = metrics.BYTES_RECEIVED.labels("steps")
             for step in request_iterator:
                 received.inc(step.ByteSize())
+                if len(sessions) < MAX_STREAM_SESSIONS:
+                    sessions.add(step.session)
                 host.submit(step)
         except StageNotReady as e:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
         except grpc.RpcError:
             logger.info("previous stage closed its step stream")
+            host.steps_broken(sessions)
         except Exception as e:
             logger.exception("bad step from the previous stage")
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{type(e).__name__}: {e}")

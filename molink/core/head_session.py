@@ -19,6 +19,7 @@ from typing import Any
 
 from vllm.v1.core.sched.output import SchedulerOutput
 
+from molink.core.hot_standby import KVValidity
 from molink.core.kv_regions import Region
 from molink.stage_spec import StageConfig
 
@@ -42,6 +43,9 @@ class HeadSession:
     results: Any = None  # molink.comm.links.ResultStream the head listens to
     next_link: Any = None  # molink.comm.links.NextHopLink to the next stage of its chain
     listening: bool = False  # the head subscribed to ``results``
+    # Set while this stage is the head's hot standby (molink.core.hot_standby) and after, until
+    # the head takes it into its chain: what its KV blocks hold.
+    hot: KVValidity | None = None
     claimed_at: float = field(default_factory=time.monotonic)
 
     def admit(self, so: SchedulerOutput) -> None:

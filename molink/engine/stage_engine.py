@@ -78,13 +78,23 @@ class StageEngine:
         """Queue a step; steps of an older epoch than their session's are dropped."""
         self._queue.put(work)
 
-    def start_epoch(self, session: HeadSession, epoch: int, sink: StepSink | None) -> None:
+    def start_epoch(self, session: HeadSession, epoch: int, sink: StepSink | None) -> list[int]:
         """Drop the session's queued steps, forget its requests, go on with ``epoch`` into
         ``sink``.
 
-        Runs on the compute thread, so it never interleaves with a step; returns when done.
+        Runs on the compute thread, so it never interleaves with a step; returns when done, with
+        what a hot standby's KV blocks held then (:meth:`KVValidity.snapshot
+        <molink.core.hot_standby.KVValidity.snapshot>` of the head's blocks; [] for others).
         """
-        self._on_compute_thread(lambda: self._reset(session, epoch, sink))
+        held: list[int] = []
+
+        def reset() -> None:
+            if session.hot is not None and session.region is not None:
+                held.extend(session.hot.snapshot(session.region.ids))
+            self._reset(session, epoch, sink)
+
+        self._on_compute_thread(reset)
+        return held
 
     def end_session(self, session: HeadSession) -> None:
         """Forget a head: its requests, queued steps and sink (returns when done)."""
@@ -293,6 +303,11 @@ class StageEngine:
                 sink.fail(work, f"{self.name}: {type(e).__name__}: {e}")
             return
         compute = time.monotonic() - start
+        for work in steps:
+            hot = self.sessions[work.session].hot
+            if hot is not None and not work.replay:  # a hot standby: what its KV blocks hold
+                written = self.worker.kv_positions_written(work.scheduler_output)
+                hot.written(work.epoch, work.step_id, written)
         tokens = sum(work.scheduler_output.total_num_scheduled_tokens for work in steps)
         self.busy_seconds += compute
         self.steps_done += len(steps)

@@ -24,7 +24,6 @@ A node that is shutting down tells every head on its stream first.
 
 from __future__ import annotations
 
-import hashlib
 import threading
 import time
 from typing import Any
@@ -35,12 +34,14 @@ from vllm.logger import init_logger
 from vllm.v1.kv_cache_interface import KVCacheConfig
 
 from molink.comm import codec
-from molink.comm.links import NextHopLink, ResultStream, decode_step
+from molink.comm.links import ResultStream, decode_step
 from molink.comm.proto import molink_pb2
 from molink.comm.stage_service import StageNotReady
 from molink.core.head_session import HeadSession
+from molink.core.hot_standby import Hot
 from molink.core.kv_regions import KVRegions, Region
 from molink.engine.kv_claims import claim_with_shrinks
+from molink.engine.session_wiring import close_links, describe, stand_by_hot, wire_next_hop
 from molink.engine.stage_config import stage_engine_config
 from molink.engine.stage_engine import StageEngine
 from molink.engine.stage_fit import difference, kv_plan_misfit, same_worker
@@ -54,6 +55,8 @@ logger = init_logger(__name__)
 CLAIM_LEASE_S = 60.0
 #: Seconds a claim waits for other heads to shrink to their fair share.
 SHRINK_WAIT_S = 60.0
+#: Seconds a hot standby may take to run the steps mirrored to it before it changes epoch.
+HOT_DRAIN_S = 10.0
 
 
 class StageHost:
@@ -101,10 +104,11 @@ class StageHost:
 
     @property
     def state(self) -> str:
-        """ "idle" (no head yet), "loaded" (built, on standby or between heads) or "serving"."""
+        """ "idle" (no head yet), "loaded" (built, on standby, hot or not, or between heads) or
+        "serving"."""
         if self.engine is None:
             return "idle"
-        return "serving" if self._serving() else "loaded"
+        return "serving" if any(s.hot is None for s in self._serving()) else "loaded"
 
     @property
     def serving_span(self) -> tuple[int, int] | None:
@@ -123,24 +127,8 @@ class StageHost:
 
         Read without the lock (a build holds it for long); a head ending meanwhile is skipped.
         """
-        heads = []
-        for s in self._serving():
-            region, link = s.region, s.next_link
-            if region is None:
-                continue
-            heads.append(
-                {
-                    "head": s.label,
-                    "session": hashlib.sha256(s.id.encode()).hexdigest()[:12],
-                    "epoch": s.epoch,
-                    "kv_blocks": region.blocks,
-                    "kv_bytes": region.blocks * self.block_bytes,
-                    "kv_block_runs": region.runs(),
-                    "requests": self.engine.requests_of(s.id) if self.engine else 0,
-                    "next_hop": link.stats() if link else None,
-                }
-            )
-        return heads
+        found = (describe(s, self.engine, self.block_bytes) for s in self._serving())
+        return [head for head in found if head is not None]
 
     def init_stage(
         self, config: StageConfig, session_id: str, label: str = ""
@@ -260,12 +248,20 @@ class StageHost:
         next_address: str,
         epoch: int,
         standby: bool = False,
-    ) -> None:
+        hot: Hot | None = None,
+    ) -> list[int]:
         """Claim the head's KV blocks; unless ``standby``, reset and wire the head's ``epoch``.
+
+        With ``hot``, a standby claims its blocks too and computes the head's steps that the
+        stage before it mirrors (``hot.standby``); a serving stage mirrors its steps to
+        ``hot.mirror_address``. A hot standby first runs the mirrored steps of the epoch it
+        followed (``hot.drain``), and returns what its KV blocks hold (see
+        :class:`~molink.core.hot_standby.KVValidity`); others return [].
 
         Raises ``ValueError`` (:class:`~molink.core.kv_regions.NoRoom`) when the head's plan
         doesn't fit.
         """
+        hot = hot or Hot()
         with self._lock:
             self.expire_claims()
             session = self.sessions.get(session_id)
@@ -278,28 +274,23 @@ class StageHost:
             why = kv_plan_misfit(kv_cache_config, self.kv_cache_config)
             if why:
                 raise ValueError(f"the head's KV cache plan doesn't fit this stage: {why}")
-            if standby:
+            if standby and not hot.standby:
                 logger.info("Standing by for layers %d-%d", *self.serving_span)  # type: ignore[str-format]
-                return
+                return []
             session.region = self._claim(session, kv_cache_config.num_blocks)
-            self._close_links(session)
+            close_links(session)
+            if session.hot is not None:  # a hot standby changing epoch
+                session.hot.drain(*hot.drain, HOT_DRAIN_S)
             session.results = results = ResultStream(epoch)
             session.listening = False
             session.claimed_at = time.monotonic()
-            sink: Any = results
-            if next_address:
-                wire = codec.WireFormat.from_names(
-                    session.config.wire_dtype, session.config.wire_compression
-                )
-                session.next_link = sink = NextHopLink(
-                    next_address,
-                    wire,
-                    on_broken=lambda reason: results.report(
-                        f"lost the next stage {next_address} ({reason})"
-                    ),
-                    security=self.security,
-                )
-            self.engine.start_epoch(session, epoch, sink)
+            if standby:
+                block_size = self._vllm_config.cache_config.block_size
+                stand_by_hot(self.engine, session, epoch, self.serving_span, block_size)  # type: ignore[arg-type]
+                return []
+            sink = wire_next_hop(session, results, next_address, hot.mirror_address, self.security)
+            held = self.engine.start_epoch(session, epoch, sink)
+            session.hot = None
             logger.info(
                 "Serving layers %d-%d for head %s, epoch %d -> %s (%d KV blocks: %s)",
                 *self.serving_span,  # type: ignore[misc]
@@ -309,6 +300,20 @@ class StageHost:
                 session.region.blocks,
                 ", ".join(f"{a}-{a + n - 1}" for a, n in session.region.runs()),
             )
+            if held:
+                logger.info(
+                    "This node was the head's hot standby: its KV cache holds %d positions",
+                    sum(held),
+                )
+            return held
+
+    def steps_broken(self, session_ids: set[str]) -> None:
+        """A stream of steps for these heads broke off: a hot standby among them may have missed
+        steps, so what its KV cache holds is forgotten."""
+        for session_id in session_ids:
+            session = self.sessions.get(session_id)
+            if session is not None and session.hot is not None:
+                session.hot.clear("its step stream broke")
 
     def _claim(self, session: HeadSession, blocks: int) -> Region:
         """Claim ``blocks`` for ``session``, asking heads over their share to shrink."""
@@ -375,7 +380,7 @@ class StageHost:
         worker teardown is skipped (it collects the whole heap: seconds of CPU)."""
         with self._lock:
             for session in list(self.sessions.values()):
-                self._close_links(session)
+                close_links(session)
             if self.engine is not None:
                 self.engine.shutdown()
 
@@ -394,11 +399,12 @@ class StageHost:
 
     def _end(self, session: HeadSession) -> None:
         """Stop serving ``session``: links closed, requests forgotten, KV blocks freed."""
-        self._close_links(session)
+        close_links(session)
         if self.engine is not None and session.id in self.engine.sessions:
             self.engine.end_session(session)
         self.regions.release(session.id)
         session.region = None
+        session.hot = None  # its blocks may go to another head
         self._room_freed.notify_all()
 
     def _offer_growth(self) -> None:
@@ -407,15 +413,6 @@ class StageHost:
             if (other := self.sessions.get(owner)) and other.results is not None:
                 logger.info("Offering head %s up to %d KV blocks", other.label or "?", share)
                 other.results.offer_growth(share)
-
-    @staticmethod
-    def _close_links(session: HeadSession) -> None:
-        if session.next_link is not None:
-            session.next_link.close()
-            session.next_link = None
-        if session.results is not None:
-            session.results.close()
-            session.results = None
 
     def _shutdown_worker(self) -> None:
         if self.engine is not None:

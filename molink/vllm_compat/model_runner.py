@@ -244,3 +244,25 @@ def scheduled_rows(runner: Any, scheduler_output: SchedulerOutput) -> list[tuple
         for req_id in runner.input_batch.req_ids
         if req_id in scheduled
     ]
+
+
+def kv_positions_written(
+    runner: Any, scheduler_output: SchedulerOutput
+) -> list[tuple[int, int, list[int]]]:
+    """What the step ``runner`` just ran wrote into the KV cache: (first position, positions,
+    the request's block ids of its first KV cache group) per request it computed.
+
+    Needs from vLLM: the runner's ``CachedRequestState.block_ids`` hold each request's blocks
+    after the step (``_update_states``); the scheduler output gives each request's computed
+    tokens before it (as for :func:`scheduled_rows`).
+    """
+    computed = {r.req_id: r.num_computed_tokens for r in scheduler_output.scheduled_new_reqs}
+    cached = scheduler_output.scheduled_cached_reqs
+    computed.update(zip(cached.req_ids, cached.num_computed_tokens, strict=True))
+    states = runner_requests(runner)
+    written = []
+    for req_id, num in scheduler_output.num_scheduled_tokens.items():
+        state = states.get(req_id)
+        if state is not None and num > 0 and req_id in computed:
+            written.append((computed[req_id], num, list(request_block_ids(state)[0])))
+    return written

@@ -35,6 +35,7 @@ from molink.vllm_compat.kv_cache import align_mamba_block_size
 from molink.vllm_compat.model_runner import (
     ensure_intermediate_tensors,
     install_request_state,
+    kv_positions_written,
     mamba_alignment_where_held,
     reorders_rows,
     request_block_ids,
@@ -146,6 +147,11 @@ class StageHooks:
     def can_join(self, so: SchedulerOutput) -> bool:
         """Whether step ``so`` may share a forward pass with other heads' steps here."""
         return not reorders_rows(self.model_runner) and can_join(so)
+
+    def kv_positions_written(self, so: SchedulerOutput) -> list[tuple[int, int, list[int]]]:
+        """(First position, positions, block ids) of each request step ``so``, just run, wrote
+        into the KV cache (for a hot standby's :class:`~molink.core.hot_standby.KVValidity`)."""
+        return kv_positions_written(self.model_runner, so)
 
     def step_limits(self) -> tuple[int, int]:
         """(Tokens, requests) one forward pass may hold at most."""

@@ -91,18 +91,32 @@ class InitStageReply(_message.Message):
     def __init__(self, kv_cache_spec: _Optional[bytes] = ..., available_kv_bytes: _Optional[int] = ...) -> None: ...
 
 class StartStageRequest(_message.Message):
-    __slots__ = ("kv_cache_config", "next_address", "epoch", "standby", "session")
+    __slots__ = ("kv_cache_config", "next_address", "epoch", "standby", "session", "hot", "mirror_address", "drain_epoch", "drain_step")
     KV_CACHE_CONFIG_FIELD_NUMBER: _ClassVar[int]
     NEXT_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     STANDBY_FIELD_NUMBER: _ClassVar[int]
     SESSION_FIELD_NUMBER: _ClassVar[int]
+    HOT_FIELD_NUMBER: _ClassVar[int]
+    MIRROR_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    DRAIN_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    DRAIN_STEP_FIELD_NUMBER: _ClassVar[int]
     kv_cache_config: bytes
     next_address: str
     epoch: int
     standby: bool
     session: str
-    def __init__(self, kv_cache_config: _Optional[bytes] = ..., next_address: _Optional[str] = ..., epoch: _Optional[int] = ..., standby: _Optional[bool] = ..., session: _Optional[str] = ...) -> None: ...
+    hot: bool
+    mirror_address: str
+    drain_epoch: int
+    drain_step: int
+    def __init__(self, kv_cache_config: _Optional[bytes] = ..., next_address: _Optional[str] = ..., epoch: _Optional[int] = ..., standby: _Optional[bool] = ..., session: _Optional[str] = ..., hot: _Optional[bool] = ..., mirror_address: _Optional[str] = ..., drain_epoch: _Optional[int] = ..., drain_step: _Optional[int] = ...) -> None: ...
+
+class StartStageReply(_message.Message):
+    __slots__ = ("kv_held",)
+    KV_HELD_FIELD_NUMBER: _ClassVar[int]
+    kv_held: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, kv_held: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Step(_message.Message):
     __slots__ = ("step_id", "epoch", "scheduler_output", "sample", "grammar_output", "tensors", "error", "timings", "session", "replay", "replay_layer", "row_order")

@@ -47,7 +47,7 @@ class MoLinkNodeStub:
         self.StartStage = channel.unary_unary(
                 '/molink.MoLinkNode/StartStage',
                 request_serializer=molink_dot_comm_dot_proto_dot_molink__pb2.StartStageRequest.SerializeToString,
-                response_deserializer=molink_dot_comm_dot_proto_dot_molink__pb2.Empty.FromString,
+                response_deserializer=molink_dot_comm_dot_proto_dot_molink__pb2.StartStageReply.FromString,
                 _registered_method=True)
         self.Steps = channel.stream_unary(
                 '/molink.MoLinkNode/Steps',
@@ -161,7 +161,7 @@ def add_MoLinkNodeServicer_to_server(servicer, server):
             'StartStage': grpc.unary_unary_rpc_method_handler(
                     servicer.StartStage,
                     request_deserializer=molink_dot_comm_dot_proto_dot_molink__pb2.StartStageRequest.FromString,
-                    response_serializer=molink_dot_comm_dot_proto_dot_molink__pb2.Empty.SerializeToString,
+                    response_serializer=molink_dot_comm_dot_proto_dot_molink__pb2.StartStageReply.SerializeToString,
             ),
             'Steps': grpc.stream_unary_rpc_method_handler(
                     servicer.Steps,
@@ -274,7 +274,7 @@ class MoLinkNode:
             target,
             '/molink.MoLinkNode/StartStage',
             molink_dot_comm_dot_proto_dot_molink__pb2.StartStageRequest.SerializeToString,
-            molink_dot_comm_dot_proto_dot_molink__pb2.Empty.FromString,
+            molink_dot_comm_dot_proto_dot_molink__pb2.StartStageReply.FromString,
             options,
             channel_credentials,
             insecure,
