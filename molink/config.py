@@ -277,6 +277,16 @@ class MoLinkConfig:
         "largest requests' logs are dropped and those requests recompute after a loss "
         "(default %(default)g).",
     )
+    hot_standby: bool = flag(
+        False,
+        "--hot-standby",
+        action="store_true",
+        help="Head (with --recovery replay): a standby that holds exactly the span of a stage of "
+        "the chain also computes every step beside it, mirrored by the stage before, and keeps "
+        "its KV cache: when the serving node is lost, the standby takes over with nothing (or "
+        "little) to replay. It costs the standby's compute and the mirrored activations' "
+        "bandwidth.",
+    )
     leave_timeout: float = flag(
         30.0,
         "--leave-timeout",

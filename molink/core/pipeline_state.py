@@ -35,7 +35,11 @@ CAUSES = {
     "stage_loss": "its pipeline broke",
     "kv_resize": "the KV cache was resized for the heads sharing a stage",
     "rebalance": "the head moved to a less loaded replica",
+    "hot_standby": "a standby became hot",
 }
+#: Interruptions after which the requests keep running and every stage keeps its KV cache (a
+#: lost span's new node is refilled by replay, when the head recovers by replay).
+KEEPS_KV_CAUSES = frozenset({"stage_loss", "hot_standby"})
 
 
 class PipelineState:

@@ -23,12 +23,13 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class ReplayItem:
-    """Positions [0, num_tokens) of one request, to be replayed into ``block_ids``."""
+    """Positions [start, num_tokens) of one request, to be replayed into ``block_ids``."""
 
     req_id: str
     token_ids: tuple[int, ...]  # the request's first num_tokens tokens
     block_ids: tuple[int, ...]  # its blocks holding those positions, in order
     num_tokens: int
+    start: int = 0  # positions before it are held already (by a former hot standby)
 
 
 ReplayPlan = dict[str, ReplayItem]

@@ -40,7 +40,13 @@ from vllm.v1.outputs import ModelRunnerOutput
 from vllm.v1.request import Request, RequestStatus
 
 from molink.core.micro_batching import MicroBatchPlan, plan_micro_batch
-from molink.core.pipeline_state import CAUSES, EPOCH_ATTR, PIPELINE_STATE, StageLostOutput
+from molink.core.pipeline_state import (
+    CAUSES,
+    EPOCH_ATTR,
+    KEEPS_KV_CAUSES,
+    PIPELINE_STATE,
+    StageLostOutput,
+)
 from molink.core.replay_recovery import ReplayRecovery
 from molink.core.request_snapshot import SNAPSHOTS_ATTR, RequestSnapshot
 from molink.stage_spec import ADDITIONAL_CONFIG_KEY
@@ -146,7 +152,7 @@ class PipelineScheduler(ReplayRecovery):
         self._barrier_cause = cause
         self._replay_epoch = None
         self._reintroduce.clear()
-        plan = self._replay_plan() if loss else None
+        plan = self._replay_plan() if cause in KEEPS_KV_CAUSES else None
         try:
             if plan is not None and self.pipeline.replay.offer(epoch, plan):
                 self._replay_kept = {rid: item.num_tokens for rid, item in plan.items()}
@@ -186,6 +192,14 @@ class PipelineScheduler(ReplayRecovery):
             logger.warning(
                 "Pipeline failure (%s): %d running request(s) preempted; they resume on the "
                 "rebuilt chain",
+                last,
+                num_running,
+            )
+        elif self._replay_epoch is not None:
+            logger.info(
+                "Rewiring without a loss, %s (%s): %d running request(s) keep running and every "
+                "stage keeps its KV cache",
+                CAUSES[cause],
                 last,
                 num_running,
             )

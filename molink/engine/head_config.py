@@ -55,6 +55,7 @@ class HeadConfig:
     rebalance_after: float = MoLinkConfig.rebalance_after  # --rebalance-after's default
     recovery: str = MoLinkConfig.recovery  # --recovery's default
     replay_log_mb: float = MoLinkConfig.replay_log_mb  # --replay-log-mb's default
+    hot_standby: bool = MoLinkConfig.hot_standby  # --hot-standby's default
 
     @property
     def replay_log_bytes(self) -> int:

@@ -11,6 +11,7 @@ ready. Wiring the chain for a new epoch and moving steps through it stays with t
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -161,6 +162,10 @@ class ChainKeeper:
             logger.warning("Leaving node %s out of chains for %.0f s: %s", peer_id, EXCLUDE_S, why)
         self._excluded[peer_id] = (time.monotonic() + EXCLUDE_S, why)
 
+    def standbys(self) -> list[RemoteStage]:
+        """Nodes holding a span for this head outside the chain."""
+        return list(self._standby.values())
+
     def held(self) -> list[RemoteStage]:
         """Every stage that holds a span for this head: the chain's, then the standbys'."""
         return [*self.remotes, *self._standby.values()]
@@ -239,8 +244,9 @@ class ChainKeeper:
                 return None
         return current.cost, best
 
-    def prepare_next_chain(self) -> tuple[list[RemoteStage], Chain]:
-        """Probe the current stages, plan a chain without the dead ones, get its stages ready.
+    def prepare_next_chain(self, keep: bool = False) -> tuple[list[RemoteStage], Chain]:
+        """Probe the current stages, plan a chain without the dead ones, get its stages ready;
+        with ``keep``, the current chain's nodes while they all serve.
 
         Returns the remote stages of the new chain (not yet wired). Raises ``ChainError`` when
         the swarm can't cover the layers, or another error when a chosen node fails to start
@@ -251,7 +257,11 @@ class ChainKeeper:
             if dead is not None:
                 self.exclude(remote.peer_id, dead)
         self.view.refresh()
-        chain = self.plan()
+        chain = None
+        if keep and self.remotes:
+            with contextlib.suppress(ChainError):
+                chain = self.plan(only={r.peer_id for r in self.remotes})
+        chain = chain or self.plan()
         return [self._ready(hop) for hop in chain.stages[1:]], chain
 
     def _ready(self, hop: Hop) -> RemoteStage:
@@ -281,12 +291,25 @@ class ChainKeeper:
             if remote.peer_id in peers or remote.peer_id in excluded:
                 remote.close()  # gone, leaving, or now serving another span for this head
             else:
-                remote.release()
+                if not remote.hot:  # a hot standby keeps its KV blocks into the next epoch
+                    remote.release()
                 standby[remote.peer_id] = remote
         self._standby = standby
         self.remotes = list(remotes)
 
     # ------------------------------------------------------------------ standbys
+    def hot_standbys(self) -> dict[int, RemoteStage]:
+        """For each stage of the chain that has one, a standby holding exactly its span, by the
+        stage's index (what ``--hot-standby`` makes hot; one already hot first)."""
+        chosen: dict[int, RemoteStage] = {}
+        standbys = sorted(self._standby.values(), key=lambda r: not r.hot)
+        for index, remote in enumerate(self.remotes):
+            for standby in standbys:
+                if standby.span == remote.span and standby not in chosen.values():
+                    chosen[index] = standby
+                    break
+        return chosen
+
     def prepare_standbys(self, epoch: int) -> None:
         """Get replacements ready for each stage of the chain (weights and KV cache loaded).
 

@@ -30,7 +30,7 @@ from vllm.logger import init_logger
 from molink.comm import codec
 from molink.comm.chain import ChainError
 from molink.comm.links import timings_from_proto
-from molink.core.pipeline_state import lost_output
+from molink.core.pipeline_state import KEEPS_KV_CAUSES, lost_output
 from molink.executor.span_replay import ReplayFailed
 from molink.telemetry import metrics
 
@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from molink.core.rebalance import RebalancePolicy
     from molink.engine.head_config import HeadConfig
     from molink.executor.chain_keeper import ChainKeeper
+    from molink.executor.hot_standbys import HotStandbys
     from molink.executor.kv_plan import HeadKVPlan
     from molink.executor.outages import OutageRecord
     from molink.executor.remote_stage import RemoteStage
@@ -65,6 +66,7 @@ class ChainUpkeep:
     _stopped: bool
     replay: SpanReplay | None
     recovery_mode: str
+    hot: HotStandbys
 
     _wired: list[RemoteStage]
     _wired_blocks: int
@@ -200,8 +202,9 @@ class ChainUpkeep:
         self._rewire(reason, "kv_resize")
 
     def _rewire(self, reason: str, cause: str) -> None:
-        """Interrupt the chain without a loss (``cause``: ``kv_resize`` or ``rebalance``): the
-        requests recompute and the maintenance thread wires the next chain."""
+        """Interrupt the chain without a loss (``cause``: ``kv_resize``, ``rebalance`` or
+        ``hot_standby``): the requests recompute (for ``hot_standby``, they keep running and
+        every stage keeps its KV cache) and the maintenance thread wires the next chain."""
         with self._lock:
             new_epoch = self.state.interrupt(reason, cause=cause)
             self.outages.rewiring(cause, reason, new_epoch)
@@ -227,7 +230,7 @@ class ChainUpkeep:
             return "recompute"
         # The scheduler answers at its first sight of a loss; with no request running it may not
         # look (and there is nothing to replay); a rewiring the head chose never has a plan.
-        busy = self.state.last_cause == "stage_loss" and self.state.running_requests > 0
+        busy = self.state.last_cause in KEEPS_KV_CAUSES and self.state.running_requests > 0
         _, plan = self.state.replay.take(epoch, 10.0 if busy else 0.0)
         if plan is None:
             return "recompute"
@@ -243,6 +246,7 @@ class ChainUpkeep:
             self.state.replay.finish(epoch, True)
             return "replay"
         node = self.chain.remotes[index]
+        plan = self.hot.skip_held(plan, node)
         started = time.monotonic()
         held = self.replay.log.positions
         logger.info(
@@ -312,9 +316,19 @@ class ChainUpkeep:
                     self._grow_kv()
                 else:
                     self.chain.prepare_standbys(self._serving_epoch)
+                    self._heat_standbys()
                     self._rebalance()
             except Exception:  # this thread must outlive any single failure
                 logger.exception("chain maintenance failed")
+
+    def _heat_standbys(self) -> None:
+        """Rewire, keeping every KV cache, when a standby could be hot and isn't yet
+        (``--hot-standby``: a standby becomes hot as an epoch starts)."""
+        waiting = self.hot.waiting()
+        if not waiting or not self.state.chain_ready:
+            return
+        self._rewire(f"{', '.join(str(s) for s in waiting)} becomes a hot standby", "hot_standby")
+        self._restore()
 
     def _rebalance(self) -> None:
         """Move to less loaded replicas when the policy says so (:mod:`molink.core.rebalance`)."""
@@ -359,7 +373,9 @@ class ChainUpkeep:
         while not self._stopped and not self.state.chain_ready:
             epoch = self.state.failed_epoch
             try:
-                remotes, _ = self.chain.prepare_next_chain()
+                # A standby becoming hot changes nothing else (no replica swap to replay).
+                keep = self.state.last_cause == "hot_standby"
+                remotes, _ = self.chain.prepare_next_chain(keep)
                 with self._lock:
                     self.chain.commit(remotes)
                     if epoch != self.state.failed_epoch:

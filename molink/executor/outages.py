@@ -82,8 +82,8 @@ class OutageRecord:
         )
 
     def rewiring(self, cause: str, reason: str, epoch: int) -> None:
-        """The head rewires its chain without a loss: ``cause`` is ``kv_resize`` or
-        ``rebalance``, ``reason`` says who asked or what moves."""
+        """The head rewires its chain without a loss: ``cause`` is ``kv_resize``,
+        ``rebalance`` or ``hot_standby``, ``reason`` says who asked or what moves."""
         with self._lock:
             if self._detected_at is None:
                 self._detected_at = time.monotonic()

@@ -38,6 +38,7 @@ from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
 from molink.comm import codec
 from molink.comm.links import NextHopLink
 from molink.core.head_session import HeadSession
+from molink.core.hot_standby import Hot
 from molink.core.micro_batching import StageTiming
 from molink.core.pipeline_state import PIPELINE_STATE, epoch_of, lost_output
 from molink.core.rebalance import RebalancePolicy
@@ -48,6 +49,7 @@ from molink.engine.stage_config import head_engine_overrides
 from molink.engine.stage_engine import StageEngine
 from molink.executor.chain_keeper import ChainKeeper
 from molink.executor.chain_upkeep import ChainUpkeep
+from molink.executor.hot_standbys import HotStandbys
 from molink.executor.kv_plan import HeadKVPlan
 from molink.executor.outages import OutageRecord
 from molink.executor.remote_stage import RemoteStage
@@ -122,7 +124,8 @@ class PipelineExecutor(ChainUpkeep, ExecutorHooks):
         self._next_step_id = 1
         self._serving_epoch = 0
         self._growth_offer = 0  # KV blocks a stage offered after another head left (0: none)
-        self._link: NextHopLink | None = None
+        self._link: Any = None  # to stage 1 (a NextHopLink, or a StandbyMirror around one)
+        self._drain = (0, 0)  # the last epoch that served, and the last step sent to stage 1
         self._wired: list[RemoteStage] = []  # the chain of the last epoch wired
         self._wired_blocks = 0  # and its KV blocks
         self.recovery_mode = "recompute"  # how the last wiring recovered: replay or recompute
@@ -130,6 +133,13 @@ class PipelineExecutor(ChainUpkeep, ExecutorHooks):
         self._wakeup = threading.Event()
         self.outages = OutageRecord()
         self.rebalance = RebalancePolicy(self.head.rebalance_after)
+        self.hot = HotStandbys(
+            self.head.hot_standby,
+            self.chain,
+            self.wire,
+            self.vllm_config.cache_config.block_size,
+            self.head.stage_init_timeout,
+        )
 
         logger.info(
             "MoLink pipeline: head serves layers 0-%d of %d; remote stages %s",
@@ -202,14 +212,20 @@ class PipelineExecutor(ChainUpkeep, ExecutorHooks):
         remotes = self.chain.remotes
         if self._link is not None:
             self._link.close()
+            # Hot standbys first run every step the head sent in the epoch they followed.
+            self._drain = (self._serving_epoch, self._link.last_step)
             self._link = None
+        drain = self._drain
+        self.hot.start(epoch, drain)
         for i in reversed(range(len(remotes))):  # last stage first: its successor must exist
             nxt = remotes[i + 1].address if i + 1 < len(remotes) else ""
+            hot = Hot(mirror_address=self.hot.mirror_address(i + 1), drain=drain)
             try:
-                remotes[i].start(epoch, nxt, self.head.stage_init_timeout)
+                held = remotes[i].start(epoch, nxt, self.head.stage_init_timeout, hot=hot)
             except grpc.RpcError as e:
                 self.chain.exclude(remotes[i].peer_id, f"StartStage failed: {e.code().name}")
                 raise
+            self.hot.started(remotes[i], held)
         for rank, remote in enumerate(remotes, 1):
             call = remote.subscribe(epoch)
             threading.Thread(
@@ -220,7 +236,7 @@ class PipelineExecutor(ChainUpkeep, ExecutorHooks):
             ).start()
         if remotes:
             first = remotes[0]
-            sink: Any = NextHopLink(
+            link = NextHopLink(
                 first.address,
                 self.wire,
                 on_broken=lambda reason: self._on_failure(
@@ -228,6 +244,7 @@ class PipelineExecutor(ChainUpkeep, ExecutorHooks):
                 ),
                 security=self.chain.security,
             )
+            sink: Any = self.hot.head_sink(link, self.chain.security)
             self._link = sink
         else:
             sink = _LocalResults(self)

@@ -11,6 +11,7 @@ from vllm.v1.kv_cache_interface import KVCacheConfig, KVCacheSpec
 from molink.comm import codec, tunnels
 from molink.comm.links import connect
 from molink.comm.proto import molink_pb2
+from molink.core.hot_standby import Hot
 from molink.engine.head_config import RemoteStageSpec
 from molink.security.node_key import verify_proof
 from molink.security.swarm_security import SwarmSecurity
@@ -39,6 +40,7 @@ class RemoteStage:
         self.available_kv_bytes = 0
         self.kv_cache_config: KVCacheConfig | None = None
         self.results_call: Any = None
+        self.hot = False  # started as this head's hot standby (molink.core.hot_standby)
         self._channel, self.stub = connect(spec.address, security)
 
     @property
@@ -74,19 +76,37 @@ class RemoteStage:
         self.kv_cache_spec = codec.loads(reply.kv_cache_spec)
         self.available_kv_bytes = reply.available_kv_bytes
 
-    def start(self, epoch: int, next_address: str, timeout: float, standby: bool = False) -> None:
-        """Claim the planned KV blocks; unless ``standby``, reset and wire it for ``epoch``."""
+    def start(
+        self,
+        epoch: int,
+        next_address: str,
+        timeout: float,
+        standby: bool = False,
+        hot: Hot | None = None,
+    ) -> list[int]:
+        """Claim the planned KV blocks; unless ``standby``, reset and wire it for ``epoch``.
+
+        ``hot``: see :class:`~molink.core.hot_standby.Hot`. Returns, from a node that was this
+        head's hot standby, the leading positions its KV cache holds per block of the plan.
+        """
         assert self.kv_cache_config is not None
-        self.stub.StartStage(
+        hot = hot or Hot()
+        reply = self.stub.StartStage(
             molink_pb2.StartStageRequest(
                 kv_cache_config=codec.dumps(self.kv_cache_config),
                 next_address=next_address,
                 epoch=epoch,
                 standby=standby,
                 session=self.session,
+                hot=hot.standby or bool(hot.mirror_address),
+                mirror_address=hot.mirror_address,
+                drain_epoch=hot.drain[0],
+                drain_step=hot.drain[1],
             ),
             timeout=timeout,
         )
+        self.hot = hot.standby
+        return list(reply.kv_held)
 
     def subscribe(self, epoch: int) -> Any:
         """Open the stream of this stage's results and errors for ``epoch``."""

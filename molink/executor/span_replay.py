@@ -203,7 +203,7 @@ class SpanReplay:
         steps: list[list[Piece]] = [[]]
         room = self.chunk_tokens
         for item in plan.values():
-            start = 0
+            start = item.start
             while start < item.num_tokens:
                 if room == 0 or len(steps[-1]) == self.max_requests:
                     steps.append([])

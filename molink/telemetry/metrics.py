@@ -161,7 +161,8 @@ RECOVERY_SECONDS = Histogram(
 REWIRES = Counter(
     "molink_rewires",
     "Times the head rewired its chain without a loss: cause=kv_resize (it shrank its KV cache "
-    "for another head on a shared stage) or rebalance (it moved to a less loaded replica).",
+    "for another head on a shared stage), rebalance (it moved to a less loaded replica) or "
+    "hot_standby (a standby became hot, --hot-standby).",
     ["cause"],
     registry=HEAD_REGISTRY,
 )
