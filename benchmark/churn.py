@@ -3,6 +3,7 @@
     python -m benchmark.churn                       # 2 and 3 stages, kill -9 then SIGTERM
     python -m benchmark.churn --stages 3 --victim middle --events "kill -9"
     python -m benchmark.churn --stages 2 --quick    # a smoke run
+    python -m benchmark.churn --stages 3 --victim middle --recovery replay hot recompute
 
 For each pipeline size and each head ``--recovery`` mode (replay and recompute) it starts a
 swarm on this machine (``benchmark.swarm``) with the layers split evenly plus one extra node for
@@ -22,7 +23,9 @@ time from detecting the loss to serving again, the tokens re-prefilled (prompt +
 far, summed over the streams), and how long prefilling that many tokens takes at the prefill
 rate of the idle pipeline (one ``--prefill-probe``-token prompt), and, where the head's own
 replay log was read for a replay, its bytes per logged position against hidden size x dtype bytes
-(the nodes run in float32). JSON with ``--result-json``; a Markdown table on stdout.
+(the nodes run in float32). With ``--recovery hot`` (replay, the replica a hot standby): what the
+standby cost over the undisturbed run, its compute seconds against the serving node's and the
+mirrored bytes per output token. JSON with ``--result-json``; a Markdown table on stdout.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from pathlib import Path
 
 from benchmark.loadgen import Stream, make_prompts, prompt_vocab, run_streams
 from benchmark.processes import ManagedProcess
+from benchmark.shared_follower import follower_counts
 from benchmark.swarm import Swarm, SwarmSpec, demo_model, even_split, num_hidden_layers
 
 
@@ -63,6 +67,10 @@ class RunReport:
     reference_tok_s: float = 0.0  # output tokens per second of the undisturbed run
     log_bytes_per_token: int | None = None  # the head's replay log, when it replayed from it
     log_vs_hidden: float | None = None  # log_bytes_per_token / (hidden size x 4 bytes)
+    # With a hot standby, over the undisturbed run (see standby_costs).
+    standby_busy_s: float | None = None
+    serving_busy_s: float | None = None
+    mirror_bytes_per_token: int | None = None
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -96,13 +104,14 @@ def idle_prefill_rate(url: str, model: str, tokens: int) -> float:
     return tokens / (stream.arrivals[0] - started)
 
 
-def restore_seconds(head_log: Path, epoch: int) -> tuple[float | None, str]:
-    """The head's "Pipeline restored (epoch N) X s after the loss ..., by MODE" for ``epoch``:
+#: The head's line when a chain serves again after a loss (molink.executor.outages).
+RESTORED_LINE = re.compile(r"Pipeline restored \(epoch \d+\) ([0-9.]+) s [^,]*, by (\w+)")
+
+
+def restores(head_log: Path) -> list[tuple[float, str]]:
+    """Each "Pipeline restored (epoch N) X s after the loss ..., by MODE" of the head so far:
     the seconds and how the requests recovered (replay or recompute)."""
-    match = re.search(
-        rf"Pipeline restored \(epoch {epoch}\) ([0-9.]+) s [^,]*, by (\w+)", head_log.read_text()
-    )
-    return (float(match.group(1)), match.group(2)) if match else (None, "?")
+    return [(float(s), mode) for s, mode in RESTORED_LINE.findall(head_log.read_text())]
 
 
 #: The head's line at the start of a replay (molink.executor.chain_upkeep).
@@ -137,13 +146,32 @@ def serving_follower(swarm: Swarm, first_layer: int) -> int:
     raise RuntimeError(f"no node serves layers from {first_layer}")
 
 
-def wait_for_standby(log: Path, port: int, timeout: float = 600.0) -> None:
+def wait_for_standby(log: Path, port: int, hot_log: Path | None, timeout: float = 600.0) -> None:
+    """Until the head's ``log`` names the node at gRPC ``port`` its standby (and, with
+    ``hot_log``, that node's log says it is hot)."""
     deadline = time.monotonic() + timeout
     pattern = re.compile(rf"Standby for .*: 127\.0\.0\.1:{port} ")
-    while not pattern.search(log.read_text()):
+    while not pattern.search(log.read_text()) or (
+        hot_log is not None and "Hot standby for layers" not in hot_log.read_text()
+    ):
         if time.monotonic() > deadline:
             raise TimeoutError(f"no standby on port {port} after {timeout:.0f} s")
         time.sleep(1.0)
+
+
+def standby_costs(before: dict, after: dict, tokens: int) -> dict[str, float]:
+    """What the hot standby cost over a run (``follower_counts`` of the serving node and the
+    standby, by role, before and after it; ``tokens``: output tokens of the run): the standby's
+    compute seconds against the serving node's, and the mirrored step bytes per output token."""
+
+    def added(role: str, key: str) -> float:
+        return after[role][key] - before[role][key]
+
+    return {
+        "standby_busy_s": round(added("standby", "busy_s"), 2),
+        "serving_busy_s": round(added("serving", "busy_s"), 2),
+        "mirror_bytes_per_token": round(added("standby", "received_bytes") / max(tokens, 1)),
+    }
 
 
 def report(
@@ -180,6 +208,7 @@ def report(
 def run_setup(args: argparse.Namespace, model: str, stages: int, recovery: str) -> list[RunReport]:
     """One swarm of ``stages`` stages plus a replica of the victim's span, its head recovering
     by ``recovery``: the ``--events`` (kill -9, then SIGTERM)."""
+    hot = recovery == "hot"
     layers = even_split(num_hidden_layers(model), stages)
     if args.victim == "middle" and stages < 3:
         raise SystemExit("--victim middle needs --stages 3 or more")
@@ -188,7 +217,10 @@ def run_setup(args: argparse.Namespace, model: str, stages: int, recovery: str) 
         model=model,
         layers=[*layers, last],
         node_args=["--dtype", "float32", "--enforce-eager", "--max-model-len", "1024"],
-        head_args=["--disable-uvicorn-access-log", "--recovery", recovery],
+        head_args=[
+            "--disable-uvicorn-access-log",
+            *(["--recovery", "replay", "--hot-standby"] if hot else ["--recovery", recovery]),
+        ],
         env={"VLLM_CPU_KVCACHE_SPACE": "1"},
         log_dir=args.log_dir / f"{stages}-stages-{recovery}",
         shared_cores=True,  # more nodes than cores here; recovery, not speed, is measured
@@ -204,15 +236,25 @@ def run_setup(args: argparse.Namespace, model: str, stages: int, recovery: str) 
         head_log = spec.log_dir / "node0.log"
         asyncio.run(run_streams(url, model, prompts[:2], 8))  # warm-up
         rate = idle_prefill_rate(url, model, args.prefill_probe)
+        roles = {"serving": serving_follower(swarm, last[0]), "standby": len(swarm.nodes) - 1}
+        if hot:
+            standby_log = spec.log_dir / f"node{roles['standby']}.log"
+            wait_for_standby(head_log, spec.grpc_base_port + roles["standby"], standby_log)
+        counts = {r: follower_counts(swarm.node_url(i)) for r, i in roles.items()}
         started = time.monotonic()
         reference, _ = asyncio.run(run_streams(url, model, prompts, args.output_len))
         reference_tok_s = sum(len(s.tokens) for s in reference) / (time.monotonic() - started)
+        costs = {}
+        if hot:
+            after = {r: follower_counts(swarm.node_url(i)) for r, i in roles.items()}
+            costs = standby_costs(counts, after, sum(len(s.tokens) for s in reference))
+            print(f"[churn] hot standby over the reference run: {costs}", file=sys.stderr)
         print(
             f"[churn] reference: {sum(len(s.tokens) for s in reference)} tokens, "
             f"{reference_tok_s:.1f} tok/s; prefill {rate:.0f} tok/s",
             file=sys.stderr,
         )
-        for epoch, event in enumerate(args.events, 1):
+        for event in args.events:
             if event == "SIGTERM":  # a new node for the span becomes the standby
                 swarm.add_node(*last)
             victim = serving_follower(swarm, last[0])
@@ -221,7 +263,8 @@ def run_setup(args: argparse.Namespace, model: str, stages: int, recovery: str) 
                 for i in range(len(swarm.nodes) - 1, 0, -1)
                 if i != victim and swarm.layers[i] == last and swarm.nodes[i].poll() is None
             )
-            wait_for_standby(head_log, spec.grpc_base_port + spare)
+            hot_log = spec.log_dir / f"node{spare}.log" if hot else None
+            wait_for_standby(head_log, spec.grpc_base_port + spare, hot_log)
             node = swarm.nodes[victim]
             sig = signal.SIGKILL if event == "kill -9" else signal.SIGTERM
 
@@ -233,12 +276,16 @@ def run_setup(args: argparse.Namespace, model: str, stages: int, recovery: str) 
 
             print(f"[churn] {event} of node {victim}, {args.kill_after} tokens in", file=sys.stderr)
             replays_before = len(replay_log_lines(head_log))
+            restores_before = len(restores(head_log))
             started = time.monotonic()
             streams, fired_at = asyncio.run(
                 run_streams(url, model, prompts, args.output_len, args.kill_after, fire)
             )
             assert fired_at is not None
-            restore_s, mode = restore_seconds(head_log, epoch)
+            restored = restores(head_log)[restores_before:]
+            restore_s, mode = restored[0] if restored else (None, "?")
+            if hot:
+                mode += " (hot standby)"
             results.append(
                 report(
                     setup,
@@ -254,6 +301,8 @@ def run_setup(args: argparse.Namespace, model: str, stages: int, recovery: str) 
                 )
             )
             results[-1].reference_tok_s = round(reference_tok_s, 1)
+            for key, value in costs.items():
+                setattr(results[-1], key, value)
             logged = replay_log_lines(head_log)[replays_before:]
             if logged and victim_follows_head:
                 results[-1].log_bytes_per_token = logged[-1]
@@ -283,6 +332,16 @@ def markdown(results: list[RunReport]) -> str:
             f"{r.pause_p50_s:.2f} | {r.pause_p99_s:.2f} | {restore} | {r.reprefill_tokens} | "
             f"{r.reprefill_estimate_s:.1f} | {log} |"
         )
+    seen = set()
+    for r in results:
+        if r.standby_busy_s is not None and r.setup not in seen:
+            seen.add(r.setup)
+            lines.append(
+                f"\nHot standby, {r.setup}, over the undisturbed run: it computed "
+                f"{r.standby_busy_s:.1f} s (the serving node {r.serving_busy_s:.1f} s) and "
+                f"received {r.mirror_bytes_per_token} mirrored bytes per output token; "
+                f"{r.reference_tok_s:.1f} output tok/s."
+            )
     return "\n".join(lines)
 
 
@@ -297,9 +356,10 @@ def main() -> None:
     parser.add_argument(
         "--recovery",
         nargs="+",
-        choices=("replay", "recompute"),
+        choices=("replay", "recompute", "hot"),
         default=["replay", "recompute"],
-        help="the head's --recovery modes to run, each on its own swarm (default both)",
+        help="the head's --recovery modes to run, each on its own swarm (default replay and "
+        "recompute); hot: replay with --hot-standby (the replica is a hot standby)",
     )
     parser.add_argument(
         "--victim",

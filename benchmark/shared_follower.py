@@ -78,7 +78,8 @@ async def load(urls: list[str], prompts: list[list[int]], output_len: int, waves
 
 def follower_counts(url: str) -> dict[str, float]:
     """What the follower at ``url`` ran so far: its steps, the steps joined with another head's,
-    its forward passes, the tokens they computed and their compute seconds."""
+    its forward passes, the tokens they computed, their compute seconds and the bytes of steps
+    it received."""
     with urllib.request.urlopen(url + "/metrics", timeout=30) as response:
         body = response.read().decode()
     sums: dict[str, float] = {}
@@ -93,6 +94,7 @@ def follower_counts(url: str) -> dict[str, float]:
         "passes": passes,
         "tokens": sums.get("molink_stage_tokens_total", 0.0),
         "busy_s": sums.get("molink_stage_step_seconds_sum", 0.0),
+        "received_bytes": sums.get("molink_hop_bytes_received_total", 0.0),
     }
 
 
