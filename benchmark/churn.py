@@ -70,7 +70,7 @@ class RunReport:
     # With a hot standby, over the undisturbed run (see standby_costs).
     standby_busy_s: float | None = None
     serving_busy_s: float | None = None
-    mirror_bytes_per_token: int | None = None
+    mirror_bytes_per_token: int | None = None  # per position the standby computed
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -159,10 +159,10 @@ def wait_for_standby(log: Path, port: int, hot_log: Path | None, timeout: float 
         time.sleep(1.0)
 
 
-def standby_costs(before: dict, after: dict, tokens: int) -> dict[str, float]:
+def standby_costs(before: dict, after: dict) -> dict[str, float]:
     """What the hot standby cost over a run (``follower_counts`` of the serving node and the
-    standby, by role, before and after it; ``tokens``: output tokens of the run): the standby's
-    compute seconds against the serving node's, and the mirrored step bytes per output token."""
+    standby, by role, before and after it): the standby's compute seconds against the serving
+    node's, and the mirrored step bytes per position it computed (prompt or output token)."""
 
     def added(role: str, key: str) -> float:
         return after[role][key] - before[role][key]
@@ -170,7 +170,9 @@ def standby_costs(before: dict, after: dict, tokens: int) -> dict[str, float]:
     return {
         "standby_busy_s": round(added("standby", "busy_s"), 2),
         "serving_busy_s": round(added("serving", "busy_s"), 2),
-        "mirror_bytes_per_token": round(added("standby", "received_bytes") / max(tokens, 1)),
+        "mirror_bytes_per_token": round(
+            added("standby", "received_bytes") / max(added("standby", "tokens"), 1)
+        ),
     }
 
 
@@ -247,7 +249,7 @@ def run_setup(args: argparse.Namespace, model: str, stages: int, recovery: str) 
         costs = {}
         if hot:
             after = {r: follower_counts(swarm.node_url(i)) for r, i in roles.items()}
-            costs = standby_costs(counts, after, sum(len(s.tokens) for s in reference))
+            costs = standby_costs(counts, after)
             print(f"[churn] hot standby over the reference run: {costs}", file=sys.stderr)
         print(
             f"[churn] reference: {sum(len(s.tokens) for s in reference)} tokens, "
@@ -339,7 +341,7 @@ def markdown(results: list[RunReport]) -> str:
             lines.append(
                 f"\nHot standby, {r.setup}, over the undisturbed run: it computed "
                 f"{r.standby_busy_s:.1f} s (the serving node {r.serving_busy_s:.1f} s) and "
-                f"received {r.mirror_bytes_per_token} mirrored bytes per output token; "
+                f"received {r.mirror_bytes_per_token} mirrored bytes per position it computed; "
                 f"{r.reference_tok_s:.1f} output tok/s."
             )
     return "\n".join(lines)
