@@ -195,7 +195,7 @@ class PipelineScheduler(ReplayRecovery):
                 last,
                 num_running,
             )
-        elif self._replay_epoch is not None:
+        elif self._replay_epoch is not None or num_running == 0:
             logger.info(
                 "Rewiring without a loss, %s (%s): %d running request(s) keep running and every "
                 "stage keeps its KV cache",

@@ -40,6 +40,8 @@ async def run_node(
     """Start this node from parsed flags and serve until shut down; always leaves the swarm."""
     dump_stacks_on_sigusr1()
     config = MoLinkConfig.from_args(args)
+    if config.hot_standby and config.recovery != "replay":
+        raise SystemExit("--hot-standby needs --recovery replay: only a replay uses its KV cache")
     fix_prompt_tail_detokenization()  # the head's API server detokenizes
     tolerate_vanishing_children()  # ... and stops its EngineCore, whose DHT child stops too
     keys = api_keys(args)

@@ -377,7 +377,7 @@ class Node:
             rebalance_after=self.config.rebalance_after,
             recovery=self.config.recovery,
             replay_log_mb=self.config.replay_log_mb,
-            hot_standby=self.config.hot_standby and self.config.recovery == "replay",
+            hot_standby=self.config.hot_standby,
             security=self.config.security_files,
             weights=self.weights.to_dict() if self.weights else None,
         )
