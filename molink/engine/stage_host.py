@@ -14,7 +14,9 @@ the head's secret session id (:mod:`molink.core.head_session`):
   head's requests, and wires its output to the next stage (or to the head's result stream).
   When the blocks aren't free, heads over their fair share are asked to shrink, and the claim
   waits up to :data:`SHRINK_WAIT_S` (:mod:`molink.engine.kv_claims`). After a failure the head
-  calls it again with a new epoch. A *standby* ``StartStage`` claims nothing.
+  calls it again with a new epoch. A *standby* ``StartStage`` claims nothing; a *hot* one
+  claims the blocks and computes the steps the stage before mirrors to it, sending nothing on
+  (:mod:`molink.core.hot_standby`).
 
 Steps of every head run in arrival order on the one worker. A head's claim ends when it stops
 listening to its result stream (it moved off, left or died), or after ``CLAIM_LEASE_S`` if it

@@ -6,7 +6,6 @@ Also ``molink router ...``. See :mod:`molink.entrypoints.router`.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import sys
 
@@ -123,28 +122,11 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         router = Router(directory, keys, head_key, args.read_timeout)
         router.url = f"http://{args.host}:{args.port}"
         logger.info("MoLink router on %s, following the swarm's heads", router.url)
-        web.run_app(
-            router.app(),
-            host=args.host,
-            port=args.port,
-            print=None,
-            access_log=None,
-            loop=event_loop(),
-        )
+        web.run_app(router.app(), host=args.host, port=args.port, print=None, access_log=None)
     finally:
         if membership is not None:
             membership.shutdown()
     return 0
-
-
-def event_loop() -> asyncio.AbstractEventLoop:
-    """uvloop's event loop where installed (vLLM's API server runs on it too): the router's
-    work is mostly moving SSE chunks, and uvloop takes about half the CPU per chunk."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.new_event_loop()
-    return uvloop.new_event_loop()
 
 
 if __name__ == "__main__":
