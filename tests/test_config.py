@@ -36,6 +36,7 @@ SAMPLES = {
     "--rebalance-after": (["0"], 0.0),
     "--recovery": (["recompute"], "recompute"),
     "--replay-log-mb": (["0.5"], 0.5),
+    "--hot-standby": ([], True),
     "--leave-timeout": (["0"], 0.0),
     "--join-wait": (["0.25"], 0.25),
     "--reachable": (["no"], "no"),

@@ -59,6 +59,7 @@ from molink.telemetry.engine_metrics import PIPELINE_SNAPSHOT_RPC, export_metric
 from molink.telemetry.step_trace import TRACE_ATTR, executor_trace
 from molink.vllm_compat.engine_config import install_batch_queue_bound
 from molink.vllm_compat.executor import ExecutorHooks
+from molink.vllm_compat.scheduler import full_attention_only
 from molink.worker.stage_worker import create_stage_worker
 
 logger = init_logger(__name__)
@@ -201,6 +202,12 @@ class PipelineExecutor(ChainUpkeep, ExecutorHooks):
             remote.kv_cache_config = config
         self.kv.num_blocks = self.kv.allocated_blocks = kv_cache_configs[0].num_blocks
         logger.info("KV cache: %d blocks on every stage", self.kv.num_blocks)
+        if self.hot.enabled and not full_attention_only(kv_cache_configs[0]):
+            logger.warning(
+                "--hot-standby is off: this model's KV cache is not one group of full-attention "
+                "layers, which a replay can't refill (a loss recomputes)"
+            )
+            self.hot.enabled = False
         self._start_epoch(0)
         self.outages.restored(0, self.describe_chain(), len(self.chain.remotes) + 1)
         self._watchdog.start()

@@ -17,10 +17,20 @@ from vllm.v1.core.kv_cache_utils import KVCacheBlock
 from vllm.v1.core.sched.interface import PauseState
 from vllm.v1.core.sched.output import CachedRequestData, NewRequestData, SchedulerOutput
 from vllm.v1.core.sched.scheduler import Scheduler
-from vllm.v1.kv_cache_interface import FullAttentionSpec, MLAAttentionSpec
+from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, MLAAttentionSpec
 from vllm.v1.request import Request
 
 _FULL_ATTENTION_SPECS = (FullAttentionSpec, MLAAttentionSpec)
+
+
+def full_attention_only(kv_cache_config: KVCacheConfig) -> bool:
+    """Whether a KV cache plan is one group of full-attention layers (no sliding window, no
+    Mamba state): the layout a replay fills block by block.
+
+    Needs from vLLM: ``kv_cache_config.kv_cache_groups[i].kv_cache_spec``.
+    """
+    groups = kv_cache_config.kv_cache_groups
+    return len(groups) == 1 and type(groups[0].kv_cache_spec) in _FULL_ATTENTION_SPECS
 
 
 class SchedulerHooks(Scheduler):
@@ -157,13 +167,9 @@ class SchedulerHooks(Scheduler):
         return request.num_computed_tokens - request.num_in_flight_tokens
 
     def full_attention_only(self) -> bool:
-        """Whether the KV cache is one group of full-attention layers (no sliding window, no
-        Mamba state): the layout a replay fills block by block.
-
-        Needs from vLLM: ``kv_cache_config.kv_cache_groups[i].kv_cache_spec``.
-        """
-        groups = self.kv_cache_config.kv_cache_groups
-        return len(groups) == 1 and type(groups[0].kv_cache_spec) in _FULL_ATTENTION_SPECS
+        """Whether this scheduler's KV cache is one that a replay fills (see
+        :func:`full_attention_only`)."""
+        return full_attention_only(self.kv_cache_config)
 
     def request_block_ids(self, request: Request) -> list[int]:
         """The blocks of ``request`` (one KV cache group)."""
