@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import re
 import threading
+from signal import SIGTERM
 
 import pytest
 from conftest import QWEN3_ENGINE_FLAGS, NodeProcess
@@ -262,3 +263,13 @@ def test_kill_9_of_the_last_stage_replays_nothing(chain, qwen3_model):
         head.log(),
     )
     assert found and int(found[1]) > 0, head.log()[-3000:]
+
+
+def test_a_hot_standby_that_leaves_is_let_go_at_once(chain, module_swarm, qwen3_model):
+    head, spans, _ = chain
+    leaver = module_swarm.start("c4", qwen3_model, "4,5", QWEN3_ENGINE_FLAGS, peers=[head])
+    eventually(lambda: hot(leaver), timeout=WAIT_S, what="the new hot standby")
+    leaver.proc.send_signal(SIGTERM)
+    assert leaver.wait_exit(timeout=20) == 0  # not the 30 s of --leave-timeout
+    assert "The head moved off this node" in leaver.log()
+    assert re.search(rf"Hot standby 127\.0\.0\.1:{leaver.grpc_port} \S+ is leaving", head.log())

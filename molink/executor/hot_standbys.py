@@ -59,10 +59,11 @@ class HotStandbys:
         if not self.enabled:
             return {}
         now = time.monotonic()
+        left_out = self.chain.describe_exclusions()  # dead, refused or leaving
         return {
             index: standby
             for index, standby in self.chain.hot_standbys().items()
-            if self._refused.get(standby.peer_id, 0.0) < now
+            if self._refused.get(standby.peer_id, 0.0) < now and standby.peer_id not in left_out
         }
 
     def waiting(self) -> list[RemoteStage]:
@@ -96,7 +97,7 @@ class HotStandbys:
                 standby.hot = False
                 continue
             threading.Thread(
-                target=_watch_results, args=(standby, call), name="molink-hot", daemon=True
+                target=self._watch_results, args=(standby, call), name="molink-hot", daemon=True
             ).start()
             self.by_index[index] = standby
 
@@ -120,6 +121,23 @@ class HotStandbys:
         if standby is None:
             return link
         return StandbyMirror(link, standby_link(standby.address, self.wire, security))
+
+    def _watch_results(self, standby: RemoteStage, call: Any) -> None:
+        """Read a hot standby's result stream (it keeps the standby's claim alive) until the
+        head lets go of the standby or takes it into the chain: its errors are logged; when it
+        says it is leaving, the head lets go of it at once (so that it may exit)."""
+        try:
+            for result in call:
+                if result.error:
+                    logger.warning("Hot standby %s: %s", standby, result.error)
+                if result.leaving:
+                    logger.info("Hot standby %s is leaving: letting go of it", standby)
+                    self.chain.mark_leaving(standby.peer_id)
+                    standby.release()
+                    standby.hot = False
+                    return
+        except grpc.RpcError:
+            pass
 
     def skip_held(self, plan: ReplayPlan, node: RemoteStage) -> ReplayPlan:
         """``plan`` less the positions ``node``, the lost span's new node, holds already as a
@@ -146,14 +164,3 @@ class HotStandbys:
             total - kept,
         )
         return left
-
-
-def _watch_results(standby: RemoteStage, call: Any) -> None:
-    """Read a hot standby's result stream (it keeps the standby's claim alive): its errors are
-    logged; it ends when the head lets go of the standby or takes it into the chain."""
-    try:
-        for result in call:
-            if result.error:
-                logger.warning("Hot standby %s: %s", standby, result.error)
-    except grpc.RpcError:
-        pass
