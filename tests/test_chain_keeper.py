@@ -280,6 +280,17 @@ def test_of_two_heads_on_one_node_the_first_in_line_moves_to_an_idle_replica() -
     assert keeper_on(alone, first, [alone, idle]).rebalance_option() is None
 
 
+def test_a_chain_shares_its_stages_when_a_node_of_it_serves_another_head() -> None:
+    me, other = "12D3KooWHeadA", "12D3KooWHeadB"
+    node = follower("12D3KooWNode", 50051, (me,))
+    assert not keeper_on(node, me, [node]).shares_stages()
+    shared = replace(node, heads=2, head_ids=(me, other))
+    assert keeper_on(shared, me, [shared]).shares_stages()
+    # Another head on a node outside the chain (a replica) doesn't count.
+    replica = follower("12D3KooWSpare", 50052, (other,))
+    assert not keeper_on(node, me, [node, replica]).shares_stages()
+
+
 def test_init_stages_leaves_a_node_that_fails_out_and_plans_again_without_it() -> None:
     """In the engine (a node that turned unreachable after the head's probe): the stage whose
     ``InitStage`` fails is left out with its cause, and the next chain takes the replica."""

@@ -321,10 +321,13 @@ class PipelineScheduler(ReplayRecovery):
         prefilling = [r for r in self.running if r.num_computed_tokens < r.num_prompt_tokens]
         pending_prefill = sum(r.num_tokens - r.num_computed_tokens for r in prefilling)
         pending_prefill += sum(r.num_tokens - r.num_computed_tokens for r in self.waiting)
+        max_batches = self.max_micro_batches
+        if self.pipeline.stages_shared:  # other heads' steps fill the stages' idle time
+            max_batches = min(max_batches, max(1, self.min_micro_batches))
         plan = self.last_plan = plan_micro_batch(
             self.pipeline.costs.costs() if self.max_micro_batches > 1 else None,
             num_decodes=len(decoding),
-            max_batches=self.max_micro_batches,
+            max_batches=max_batches,
             min_batches=self.min_micro_batches,
             max_batch_tokens=self.max_num_scheduled_tokens,
             min_prefill_chunk=self.block_size,

@@ -214,6 +214,18 @@ class ChainKeeper:
             serving_me={r.peer_id for r in self.remotes},
         )
 
+    def shares_stages(self) -> bool:
+        """Whether a node of the chain serves other heads too, by their announcements as last
+        read."""
+        if self._view is None:
+            return False
+        mine = {r.peer_id for r in self.remotes}
+        me = self.head_node.peer_id
+        return any(
+            node.peer_id in mine and any(h != me for h in node.head_ids)
+            for node in self._view.nodes
+        )
+
     def rebalance_option(self) -> tuple[float, Chain] | None:
         """A cheaper chain over the same spans as the current one, on other replicas, that this
         head may move to now, with the current chain's cost in the same view. None when there

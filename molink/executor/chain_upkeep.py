@@ -316,10 +316,25 @@ class ChainUpkeep:
                     self._grow_kv()
                 else:
                     self.chain.prepare_standbys(self._serving_epoch)
+                    self._note_shared_stages()
                     self._heat_standbys()
                     self._rebalance()
             except Exception:  # this thread must outlive any single failure
                 logger.exception("chain maintenance failed")
+
+    def _note_shared_stages(self) -> None:
+        """Tell the scheduler whether other heads share a stage of the chain (it then keeps one
+        micro-batch in flight: see ``PipelineState.stages_shared``)."""
+        shared = self.chain.shares_stages()
+        if shared != self.state.stages_shared:
+            logger.info(
+                "%s",
+                "Other heads share a stage of the chain: one micro-batch in flight (their steps "
+                "fill its time between this head's)"
+                if shared
+                else "No other head shares the chain's stages: micro-batches as the costs say",
+            )
+        self.state.stages_shared = shared
 
     def _heat_standbys(self) -> None:
         """Rewire, keeping every KV cache, when a standby could be hot and isn't yet
