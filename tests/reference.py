@@ -133,10 +133,11 @@ async def stream_chunks(
     api_key: str,
     model: str,
     during: Callable[[], object] | None = None,
+    tokens: int = STREAM_TOKENS,
     **options: Any,
 ) -> list[list[Any]]:
     """The chunks of every ``STREAM_PROMPTS`` prompt, streamed at once through the ``openai``
-    client (greedy, ``STREAM_TOKENS`` each, EOS ignored, token ids asked for; ``options`` go to
+    client (greedy, ``tokens`` each, EOS ignored, token ids asked for; ``options`` go to
     ``completions.create``); ``during`` runs (in a thread) once every stream has 16 tokens."""
     client = openai.AsyncOpenAI(
         base_url=base_url + "/v1", api_key=api_key, max_retries=0, timeout=600
@@ -149,7 +150,7 @@ async def stream_chunks(
         stream = await client.completions.create(
             model=model,
             prompt=prompt,
-            max_tokens=STREAM_TOKENS,
+            max_tokens=tokens,
             temperature=0.0,
             stream=True,
             extra_body={"ignore_eos": True, "return_token_ids": True},
@@ -173,11 +174,14 @@ async def stream_chunks(
 
 
 async def stream_all(
-    head: NodeProcess, model: str, during: Callable[[], object] | None = None
+    head: NodeProcess,
+    model: str,
+    during: Callable[[], object] | None = None,
+    tokens: int = STREAM_TOKENS,
 ) -> list[list[int]]:
     """Greedy token ids of every ``STREAM_PROMPTS`` prompt, streamed from ``head`` (see
     :func:`stream_chunks`)."""
-    streams = await stream_chunks(head.base_url, "none", model, during)
+    streams = await stream_chunks(head.base_url, "none", model, during, tokens)
     return [
         [t for chunk in chunks for choice in chunk.choices for t in choice.token_ids or []]
         for chunks in streams

@@ -194,14 +194,6 @@ class NextHopLink:
         timer.daemon = True
         timer.start()
 
-    def abort(self) -> None:
-        """Break the stream off (the receiver sees an error: it may have missed steps)."""
-        with self._lock:
-            self._closed = True
-            self._queue.put(_CLOSE)
-        self._call.cancel()
-        self._channel.close()
-
     def backlog(self) -> int:
         """Steps queued here, not yet handed to gRPC."""
         return self._queue.qsize()

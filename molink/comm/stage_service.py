@@ -127,6 +127,7 @@ class StageService(molink_pb2_grpc.MoLinkNodeServicer):
                 standby=request.hot and request.standby,
                 mirror_address=request.mirror_address if request.hot else "",
                 drain=(request.drain_epoch, request.drain_step),
+                forget=request.forget_held,
             )
             held = host.start_stage(
                 request.session,

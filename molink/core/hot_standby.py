@@ -41,6 +41,8 @@ class Hot:
     mirror_address: str = ""  # (a serving stage) mirror every step to the standby there
     # (a hot standby changing epoch) the epoch it followed and the last step the head sent in it
     drain: tuple[int, int] = (0, 0)
+    # (a hot standby changing epoch) the stage before it was lost: it may have missed steps
+    forget: bool = False
 
 
 def valid_prefix(blocks: Sequence[int], held: Callable[[int], int], block_size: int) -> int:
@@ -159,7 +161,8 @@ class StandbySink:
 class StandbyMirror:
     """The sink of the stage before a hot standby's span: every step goes to the next stage and,
     except replay steps, to the standby too. A standby that falls :data:`MIRROR_BACKLOG` steps
-    behind, or whose link breaks, is dropped (its stream ends with an error, so it knows)."""
+    behind (or whose link broke, so that its steps pile up) is dropped: it gets the step that
+    found it behind as a failed step, so it forgets what it holds, and its stream ends."""
 
     def __init__(self, primary: Any, mirror: Any) -> None:
         """``primary``, ``mirror``: :class:`~molink.comm.links.NextHopLink` to the serving node
@@ -180,30 +183,27 @@ class StandbyMirror:
 
     def emit(self, work: StepWork, output: StageOutput) -> None:
         self.primary.emit(work, output)
-        if not work.replay:
-            self._mirror(lambda link: link.emit(work, output))
+        if not work.replay and self._keeps_up(work):
+            self.mirror.emit(work, output)
 
     def fail(self, work: StepWork, error: str) -> None:
         self.primary.fail(work, error)
-        self._mirror(lambda link: link.fail(work, error))
+        if self._keeps_up(work):
+            self.mirror.fail(work, error)
 
-    def _mirror(self, send: Any) -> None:
+    def _keeps_up(self, work: StepWork) -> bool:
+        """Whether the standby still gets steps; drops it when it fell too far behind."""
         link = self.mirror
         if link is None:
-            return
-        if link.backlog() >= MIRROR_BACKLOG:
-            logger.warning(
-                "Dropping the hot standby %s: it is %d steps behind", link.address, MIRROR_BACKLOG
-            )
-            self.drop()
-            return
-        send(link)
-
-    def drop(self) -> None:
-        """Stop mirroring (the standby sees its stream break)."""
-        link, self.mirror = self.mirror, None
-        if link is not None:
-            link.abort()
+            return False
+        if link.backlog() < MIRROR_BACKLOG:
+            return True
+        why = f"it is {MIRROR_BACKLOG} steps behind"
+        logger.warning("Dropping the hot standby %s: %s", link.address, why)
+        self.mirror = None
+        link.fail(work, f"the stage before stopped mirroring to this hot standby: {why}")
+        link.close()
+        return False
 
     def close(self) -> None:
         self.primary.close()

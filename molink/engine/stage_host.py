@@ -281,7 +281,9 @@ class StageHost:
                 return []
             session.region = self._claim(session, kv_cache_config.num_blocks)
             close_links(session)
-            if session.hot is not None:  # a hot standby changing epoch
+            if session.hot is not None and hot.forget:  # a hot standby changing epoch
+                session.hot.clear("the stage before it was lost")
+            elif session.hot is not None:
                 session.hot.drain(*hot.drain, HOT_DRAIN_S)
             session.results = results = ResultStream(epoch)
             session.listening = False

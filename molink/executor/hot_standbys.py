@@ -70,10 +70,21 @@ class HotStandbys:
         """Standbys that could be hot and are not (a rewiring makes them hot)."""
         return [s for s in self._wanted().values() if not s.hot]
 
-    def start(self, epoch: int, drain: tuple[int, int]) -> None:
+    def orphaned(self, wired: list[RemoteStage]) -> set[int]:
+        """The hot standbys of the chain ``wired`` last (by ``id``) whose stage before (a node of
+        that chain) is not in the chain now: lost, so they may have missed steps it sent."""
+        now = {id(r) for r in self.chain.remotes}
+        return {
+            id(standby)
+            for index, standby in self.by_index.items()
+            if index > 0 and index - 1 < len(wired) and id(wired[index - 1]) not in now
+        }
+
+    def start(self, epoch: int, drain: tuple[int, int], orphaned: set[int]) -> None:
         """Before the chain's stages start for ``epoch``: start its hot standbys for it, and let
         go of those no longer wanted. ``drain``: the epoch they followed and the last step the
-        head sent in it (they run every step up to it first)."""
+        head sent in it (they run every step up to it first); ``orphaned``: see
+        :meth:`orphaned` (they forget what they hold)."""
         wanted = self._wanted()
         for standby in self.chain.standbys():
             if standby.hot and standby not in wanted.values():
@@ -82,7 +93,8 @@ class HotStandbys:
         self.by_index = {}
         for index, standby in wanted.items():
             try:
-                standby.start(epoch, "", self.timeout, standby=True, hot=Hot(True, drain=drain))
+                hot = Hot(True, drain=drain, forget=id(standby) in orphaned)
+                standby.start(epoch, "", self.timeout, standby=True, hot=hot)
                 call = standby.subscribe(epoch)
             except grpc.RpcError as e:
                 logger.warning(

@@ -222,11 +222,15 @@ class PipelineExecutor(ChainUpkeep, ExecutorHooks):
             # Hot standbys first run every step the head sent in the epoch they followed.
             self._drain = (self._serving_epoch, self._link.last_step)
             self._link = None
-        drain = self._drain
-        self.hot.start(epoch, drain)
+        drain, orphaned = self._drain, self.hot.orphaned(self._wired)
+        self.hot.start(epoch, drain, orphaned)
         for i in reversed(range(len(remotes))):  # last stage first: its successor must exist
             nxt = remotes[i + 1].address if i + 1 < len(remotes) else ""
-            hot = Hot(mirror_address=self.hot.mirror_address(i + 1), drain=drain)
+            hot = Hot(
+                mirror_address=self.hot.mirror_address(i + 1),
+                drain=drain,
+                forget=id(remotes[i]) in orphaned,
+            )
             try:
                 held = remotes[i].start(epoch, nxt, self.head.stage_init_timeout, hot=hot)
             except grpc.RpcError as e:

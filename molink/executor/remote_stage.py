@@ -102,6 +102,7 @@ class RemoteStage:
                 mirror_address=hot.mirror_address,
                 drain_epoch=hot.drain[0],
                 drain_step=hot.drain[1],
+                forget_held=hot.forget,
             ),
             timeout=timeout,
         )

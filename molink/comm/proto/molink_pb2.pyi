@@ -91,7 +91,7 @@ class InitStageReply(_message.Message):
     def __init__(self, kv_cache_spec: _Optional[bytes] = ..., available_kv_bytes: _Optional[int] = ...) -> None: ...
 
 class StartStageRequest(_message.Message):
-    __slots__ = ("kv_cache_config", "next_address", "epoch", "standby", "session", "hot", "mirror_address", "drain_epoch", "drain_step")
+    __slots__ = ("kv_cache_config", "next_address", "epoch", "standby", "session", "hot", "mirror_address", "drain_epoch", "drain_step", "forget_held")
     KV_CACHE_CONFIG_FIELD_NUMBER: _ClassVar[int]
     NEXT_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
@@ -101,6 +101,7 @@ class StartStageRequest(_message.Message):
     MIRROR_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     DRAIN_EPOCH_FIELD_NUMBER: _ClassVar[int]
     DRAIN_STEP_FIELD_NUMBER: _ClassVar[int]
+    FORGET_HELD_FIELD_NUMBER: _ClassVar[int]
     kv_cache_config: bytes
     next_address: str
     epoch: int
@@ -110,7 +111,8 @@ class StartStageRequest(_message.Message):
     mirror_address: str
     drain_epoch: int
     drain_step: int
-    def __init__(self, kv_cache_config: _Optional[bytes] = ..., next_address: _Optional[str] = ..., epoch: _Optional[int] = ..., standby: _Optional[bool] = ..., session: _Optional[str] = ..., hot: _Optional[bool] = ..., mirror_address: _Optional[str] = ..., drain_epoch: _Optional[int] = ..., drain_step: _Optional[int] = ...) -> None: ...
+    forget_held: bool
+    def __init__(self, kv_cache_config: _Optional[bytes] = ..., next_address: _Optional[str] = ..., epoch: _Optional[int] = ..., standby: _Optional[bool] = ..., session: _Optional[str] = ..., hot: _Optional[bool] = ..., mirror_address: _Optional[str] = ..., drain_epoch: _Optional[int] = ..., drain_step: _Optional[int] = ..., forget_held: _Optional[bool] = ...) -> None: ...
 
 class StartStageReply(_message.Message):
     __slots__ = ("kv_held",)
