@@ -280,14 +280,18 @@ def test_of_two_heads_on_one_node_the_first_in_line_moves_to_an_idle_replica() -
     assert keeper_on(alone, first, [alone, idle]).rebalance_option() is None
 
 
-def test_a_chain_shares_its_stages_when_a_node_of_it_serves_another_head() -> None:
+def test_a_chain_shares_its_stages_when_a_node_of_it_runs_another_heads_sequences() -> None:
     me, other = "12D3KooWHeadA", "12D3KooWHeadB"
     node = follower("12D3KooWNode", 50051, (me,))
     assert not keeper_on(node, me, [node]).shares_stages()
-    shared = replace(node, heads=2, head_ids=(me, other))
-    assert keeper_on(shared, me, [shared]).shares_stages()
-    # Another head on a node outside the chain (a replica) doesn't count.
+    # Another head that holds KV there but runs nothing doesn't take the node's time.
+    shared = replace(node, heads=2, head_ids=(me, other), running_head_ids=(me,))
+    assert not keeper_on(shared, me, [shared]).shares_stages()
+    busy = replace(shared, running_head_ids=(me, other))
+    assert keeper_on(busy, me, [busy]).shares_stages()
+    # Another head busy on a node outside the chain (a replica) doesn't count.
     replica = follower("12D3KooWSpare", 50052, (other,))
+    replica = replace(replica, running_head_ids=(other,))
     assert not keeper_on(node, me, [node, replica]).shares_stages()
 
 

@@ -117,15 +117,20 @@ def test_announce_rejects_foreign_peer_id(swarm: tuple[Membership, Membership]) 
 
 def test_update_propagates(swarm: tuple[Membership, Membership]) -> None:
     a, b = swarm
-    b.update(state="online", kv_capacity_bytes=123, head_ids=(a.peer_id,))
+    b.update(
+        state="online", kv_capacity_bytes=123, head_ids=(a.peer_id,), running_head_ids=(a.peer_id,)
+    )
     eventually(
         lambda: b.peer_id in seen_by(a) and seen_by(a)[b.peer_id].kv_capacity_bytes == 123,
         what="a to see b's update",
     )
     assert seen_by(a)[b.peer_id].state == "online"
     assert seen_by(a)[b.peer_id].head_ids == (a.peer_id,)  # a tuple again after msgpack
+    assert seen_by(a)[b.peer_id].running_head_ids == (a.peer_id,)
     with pytest.raises(ValueError, match="head_ids has 'not a peer'"):
         b.update(head_ids=("not a peer",))
+    with pytest.raises(ValueError, match="running_head_ids has .not a peer."):
+        b.update(running_head_ids=("not a peer",))
 
 
 def test_wait_for_chain_end_to_end(swarm: tuple[Membership, Membership]) -> None:

@@ -12,6 +12,7 @@ and shrinks to its share again when a new head comes.
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import time
 
@@ -103,6 +104,13 @@ def test_a_second_head_gets_a_fair_share_while_the_first_streams(
         assert_same(qwen3_reference, got)
 
 
+def swarm(head) -> dict:
+    """The head's ``/swarm`` report."""
+    code, body = get(head.base_url + "/swarm")
+    assert code == 200, body
+    return json.loads(body)
+
+
 async def both(heads, model: str) -> list[list[dict]]:
     return await asyncio.gather(*(pipeline_outputs(h.base_url, model) for h in heads))
 
@@ -141,6 +149,18 @@ def test_kill_9_of_one_head_leaves_the_other_unchanged_and_it_grows_back(
     new = module_swarm.start("head4", qwen3_model, "0,2", QWEN3_ENGINE_FLAGS, peers=[follower])
     new.wait_healthy()
     assert sorted(h["kv_blocks"] for h in status(follower)["heads"]) == [22, 22]
+    # The survivor keeps one micro-batch in flight only while the new head runs sequences on
+    # the follower too: the follower announces which heads run sequences on it.
+    eventually(lambda: swarm(survivor)["stages_shared"] is False, timeout=30, what="not shared")
+
+    def new_head_seen_running() -> None:
+        eventually(lambda: swarm(survivor)["stages_shared"], timeout=60, what="shared")
+        node = next(n for n in swarm(survivor)["nodes"] if n["role"] == "stage")
+        assert len(node["heads"]) == 2
+
+    rounds, _ = asyncio.run(rounds_until_started(new, qwen3_model, new_head_seen_running, 2.0))
+    assert all(got == reference for got in rounds)
+    eventually(lambda: swarm(survivor)["stages_shared"] is False, timeout=30, what="not shared")
     joined = total(scrape(follower), "molink_stage_joined_steps_total")
     for got in asyncio.run(both([survivor, new], qwen3_model)):
         assert_same(qwen3_reference, got)

@@ -108,6 +108,8 @@ class NodeAnnouncement:
     api_url: str = ""
     # The peer ids of the heads it serves, as they named themselves (a hint for rebalancing).
     head_ids: tuple[str, ...] = ()
+    # Those of ``head_ids`` that have sequences running on it now (their steps take its time).
+    running_head_ids: tuple[str, ...] = ()
     # False: behind NAT (or a firewall); others reach it through ``relay`` ("host:port" of a
     # reachable node it keeps a call open to), by the route ``peer_id@relay``.
     reachable: bool = True
@@ -165,12 +167,14 @@ class NodeAnnouncement:
             raise InvalidAnnouncement(f"busy={self.busy!r} is not a share in 0..1")
         if self.api_url:
             check_api_url(self.api_url)
-        if not isinstance(self.head_ids, (list, tuple)) or len(self.head_ids) > _MAX_HEAD_IDS:
-            raise InvalidAnnouncement(f"head_ids must be a list of at most {_MAX_HEAD_IDS} ids")
-        for head_id in self.head_ids:
-            if not isinstance(head_id, str) or not is_peer_id(head_id):
-                raise InvalidAnnouncement(f"head_ids has {head_id!r}, not a base58 PeerID")
-        object.__setattr__(self, "head_ids", tuple(self.head_ids))  # msgpack gives a list
+        for name in ("head_ids", "running_head_ids"):
+            ids = getattr(self, name)
+            if not isinstance(ids, (list, tuple)) or len(ids) > _MAX_HEAD_IDS:
+                raise InvalidAnnouncement(f"{name} must be a list of at most {_MAX_HEAD_IDS} ids")
+            for head_id in ids:
+                if not isinstance(head_id, str) or not is_peer_id(head_id):
+                    raise InvalidAnnouncement(f"{name} has {head_id!r}, not a base58 PeerID")
+            object.__setattr__(self, name, tuple(ids))  # msgpack gives a list
         if not isinstance(self.reachable, bool):
             raise InvalidAnnouncement("reachable must be a bool")
         if self.relay:

@@ -258,8 +258,9 @@ class Node:
                 logger.debug("could not announce %s: %s", ", ".join(changes), e)
 
     def _kv_and_heads(self) -> dict[str, Any]:
-        """The announcement's load fields: KV capacity, free KV, heads served (and their peer
-        ids), the sequences they run here and the busy share of this node's compute lately."""
+        """The announcement's load fields: KV capacity, free KV, heads served (their peer ids, and
+        those running sequences here), the sequences they run here and the busy share of this
+        node's compute lately."""
         capacity = self.kv_capacity_bytes()
         host = self.host
         busy = round(self.busy_share, 2)
@@ -269,6 +270,7 @@ class Node:
                 "kv_free_bytes": capacity,
                 "heads": 0,
                 "head_ids": (),
+                "running_head_ids": (),
                 "sequences": 0,
                 "busy": busy,
             }
@@ -278,6 +280,9 @@ class Node:
             "kv_free_bytes": host.kv_free_bytes,
             "heads": len(heads),
             "head_ids": tuple(sorted(h["head"] for h in heads if is_peer_id(h["head"]))),
+            "running_head_ids": tuple(
+                sorted(h["head"] for h in heads if h["requests"] and is_peer_id(h["head"]))
+            ),
             "sequences": sum(h["requests"] for h in heads),
             "busy": busy,
         }

@@ -95,6 +95,10 @@ def build_swarm_report(
                 "version": n.version,
                 "last_seen_s": seconds_since_stored.get(n.peer_id),
                 "throughput_tokens_per_s": n.throughput,
+                "heads": list(n.head_ids),  # the heads it serves, and those running sequences
+                "running_heads": list(n.running_head_ids),
+                "sequences": n.sequences,
+                "busy": n.busy,
                 "rtt_s": rtt.get(n.peer_id),
                 "step_s": step_s.get(n.peer_id),
                 "in_chain": n.peer_id in in_chain,
@@ -107,4 +111,6 @@ def build_swarm_report(
         # The head's fitted step costs (micro-batching's model; None before any measurement).
         "costs": pipeline.get("costs"),
         "max_micro_batches": pipeline.get("max_micro_batches"),
+        # Another head runs sequences on a stage of the chain: one micro-batch in flight.
+        "stages_shared": pipeline.get("stages_shared"),
     }

@@ -215,14 +215,14 @@ class ChainKeeper:
         )
 
     def shares_stages(self) -> bool:
-        """Whether a node of the chain serves other heads too, by their announcements as last
-        read."""
+        """Whether a node of the chain runs other heads' sequences too, by its announcement as
+        last read (another head that only holds KV there, idle, takes none of its time)."""
         if self._view is None:
             return False
         mine = {r.peer_id for r in self.remotes}
         me = self.head_node.peer_id
         return any(
-            node.peer_id in mine and any(h != me for h in node.head_ids)
+            node.peer_id in mine and any(h != me for h in node.running_head_ids)
             for node in self._view.nodes
         )
 

@@ -323,8 +323,8 @@ class ChainUpkeep:
                 logger.exception("chain maintenance failed")
 
     def _note_shared_stages(self) -> None:
-        """Tell the scheduler whether other heads share a stage of the chain (it then keeps one
-        micro-batch in flight: see ``PipelineState.stages_shared``)."""
+        """Tell the scheduler whether other heads run sequences on a stage of the chain (it then
+        keeps one micro-batch in flight: see ``PipelineState.stages_shared``)."""
         shared = self.chain.shares_stages()
         if shared != self.state.stages_shared:
             logger.info(
@@ -332,7 +332,8 @@ class ChainUpkeep:
                 "Other heads share a stage of the chain: one micro-batch in flight (their steps "
                 "fill its time between this head's)"
                 if shared
-                else "No other head shares the chain's stages: micro-batches as the costs say",
+                else "No other head runs sequences on the chain's stages: micro-batches as the "
+                "costs say",
             )
         self.state.stages_shared = shared
 

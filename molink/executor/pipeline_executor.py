@@ -400,6 +400,7 @@ class PipelineExecutor(ChainUpkeep, ExecutorHooks):
             "events": self.outages.recent(),
             "costs": costs.to_dict() if (costs := self.state.costs.costs()) else None,
             "max_micro_batches": self.head.max_micro_batches,
+            "stages_shared": self.state.stages_shared,
             "metrics": export_metrics(),
         }
 
