@@ -265,9 +265,12 @@ async def run_load(
     timeout: float = 600.0,
     seed: int = 0,
     progress: bool = True,
+    each: bool = False,
 ) -> dict:
-    """Send every prompt: closed loop at ``concurrency``, Poisson arrivals at ``request_rate``,
-    or one request every ``interval`` seconds (all at once when none is given)."""
+    """Send every prompt: closed loop at ``concurrency``, Poisson arrivals at ``request_rate``
+    (the same arrival times for the same ``seed``), or one request every ``interval`` seconds
+    (all at once when none is given). ``each``: also the TTFT of every request, in the order of
+    ``prompts`` (``ttft_each_ms``; None for a failed one)."""
     rng = random.Random(seed)
     semaphore = asyncio.Semaphore(concurrency or len(prompts))
     bar = tqdm(total=len(prompts), disable=not progress, desc="requests", file=sys.stderr)
@@ -293,6 +296,8 @@ async def run_load(
     bar.close()
     summary = summarize(list(results), duration)
     summary["steady_output_tok_s"] = steady_throughput(list(results), start)
+    if each:
+        summary["ttft_each_ms"] = [r.ttft * 1000 if r.ok else None for r in results]
     return summary
 
 

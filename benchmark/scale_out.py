@@ -20,7 +20,10 @@ stream was still running), over that time.
 1. One pipeline, ``--streams`` concurrent requests sent straight to its head, and the same
    through the router, in alternating rounds: the router's overhead (throughput ratio, TTFT p50
    difference). Then at light load, ``--light-requests`` requests one at a time, each sent
-   straight and through the router in turn: the TTFT the router adds when nothing queues.
+   straight and through the router in turn: the TTFT the router adds when nothing queues. And
+   at half load, ``--busy-requests`` Poisson arrivals at half the requests per second the
+   pipeline served, the same prompts at the same times straight and through the router, each
+   round: the TTFT the router adds on a busy head (median of the paired differences).
 2. The second pipeline joins (its head picks the free follower by itself). ``2 x --streams``
    requests through the router, and in alternating rounds the same split evenly straight over
    the two heads: the scale-out ratio against step 1, and the machine's own scaling (two
@@ -272,6 +275,41 @@ def light_ttft(direct: str, routed: str, prompts: list[list[int]]) -> dict:
     }
 
 
+def busy_ttft(
+    direct: str, routed: str, prompts: list[list[int]], rate: float, args: argparse.Namespace
+) -> dict:
+    """TTFT under load without a queue: Poisson arrivals at ``rate`` requests per second, the
+    same prompts at the same times straight to the head, then through the router, ``--rounds``
+    times. TTFT p50 of each (median of the rounds) and the median of every request's paired
+    difference (ms)."""
+    p50: dict[str, list[float]] = {"direct": [], "routed": []}
+    added: list[float] = []
+    for i in range(args.rounds):
+        each = {}
+        for label, url in (("direct", direct), ("routed", routed)):
+            r = asyncio.run(
+                run_load(
+                    url, SERVED_NAME, prompts, args.output_len, request_rate=rate,
+                    seed=i, progress=False, each=True,
+                )
+            )  # fmt: skip
+            p50[label].append(r["ttft_ms"]["p50"])
+            each[label] = r["ttft_each_ms"]
+        added += [
+            r - d for d, r in zip(each["direct"], each["routed"], strict=True) if None not in (d, r)
+        ]
+        log(f"    half load, round {i + 1}/{args.rounds}: TTFT p50 {p50['direct'][-1]:.1f} ms "
+            f"straight, {p50['routed'][-1]:.1f} ms routed")  # fmt: skip
+    return {
+        "requests": len(prompts),
+        "rate_req_s": round(rate, 3),
+        "direct_ttft_p50_ms": statistics.median(p50["direct"]),
+        "routed_ttft_p50_ms": statistics.median(p50["routed"]),
+        "added_p50_ms": statistics.median(added),
+        "pairs": len(added),
+    }
+
+
 def lose_head(
     swarm: ScaleOutSwarm, prompts: list[list[int]], args: argparse.Namespace, how: str
 ) -> dict:
@@ -330,6 +368,12 @@ def main() -> None:
     parser.add_argument(
         "--light-requests", type=int, default=16, help="requests of the light-load TTFT check"
     )
+    parser.add_argument(
+        "--busy-requests",
+        type=int,
+        default=32,
+        help="requests per round of the TTFT check at half of one pipeline's throughput",
+    )
     parser.add_argument("--kv-gib", type=int, default=1, help="KV cache per node")
     parser.add_argument("--port", type=int, default=8600)
     parser.add_argument("--grpc-base-port", type=int, default=52051)
@@ -344,7 +388,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.streams, args.input_len, args.output_len, args.rounds, args.waves = 4, 16, 8, 1, 1
-        args.stream_tokens, args.after, args.light_requests = 24, 8, 2
+        args.stream_tokens, args.after, args.light_requests, args.busy_requests = 24, 8, 2, 4
     model = args.model or demo_model()
     vocab = prompt_vocab(model)
     args.output_dir.mkdir(parents=True, exist_ok=True)
@@ -365,6 +409,8 @@ def main() -> None:
         light = light_ttft(head0, router, prompts[: args.light_requests])
         log(f"    light load: TTFT p50 {light['direct_ttft_p50_ms']:.1f} ms straight, "
             f"{light['routed_ttft_p50_ms']:.1f} ms routed")  # fmt: skip
+        half_rate = 0.5 * direct["output_throughput_tok_s"] / args.output_len
+        busy = busy_ttft(head0, router, prompts[: args.busy_requests], half_rate, args)
         log("the second pipeline joins on core 1")
         head1 = swarm.start_pipeline(1)
         swarm.wait_router_heads(2)
@@ -401,6 +447,7 @@ def main() -> None:
         ),
         **steady_ratios(direct, routed, two_direct, two),
         "light_load": light,
+        "half_load": busy,
         "head_losses": losses,
     }
     (args.output_dir / "scale_out.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -444,6 +491,12 @@ def main() -> None:
         f"({light['requests']} requests one at a time, each sent both ways in turn), TTFT p50 is "
         f"{light['direct_ttft_p50_ms']:.1f} ms straight and {light['routed_ttft_p50_ms']:.1f} ms "
         f"through the router: **{light['added_p50_ms']:+.1f} ms** (median of the paired "
+        "differences). At half load (Poisson arrivals at "
+        f"{busy['rate_req_s']:.2f} requests/s, half of what the one pipeline served straight; "
+        f"{busy['requests']} requests a round, the same arrival times both ways, "
+        f"{args.rounds} rounds), TTFT p50 is {busy['direct_ttft_p50_ms']:.1f} ms straight and "
+        f"{busy['routed_ttft_p50_ms']:.1f} ms through the router: "
+        f"**{busy['added_p50_ms']:+.1f} ms** (median of the {busy['pairs']} requests' paired "
         "differences).",
         "",
         *steady_lines(results),
