@@ -10,7 +10,10 @@ the one follower. A round keeps each head's streams running in a closed loop unt
 ``--waves`` x as many requests, each with its own prompt (``--waves 1``: all at once). Each setup
 gets a warm-up burst and ``--rounds`` rounds; the median round is reported, with its steady
 throughput: the tokens that arrived while every stream was still running (before each head's last
-request was sent), over that time.
+request was sent), over that time. With ``--request-rate`` a round instead sends as many requests
+as Poisson arrivals at that rate in all, split evenly over the heads: every setup then gets the
+same arrival process (a closed loop's requests come in waves, so one head's prompts run while
+none of its streams decode, and several heads' waves drift apart and overlap).
 
 Every added head runs on the first head's cores, though in a deployment each head has a machine
 of its own. So that the follower, not the heads' shared core, bounds every setup, the heads get
@@ -48,9 +51,16 @@ def log(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-async def load(urls: list[str], prompts: list[list[int]], output_len: int, waves: int = 1) -> dict:
+async def load(
+    urls: list[str],
+    prompts: list[list[int]],
+    output_len: int,
+    waves: int = 1,
+    rate: float | None = None,
+) -> dict:
     """Split ``prompts`` evenly over the heads at ``urls``, each share in a closed loop of
-    ``len(share) // waves`` requests at a time; per head and total."""
+    ``len(share) // waves`` requests at a time, or (``rate``) as Poisson arrivals at ``rate``
+    requests per second in all (each head its own ``rate / len(urls)``); per head and total."""
     share = len(prompts) // len(urls)
     started = time.perf_counter()
     per_head = await asyncio.gather(
@@ -60,7 +70,9 @@ async def load(urls: list[str], prompts: list[list[int]], output_len: int, waves
                 SERVED_NAME,
                 prompts[i * share : (i + 1) * share],
                 output_len,
-                concurrency=share // waves,
+                concurrency=None if rate else share // waves,
+                request_rate=rate / len(urls) if rate else None,
+                seed=i,
                 progress=False,
             )  # fmt: skip
             for i, url in enumerate(urls)
@@ -104,7 +116,8 @@ def measure(urls: list[str], args: argparse.Namespace, follower: str) -> dict:
     prompts = make_prompts(args.streams * args.waves, args.input_len, args.vocab, seed=1)
     asyncio.run(load(urls, prompts[: max(len(urls), args.streams // 4)], 16))  # warm-up
     rounds, median = measure_rounds(
-        lambda: asyncio.run(load(urls, prompts, args.output_len, args.waves)), args.rounds,
+        lambda: asyncio.run(load(urls, prompts, args.output_len, args.waves, args.request_rate)),
+        args.rounds,
         f"{len(urls)} head(s)",
     )  # fmt: skip
     after = follower_counts(follower)
@@ -147,6 +160,13 @@ def main() -> None:
         type=int,
         default=3,
         help="requests per stream in a round, sent in a closed loop (1: all at once)",
+    )
+    parser.add_argument(
+        "--request-rate",
+        type=float,
+        default=None,
+        help="Poisson arrivals at this many requests per second in all, split evenly over the "
+        "heads, instead of the closed loop (--streams x --waves requests a round)",
     )
     parser.add_argument(
         "--layers",
@@ -231,22 +251,35 @@ def main() -> None:
         f"# Heads sharing one follower ({results['date']})",
         "",
         f"Model {results['model']}, 2 stages (layers {spans}), {args.input_len}-token "
-        f"prompts, {args.output_len} output tokens; a round keeps the streams running until "
-        f"each head has sent {args.waves} x its share; median of {args.rounds} rounds. "
-        f"Command: `{results['command']}`",
+        f"prompts, {args.output_len} output tokens; "
+        + (
+            f"a round sends {args.streams * args.waves} requests as Poisson arrivals at "
+            f"{args.request_rate:g} requests/s in all, split evenly over the heads"
+            if args.request_rate
+            else f"a round keeps the streams running until each head has sent {args.waves} x "
+            "its share"
+        )
+        + f"; median of {args.rounds} rounds. Command: `{results['command']}`",
         "",
         "| Setup | Output tok/s (all heads) | Against one head | Steady: tok/s | against one "
-        "head | TPOT p50 per head (ms) | Follower: steps joined | busy | tokens per pass | ms "
-        "per token | Failed |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "head | TPOT p50 per head (ms) | TTFT p50 per head (ms) | Follower: steps joined | busy "
+        "| tokens per pass | ms per token | Failed |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for setup in setups:
         heads = setup["heads"]
+        load_each = (
+            f"{args.request_rate / heads:.2g} requests/s each"
+            if args.request_rate
+            else f"{args.streams // heads} concurrent each"
+        )
         lines.append(
-            f"| {heads} head{'s' if heads > 1 else ''}, {args.streams // heads} concurrent each "
+            f"| {heads} head{'s' if heads > 1 else ''}, {load_each} "
             f"| {setup['output_throughput_tok_s']:.1f} | {setup['ratio']:.2f} "
             f"| {setup['steady_output_tok_s']:.1f} | {setup['steady_ratio']:.2f} | "
             + " / ".join(f"{t:.0f}" for t in setup["tpot_p50_ms"])
+            + " | "
+            + " / ".join(f"{t:.0f}" for t in setup["ttft_p50_ms"])
             + f" | {setup['joined_share']:.0%} | {setup['follower_busy']:.0%} "
             f"| {setup['follower_tokens_per_pass']:.1f} | {setup['follower_ms_per_token']:.2f} "
             f"| {setup['failed']} |"
