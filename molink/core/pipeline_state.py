@@ -65,9 +65,9 @@ class PipelineState:
         self.replay = ReplayHandshake()
         self.running_requests = 0  # the scheduler's running requests, at its last step
         # A stage of the chain runs other heads' sequences too (set by the executor from the
-        # swarm view):
-        # their steps fill its time between this head's, so more micro-batches of this head
-        # would only split its rows into smaller passes (the scheduler keeps one in flight).
+        # swarm view): their steps fill its time between this head's, so more micro-batches of
+        # this head would only split its rows into smaller passes (the scheduler keeps one in
+        # flight).
         self.stages_shared = False
 
     def interrupt(self, reason: str, epoch: int | None = None, cause: str = "stage_loss") -> int:
