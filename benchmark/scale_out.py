@@ -19,8 +19,9 @@ stream was still running), over that time.
 
 1. One pipeline, ``--streams`` concurrent requests sent straight to its head, and the same
    through the router, in alternating rounds: the router's overhead (throughput ratio, TTFT p50
-   difference). Then at light load, ``--light-requests`` requests one at a time, each sent
-   straight and through the router in turn: the TTFT the router adds when nothing queues. And
+   difference). Then at light load, ``--light-requests`` requests one at a time, a second
+   apart, each sent straight and through the router in turn (which way goes first alternates):
+   the TTFT the router adds when nothing queues. And
    at half load, ``--busy-requests`` Poisson arrivals at half the requests per second the
    pipeline served, the same prompts at the same times straight and through the router, each
    round: the TTFT the router adds on a busy head (median of the paired differences).
@@ -258,12 +259,16 @@ def throughput(
     return out
 
 
-def light_ttft(direct: str, routed: str, prompts: list[list[int]]) -> dict:
-    """One request at a time, each prompt straight to the head then through the router: TTFT
-    p50 of each, and the median of the paired differences (ms)."""
+def light_ttft(direct: str, routed: str, prompts: list[list[int]], settle_s: float = 1.0) -> dict:
+    """One request at a time, each prompt straight to the head and through the router, in
+    turn (every other prompt goes through the router first, so neither way always meets the
+    head still busy with the last one's end), ``settle_s`` after the one before: TTFT p50 of
+    each, and the median of the paired differences (ms)."""
     ttft: dict[str, list[float]] = {"direct": [], "routed": []}
-    for prompt in prompts:
-        for label, url in (("direct", direct), ("routed", routed)):
+    for i, prompt in enumerate(prompts):
+        ways = [("direct", direct), ("routed", routed)]
+        for label, url in ways[:: -1 if i % 2 else 1]:
+            time.sleep(settle_s)
             r = asyncio.run(run_load(url, SERVED_NAME, [prompt], 4, progress=False))
             ttft[label].append(r["ttft_ms"]["p50"])
     added = [r - d for d, r in zip(ttft["direct"], ttft["routed"], strict=True)]
@@ -366,7 +371,7 @@ def main() -> None:
         help="requests per stream in a round, sent in a closed loop (1: all at once)",
     )
     parser.add_argument(
-        "--light-requests", type=int, default=16, help="requests of the light-load TTFT check"
+        "--light-requests", type=int, default=32, help="requests of the light-load TTFT check"
     )
     parser.add_argument(
         "--busy-requests",
@@ -488,7 +493,8 @@ def main() -> None:
         f"the throughput of going straight to the head, TTFT p50 "
         f"**{results['router_ttft_p50_added_ms']:+.1f} ms** under that load (median of the "
         "paired rounds' differences). At light load "
-        f"({light['requests']} requests one at a time, each sent both ways in turn), TTFT p50 is "
+        f"({light['requests']} requests one at a time, a second apart, each sent both ways in "
+        "turn, which way first alternating), TTFT p50 is "
         f"{light['direct_ttft_p50_ms']:.1f} ms straight and {light['routed_ttft_p50_ms']:.1f} ms "
         f"through the router: **{light['added_p50_ms']:+.1f} ms** (median of the paired "
         "differences). At half load (Poisson arrivals at "
