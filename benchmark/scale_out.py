@@ -265,8 +265,8 @@ def light_ttft(direct: str, routed: str, prompts: list[list[int]], settle_s: flo
     head still busy with the last one's end), ``settle_s`` after the one before: TTFT p50 of
     each, and the median of the paired differences (ms)."""
     ttft: dict[str, list[float]] = {"direct": [], "routed": []}
+    ways = [("direct", direct), ("routed", routed)]
     for i, prompt in enumerate(prompts):
-        ways = [("direct", direct), ("routed", routed)]
         for label, url in ways[:: -1 if i % 2 else 1]:
             time.sleep(settle_s)
             r = asyncio.run(run_load(url, SERVED_NAME, [prompt], 4, progress=False))
