@@ -4,16 +4,19 @@
     python -m benchmark.shared_follower --quick   # a few tiny requests (smoke test)
 
 A 2-stage swarm of the demo model (``benchmark/swarm.py``: the head and the follower each on its
-own cores and address). First the head alone serves ``--streams`` concurrent requests; then more
-heads join, up to each count of ``--heads``, and the heads split the same streams evenly, through
-the one follower. A round keeps each head's streams running in a closed loop until it has sent
-``--waves`` x as many requests, each with its own prompt (``--waves 1``: all at once). Each setup
-gets a warm-up burst and ``--rounds`` rounds; the median round is reported, with its steady
-throughput: the tokens that arrived while every stream was still running (before each head's last
-request was sent), over that time. With ``--request-rate`` a round instead sends as many requests
-as Poisson arrivals at that rate in all, split evenly over the heads: every setup then gets the
-same arrival process (a closed loop's requests come in waves, so one head's prompts run while
-none of its streams decode, and several heads' waves drift apart and overlap).
+own cores and address), with as many heads as the largest count of ``--heads``. A setup is a head
+count: one head serves all ``--streams`` concurrent requests, or that many heads split the same
+streams evenly, through the one follower (the other heads idle). A round keeps each head's
+streams running in a closed loop until it has sent ``--waves`` x as many requests, each with its
+own prompt (``--waves 1``: all at once). Each setup gets a warm-up burst; then every round runs
+each setup in turn (in reverse order every other round, after a pause that lets the heads see
+who is busy), so that the setups meet the same state of the machine and are compared round by
+round. The median round of each setup is reported, with its steady throughput: the tokens that
+arrived while every stream was still running (before each head's last request was sent), over
+that time. With ``--request-rate`` a round instead sends as many requests as Poisson arrivals at
+that rate in all, split evenly over the heads: every setup then gets the same arrival process (a
+closed loop's requests come in waves, so one head's prompts run while none of its streams decode,
+and several heads' waves drift apart and overlap).
 
 Every added head runs on the first head's cores, though in a deployment each head has a machine
 of its own. So that the follower, not the heads' shared core, bounds every setup, the heads get
@@ -21,10 +24,11 @@ a light span by default (``--layers``: an eighth of the layers, 0-3 of the demo 
 follower the rest: what is measured is how well the follower serves several heads.
 
 Reported: aggregate output tok/s of each setup and its ratio to one head, each head's TPOT p50,
-and, from the follower's ``/metrics`` over the setup: the share of its steps that ran joined
-with another head's in one forward pass, the share of the time it computed, the tokens per
-forward pass and its compute time per token. The follower has ``--follower-kv-gib`` of KV
-cache, each head ``--head-kv-gib``.
+the slowest head's TPOT p50 over one head's in the same round (the median and the range over the
+rounds), and, from the follower's ``/metrics`` over the setup's rounds: the share of its steps
+that ran joined with another head's in one forward pass, the share of the time it computed, the
+tokens per forward pass and its compute time per token. The follower has ``--follower-kv-gib`` of
+KV cache, each head ``--head-kv-gib``.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from benchmark.loadgen import make_prompts, measure_rounds, prompt_vocab, run_load
+from benchmark.loadgen import make_prompts, prompt_vocab, run_load
 from benchmark.swarm import Swarm, SwarmSpec, demo_model, num_hidden_layers, parse_spans
 
 SERVED_NAME = "bench"
@@ -110,32 +114,71 @@ def follower_counts(url: str) -> dict[str, float]:
     }
 
 
-def measure(urls: list[str], args: argparse.Namespace, follower: str) -> dict:
+def run_round(urls: list[str], prompts: list[list[int]], args: argparse.Namespace, follower: str):
+    """One round of load on the heads at ``urls``: its result (:func:`load`) and what the
+    follower ran meanwhile (:func:`follower_counts`' differences, and ``wall_s``)."""
     before = follower_counts(follower)
     started = time.perf_counter()
-    prompts = make_prompts(args.streams * args.waves, args.input_len, args.vocab, seed=1)
-    asyncio.run(load(urls, prompts[: max(len(urls), args.streams // 4)], 16))  # warm-up
-    rounds, median = measure_rounds(
-        lambda: asyncio.run(load(urls, prompts, args.output_len, args.waves, args.request_rate)),
-        args.rounds,
-        f"{len(urls)} head(s)",
-    )  # fmt: skip
+    result = asyncio.run(load(urls, prompts, args.output_len, args.waves, args.request_rate))
+    ran = {"wall_s": time.perf_counter() - started}
     after = follower_counts(follower)
-    ran = {name: after[name] - before[name] for name in after}
+    ran.update({name: after[name] - before[name] for name in after})
+    return result, ran
+
+
+def summarize(heads: int, rounds: list[dict], follower_runs: list[dict], alone: list[dict]) -> dict:
+    """A setup's rounds (``alone``: the one-head setup's, round for round) as one row."""
+    ran = {name: sum(r[name] for r in follower_runs) for name in follower_runs[0]}
+    median = sorted(rounds, key=lambda r: r["output_throughput_tok_s"])[len(rounds) // 2]
+    slowest = [
+        max(h["tpot_ms"]["p50"] for h in mine["heads"]) / one["heads"][0]["tpot_ms"]["p50"]
+        for mine, one in zip(rounds, alone, strict=True)
+    ]
     return {
-        "heads": len(urls),
-        # the follower over the warm-up and the rounds
+        "heads": heads,
+        # the follower over the setup's rounds
         "joined_share": ran["joined"] / max(ran["steps"], 1.0),
-        "follower_busy": ran["busy_s"] / (time.perf_counter() - started),
+        "follower_busy": ran["busy_s"] / ran["wall_s"],
         "follower_tokens_per_pass": ran["tokens"] / max(ran["passes"], 1.0),
         "follower_ms_per_token": 1000 * ran["busy_s"] / max(ran["tokens"], 1.0),
         "output_throughput_tok_s": statistics.median(r["output_throughput_tok_s"] for r in rounds),
         "steady_output_tok_s": statistics.median(r["steady_output_tok_s"] for r in rounds),
         "tpot_p50_ms": [h["tpot_ms"]["p50"] for h in median["heads"]],
         "ttft_p50_ms": [h["ttft_ms"]["p50"] for h in median["heads"]],
+        # the slowest head's TPOT p50 over one head's, round by round
+        "slowest_tpot_vs_one_head": slowest,
         "failed": sum(r["failed"] for r in rounds),
         "rounds": rounds,
     }
+
+
+def measure(urls: list[str], args: argparse.Namespace, follower: str) -> list[dict]:
+    """Every setup (one head, then each count of ``--heads``), round by round in turn."""
+    counts = [1, *args.heads]
+    prompts = make_prompts(args.streams * args.waves, args.input_len, args.vocab, seed=1)
+    for n in counts:  # warm-up
+        asyncio.run(load(urls[:n], prompts[: max(n, args.streams // 4)], 16))
+    rounds: dict[int, list[dict]] = {n: [] for n in counts}
+    follower_runs: dict[int, list[dict]] = {n: [] for n in counts}
+    for i in range(args.rounds):
+        for n in counts if i % 2 == 0 else counts[::-1]:
+            time.sleep(args.settle)  # the heads' view of who runs on the follower catches up
+            result, ran = run_round(urls[:n], prompts, args, follower)
+            log(
+                f"    {n} head(s), round {i + 1}/{args.rounds}: "
+                f"{result['output_throughput_tok_s']:.1f} tok/s, TPOT p50 "
+                + " / ".join(f"{h['tpot_ms']['p50']:.0f}" for h in result["heads"])
+                + f" ms, {result['failed']} failed"
+            )
+            rounds[n].append(result)
+            follower_runs[n].append(ran)
+    return [summarize(n, rounds[n], follower_runs[n], rounds[1]) for n in counts]
+
+
+def slowest_tpot(ratios: list[float]) -> str:
+    """The median of a setup's TPOT ratios, with their range when there are several rounds."""
+    median = f"{statistics.median(ratios):.2f}"
+    return median if len(ratios) == 1 else f"{median} ({min(ratios):.2f}-{max(ratios):.2f})"
 
 
 def main() -> None:
@@ -155,6 +198,13 @@ def main() -> None:
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--settle",
+        type=float,
+        default=10.0,
+        help="seconds to wait before each round, so that each head sees which heads are busy "
+        "on the follower (default 10: two announcements)",
+    )
     parser.add_argument(
         "--waves",
         type=int,
@@ -199,7 +249,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.streams, args.input_len, args.output_len, args.rounds, args.waves = 4, 16, 8, 1, 1
-        args.heads = [2]
+        args.heads, args.settle = [2], 0.0
     model = args.model or demo_model()
     args.vocab = prompt_vocab(model)
     if args.layers is None:
@@ -229,12 +279,10 @@ def main() -> None:
         # A follower without an API key serves /metrics on loopback only.
         follower = f"http://127.0.0.1:{args.port + 1}"
         urls = [swarm.base_url]
-        setups = [measure(urls, args, follower)]
-        for heads in args.heads:
-            while len(urls) < heads:
-                log(f"head {len(urls) + 1} joins")
-                urls.append(swarm.add_head())
-            setups.append(measure(urls, args, follower))
+        while len(urls) < max(args.heads):
+            log(f"head {len(urls) + 1} joins")
+            urls.append(swarm.add_head())
+        setups = measure(urls, args, follower)
     alone, steady_alone = (setups[0][k] for k in ("output_throughput_tok_s", "steady_output_tok_s"))
     for setup in setups:
         setup["ratio"] = setup["output_throughput_tok_s"] / alone
@@ -259,12 +307,13 @@ def main() -> None:
             else f"a round keeps the streams running until each head has sent {args.waves} x "
             "its share"
         )
-        + f"; median of {args.rounds} rounds. Command: `{results['command']}`",
+        + f"; median of {args.rounds} rounds, the setups taking turns in each. Command: "
+        f"`{results['command']}`",
         "",
         "| Setup | Output tok/s (all heads) | Against one head | Steady: tok/s | against one "
-        "head | TPOT p50 per head (ms) | TTFT p50 per head (ms) | Follower: steps joined | busy "
-        "| tokens per pass | ms per token | Failed |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "head | TPOT p50 per head (ms) | slowest head's over one head's (rounds) | TTFT p50 per "
+        "head (ms) | Follower: steps joined | busy | tokens per pass | ms per token | Failed |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for setup in setups:
         heads = setup["heads"]
@@ -278,7 +327,7 @@ def main() -> None:
             f"| {setup['output_throughput_tok_s']:.1f} | {setup['ratio']:.2f} "
             f"| {setup['steady_output_tok_s']:.1f} | {setup['steady_ratio']:.2f} | "
             + " / ".join(f"{t:.0f}" for t in setup["tpot_p50_ms"])
-            + " | "
+            + f" | {slowest_tpot(setup['slowest_tpot_vs_one_head'])} | "
             + " / ".join(f"{t:.0f}" for t in setup["ttft_p50_ms"])
             + f" | {setup['joined_share']:.0%} | {setup['follower_busy']:.0%} "
             f"| {setup['follower_tokens_per_pass']:.1f} | {setup['follower_ms_per_token']:.2f} "

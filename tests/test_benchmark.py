@@ -375,6 +375,7 @@ def test_shared_follower_quick_run(qwen3_model, tmp_path):
     one, two = json.loads((tmp_path / "shared_follower.json").read_text())["setups"]
     assert one["failed"] == 0 and two["failed"] == 0
     assert len(two["tpot_p50_ms"]) == 2 and two["ratio"] > 0 and 0 <= two["joined_share"] <= 1
+    assert one["slowest_tpot_vs_one_head"] == [1.0] and two["slowest_tpot_vs_one_head"][0] > 0
     assert "| 2 heads, 2 concurrent each |" in (tmp_path / "shared_follower.md").read_text()
 
 
