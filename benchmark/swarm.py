@@ -32,6 +32,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -127,6 +128,10 @@ def _run(*cmd: str) -> None:
     subprocess.run(cmd, check=True, capture_output=True)
 
 
+def _exit_on_sigterm(*_: object) -> None:
+    sys.exit(128 + signal.SIGTERM)
+
+
 class Swarm:
     """A running swarm; use as a context manager (stops everything on exit)."""
 
@@ -208,15 +213,24 @@ class Swarm:
 
     # ------------------------------------------------------------ lifecycle
     def __enter__(self) -> Swarm:
+        # A benchmark stopped by SIGTERM unwinds through __exit__ and stops its nodes (Python's
+        # default would exit at once and leave them running).
+        self._sigterm = None
+        if threading.current_thread() is threading.main_thread():
+            self._sigterm = signal.signal(signal.SIGTERM, _exit_on_sigterm)
         try:
             self.start()
         except BaseException:
-            self.stop()
+            self.__exit__()
             raise
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.stop()
+        try:
+            self.stop()
+        finally:
+            if self._sigterm is not None:
+                signal.signal(signal.SIGTERM, self._sigterm)
 
     def start(self) -> None:
         if self.spec.netns:
@@ -390,7 +404,6 @@ def main() -> None:
         swarm_key=args.swarm_key,
         shared_cores=args.shared_cores,
     )
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     s = Swarm(spec)
     print(f"starting {s.describe()} (logs: {spec.log_dir})", file=sys.stderr)
     with s:
