@@ -114,7 +114,9 @@ def follower_counts(url: str) -> dict[str, float]:
     }
 
 
-def run_round(urls: list[str], prompts: list[list[int]], args: argparse.Namespace, follower: str):
+def run_round(
+    urls: list[str], prompts: list[list[int]], args: argparse.Namespace, follower: str
+) -> tuple[dict, dict[str, float]]:
     """One round of load on the heads at ``urls``: its result (:func:`load`) and what the
     follower ran meanwhile (:func:`follower_counts`' differences, and ``wall_s``)."""
     before = follower_counts(follower)
