@@ -29,6 +29,11 @@ rounds), and, from the follower's ``/metrics`` over the setup's rounds: the shar
 that ran joined with another head's in one forward pass, the share of the time it computed, the
 tokens per forward pass and its compute time per token. The follower has ``--follower-kv-gib`` of
 KV cache, each head ``--head-kv-gib``.
+
+With ``--trace`` every head writes a step trace (``--step-trace``) and the report adds, per
+setup, how the follower grouped the heads' steps: the share of the steps that ran in passes of
+1, 2, 3 ... heads and those passes' mean compute time, and the heads' turnaround (a step's
+sampled tokens back at its head until its next step reaches the follower).
 """
 
 from __future__ import annotations
@@ -41,12 +46,15 @@ import statistics
 import sys
 import time
 import urllib.request
+from collections import Counter
+from itertools import pairwise
 from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
 from benchmark.loadgen import make_prompts, prompt_vocab, run_load
 from benchmark.swarm import Swarm, SwarmSpec, demo_model, num_hidden_layers, parse_spans
+from molink.telemetry.step_trace import read
 
 SERVED_NAME = "bench"
 
@@ -120,9 +128,10 @@ def run_round(
     """One round of load on the heads at ``urls``: its result (:func:`load`) and what the
     follower ran meanwhile (:func:`follower_counts`' differences, and ``wall_s``)."""
     before = follower_counts(follower)
-    started = time.perf_counter()
+    started, started_unix = time.perf_counter(), time.time()
     result = asyncio.run(load(urls, prompts, args.output_len, args.waves, args.request_rate))
     ran = {"wall_s": time.perf_counter() - started}
+    result["window_unix"] = [started_unix, time.time()]
     after = follower_counts(follower)
     ran.update({name: after[name] - before[name] for name in after})
     return result, ran
@@ -175,6 +184,38 @@ def measure(urls: list[str], args: argparse.Namespace, follower: str) -> list[di
             rounds[n].append(result)
             follower_runs[n].append(ran)
     return [summarize(n, rounds[n], follower_runs[n], rounds[1]) for n in counts]
+
+
+def pass_groups(traces: list[list[dict]], windows: list[list[float]]) -> dict:
+    """How the follower (the last stage) ran the steps that the heads' step traces
+    (``traces``, one per head) record within ``windows`` ([start, end] unix times): per number
+    of heads in a pass, the share of the steps and the passes' mean compute ms; and the heads'
+    median turnaround (ms from a step's sampled tokens reaching its head to its next step
+    reaching the follower)."""
+    passes: Counter[float] = Counter()  # a pass's compute ms (one value per pass) -> its steps
+    turnaround = []
+    for records in traces:
+        mine = [r for r in records if any(a <= r["result"] <= b for a, b in windows)]
+        for r in mine:
+            passes[r["stages"][-1]["compute_ms"]] += 1
+        for done, following in pairwise(mine):
+            wait = following["stages"][-1]["arrived"] - done["result"]
+            if 0 < wait < 10:  # the head had nothing else in flight (and wasn't idle long)
+                turnaround.append(1e3 * wait)
+    steps = sum(passes.values())
+    by_size: dict[str, dict[str, float]] = {}
+    for compute_ms, heads in passes.items():
+        size = by_size.setdefault(str(heads), {"steps": 0, "passes": 0, "compute_ms": 0.0})
+        size["steps"] += heads
+        size["passes"] += 1
+        size["compute_ms"] += compute_ms
+    for size in by_size.values():
+        size["compute_ms"] /= size["passes"]
+        size["share_of_steps"] = size["steps"] / steps
+    return {
+        "passes_by_heads": dict(sorted(by_size.items(), key=lambda kv: int(kv[0]))),
+        "turnaround_ms_p50": statistics.median(turnaround) if turnaround else None,
+    }
 
 
 def slowest_tpot(ratios: list[float]) -> str:
@@ -243,6 +284,12 @@ def main() -> None:
         "--quick", action="store_true", help="4 streams of 8 tokens, 1 round, 1 and 2 heads"
     )
     parser.add_argument(
+        "--trace",
+        action="store_true",
+        help="heads write step traces (--step-trace); the report adds how the follower grouped "
+        "their steps into passes, and the heads' turnaround",
+    )
+    parser.add_argument(
         "--engine-args",
         type=shlex.split,
         default=shlex.split("--dtype float32 --enforce-eager --max-model-len 2048"),
@@ -275,6 +322,11 @@ def main() -> None:
         head_env={"VLLM_CPU_KVCACHE_SPACE": str(args.head_kv_gib)},
         log_dir=args.output_dir / "logs" / "shared_follower",
     )
+    traces = [spec.log_dir / f"head{n + 1}.trace.jsonl" for n in range(max(args.heads))]
+    trace_args = [["--step-trace", str(path)] if args.trace else [] for path in traces]
+    spec.head_args = trace_args[0]
+    for path in traces:
+        path.unlink(missing_ok=True)  # a trace file is appended to
     with Swarm(spec) as swarm:
         log(f"one head: {swarm.describe()}")
         spans = " | ".join(f"{a}-{b}" for a, b in swarm.layers)
@@ -283,8 +335,12 @@ def main() -> None:
         urls = [swarm.base_url]
         while len(urls) < max(args.heads):
             log(f"head {len(urls) + 1} joins")
-            urls.append(swarm.add_head())
+            urls.append(swarm.add_head(trace_args[len(urls)]))
         setups = measure(urls, args, follower)
+    if args.trace:
+        records = [read(path) for path in traces if path.exists()]
+        for setup in setups:
+            setup.update(pass_groups(records, [r["window_unix"] for r in setup["rounds"]]))
     alone, steady_alone = (setups[0][k] for k in ("output_throughput_tok_s", "steady_output_tok_s"))
     for setup in setups:
         setup["ratio"] = setup["output_throughput_tok_s"] / alone
@@ -335,6 +391,29 @@ def main() -> None:
             f"| {setup['follower_tokens_per_pass']:.1f} | {setup['follower_ms_per_token']:.2f} "
             f"| {setup['failed']} |"
         )
+    if args.trace:
+        lines += [
+            "",
+            "From the heads' step traces: the follower's passes by the heads in them (the share "
+            "of the steps that ran in such passes, and their mean compute time), and the heads' "
+            "turnaround p50 (sampled tokens back at a head until its next step reaches the "
+            "follower).",
+            "",
+            "| Setup | Passes by heads in them: share of steps (compute ms) "
+            "| Turnaround p50 (ms) |",
+            "|---|---|---:|",
+        ]
+        for setup in setups:
+            groups = ", ".join(
+                f"{n}: {g['share_of_steps']:.0%} ({g['compute_ms']:.0f})"
+                for n, g in setup["passes_by_heads"].items()
+            )
+            turnaround = setup["turnaround_ms_p50"]
+            lines.append(
+                f"| {setup['heads']} head{'s' if setup['heads'] > 1 else ''} | {groups} | "
+                + (f"{turnaround:.0f}" if turnaround is not None else "-")
+                + " |"
+            )
     (args.output_dir / "shared_follower.md").write_text("\n".join(lines) + "\n")
     log("\n".join(lines))
 

@@ -34,7 +34,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -239,7 +239,7 @@ class Swarm:
             self._start_node(i, start, end)
         self.wait_ready()
 
-    def _start_node(self, i: int, start: int, end: int) -> None:
+    def _start_node(self, i: int, start: int, end: int, extra_args: Sequence[str] = ()) -> None:
         spec = self.spec
         host = self.node_host(i)
         grpc_port = spec.grpc_base_port + i
@@ -261,6 +261,7 @@ class Swarm:
             args += ["--swarm-key-file", str(spec.swarm_key)]
         elif spec.netns:  # bridge addresses are not loopback: say that plaintext is intended
             args += ["--insecure"]
+        args += extra_args
         if i == 0:
             args += spec.head_args
         else:
@@ -277,14 +278,15 @@ class Swarm:
         self._start_node(len(self.nodes), start, end)
         return len(self.nodes) - 1
 
-    def add_head(self) -> str:
-        """Start another head (the first span's layers), which joins through the first head and
-        shares its followers; wait until it serves, and return its base URL."""
+    def add_head(self, extra_args: Sequence[str] = ()) -> str:
+        """Start another head (the first span's layers, with ``extra_args`` on top of the
+        nodes' flags), which joins through the first head and shares its followers; wait until
+        it serves, and return its base URL."""
         if self.spec.netns:
             raise NotImplementedError("adding heads to a --netns swarm")
         i = len(self.nodes)
         self.heads.append(i)
-        self._start_node(i, *self.layers[0])
+        self._start_node(i, *self.layers[0], extra_args)
         self.nodes[i].wait_healthy(self.spec.ready_timeout)
         return self.node_url(i)
 

@@ -141,6 +141,7 @@ def test_compare_quick_run(qwen3_model, tmp_path):
         [
             *bench("compare"),
             "--quick",
+            "--trace",
             "--model",
             qwen3_model,  # the tiny checkpoint: the run's mechanics are checked, not speed
             "--only",
@@ -352,12 +353,31 @@ def test_benchmark_swarm_nodes_are_separate_machines(tmp_path):
     assert {shared.node_host(i) for i in range(2)} == {"127.0.0.1"}
 
 
+def test_shared_follower_groups_traced_steps_by_the_pass_they_shared():
+    from benchmark.shared_follower import pass_groups
+
+    def step(result: float, arrived: float, compute_ms: float) -> dict:
+        return {"result": result, "stages": [{}, {"arrived": arrived, "compute_ms": compute_ms}]}
+
+    # Head a: a pass of its own, then one with b; b: that joined pass, then one of its own.
+    a = [step(1.0, 0.9, 50.0), step(1.5, 1.1, 80.0)]
+    b = [step(1.5, 1.2, 80.0), step(2.0, 1.6, 60.0), step(9.0, 8.9, 70.0)]  # the last: later
+    groups = pass_groups([a, b], [[0.0, 5.0]])
+    assert groups["passes_by_heads"] == {
+        "1": {"steps": 2, "passes": 2, "compute_ms": 55.0, "share_of_steps": 0.5},
+        "2": {"steps": 2, "passes": 1, "compute_ms": 80.0, "share_of_steps": 0.5},
+    }
+    # a: 1.1 - 1.0; b: 1.6 - 1.5 (ms)
+    assert groups["turnaround_ms_p50"] == pytest.approx(100.0)
+
+
 @pytest.mark.xdist_group("shared_follower_quick_run")
 def test_shared_follower_quick_run(qwen3_model, tmp_path):
     subprocess.run(
         [
             *bench("shared_follower"),
             "--quick",
+            "--trace",
             "--model",
             qwen3_model,
             "--output-dir",
@@ -377,6 +397,8 @@ def test_shared_follower_quick_run(qwen3_model, tmp_path):
     assert len(two["tpot_p50_ms"]) == 2 and two["ratio"] > 0 and 0 <= two["joined_share"] <= 1
     assert one["slowest_tpot_vs_one_head"] == [1.0] and two["slowest_tpot_vs_one_head"][0] > 0
     assert "| 2 heads, 2 concurrent each |" in (tmp_path / "shared_follower.md").read_text()
+    shares = [g["share_of_steps"] for g in two["passes_by_heads"].values()]  # from --trace
+    assert shares and sum(shares) == pytest.approx(1.0)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without GPU")
