@@ -46,7 +46,6 @@ import statistics
 import sys
 import time
 import urllib.request
-from collections import Counter
 from itertools import pairwise
 from pathlib import Path
 
@@ -189,28 +188,35 @@ def measure(urls: list[str], args: argparse.Namespace, follower: str) -> list[di
 def pass_groups(traces: list[list[dict]], windows: list[list[float]]) -> dict:
     """How the follower (the last stage) ran the steps that the heads' step traces
     (``traces``, one per head) record within ``windows`` ([start, end] unix times): per number
-    of heads in a pass, the share of the steps and the passes' mean compute ms; and the heads'
-    median turnaround (ms from a step's sampled tokens reaching its head to its next step
-    reaching the follower)."""
-    passes: Counter[float] = Counter()  # a pass's compute ms (one value per pass) -> its steps
+    of heads in a pass, the share of the steps, the passes' mean compute ms and mean tokens;
+    and the heads' median turnaround (ms from a step's sampled tokens reaching its head to its
+    next step reaching the follower)."""
+    # a pass's compute ms (one value per pass) -> its steps, its tokens
+    passes: dict[float, list[int]] = {}
     turnaround = []
     for records in traces:
         mine = [r for r in records if any(a <= r["result"] <= b for a, b in windows)]
         for r in mine:
-            passes[r["stages"][-1]["compute_ms"]] += 1
+            steps_tokens = passes.setdefault(r["stages"][-1]["compute_ms"], [0, 0])
+            steps_tokens[0] += 1
+            steps_tokens[1] += r["tokens"]
         for done, following in pairwise(mine):
             wait = following["stages"][-1]["arrived"] - done["result"]
             if 0 < wait < 10:  # the head had nothing else in flight (and wasn't idle long)
                 turnaround.append(1e3 * wait)
-    steps = sum(passes.values())
+    steps = sum(heads for heads, _ in passes.values())
     by_size: dict[str, dict[str, float]] = {}
-    for compute_ms, heads in passes.items():
-        size = by_size.setdefault(str(heads), {"steps": 0, "passes": 0, "compute_ms": 0.0})
+    for compute_ms, (heads, tokens) in passes.items():
+        size = by_size.setdefault(
+            str(heads), dict.fromkeys(("steps", "passes", "compute_ms", "tokens"), 0)
+        )
         size["steps"] += heads
         size["passes"] += 1
         size["compute_ms"] += compute_ms
+        size["tokens"] += tokens
     for size in by_size.values():
         size["compute_ms"] /= size["passes"]
+        size["tokens"] /= size["passes"]
         size["share_of_steps"] = size["steps"] / steps
     return {
         "passes_by_heads": dict(sorted(by_size.items(), key=lambda kv: int(kv[0]))),
@@ -395,17 +401,18 @@ def main() -> None:
         lines += [
             "",
             "From the heads' step traces: the follower's passes by the heads in them (the share "
-            "of the steps that ran in such passes, and their mean compute time), and the heads' "
+            "of the steps that ran in such passes, their mean compute time and tokens), and the "
+            "heads' "
             "turnaround p50 (sampled tokens back at a head until its next step reaches the "
             "follower).",
             "",
-            "| Setup | Passes by heads in them: share of steps (compute ms) "
+            "| Setup | Passes by heads in them: share of steps (compute ms, tokens) "
             "| Turnaround p50 (ms) |",
             "|---|---|---:|",
         ]
         for setup in setups:
             groups = ", ".join(
-                f"{n}: {g['share_of_steps']:.0%} ({g['compute_ms']:.0f})"
+                f"{n}: {g['share_of_steps']:.0%} ({g['compute_ms']:.0f} ms, {g['tokens']:.0f})"
                 for n, g in setup["passes_by_heads"].items()
             )
             turnaround = setup["turnaround_ms_p50"]

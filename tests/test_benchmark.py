@@ -357,15 +357,16 @@ def test_shared_follower_groups_traced_steps_by_the_pass_they_shared():
     from benchmark.shared_follower import pass_groups
 
     def step(result: float, arrived: float, compute_ms: float) -> dict:
-        return {"result": result, "stages": [{}, {"arrived": arrived, "compute_ms": compute_ms}]}
+        stages = [{}, {"arrived": arrived, "compute_ms": compute_ms}]
+        return {"result": result, "tokens": 8, "stages": stages}
 
     # Head a: a pass of its own, then one with b; b: that joined pass, then one of its own.
     a = [step(1.0, 0.9, 50.0), step(1.5, 1.1, 80.0)]
     b = [step(1.5, 1.2, 80.0), step(2.0, 1.6, 60.0), step(9.0, 8.9, 70.0)]  # the last: later
     groups = pass_groups([a, b], [[0.0, 5.0]])
     assert groups["passes_by_heads"] == {
-        "1": {"steps": 2, "passes": 2, "compute_ms": 55.0, "share_of_steps": 0.5},
-        "2": {"steps": 2, "passes": 1, "compute_ms": 80.0, "share_of_steps": 0.5},
+        "1": {"steps": 2, "passes": 2, "compute_ms": 55.0, "tokens": 8, "share_of_steps": 0.5},
+        "2": {"steps": 2, "passes": 1, "compute_ms": 80.0, "tokens": 16, "share_of_steps": 0.5},
     }
     # a: 1.1 - 1.0; b: 1.6 - 1.5 (ms)
     assert groups["turnaround_ms_p50"] == pytest.approx(100.0)
