@@ -141,7 +141,6 @@ def test_compare_quick_run(qwen3_model, tmp_path):
         [
             *bench("compare"),
             "--quick",
-            "--trace",
             "--model",
             qwen3_model,  # the tiny checkpoint: the run's mechanics are checked, not speed
             "--only",
