@@ -402,9 +402,8 @@ def main() -> None:
             "",
             "From the heads' step traces: the follower's passes by the heads in them (the share "
             "of the steps that ran in such passes, their mean compute time and tokens), and the "
-            "heads' "
-            "turnaround p50 (sampled tokens back at a head until its next step reaches the "
-            "follower).",
+            "heads' turnaround p50 (sampled tokens back at a head until its next step reaches "
+            "the follower).",
             "",
             "| Setup | Passes by heads in them: share of steps (compute ms, tokens) "
             "| Turnaround p50 (ms) |",
