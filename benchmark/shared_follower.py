@@ -32,8 +32,9 @@ KV cache, each head ``--head-kv-gib``.
 
 With ``--trace`` every head writes a step trace (``--step-trace``) and the report adds, per
 setup, how the follower grouped the heads' steps: the share of the steps that ran in passes of
-1, 2, 3 ... heads and those passes' mean compute time, and the heads' turnaround (a step's
-sampled tokens back at its head until its next step reaches the follower).
+1, 2, 3 ... heads and those passes' mean compute time, the heads' turnaround (a step's
+sampled tokens back at its head until its next step reaches the follower), and each head's
+decode cycle (between the results of two decode-only steps in a row).
 """
 
 from __future__ import annotations
@@ -185,25 +186,32 @@ def measure(urls: list[str], args: argparse.Namespace, follower: str) -> list[di
     return [summarize(n, rounds[n], follower_runs[n], rounds[1]) for n in counts]
 
 
-def pass_groups(traces: list[list[dict]], windows: list[list[float]]) -> dict:
+def pass_groups(traces: list[list[dict]], windows: list[list[float]], decode_rows: int) -> dict:
     """How the follower (the last stage) ran the steps that the heads' step traces
     (``traces``, one per head) record within ``windows`` ([start, end] unix times): per number
     of heads in a pass, the share of the steps, the passes' mean compute ms and mean tokens;
-    and the heads' median turnaround (ms from a step's sampled tokens reaching its head to its
-    next step reaching the follower)."""
+    the heads' median turnaround (ms from a step's sampled tokens reaching its head to its
+    next step reaching the follower); and each head's decode cycle (the median ms between the
+    results of two steps in a row that only decode, at most ``decode_rows`` tokens each: the
+    pace of a stream while no prompt is being computed)."""
     # a pass's compute ms (one value per pass) -> its steps, its tokens
     passes: dict[float, list[int]] = {}
     turnaround = []
+    decode_cycles = []
     for records in traces:
         mine = [r for r in records if any(a <= r["result"] <= b for a, b in windows)]
         for r in mine:
             steps_tokens = passes.setdefault(r["stages"][-1]["compute_ms"], [0, 0])
             steps_tokens[0] += 1
             steps_tokens[1] += r["tokens"]
+        cycle = []
         for done, following in pairwise(mine):
             wait = following["stages"][-1]["arrived"] - done["result"]
             if 0 < wait < 10:  # the head had nothing else in flight (and wasn't idle long)
                 turnaround.append(1e3 * wait)
+                if max(done["tokens"], following["tokens"]) <= decode_rows:
+                    cycle.append(1e3 * (following["result"] - done["result"]))
+        decode_cycles.append(statistics.median(cycle) if cycle else None)
     steps = sum(heads for heads, _ in passes.values())
     by_size: dict[str, dict[str, float]] = {}
     for compute_ms, (heads, tokens) in passes.items():
@@ -221,6 +229,7 @@ def pass_groups(traces: list[list[dict]], windows: list[list[float]]) -> dict:
     return {
         "passes_by_heads": dict(sorted(by_size.items(), key=lambda kv: int(kv[0]))),
         "turnaround_ms_p50": statistics.median(turnaround) if turnaround else None,
+        "decode_cycle_ms_p50": decode_cycles,
     }
 
 
@@ -346,7 +355,10 @@ def main() -> None:
     if args.trace:
         records = [read(path) for path in traces if path.exists()]
         for setup in setups:
-            setup.update(pass_groups(records, [r["window_unix"] for r in setup["rounds"]]))
+            windows = [r["window_unix"] for r in setup["rounds"]]
+            setup.update(
+                pass_groups(records[: setup["heads"]], windows, args.streams // setup["heads"])
+            )
     alone, steady_alone = (setups[0][k] for k in ("output_throughput_tok_s", "steady_output_tok_s"))
     for setup in setups:
         setup["ratio"] = setup["output_throughput_tok_s"] / alone
@@ -403,11 +415,13 @@ def main() -> None:
             "From the heads' step traces: the follower's passes by the heads in them (the share "
             "of the steps that ran in such passes, their mean compute time and tokens), and the "
             "heads' turnaround p50 (sampled tokens back at a head until its next step reaches "
-            "the follower).",
+            "the follower); each head's decode cycle p50 (between the results of two decode-only "
+            "steps in a row: a stream's pace while no prompt is computed; TPOT adds the prompts' "
+            "passes).",
             "",
             "| Setup | Passes by heads in them: share of steps (compute ms, tokens) "
-            "| Turnaround p50 (ms) |",
-            "|---|---|---:|",
+            "| Turnaround p50 (ms) | Decode cycle p50 per head (ms) |",
+            "|---|---|---:|---:|",
         ]
         for setup in setups:
             groups = ", ".join(
@@ -418,6 +432,8 @@ def main() -> None:
             lines.append(
                 f"| {setup['heads']} head{'s' if setup['heads'] > 1 else ''} | {groups} | "
                 + (f"{turnaround:.0f}" if turnaround is not None else "-")
+                + " | "
+                + " / ".join("-" if c is None else f"{c:.0f}" for c in setup["decode_cycle_ms_p50"])
                 + " |"
             )
     (args.output_dir / "shared_follower.md").write_text("\n".join(lines) + "\n")

@@ -362,13 +362,17 @@ def test_shared_follower_groups_traced_steps_by_the_pass_they_shared():
     # Head a: a pass of its own, then one with b; b: that joined pass, then one of its own.
     a = [step(1.0, 0.9, 50.0), step(1.5, 1.1, 80.0)]
     b = [step(1.5, 1.2, 80.0), step(2.0, 1.6, 60.0), step(9.0, 8.9, 70.0)]  # the last: later
-    groups = pass_groups([a, b], [[0.0, 5.0]])
+    groups = pass_groups([a, b], [[0.0, 5.0]], decode_rows=8)
     assert groups["passes_by_heads"] == {
         "1": {"steps": 2, "passes": 2, "compute_ms": 55.0, "tokens": 8, "share_of_steps": 0.5},
         "2": {"steps": 2, "passes": 1, "compute_ms": 80.0, "tokens": 16, "share_of_steps": 0.5},
     }
     # a: 1.1 - 1.0; b: 1.6 - 1.5 (ms)
     assert groups["turnaround_ms_p50"] == pytest.approx(100.0)
+    # From one decode-only result to the next: a 1.0 -> 1.5, b 1.5 -> 2.0 (b's 9.0 came late).
+    assert groups["decode_cycle_ms_p50"] == [pytest.approx(500.0), pytest.approx(500.0)]
+    # A step over decode_rows computed a prompt: no decode cycle ends or starts there.
+    assert pass_groups([a, b], [[0.0, 5.0]], decode_rows=4)["decode_cycle_ms_p50"] == [None, None]
 
 
 @pytest.mark.xdist_group("shared_follower_quick_run")
@@ -399,6 +403,7 @@ def test_shared_follower_quick_run(qwen3_model, tmp_path):
     assert "| 2 heads, 2 concurrent each |" in (tmp_path / "shared_follower.md").read_text()
     shares = [g["share_of_steps"] for g in two["passes_by_heads"].values()]  # from --trace
     assert shares and sum(shares) == pytest.approx(1.0)
+    assert len(one["decode_cycle_ms_p50"]) == 1 and len(two["decode_cycle_ms_p50"]) == 2
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without GPU")
