@@ -353,7 +353,7 @@ def main() -> None:
             urls.append(swarm.add_head(trace_args[len(urls)]))
         setups = measure(urls, args, follower)
     if args.trace:
-        records = [read(path) for path in traces if path.exists()]
+        records = [read(path) if path.exists() else [] for path in traces]  # one per head, in order
         for setup in setups:
             windows = [r["window_unix"] for r in setup["rounds"]]
             setup.update(
