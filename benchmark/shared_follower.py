@@ -302,7 +302,7 @@ def main() -> None:
         "--trace",
         action="store_true",
         help="heads write step traces (--step-trace); the report adds how the follower grouped "
-        "their steps into passes, and the heads' turnaround",
+        "their steps into passes, the heads' turnaround, and each head's decode cycle",
     )
     parser.add_argument(
         "--engine-args",
